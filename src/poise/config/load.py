@@ -1,0 +1,529 @@
+"""Build a :class:`Config` from a file or a decoded document, reporting every problem at once.
+
+Two document shapes are accepted: the seed format (``port``/``servers``/``healthCheckInterval``)
+so existing deployments keep working, and the full format (``listeners``/``upstreams``/...).
+Loading only reads the file: no sockets, no logging setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from poise.config.checks import (
+    Checker,
+    check_bool,
+    check_host_header,
+    check_method,
+    check_name,
+    check_str,
+    check_url_path,
+    check_weight,
+    choice,
+    int_in,
+    key_path,
+    positive_duration,
+)
+from poise.config.model import (
+    BackendConfig,
+    Config,
+    HealthCheckConfig,
+    ListenerConfig,
+    LogConfig,
+    PolicyConfig,
+    PoolConfig,
+    ProxyConfig,
+    RouteConfig,
+    TimeoutConfig,
+    UpstreamConfig,
+)
+from poise.config.values import (
+    describe_type,
+    normalize_route_host,
+    parse_backend_url,
+    parse_duration,
+    parse_listen,
+    parse_status_range,
+)
+from poise.errors import ConfigError
+
+__all__ = [
+    "load_config",
+    "parse_backend_url",
+    "parse_config",
+    "parse_duration",
+    "parse_listen",
+]
+
+_SEED_KEYS = ("port", "servers", "healthCheckInterval")
+_FULL_KEYS = ("listeners", "upstreams")
+_SHARED_KEYS = ("timeouts", "proxy", "log")
+_LISTENER_KEYS = ("name", "listen", "routes", "upstream")
+_ROUTE_KEYS = ("host", "path", "upstream")
+_UPSTREAM_KEYS = ("backends", "policy", "health_check", "pool")
+_BACKEND_KEYS = ("url", "weight")
+_HEALTH_KEYS = (
+    "enabled",
+    "type",
+    "method",
+    "path",
+    "host",
+    "expected_status",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+)
+_POOL_KEYS = ("max_idle", "idle_timeout")
+_TIMEOUT_KEYS = ("client_header", "client_idle", "upstream_connect", "upstream_response", "drain")
+_PROXY_KEYS = ("x_forwarded", "x_forwarded_server")
+_LOG_KEYS = ("level", "format")
+
+_POLICIES = {"round_robin": "round_robin", "roundrobin": "round_robin", "rr": "round_robin"}
+_AVAILABLE_POLICIES = "round_robin"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def parse_config(data: object, *, source: str | None = None) -> Config:
+    """Validate a decoded document and build the :class:`Config`.
+
+    Raises :class:`ConfigError` listing every problem found, each prefixed by its dotted path.
+    """
+    c = Checker()
+    config = _document(c, data, source)
+    if c.problems or config is None:
+        raise ConfigError(c.problems or ["top level: invalid configuration"], source)
+    return config
+
+
+def _document(c: Checker, data: object, source: str | None) -> Config | None:
+    if data is None or (isinstance(data, Mapping) and not data):
+        c.error("", "the configuration is empty")
+        return None
+    if not isinstance(data, Mapping):
+        c.error("", f"expected an object, got {describe_type(data)}")
+        return None
+    seed = [k for k in _SEED_KEYS if k in data]
+    full = [k for k in _FULL_KEYS if k in data]
+    if seed and full:
+        c.error(
+            "",
+            "cannot mix the seed format (port, servers, healthCheckInterval) with the full "
+            f"format (listeners, upstreams); found {', '.join(map(repr, seed + full))}",
+        )
+        return None
+    allowed = (*_SEED_KEYS, *_SHARED_KEYS) if seed else (*_FULL_KEYS, *_SHARED_KEYS)
+    doc = c.mapping(data, "", allowed)
+    if doc is None:
+        return None
+    if seed:
+        listeners, upstreams = _seed(c, doc)
+    else:
+        listeners, upstreams = _full(c, doc)
+    return Config(
+        listeners=listeners,
+        upstreams=MappingProxyType(upstreams),
+        timeouts=_timeouts(c, doc.get("timeouts"), "timeouts"),
+        proxy=_proxy(c, doc.get("proxy"), "proxy"),
+        log=_log(c, doc.get("log"), "log"),
+        source=source,
+    )
+
+
+def _seed(
+    c: Checker, doc: Mapping[str, object]
+) -> tuple[tuple[ListenerConfig, ...], dict[str, UpstreamConfig]]:
+    """The seed's single listener and upstream, both named "default"."""
+    host, port = c.required(doc, "port", "", parse_listen) or ("", 0)
+    backends = _backends(c, doc["servers"], "servers") if "servers" in doc else ()
+    if "servers" not in doc:
+        c.error("servers", "required but missing")
+    interval = c.field(doc, "healthCheckInterval", "", positive_duration, 2.0)
+    health = HealthCheckConfig(interval=interval, timeout=min(1.0, interval))
+    upstream = UpstreamConfig(name="default", backends=backends, health_check=health)
+    listener = ListenerConfig("default", host, port, (RouteConfig(upstream="default"),))
+    return (listener,), {"default": upstream}
+
+
+def _full(
+    c: Checker, doc: Mapping[str, object]
+) -> tuple[tuple[ListenerConfig, ...], dict[str, UpstreamConfig]]:
+    raw_upstreams = doc.get("upstreams")
+    # Names are collected up front so references are checked even when an upstream is broken;
+    # None means the section itself is unusable, and every reference would be a false alarm.
+    known: list[str] | None = None
+    if isinstance(raw_upstreams, Mapping) and raw_upstreams:
+        known = [k for k in raw_upstreams if isinstance(k, str)]
+    listeners: tuple[ListenerConfig, ...] = ()
+    upstreams: dict[str, UpstreamConfig] = {}
+    for key in doc:  # document order, so problems read top to bottom
+        if key == "listeners":
+            listeners = _listeners(c, doc[key], "listeners", known)
+        elif key == "upstreams":
+            upstreams = _upstreams(c, doc[key], "upstreams")
+    for key in _FULL_KEYS:
+        if key not in doc:
+            c.error(key, "required but missing")
+    return listeners, upstreams
+
+
+def _upstreams(c: Checker, value: object, path: str) -> dict[str, UpstreamConfig]:
+    if not isinstance(value, Mapping):
+        c.error(
+            path,
+            f"expected an object mapping upstream names to upstreams, got {describe_type(value)}",
+        )
+        return {}
+    if not value:
+        c.error(path, "must define at least one upstream")
+    result: dict[str, UpstreamConfig] = {}
+    for name, raw in value.items():
+        if not isinstance(name, str):
+            c.error(path, f"upstream name {name!r} is not a string")
+            continue
+        upath = key_path(path, name)
+        if c.check(name, upath, check_name) is None:
+            continue
+        upstream = _upstream(c, name, raw, upath)
+        if upstream is not None:
+            result[name] = upstream
+    return result
+
+
+def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig | None:
+    obj = c.mapping(value, path, _UPSTREAM_KEYS)
+    if obj is None:
+        return None
+    backends: tuple[BackendConfig, ...] = ()
+    if "backends" in obj:
+        backends = _backends(c, obj["backends"], key_path(path, "backends"))
+    else:
+        c.error(key_path(path, "backends"), "required but missing")
+    return UpstreamConfig(
+        name=name,
+        backends=backends,
+        policy=_policy(c, obj["policy"], key_path(path, "policy"))
+        if "policy" in obj
+        else PolicyConfig(),
+        health_check=_health_check(c, obj.get("health_check"), key_path(path, "health_check")),
+        pool=_pool(c, obj.get("pool"), key_path(path, "pool")),
+    )
+
+
+def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]:
+    result: list[BackendConfig] = []
+    seen: dict[tuple[str, str, int], int] = {}
+    for i, item in enumerate(c.items(value, path)):
+        ipath = f"{path}[{i}]"
+        url_path, weight = ipath, 1
+        if isinstance(item, Mapping):
+            obj = c.mapping(item, ipath, _BACKEND_KEYS)
+            if obj is None:
+                continue
+            url_path = key_path(ipath, "url")
+            url = c.required(obj, "url", ipath, check_str)
+            weight = c.field(obj, "weight", ipath, check_weight, 1)
+        elif isinstance(item, str):
+            url = item
+        else:
+            c.error(
+                ipath, f"expected a URL string or an object with 'url', got {describe_type(item)}"
+            )
+            continue
+        if url is None:
+            continue
+        parsed = c.check(url, url_path, parse_backend_url)
+        if parsed is None:
+            continue
+        if parsed in seen:
+            c.error(url_path, f"duplicate backend {url!r} (same address as {path}[{seen[parsed]}])")
+            continue
+        seen[parsed] = i
+        scheme, host, port = parsed
+        result.append(BackendConfig(url=url, scheme=scheme, host=host, port=port, weight=weight))
+    return tuple(result)
+
+
+def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
+    name_path = key_path(path, "name")
+    if isinstance(value, Mapping):
+        obj = c.mapping(value, path, ("name",))
+        name = c.required(obj, "name", path, check_str) if obj is not None else None
+    elif isinstance(value, str):
+        name = value
+    else:
+        c.error(
+            path, f"expected a policy name or an object with 'name', got {describe_type(value)}"
+        )
+        name = None
+    if name is None:
+        return PolicyConfig()
+    canonical = _POLICIES.get(name.lower().replace("-", "_"))
+    if canonical is None:
+        c.error(name_path, f"unknown policy {name!r} (available: {_AVAILABLE_POLICIES})")
+        return PolicyConfig()
+    return PolicyConfig(name=canonical)
+
+
+def _expected_status(c: Checker, value: object, path: str) -> tuple[tuple[int, int], ...] | None:
+    if not isinstance(value, list | tuple):
+        single = c.check(value, path, parse_status_range)
+        return None if single is None else (single,)
+    ranges = [c.check(item, f"{path}[{i}]", parse_status_range) for i, item in enumerate(value)]
+    if not value:
+        c.error(path, "must not be empty")
+    if not value or None in ranges:
+        return None
+    return tuple(r for r in ranges if r is not None)
+
+
+def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
+    default = HealthCheckConfig()
+    if value is None:
+        return default
+    obj = c.mapping(value, path, _HEALTH_KEYS)
+    if obj is None:
+        return default
+    enabled = c.field(obj, "enabled", path, check_bool, default.enabled)
+    kind = c.field(obj, "type", path, choice("http", "tcp"), default.type)
+    method = c.field(obj, "method", path, check_method, default.method)
+    url_path = c.field(obj, "path", path, check_url_path, default.path)
+    host = c.field(obj, "host", path, check_host_header, None)
+    expected = default.expected_status
+    if "expected_status" in obj:
+        status_path = key_path(path, "expected_status")
+        expected = _expected_status(c, obj["expected_status"], status_path) or expected
+    interval = c.field(obj, "interval", path, positive_duration, None)
+    timeout = c.field(obj, "timeout", path, positive_duration, None)
+    if interval is not None and timeout is not None and timeout > interval:
+        c.error(
+            key_path(path, "timeout"),
+            f"must not be longer than interval ({_seconds(interval)}), got {_seconds(timeout)}",
+        )
+    interval = default.interval if interval is None else interval
+    return HealthCheckConfig(
+        enabled=enabled,
+        type=kind,
+        method=method,
+        path=url_path,
+        host=host,
+        expected_status=expected,
+        interval=interval,
+        # A short interval alone must not trip the timeout <= interval rule via the default.
+        timeout=min(default.timeout, interval) if timeout is None else timeout,
+        rise=c.field(obj, "rise", path, int_in(1), default.rise),
+        fall=c.field(obj, "fall", path, int_in(1), default.fall),
+    )
+
+
+def _pool(c: Checker, value: object, path: str) -> PoolConfig:
+    default = PoolConfig()
+    obj = c.mapping(value, path, _POOL_KEYS) if value is not None else None
+    if obj is None:
+        return default
+    return PoolConfig(
+        max_idle=c.field(obj, "max_idle", path, int_in(0), default.max_idle),
+        idle_timeout=c.field(obj, "idle_timeout", path, positive_duration, default.idle_timeout),
+    )
+
+
+def _listeners(
+    c: Checker, value: object, path: str, known: list[str] | None
+) -> tuple[ListenerConfig, ...]:
+    result: list[tuple[int, ListenerConfig]] = []
+    names: dict[str, int] = {}
+    for i, item in enumerate(c.items(value, path)):
+        lpath = f"{path}[{i}]"
+        obj = c.mapping(item, lpath, _LISTENER_KEYS)
+        if obj is None:
+            continue
+        name = c.field(obj, "name", lpath, check_name, f"listener{i}")
+        if name in names:
+            c.error(
+                key_path(lpath, "name"),
+                f"duplicate listener name {name!r} (also {path}[{names[name]}])",
+            )
+        names.setdefault(name, i)
+        address = c.required(obj, "listen", lpath, parse_listen)
+        routes = _listener_routes(c, obj, lpath, known)
+        if address is not None:
+            result.append((i, ListenerConfig(name, address[0], address[1], routes)))
+    _check_bind_conflicts(c, result, path)
+    return tuple(listener for _, listener in result)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_bind_conflicts(
+    c: Checker, listeners: Iterable[tuple[int, ListenerConfig]], path: str
+) -> None:
+    bound: list[tuple[int, ListenerConfig]] = []
+    for i, listener in listeners:
+        for j, other in bound:
+            # "" binds every interface, so it collides with any address on that port too.
+            same_host = "" in (listener.host, other.host) or listener.host == other.host
+            if listener.port != 0 and listener.port == other.port and same_host:
+                c.error(
+                    f"{path}[{i}].listen",
+                    f"{_format_address(listener.host, listener.port)} conflicts with "
+                    f"{path}[{j}] ({other.name!r}, {_format_address(other.host, other.port)})",
+                )
+                break
+        bound.append((i, listener))
+
+
+def _listener_routes(
+    c: Checker, obj: Mapping[str, object], path: str, known: list[str] | None
+) -> tuple[RouteConfig, ...]:
+    if "routes" in obj and "upstream" in obj:
+        c.error(
+            path,
+            "has both 'routes' and 'upstream'; use 'routes' for several routes, or "
+            "'upstream' alone for one catch-all route",
+        )
+        return ()
+    if "upstream" in obj:
+        upstream = _upstream_ref(c, obj["upstream"], key_path(path, "upstream"), known)
+        return () if upstream is None else (RouteConfig(upstream=upstream),)
+    if "routes" not in obj:
+        c.error(path, "needs 'routes' (a list) or 'upstream' (the name of an upstream)")
+        return ()
+    rpath = key_path(path, "routes")
+    items = c.items(obj["routes"], rpath)
+    routes = [_route(c, item, f"{rpath}[{i}]", known) for i, item in enumerate(items)]
+    return tuple(r for r in routes if r is not None)
+
+
+def _upstream_ref(c: Checker, value: object, path: str, known: list[str] | None) -> str | None:
+    name = c.check(value, path, check_str)
+    if name is None:
+        return None
+    if known is not None and name not in known:
+        c.error(path, f"unknown upstream {name!r} (known: {', '.join(sorted(known)) or 'none'})")
+        return None
+    return name
+
+
+def _route(c: Checker, value: object, path: str, known: list[str] | None) -> RouteConfig | None:
+    obj = c.mapping(value, path, _ROUTE_KEYS)
+    if obj is None:
+        return None
+    upstream = None
+    if "upstream" in obj:
+        upstream = _upstream_ref(c, obj["upstream"], key_path(path, "upstream"), known)
+    else:
+        c.error(key_path(path, "upstream"), "required but missing")
+    hosts = _route_hosts(c, obj["host"], key_path(path, "host")) if "host" in obj else ()
+    path_prefix = c.field(obj, "path", path, check_url_path, "/")
+    if upstream is None:
+        return None
+    return RouteConfig(upstream=upstream, hosts=hosts, path_prefix=path_prefix)
+
+
+def _route_hosts(c: Checker, value: object, path: str) -> tuple[str, ...]:
+    def host(item: object) -> str:
+        return normalize_route_host(check_str(item))
+
+    if isinstance(value, list | tuple):
+        if not value:
+            c.error(path, "must not be empty (leave 'host' out to match any host)")
+        found = [c.check(item, f"{path}[{i}]", host) for i, item in enumerate(value)]
+    else:
+        found = [c.check(value, path, host)]
+    # dict.fromkeys: drop repeats ("A.example" and "a.example.") but keep the written order.
+    return tuple(dict.fromkeys(h for h in found if h is not None))
+
+
+def _timeouts(c: Checker, value: object, path: str) -> TimeoutConfig:
+    default = TimeoutConfig()
+    obj = c.mapping(value, path, _TIMEOUT_KEYS) if value is not None else None
+    if obj is None:
+        return default
+    values = {
+        key: c.field(obj, key, path, positive_duration, getattr(default, key))
+        for key in _TIMEOUT_KEYS
+    }
+    return TimeoutConfig(**values)
+
+
+def _proxy(c: Checker, value: object, path: str) -> ProxyConfig:
+    default = ProxyConfig()
+    obj = c.mapping(value, path, _PROXY_KEYS) if value is not None else None
+    if obj is None:
+        return default
+    return ProxyConfig(
+        x_forwarded=c.field(obj, "x_forwarded", path, check_bool, default.x_forwarded),
+        x_forwarded_server=c.field(
+            obj, "x_forwarded_server", path, check_bool, default.x_forwarded_server
+        ),
+    )
+
+
+def _log(c: Checker, value: object, path: str) -> LogConfig:
+    default = LogConfig()
+    obj = c.mapping(value, path, _LOG_KEYS) if value is not None else None
+    if obj is None:
+        return default
+    return LogConfig(
+        level=c.field(obj, "level", path, choice("debug", "info", "warning", "error"), "info"),
+        format=c.field(obj, "format", path, choice("text", "json"), "text"),
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a configuration file; the decoder is chosen by extension.
+
+    ``.json``, ``.toml``, ``.yaml``/``.yml``; anything else is read as JSON. Every failure,
+    including an unreadable or undecodable file, is raised as :class:`ConfigError`.
+    """
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([f"cannot read configuration file: {reason}"], source) from exc
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: tolerate the BOM some Windows editors write
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (bad byte at offset {exc.start})"], source) from exc
+    data = _decode(text, Path(source).suffix.lower(), source)
+    return parse_config(data, source=source)
+
+
+def _decode(text: str, suffix: str, source: str) -> object:
+    if suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            # the message already ends with "(at line L, column C)"
+            raise ConfigError([f"invalid TOML: {exc}"], source) from exc
+    if suffix in (".yaml", ".yml"):
+        return _decode_yaml(text, source)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        note = "" if suffix == ".json" else " (files not named .toml/.yaml/.yml are read as JSON)"
+        problem = f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{note}"
+        raise ConfigError([problem], source) from exc
+
+
+def _decode_yaml(text: str, source: str) -> object:
+    # Imported here: only YAML files need it, and `import poise.config` stays cheap.
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([f"invalid YAML{where}: {reason}"], source) from exc

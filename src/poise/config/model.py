@@ -1,0 +1,105 @@
+"""Typed, frozen configuration. Built only by ``poise.config.load``; never mutated.
+
+Durations are float seconds. Every default here is the documented default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str  # as written by the user, e.g. "http://localhost:5001"
+    scheme: str  # "http"
+    host: str  # "localhost" (IPv6 without brackets)
+    port: int  # 5001 (default 80 for http)
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    enabled: bool = True
+    type: str = "http"  # "http" | "tcp"
+    method: str = "HEAD"
+    path: str = "/"
+    host: str | None = None  # Host header sent; None = the backend's host[:port]
+    # inclusive ranges; the seed's behaviour is "only 200 is healthy"
+    expected_status: tuple[tuple[int, int], ...] = ((200, 200),)
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 1
+    fall: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    name: str = "round_robin"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle: int = 64  # idle keep-alive connections kept per backend
+    # shorter than the shortest common backend keep-alive (Node.js: 5 s)
+    idle_timeout: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    upstream: str  # name of an UpstreamConfig
+    hosts: tuple[str, ...] = ()  # lower-case, no port; empty = any host
+    path_prefix: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str  # "" = all interfaces, else "127.0.0.1", "::1", ...
+    port: int
+    routes: tuple[RouteConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    client_header: float = 10.0  # whole request head must arrive within this
+    client_idle: float = 60.0  # keep-alive connection with no request in flight
+    upstream_connect: float = 3.0
+    upstream_response: float = 60.0  # request fully sent -> response head received
+    drain: float = 30.0  # graceful shutdown: in-flight requests get this long
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    x_forwarded: bool = True  # set X-Forwarded-For / -Proto / -Host
+    x_forwarded_server: bool = False  # seed behaviour: response header naming the backend
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"  # debug | info | warning | error
+    format: str = "text"  # text | json
+
+
+def _empty_upstreams() -> Mapping[str, UpstreamConfig]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=_empty_upstreams)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None  # file it was loaded from, for messages

@@ -1,0 +1,73 @@
+"""The one exception tree of poise.
+
+::
+
+    PoiseError
+    ├── ConfigError          bad configuration; ``problems`` lists every one, with its dotted path
+    └── ProxyError           a request could not be proxied; carries source, retryable, status
+        ├── NoHealthyBackend       503, nothing to send the request to
+        ├── UpstreamConnectError   502, connecting to a backend failed (nothing was sent: retryable)
+        ├── UpstreamTimeout        504, the backend did not answer in time
+        └── UpstreamProtocolError  502, the backend broke HTTP framing or closed mid-response
+
+Foreign exceptions (OSError, httptools errors) are translated once, where they are caught,
+with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class PoiseError(Exception):
+    """Root of every error poise raises on purpose."""
+
+
+class ConfigError(PoiseError):
+    """The configuration is invalid. ``problems`` holds every problem found, each prefixed by
+    the dotted path of the offending value (``routes[0].upstream: unknown upstream 'x'``)."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+class ErrorSource(Enum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+    INTERNAL = "internal"
+
+
+class ProxyError(PoiseError):
+    """A request failed. ``status`` is what the client gets; ``retryable`` says whether another
+    backend may be tried (only when nothing of the request can have been processed)."""
+
+    status = 502
+    source = ErrorSource.UPSTREAM
+    retryable = False
+    public_message = "Bad Gateway"
+
+
+class NoHealthyBackend(ProxyError):
+    status = 503
+    source = ErrorSource.INTERNAL
+    public_message = "No healthy server available"
+
+
+class UpstreamConnectError(ProxyError):
+    status = 502
+    retryable = True
+    public_message = "Bad Gateway"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    public_message = "Gateway Timeout"
+
+
+class UpstreamProtocolError(ProxyError):
+    status = 502
+    public_message = "Bad Gateway"
