@@ -1,0 +1,128 @@
+"""Command line: argument parsing, then hand-off. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from poise import __version__
+from poise.errors import ConfigError
+
+EXAMPLES = """\
+examples:
+  poise demo                                   3 demo backends behind a balancer on :8080
+  poise run -c poise.json                      run from a config file (JSON, TOML or YAML)
+  poise run --listen :8080 --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
+  poise check -c poise.json                    validate a config file, list every problem
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="poise",
+        description="poise: HTTP load balancer and service registry",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"poise {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def logging_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--log-format", choices=("text", "json"), help="log line format")
+        sp.add_argument(
+            "--log-level", choices=("debug", "info", "warning", "error"), help="log level"
+        )
+
+    run = sub.add_parser("run", help="run the load balancer")
+    run.add_argument("-c", "--config", help="config file (.json, .toml, .yaml)")
+    run.add_argument("--listen", help="address to listen on, e.g. :8080 (without -c)")
+    run.add_argument(
+        "--backend", action="append", default=[], metavar="URL", help="backend URL (repeat)"
+    )
+    run.add_argument(
+        "--health-interval", default="2s", help="health check interval without -c (default 2s)"
+    )
+    logging_args(run)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True, help="config file")
+
+    demo = sub.add_parser("demo", help="start 3 demo backends and a balancer in front of them")
+    demo.add_argument(
+        "--listen", default="127.0.0.1:8080", help="balancer address (default 127.0.0.1:8080)"
+    )
+    logging_args(demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "run":
+            return _run(args, parser)
+        if args.command == "demo":
+            from poise.demo import demo
+
+            return demo(args.listen, args.log_level or "info", args.log_format or "text")
+    except ConfigError as exc:
+        print(f"poise: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # pragma: no cover - parser.error exits
+
+
+def _check(path: str) -> int:
+    from poise.config import load_config
+
+    config = load_config(path)
+    n = sum(len(u.backends) for u in config.upstreams.values())
+    print(
+        f"{path}: OK ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), "
+        f"{n} backend(s))"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from poise.config import load_config, parse_config
+    from poise.logs import setup_logging
+    from poise.server import run
+
+    if args.config:
+        if args.listen or args.backend:
+            parser.error("use either -c FILE or --listen/--backend, not both")
+        config = load_config(args.config)
+    else:
+        if not args.backend:
+            parser.error("give -c FILE, or at least one --backend URL")
+        config = parse_config(
+            {
+                "port": args.listen or ":8080",
+                "healthCheckInterval": args.health_interval,
+                "servers": args.backend,
+            },
+            source="command line",
+        )
+    setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    try:
+        return run(config)
+    except OSError as exc:
+        # e.g. the port is taken: say so plainly rather than with a traceback
+        print(f"poise: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

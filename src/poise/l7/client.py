@@ -1,0 +1,645 @@
+"""The client side of the HTTP/1.1 proxy: one ``ClientConnection`` per accepted socket.
+
+Theory of operation
+-------------------
+httptools (llhttp) parses the byte stream and calls back per event; each request becomes an
+``Exchange`` appended to ``queue``. Only ``queue[0]`` is active: it is routed, given a pooled
+(or new) upstream connection, and its head and body are written there as they arrive. Later
+pipelined requests wait in the queue with their body bytes held (reading pauses past a
+bound), so responses leave in request order (RFC 9112 §9.3.2).
+
+The request head is rebuilt, never copied (HTTP-RULES.md): the request line is re-emitted as
+HTTP/1.1, hop-by-hop fields and every field named by ``Connection`` are dropped (RFC 9110
+§7.6.1) *before* our X-Forwarded-* are added, and framing is re-declared by us: the validated
+Content-Length, or ``Transfer-Encoding: chunked`` with the body re-chunked (extensions and
+trailers dropped; RFC 9112 §7.1).
+
+Framing doubts are never forwarded: Content-Length and Transfer-Encoding together, a
+Content-Length that is not ``1*DIGIT`` or differs between copies, a transfer coding other
+than a lone ``chunked``, TE in HTTP/1.0, a missing or repeated Host (RFC 9112 §3.2, §6.1,
+§6.3) each get 400 (501 for an unknown coding) and the connection is closed; bytes after a
+rejected request are never parsed.
+
+An exchange ends when the request has been read *and* the response written; then the next
+queued request starts, or the connection closes when either side asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from poise.l7 import http
+from poise.l7.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from poise.l7.context import Context
+    from poise.models import Backend
+    from poise.routing import Group
+
+log = logging.getLogger("poise.proxy")
+
+CRLF = b"\r\n"
+MAX_TARGET = 8192
+MAX_HEADERS = 100
+LINGER = 2.0  # seconds to drain a client after an error response before closing
+QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
+_PAUSE_UPSTREAM = 1  # client reading paused: the upstream cannot take more request body
+_PAUSE_QUEUE = 2  # client reading paused: too much held for queued requests
+
+
+class Reject(Exception):
+    """Raised inside a parser callback to refuse the request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "backend",
+        "chunked",
+        "error",
+        "group",
+        "has_body",
+        "head",
+        "host",
+        "http10",
+        "is_head",
+        "keep_alive",
+        "method",
+        "pending",
+        "pending_bytes",
+        "request_done",
+        "response_done",
+        "response_started",
+        "stale_retries",
+        "started",
+        "target",
+        "tried",
+        "upstream",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.host = b""
+        self.head = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.is_head = False
+        self.chunked = False
+        self.has_body = False
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.request_done = False
+        self.response_done = False
+        self.response_started = False
+        self.started = False
+        self.error: bytes | None = None  # a canned response to send instead of proxying
+        self.upstream: UpstreamConnection | None = None
+        self.group: Group | None = None
+        self.backend: Backend | None = None
+        self.tried: list[Backend] = []
+        self.stale_retries = 0
+
+    def __repr__(self) -> str:
+        return f"Exchange({self.method.decode()} {self.target[:80]!r})"
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_cl",
+        "_conn_tokens",
+        "_headers",
+        "_n_headers",
+        "_te",
+        "close_after",
+        "closed",
+        "ctx",
+        "cur",
+        "deadline",
+        "forwarded",
+        "listener",
+        "parser",
+        "paused",
+        "peer",
+        "queue",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: Context, listener: str) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.cur: Exchange | None = None
+        self.deadline = float("inf")
+        self.closed = False
+        self.close_after = False
+        self.paused = 0
+        self.write_paused = False
+        self.peer = b""
+        self.forwarded = b""
+        self._headers: list[bytes] = []
+        self._n_headers = 0
+        self._cl: bytes | None = None
+        self._te: bytes | None = None
+        self._conn_tokens: list[bytes] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        ctx.stats.connections_accepted += 1
+        ctx.clients.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
+        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request.
+        self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
+        transport.set_write_buffer_limits(high=256 * 1024)
+        self.deadline = ctx.loop.time() + ctx.config.timeouts.client_header
+        if ctx.draining:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.clients.discard(self)
+        for ex in self.queue:
+            up = ex.upstream
+            if up is not None:
+                ex.upstream = None
+                up.abandon()
+        self.queue.clear()
+        self.parser = None
+
+    def eof_received(self) -> bool | None:
+        """The client shut down its sending side. Requests already read still get their
+        responses (a half-close is not an abort); then the connection closes."""
+        if self.parser is not None and self.queue:
+            self.close_after = True
+            self.parser = None
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            up = self.queue[0].upstream
+            if up is not None:
+                up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            up = self.queue[0].upstream
+            if up is not None:
+                up.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            reason = exc.__context__
+            if isinstance(reason, Reject):
+                self._reject(reason.status, reason.message)
+            else:
+                log.error("internal error parsing a request", exc_info=reason)
+                self._reject(500, "Internal Server Error")
+        except httptools.HttpParserUpgrade as exc:
+            # The request asked to switch protocols. Upgrade is hop-by-hop and was not
+            # forwarded, so the backend answers plain HTTP; keep parsing what follows.
+            self.parser = httptools.HttpRequestParser(self)
+            rest = data[int(exc.args[0]) :]
+            if rest:
+                self.data_received(rest)
+                return
+        except httptools.HttpParserError:
+            self._reject(400, "Bad Request")
+        queue = self.queue
+        if queue and not queue[0].started and not self.closed:
+            self._start(queue[0])
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.cur = Exchange()
+        self._headers = []
+        self._n_headers = 0
+        self._cl = None
+        self._te = None
+        self._conn_tokens = None
+        if not self.queue:
+            self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.client_header
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        ex.target += url
+        if len(ex.target) > MAX_TARGET:
+            raise Reject(414, "URI Too Long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._n_headers += 1
+        if self._n_headers > MAX_HEADERS:
+            raise Reject(431, "Request Header Fields Too Large")
+        lname = name.lower()
+        kind = http.REQUEST_HEADER_KIND.get(lname)
+        if kind is None:
+            self._headers += (name, b": ", value, CRLF)
+            return
+        ex = self.cur
+        assert ex is not None
+        if kind == http.HOST:
+            if ex.host:
+                raise Reject(400, "Bad Request")
+            if not http.HOST_RE.fullmatch(value):
+                raise Reject(400, "Bad Request")
+            ex.host = value
+        elif kind == http.CONTENT_LENGTH:
+            v = value.strip(b" \t")
+            if not http.CONTENT_LENGTH_RE.fullmatch(v):
+                raise Reject(400, "Bad Request")
+            if self._cl is not None and self._cl != v:
+                raise Reject(400, "Bad Request")
+            self._cl = v
+        elif kind == http.TRANSFER_ENCODING:
+            self._te = value if self._te is None else self._te + b"," + value
+        elif kind == http.CONNECTION:
+            tokens = http.connection_tokens(value)
+            self._conn_tokens = tokens if self._conn_tokens is None else self._conn_tokens + tokens
+        elif kind == http.FORWARDED and not self.ctx.x_forwarded:
+            self._headers += (name, b": ", value, CRLF)
+        # HOP: dropped
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        parser = self.parser
+        assert ex is not None and parser is not None
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version == "1.0":
+                ex.http10 = True
+            elif version.startswith("2"):
+                raise Reject(505, "HTTP Version Not Supported")
+            else:
+                raise Reject(400, "Bad Request")
+        method = parser.get_method()
+        ex.method = method
+        ex.is_head = method == b"HEAD"
+        ex.keep_alive = parser.should_keep_alive()
+        target = ex.target
+        if target[:1] != b"/":
+            target = self._origin_form(ex, method, target)
+        if not ex.host and not ex.http10:
+            raise Reject(400, "Bad Request")
+
+        headers = self._headers
+        if self._conn_tokens is not None:
+            headers = http.drop_nominated(headers, self._conn_tokens)
+        te = self._te
+        if te is not None:
+            if ex.http10 or self._cl is not None:
+                raise Reject(400, "Bad Request")
+            codings = http.connection_tokens(te)
+            if codings != [b"chunked"]:
+                if b"chunked" in codings:
+                    raise Reject(400, "Bad Request")
+                raise Reject(501, "Not Implemented")
+            ex.chunked = ex.has_body = True
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif self._cl is not None:
+            ex.has_body = self._cl.strip(b"0") != b""
+            framing = b"Content-Length: " + self._cl + CRLF
+        else:
+            framing = b""
+
+        host = ex.host
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        if host:
+            parts += (b"Host: ", host, CRLF)
+        parts += headers
+        if self.ctx.x_forwarded:
+            parts.append(self.forwarded)
+            if host:
+                parts += (b"X-Forwarded-Host: ", host, CRLF)
+        parts += (framing, CRLF)
+        ex.head = b"".join(parts)
+        self.ctx.stats.requests += 1
+        self.deadline = float("inf")
+        self.queue.append(ex)
+        if len(self.queue) > 32:
+            self._pause(_PAUSE_QUEUE)  # a pipelining client far ahead of its responses
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        if ex.response_done:
+            return  # answered early (an error); the rest of the body is read and dropped
+        if ex.chunked:
+            pieces: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, CRLF)
+        else:
+            pieces = (body,)
+        up = ex.upstream
+        if up is not None:
+            up.send(pieces)
+        else:
+            ex.pending += pieces
+            ex.pending_bytes += len(body)
+            if ex.pending_bytes > QUEUE_BODY_LIMIT:
+                self._pause(_PAUSE_QUEUE)
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        assert ex is not None
+        self.cur = None
+        ex.request_done = True
+        if ex.chunked and not ex.response_done:
+            if ex.upstream is not None:
+                ex.upstream.send((b"0\r\n\r\n",))
+            else:
+                ex.pending.append(b"0\r\n\r\n")
+        if ex.upstream is not None:
+            ex.upstream.request_sent()
+        elif ex.response_done:
+            self._finish(ex)
+
+    # -- exchange lifecycle ----------------------------------------------------------------
+
+    def _origin_form(self, ex: Exchange, method: bytes, target: bytes) -> bytes:
+        """Absolute-form (RFC 9112 §3.2.2): route and forward by the URI's authority."""
+        low = target[:8].lower()
+        if low.startswith(b"http://") or low.startswith(b"https://"):
+            rest = target[target.index(b"//") + 2 :]
+            slash = rest.find(b"/")
+            query = rest.find(b"?")
+            cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+            authority, path = rest[:cut], rest[cut:]
+            if not authority or not http.HOST_RE.fullmatch(authority):
+                raise Reject(400, "Bad Request")
+            ex.host = authority
+            ex.target = b"/" + path if path[:1] != b"/" else path
+            return ex.target
+        if method == b"CONNECT":
+            raise Reject(405, "Method Not Allowed")
+        if target == b"*" and method == b"OPTIONS":
+            return target
+        raise Reject(400, "Bad Request")
+
+    def _start(self, ex: Exchange) -> None:
+        ex.started = True
+        if ex.error is not None:
+            self._send_error(ex, ex.error, close=True)
+            return
+        qpos = ex.target.find(b"?")
+        path = ex.target if qpos < 0 else ex.target[:qpos]
+        group = self.ctx.table.route(self.listener, http.host_without_port(ex.host), path)
+        if group is None:
+            self.ctx.stats.no_route += 1
+            self._answer(ex, 404, "Not Found")
+            return
+        ex.group = group
+        self._dispatch(ex)
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Send ``ex`` to the next healthy backend it has not tried yet."""
+        group = ex.group
+        assert group is not None
+        # Health may have changed since routing: read the group from the current table.
+        group = self.ctx.table.groups.get(group.name, group)
+        up = group.up
+        tried = ex.tried
+        for backend in group.picker.candidates(None):
+            if up[backend.index] and backend not in tried:
+                break
+        else:
+            if tried:
+                self.ctx.stats.upstream_errors += 1
+                self._answer(ex, 502, "Bad Gateway")
+            else:
+                self.ctx.stats.no_healthy_backend += 1
+                self._answer(ex, 503, "No healthy server available")
+            return
+        if tried:
+            self.ctx.stats.retries += 1
+        tried.append(backend)
+        ex.backend = backend
+        pool = self.ctx.pools[group.name][backend.index]
+        conn = pool.take()
+        if conn is not None:
+            self._attach(ex, conn)
+        else:
+            self.ctx.spawn(self._connect(ex, backend))
+
+    async def _connect(self, ex: Exchange, backend: Backend) -> None:
+        ctx = self.ctx
+        assert ex.group is not None
+        pool = ctx.pools[ex.group.name][backend.index]
+        try:
+            _, conn = await asyncio.wait_for(
+                ctx.loop.create_connection(
+                    lambda: UpstreamConnection(ctx, pool, backend), backend.host, backend.port
+                ),
+                ctx.config.timeouts.upstream_connect,
+            )
+        except (TimeoutError, OSError) as exc:
+            ctx.stats.upstream_connect_errors += 1
+            log.debug("connect to %s failed: %r", backend.authority, exc)
+            if not self.closed and self.queue and self.queue[0] is ex:
+                self._dispatch(ex)  # nothing was sent: another backend may take it
+            return
+        pool.connects += 1
+        if self.closed or not self.queue or self.queue[0] is not ex:
+            if not pool.put(conn, ctx.loop.time()):
+                conn.close()
+            return
+        self._attach(ex, conn)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        ex.upstream = conn
+        pending = ex.pending
+        ex.pending = []
+        if ex.pending_bytes:
+            ex.pending_bytes = 0
+            self._resume(_PAUSE_QUEUE)
+        conn.start(ex, self, pending)
+        if self.write_paused:
+            conn.pause_reading()
+
+    def upstream_failed(self, ex: Exchange, status: int, reusable_retry: bool) -> None:
+        """The upstream connection of ``ex`` failed. Called by UpstreamConnection."""
+        ex.upstream = None
+        if self.closed:
+            return
+        if ex.response_started:
+            # Part of the response is already out: the only honest signal is to cut the
+            # connection, so the client sees a truncated message, never a spliced one.
+            self.close()
+            return
+        if (
+            reusable_retry
+            and ex.stale_retries == 0
+            and not ex.has_body
+            and ex.method.decode() in http.IDEMPOTENT_METHODS
+            and ex.backend is not None
+        ):
+            # A reused keep-alive connection the backend had already closed: nothing was
+            # processed, so the request goes again on a fresh connection.
+            ex.stale_retries += 1
+            self.ctx.stats.retries += 1
+            self.ctx.spawn(self._connect(ex, ex.backend))
+            return
+        if status == 504:
+            self.ctx.stats.upstream_timeouts += 1
+            self._answer(ex, 504, "Gateway Timeout")
+        else:
+            self.ctx.stats.upstream_errors += 1
+            self._answer(ex, 502, "Bad Gateway")
+
+    def response_complete(self, ex: Exchange) -> None:
+        """The whole response of ``ex`` has been written to the transport."""
+        ex.response_done = True
+        ex.upstream = None
+        self.ctx.stats.responses += 1
+        if ex.request_done:
+            self._finish(ex)
+        else:
+            # The backend answered before the request body ended (an early 413, say). The
+            # rest of the body cannot go anywhere useful: end the connection after the write.
+            self.close()
+
+    def _finish(self, ex: Exchange) -> None:
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        if not ex.keep_alive or self.close_after or self.ctx.draining:
+            self.close()
+            return
+        if queue:
+            self._resume(_PAUSE_QUEUE)
+            self._start(queue[0])
+        elif self.cur is None:
+            self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.client_idle
+
+    def _answer(self, ex: Exchange, status: int, message: str) -> None:
+        """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
+        close = not ex.request_done or not ex.keep_alive or self.ctx.draining
+        self._send_error(
+            ex, http.error_response(status, message, self.ctx.date.value, close=close), close=close
+        )
+
+    def _send_error(self, ex: Exchange, response: bytes, *, close: bool) -> None:
+        ex.response_done = True
+        ex.response_started = True
+        transport = self.transport
+        assert transport is not None
+        transport.write(response)
+        self.ctx.stats.responses += 1
+        if close:
+            self._linger()
+        elif ex.request_done:
+            self._finish(ex)
+
+    def _reject(self, status: int, message: str) -> None:
+        """A request broke the rules: answer in order, then close; parse nothing more."""
+        self.parser = None
+        self.ctx.stats.bad_requests += 1
+        self._pause(_PAUSE_QUEUE)
+        cur = self.cur
+        self.cur = None
+        if cur is not None and cur in self.queue and cur.started:
+            # Its head was fine but its body broke framing mid-way: the upstream has part of
+            # a request, so that connection is abandoned.
+            up = cur.upstream
+            if up is not None:
+                cur.upstream = None
+                up.abandon()
+            if cur.response_started:
+                self.close()
+                return
+            self.queue.remove(cur)
+        elif cur is not None and cur in self.queue:
+            self.queue.remove(cur)
+        ex = Exchange()
+        ex.request_done = True
+        ex.keep_alive = False
+        ex.error = http.error_response(status, message, self.ctx.date.value, close=True)
+        self.queue.append(ex)
+        if not self.queue[0].started:
+            self._start(self.queue[0])
+
+    # -- flow control, timeouts, closing ---------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self._pause(_PAUSE_UPSTREAM)
+        else:
+            self._resume(_PAUSE_UPSTREAM)
+
+    def is_idle(self) -> bool:
+        return not self.queue and self.cur is None
+
+    def on_timeout(self) -> None:
+        self.deadline = float("inf")
+        if self.parser is None:  # lingering after an error: time is up
+            self.close()
+            return
+        self.ctx.stats.client_timeouts += 1
+        if self.cur is not None and not self.queue:
+            # A request head that did not arrive in time (slowloris).
+            assert self.transport is not None
+            self.transport.write(
+                http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
+            )
+        self.close()
+
+    def _linger(self) -> None:
+        """Close after an error without resetting the client: send FIN once the response is
+        flushed and drop whatever the client still sends for a moment, so its kernel does not
+        discard our response on an RST (nginx's lingering close)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.parser = None
+        self._resume(self.paused)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.deadline = self.ctx.loop.time() + LINGER
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.parser = None
+            self.closed = True
+            self.ctx.clients.discard(self)
+            self.transport.close()
+
+    def __repr__(self) -> str:
+        return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"

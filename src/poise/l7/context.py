@@ -1,0 +1,150 @@
+"""Per-worker state shared by every HTTP connection, and the one coarse timer.
+
+There is no timer per request or per connection: each connection keeps a ``deadline`` float
+and the sweep, every ``TICK`` seconds, expires what is overdue. Timeouts are therefore
+accurate to about one tick, which is what proxies need and costs O(connections) per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from poise.config.model import Config
+from poise.l7.http import DateCache
+from poise.routing import RoutingTable
+from poise.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from poise.l7.client import ClientConnection
+    from poise.l7.upstream import UpstreamConnection
+
+log = logging.getLogger("poise.proxy")
+
+TICK = 0.25
+
+
+@dataclass(slots=True)
+class Stats:
+    """Plain integer counters; exported on demand, never formatted on the hot path."""
+
+    connections_accepted: int = 0
+    requests: int = 0
+    responses: int = 0
+    bad_requests: int = 0
+    no_healthy_backend: int = 0
+    no_route: int = 0
+    upstream_connect_errors: int = 0
+    upstream_timeouts: int = 0
+    upstream_errors: int = 0
+    retries: int = 0
+    client_timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Context:
+    __slots__ = (
+        "_ticker",
+        "clients",
+        "config",
+        "date",
+        "draining",
+        "loop",
+        "now",
+        "pools",
+        "stats",
+        "table",
+        "tasks",
+        "upstreams",
+        "x_forwarded",
+        "x_forwarded_server",
+    )
+
+    def __init__(self, config: Config, table: RoutingTable, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.config = config
+        self.table = table  # replaced whole, by one assignment, on every change
+        self.x_forwarded = config.proxy.x_forwarded
+        self.x_forwarded_server = config.proxy.x_forwarded_server
+        self.pools: dict[str, list[Pool[UpstreamConnection]]] = {
+            name: [
+                Pool(
+                    f"{name}/{b.authority}",
+                    group.config.pool.max_idle,
+                    group.config.pool.idle_timeout,
+                )
+                for b in group.backends
+            ]
+            for name, group in table.groups.items()
+        }
+        self.clients: set[ClientConnection] = set()
+        self.upstreams: set[UpstreamConnection] = set()  # busy ones, for timeouts
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = Stats()
+        self.date = DateCache()
+        self.now = loop.time()
+        self.draining = False
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a connection-scoped coroutine (an upstream connect). Tracked, so shutdown can
+        cancel it and its failure is logged instead of lost."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error in connection task", exc_info=task.exception())
+
+    def _tick(self) -> None:
+        self.now = now = self.loop.time()
+        self.date.refresh()
+        try:
+            for client in [c for c in self.clients if c.deadline < now]:
+                client.on_timeout()
+            for up in [u for u in self.upstreams if u.deadline < now]:
+                up.on_timeout()
+            for pools in self.pools.values():
+                for pool in pools:
+                    if pool.idle:
+                        pool.expire(now)
+        finally:
+            self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def pool_for(self, group: str, index: int) -> Pool[UpstreamConnection]:
+        return self.pools[group][index]
+
+    def close_idle_clients(self) -> int:
+        """For draining: close every client connection with nothing in flight."""
+        n = 0
+        for c in list(self.clients):
+            if c.is_idle():
+                c.close()
+                n += 1
+        return n
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "stats": self.stats.as_dict(),
+            "clients": len(self.clients),
+            "busy_upstreams": len(self.upstreams),
+            "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
+        }
+
+    def __repr__(self) -> str:
+        return f"Context(clients={len(self.clients)}, draining={self.draining})"

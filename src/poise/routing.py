@@ -1,0 +1,107 @@
+"""The routing table: one immutable value the hot path reads, rebuilt and swapped whole.
+
+Built by pure functions from Config (membership) and health facts. A health change makes a
+new table that shares the old pickers, so round-robin positions survive it.
+
+Route matching, per listener: routes naming hosts are tried before catch-all routes; within
+each, the longest path prefix wins; a prefix matches on segment boundaries ("/api" matches
+"/api" and "/api/x", not "/apix"; a prefix ending in "/" matches anything below it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from poise.balancing import Picker, build
+from poise.config.model import Config, UpstreamConfig
+from poise.models import Backend, authority_of
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    config: UpstreamConfig
+    backends: tuple[Backend, ...]
+    picker: Picker
+    up: tuple[bool, ...]  # health by backend index
+
+    def with_health(self, up: tuple[bool, ...]) -> Group:
+        return Group(self.name, self.config, self.backends, self.picker, up)
+
+    @property
+    def any_up(self) -> bool:
+        return any(self.up)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    hosts: frozenset[bytes]  # empty = any host
+    prefix: bytes
+    group: str
+
+    def matches(self, host: bytes, path: bytes) -> bool:
+        if self.hosts and host not in self.hosts:
+            return False
+        p = self.prefix
+        if p in (b"/", path):
+            return True
+        if not path.startswith(p):
+            return False
+        return p.endswith(b"/") or path[len(p) : len(p) + 1] in (b"/", b"?")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    groups: Mapping[str, Group]
+    routes: Mapping[str, tuple[Route, ...]]  # by listener name
+
+    def route(self, listener: str, host: bytes, path: bytes) -> Group | None:
+        for r in self.routes[listener]:
+            if r.matches(host, path):
+                return self.groups[r.group]
+        return None
+
+    def with_group(self, group: Group) -> RoutingTable:
+        groups = dict(self.groups)
+        groups[group.name] = group
+        return RoutingTable(MappingProxyType(groups), self.routes)
+
+
+def make_backends(upstream: UpstreamConfig) -> tuple[Backend, ...]:
+    return tuple(
+        Backend(
+            id=authority_of(b.host, b.port),
+            scheme=b.scheme,
+            host=b.host,
+            port=b.port,
+            weight=b.weight,
+            index=i,
+            authority=authority_of(b.host, b.port),
+        )
+        for i, b in enumerate(upstream.backends)
+    )
+
+
+def build_table(config: Config, rng: random.Random) -> RoutingTable:
+    groups: dict[str, Group] = {}
+    for name, up in config.upstreams.items():
+        backends = make_backends(up)
+        groups[name] = Group(
+            name, up, backends, build(up.policy, backends, rng), (True,) * len(backends)
+        )
+    routes: dict[str, tuple[Route, ...]] = {}
+    for listener in config.listeners:
+        rs = [
+            Route(
+                frozenset(h.encode() for h in r.hosts),
+                r.path_prefix.encode("utf-8"),
+                r.upstream,
+            )
+            for r in listener.routes
+        ]
+        rs.sort(key=lambda r: (not r.hosts, -len(r.prefix)))
+        routes[listener.name] = tuple(rs)
+    return RoutingTable(MappingProxyType(groups), MappingProxyType(routes))

@@ -1,0 +1,151 @@
+"""Composition root: builds everything from a Config, owns the background tasks, drains.
+
+One ``Server`` is one worker: its listeners, its routing table, its pools, its health
+checkers. ``serve()`` runs until ``stop()``; then it stops accepting, lets in-flight requests
+finish for up to ``timeouts.drain``, and closes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import socket
+from typing import Any
+
+from poise.config.model import Config
+from poise.health.checker import GroupChecker
+from poise.l7.client import ClientConnection
+from poise.l7.context import Context
+from poise.routing import build_table
+
+log = logging.getLogger("poise.server")
+
+
+class Server:
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.table = build_table(config, self.rng)
+        self.ctx: Context | None = None
+        self.checkers: list[GroupChecker] = []
+        self.listeners: list[asyncio.Server] = []
+        self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
+        self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def publish_health(self, group: str, up: tuple[bool, ...]) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        table = ctx.table
+        ctx.table = table.with_group(table.groups[group].with_health(up))
+        if not any(up):
+            log.error("upstream %s has no healthy backend", group)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx = Context(self.config, self.table, loop)
+        ctx.start()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, group in self.table.groups.items():
+                    hc = group.config.health_check
+                    if not hc.enabled:
+                        continue
+                    checker = GroupChecker(name, group.backends, hc, self.publish_health, self.rng)
+                    self.checkers.append(checker)
+                    tasks.append(tg.create_task(checker.run(), name=f"health:{name}"))
+                # The first round of checks runs before we accept traffic, so a dead backend
+                # is known dead before the first request (bounded by the probe timeouts).
+                if self.checkers:
+                    waits = [c.first_round.wait() for c in self.checkers]
+                    limit = max(c.hc.timeout for c in self.checkers) + 1.0
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(limit):
+                            await asyncio.gather(*waits)
+                await self._listen(loop, ctx)
+                self.started.set()
+                await self._stop.wait()
+                await self._drain(ctx)
+                for task in tasks:
+                    task.cancel()  # the group then ends: cancelled children are not errors
+        finally:
+            ctx.stop()
+            for pools in ctx.pools.values():
+                for pool in pools:
+                    pool.close_all()
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
+        for lc in self.config.listeners:
+            name = lc.name
+            server = await loop.create_server(
+                lambda name=name: ClientConnection(ctx, name),
+                host=lc.host or None,
+                port=lc.port,
+                reuse_address=True,
+                backlog=2048,
+            )
+            self.listeners.append(server)
+            sock = server.sockets[0]
+            addr = sock.getsockname()
+            self.addresses[name] = (str(addr[0]), int(addr[1]))
+            for s in server.sockets:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            shown = f"[{addr[0]}]" if ":" in str(addr[0]) else str(addr[0])
+            log.info("listening on http://%s:%d (%s)", shown, addr[1], name)
+
+    async def _drain(self, ctx: Context) -> None:
+        log.info("shutting down: no new connections, draining in-flight requests")
+        for server in self.listeners:
+            server.close()
+        ctx.draining = True
+        ctx.close_idle_clients()
+        deadline = asyncio.get_running_loop().time() + self.config.timeouts.drain
+        while ctx.clients and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            ctx.close_idle_clients()
+        if ctx.clients:
+            log.warning("drain timeout: closing %d connections", len(ctx.clients))
+            for c in list(ctx.clients):
+                c.close()
+        for task in list(ctx.tasks):
+            task.cancel()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+            "proxy": self.ctx.statistics() if self.ctx else {},
+            "health": {c.group: c.statistics() for c in self.checkers},
+        }
+
+    def __repr__(self) -> str:
+        return f"Server({len(self.config.listeners)} listeners, {len(self.table.groups)} upstreams)"
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(config: Config) -> int:
+    """Run a Server until SIGTERM/SIGINT; return the process exit code."""
+    install_uvloop()
+
+    async def main() -> None:
+        server = Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,1 @@
+"""Upstream connection management: keep-alive pools per backend."""

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+
+from poise.l7 import http
+from poise.routing import Route
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"+5", b"-1", b"0x5", b"5_0", b"5 5", b"", b"\xef\xbc\x91", b"9" * 19, b" 5"],
+)
+def test_content_length_grammar_rejects_what_int_accepts(value: bytes) -> None:
+    assert http.CONTENT_LENGTH_RE.fullmatch(value) is None
+
+
+@pytest.mark.parametrize("value", [b"0", b"5", b"000", b"123456789012345678"])
+def test_content_length_grammar_accepts_digits(value: bytes) -> None:
+    assert http.CONTENT_LENGTH_RE.fullmatch(value) is not None
+
+
+def test_connection_tokens_split_and_lower() -> None:
+    assert http.connection_tokens(b" Keep-Alive ,X-Foo,,close ") == [
+        b"keep-alive",
+        b"x-foo",
+        b"close",
+    ]
+
+
+def test_drop_nominated_removes_named_fields_only() -> None:
+    headers = [b"X-Foo", b": ", b"1", b"\r\n", b"X-Bar", b": ", b"2", b"\r\n"]
+    assert http.drop_nominated(headers, [b"x-foo", b"close"]) == [b"X-Bar", b": ", b"2", b"\r\n"]
+    assert http.drop_nominated(headers, [b"keep-alive"]) is headers
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        (b"Example.COM:8080", b"example.com"),
+        (b"a.test.", b"a.test"),
+        (b"[::1]:80", b"[::1]"),
+        (b"h", b"h"),
+    ],
+)
+def test_host_normalised_for_routing(host: bytes, expected: bytes) -> None:
+    assert http.host_without_port(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        (b"a.example:80", True),
+        (b"[::1]:8080", True),
+        (b"user@a", False),
+        (b"a/b", False),
+        (b"a,b", False),
+        (b"a b", False),
+    ],
+)
+def test_host_header_syntax(host: bytes, ok: bool) -> None:
+    assert (http.HOST_RE.fullmatch(host) is not None) is ok
+
+
+def test_error_response_is_complete_and_fixed() -> None:
+    r = http.error_response(
+        503, "No healthy server available", b"Sun, 22 Nov 2026 00:00:00 GMT", close=False
+    )
+    head, body = r.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Content-Length: %d" % len(body) in head
+    assert b"Connection: close" not in head
+    assert body == b"No healthy server available\n"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path", "hit"),
+    [
+        (b"/", b"/anything", True),
+        (b"/api", b"/api", True),
+        (b"/api", b"/api/x", True),
+        (b"/api", b"/apix", False),
+        (b"/api/", b"/api/x", True),
+        (b"/api", b"/other", False),
+    ],
+)
+def test_route_prefix_matches_on_segments(prefix: bytes, path: bytes, hit: bool) -> None:
+    assert Route(frozenset(), prefix, "g").matches(b"h", path) is hit
+
+
+def test_route_host_must_match_when_named() -> None:
+    r = Route(frozenset({b"a.test"}), b"/", "g")
+    assert r.matches(b"a.test", b"/")
+    assert not r.matches(b"b.test", b"/")
