@@ -55,7 +55,11 @@ class _TcpServer:
         self._notify()
 
     async def stop(self) -> None:
-        """Stop listening and drop every open connection, like a killed process."""
+        """Stop listening and drop every open connection, like a killed process.
+
+        A handler may call this (a backend dying mid-request): its own connection is
+        dropped too, and nothing it returns afterwards is sent.
+        """
         server, self._server = self._server, None
         if server is None:
             return
@@ -63,7 +67,8 @@ class _TcpServer:
         server.close()
         for writer in list(self._writers):
             writer.transport.abort()
-        tasks = list(self._tasks)
+        current = asyncio.current_task()  # stop() may be called by a handler
+        tasks = [task for task in self._tasks if task is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

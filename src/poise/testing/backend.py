@@ -14,6 +14,7 @@ Parsing is done by httptools; the server itself is plain asyncio streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 from collections import deque
@@ -244,6 +245,8 @@ class HttpBackend(_TcpServer):
             )
         if response.delay > 0:
             await asyncio.sleep(response.delay)
+        if writer.transport.is_closing():  # dropped meanwhile, e.g. by stop()
+            return 0, False
 
         status, body = response.status, response.body
         headers = list(response.headers)
@@ -279,9 +282,7 @@ class HttpBackend(_TcpServer):
             if send_body and body:
                 writer.write(body)
         elif not send_body:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(body)
         elif not await self._stream(writer, body, chunked):
             return status, False
         await writer.drain()
@@ -290,9 +291,22 @@ class HttpBackend(_TcpServer):
     async def _stream(
         self, writer: asyncio.StreamWriter, body: AsyncIterator[bytes], chunked: bool
     ) -> bool:
-        """Send an async-iterator body; False if it failed (the connection is then aborted)."""
+        """Send an async-iterator body; False if it raised (the connection is then aborted).
+
+        A client going away shows as ConnectionError from drain(): not the body's fault,
+        so it propagates and is not recorded in `errors`.
+        """
         try:
-            async for chunk in body:
+            while True:
+                try:
+                    chunk = await anext(body)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    self.errors.append(exc)
+                    self._notify()
+                    writer.transport.abort()  # the head is out: only a cut body can signal it
+                    return False
                 if not chunk:
                     continue  # an empty chunk would end a chunked body
                 if chunked:
@@ -300,11 +314,8 @@ class HttpBackend(_TcpServer):
                 else:
                     writer.write(chunk)
                 await writer.drain()
-        except Exception as exc:
-            self.errors.append(exc)
-            self._notify()
-            writer.transport.abort()  # the head is out: a truncated body is all we can signal
-            return False
+        finally:
+            await _aclose(body)
         if chunked:
             writer.write(b"0\r\n\r\n")
         return True
@@ -329,3 +340,11 @@ def _reason(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+async def _aclose(body: AsyncIterator[bytes]) -> None:
+    """Finalise an async generator body now rather than at garbage collection."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
