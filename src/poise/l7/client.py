@@ -170,7 +170,7 @@ class ClientConnection(asyncio.Protocol):
         # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request.
         self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
         transport.set_write_buffer_limits(high=256 * 1024)
-        self.deadline = ctx.loop.time() + ctx.config.timeouts.client_header
+        self.deadline = ctx.now + ctx.client_header_timeout
         if ctx.draining:
             self.close()
 
@@ -245,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
         self._te = None
         self._conn_tokens = None
         if not self.queue:
-            self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.client_header
+            self.deadline = self.ctx.now + self.ctx.client_header_timeout
 
     def on_url(self, url: bytes) -> None:
         ex = self.cur
@@ -465,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
             return
         pool.connects += 1
         if self.closed or not self.queue or self.queue[0] is not ex:
-            if not pool.put(conn, ctx.loop.time()):
+            if not pool.put(conn, ctx.now):
                 conn.close()
             return
         self._attach(ex, conn)
@@ -534,7 +534,7 @@ class ClientConnection(asyncio.Protocol):
             self._resume(_PAUSE_QUEUE)
             self._start(queue[0])
         elif self.cur is None:
-            self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.client_idle
+            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
 
     def _answer(self, ex: Exchange, status: int, message: str) -> None:
         """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
@@ -630,7 +630,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume(self.paused)
         if transport.can_write_eof():
             transport.write_eof()
-            self.deadline = self.ctx.loop.time() + LINGER
+            self.deadline = self.ctx.now + LINGER
         else:
             self.close()
 

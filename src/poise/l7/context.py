@@ -1,8 +1,9 @@
 """Per-worker state shared by every HTTP connection, and the one coarse timer.
 
 There is no timer per request or per connection: each connection keeps a ``deadline`` float
-and the sweep, every ``TICK`` seconds, expires what is overdue. Timeouts are therefore
-accurate to about one tick, which is what proxies need and costs O(connections) per tick.
+computed from ``now`` (the loop clock as of the last tick, so the hot path never reads a
+clock) and the sweep, every ``TICK`` seconds, expires what is overdue. Timeouts are therefore
+accurate to about one tick, which is what proxies need, and cost O(connections) per tick.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Stats:
 class Context:
     __slots__ = (
         "_ticker",
+        "client_header_timeout",
+        "client_idle_timeout",
         "clients",
         "config",
         "date",
@@ -60,6 +63,7 @@ class Context:
         "stats",
         "table",
         "tasks",
+        "upstream_response_timeout",
         "upstreams",
         "x_forwarded",
         "x_forwarded_server",
@@ -69,6 +73,10 @@ class Context:
         self.loop = loop
         self.config = config
         self.table = table  # replaced whole, by one assignment, on every change
+        t = config.timeouts
+        self.client_header_timeout = t.client_header
+        self.client_idle_timeout = t.client_idle
+        self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
         self.pools: dict[str, list[Pool[UpstreamConnection]]] = {

@@ -36,16 +36,13 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-host": FORWARDED,
 }
 
-RESPONSE_HEADER_KIND: dict[bytes, int] = {
-    b"content-length": CONTENT_LENGTH,
-    b"transfer-encoding": TRANSFER_ENCODING,
-    b"connection": CONNECTION,
-    b"keep-alive": HOP,
-    b"proxy-connection": HOP,
-    b"trailer": HOP,
-    b"upgrade": HOP,
-    b"proxy-authenticate": HOP,
-}
+# Response fields poise looks at or drops, matched in the raw head: "\r\nName: value".
+# Content-Length is kept (after validation); the others are hop-by-hop and removed.
+RESPONSE_SPECIAL_RE = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|trailer"
+    rb"|upgrade|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)",
+    re.IGNORECASE,
+)
 
 # RFC 9110 §8.6: 1*DIGIT. Bounded so int() never sees something huge or odd (no signs,
 # underscores, spaces or non-ASCII digits, which Python's int() would all accept).
@@ -73,6 +70,16 @@ def drop_nominated(headers: list[bytes], tokens: list[bytes]) -> list[bytes]:
         if headers[i].lower() not in names:
             out += headers[i : i + 4]
     return out
+
+
+def drop_nominated_raw(block: bytes, tokens: list[bytes]) -> bytes:
+    """``drop_nominated`` for a raw header block made of "\\r\\nName: value" lines."""
+    names = {t for t in tokens if t not in (b"close", b"keep-alive")}
+    lines = block.split(b"\r\n")
+    kept = [lines[0]] + [
+        ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names
+    ]
+    return b"\r\n".join(kept)
 
 
 def host_without_port(host: bytes) -> bytes:

@@ -56,12 +56,8 @@ class BadResponse(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_cl",
-        "_conn_tokens",
+        "_head_start",
         "_headbuf",
-        "_headers",
-        "_reason",
-        "_te",
         "backend",
         "client",
         "close_delimited",
@@ -99,12 +95,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._headers: list[bytes] = []
-        self._reason = b""
-        self._cl: bytes | None = None
-        self._te: bytes | None = None
-        self._conn_tokens: list[bytes] | None = None
         self._headbuf = b""
+        self._head_start = 0
         self.complete = False
         self.head_done = False
         self.interim = False
@@ -158,97 +150,119 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.upstream_response
+        ctx = self.ctx
+        self.deadline = ctx.now + ctx.upstream_response_timeout
         out = self.out = []
         client = self.client
         assert client is not None
+        stray = False
         try:
-            if ex.is_head and not self.complete:
-                stray = self._feed_head_only(data)
+            if not self.head_done:
+                # The head is processed from raw bytes (see on_headers_complete): keep them
+                # until it is complete. Usually the whole head is in the first read.
+                if self._headbuf:
+                    self._headbuf = self._headbuf[self._head_start :] + data
+                    self._head_start = 0
+                else:
+                    self._headbuf = data
+                if ex.is_head:
+                    stray = self._feed_head_only()
+                else:
+                    self.parser.feed_data(data)
             else:
                 self.parser.feed_data(data)
-                stray = False
         except (httptools.HttpParserError, BadResponse) as exc:
             self._broken(ex, client, out, exc)
             return
         if out and not client.closed:
-            assert client.transport is not None
-            client.transport.writelines(out)
+            client.transport.writelines(out)  # type: ignore[union-attr]
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
 
-    def _feed_head_only(self, data: bytes) -> bool:
+    def _feed_head_only(self) -> bool:
         """Feed a HEAD response's head(s) and nothing after; True when bytes follow it."""
-        buf = self._headbuf + data
+        buf = self._headbuf
+        fed = self._head_start
         while not self.complete:
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", fed)
             if end < 0:
-                self._headbuf = buf
+                if fed:
+                    self.parser.feed_data(buf[self._head_start : fed])
                 return False
-            self.parser.feed_data(buf[: end + 4])
-            buf = buf[end + 4 :]
+            fed = end + 4
+            self.parser.feed_data(buf[self._head_start : fed])
             if self.head_done:
                 self.complete = True
-        self._headbuf = b""
         # llhttp now expects the body announced by Content-Length: start afresh.
         self.parser = httptools.HttpResponseParser(self)
-        return bool(buf)
+        return len(buf) > fed
 
-    # -- parser callbacks ------------------------------------------------------------------
+    # -- parser callbacks (only these three: per-header callbacks cost more than the
+    # -- regex pass over the raw head in on_headers_complete) -------------------------------
 
     def on_message_begin(self) -> None:
         if self.complete:
             raise BadResponse("bytes after the end of the response")
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        kind = http.RESPONSE_HEADER_KIND.get(name.lower())
-        if kind is None:
-            self._headers += (name, b": ", value, CRLF)
-        elif kind == http.CONTENT_LENGTH:
-            v = value.strip(b" \t")
-            if not http.CONTENT_LENGTH_RE.fullmatch(v) or (self._cl is not None and self._cl != v):
-                raise BadResponse("bad Content-Length")
-            self._cl = v
-        elif kind == http.TRANSFER_ENCODING:
-            self._te = value if self._te is None else self._te + b"," + value
-        elif kind == http.CONNECTION:
-            tokens = http.connection_tokens(value)
-            self._conn_tokens = tokens if self._conn_tokens is None else self._conn_tokens + tokens
-
     def on_headers_complete(self) -> None:
         ex = self.ex
         client = self.client
         assert ex is not None and client is not None
+        # llhttp has validated the head (strict CRLF, token and value syntax, one
+        # Content-Length), so the raw bytes can be rewritten rather than re-parsed.
+        buf = self._headbuf
+        start = self._head_start
+        end = buf.find(b"\r\n\r\n", start)
+        self._head_start = end + 4
+        eol = buf.find(b"\r\n", start)
         status = self.parser.get_status_code()
-        headers = self._headers
-        if self._conn_tokens is not None:
-            headers = http.drop_nominated(headers, self._conn_tokens)
+        if buf.startswith(b"HTTP/1.1 ", start):
+            line = buf[start:eol]
+        else:
+            line = b"HTTP/1.1" + buf[start + 8 : eol]
+        block = buf[eol:end]  # "\r\nName: value" per field
+        parts = [line]
+        pos = 0
+        cl = te = None
+        tokens: list[bytes] | None = None
+        for m in http.RESPONSE_SPECIAL_RE.finditer(block):
+            name = m.group(1).lower()
+            if name == b"content-length":
+                value = m.group(2).rstrip(b" \t")
+                if not http.CONTENT_LENGTH_RE.fullmatch(value) or (cl is not None and cl != value):
+                    raise BadResponse("bad Content-Length")
+                cl = value
+                continue  # kept as it is
+            parts.append(block[pos : m.start()])
+            pos = m.end()
+            if name == b"transfer-encoding":
+                v = m.group(2).rstrip(b" \t")
+                te = v if te is None else te + b"," + v
+            elif name == b"connection":
+                t = http.connection_tokens(m.group(2))
+                tokens = t if tokens is None else tokens + t
+        parts.append(block[pos:])
+        if tokens is not None and any(t not in (b"close", b"keep-alive") for t in tokens):
+            parts = [b"".join(parts)]
+            parts[0] = http.drop_nominated_raw(parts[0], tokens)
         if status < 200:
             if status == 101:
                 raise BadResponse("101 without an upgrade request")
             # 1xx interim responses (100 Continue, 103 Early Hints) are forwarded to
             # HTTP/1.1 clients; the final response follows on the same parser.
             if not ex.http10:
-                self.out.append(b"".join((http.status_line(status, self._reason), *headers, CRLF)))
+                parts.append(b"\r\n\r\n")
+                self.out.append(b"".join(parts))
             self.interim = True
-            self._headers, self._reason, self._conn_tokens = [], b"", None
             return
-        if self._te is not None and self._cl is not None:
+        if te is not None and cl is not None:
             raise BadResponse("Content-Length and Transfer-Encoding together")
-        parts = [http.status_line(status, self._reason), *headers]
-        no_body = ex.is_head or status in {204, 304}
-        if self._cl is not None:
-            if status != 204:
-                parts += (b"Content-Length: ", self._cl, CRLF)
+        no_body = ex.is_head or status in (204, 304)
+        if cl is not None or no_body:
             self.mode = _NONE if no_body else _RAW
-        elif no_body:
-            self.mode = _NONE
         else:
-            if self._te is not None:
-                if http.connection_tokens(self._te)[-1:] != [b"chunked"]:
+            if te is not None:
+                if http.connection_tokens(te)[-1:] != [b"chunked"]:
                     raise BadResponse("unsupported transfer coding")
             else:
                 self.close_delimited = True
@@ -257,15 +271,17 @@ class UpstreamConnection(asyncio.Protocol):
                 ex.keep_alive = False  # the end of the body is the end of the connection
             else:
                 self.mode = _CHUNK
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-        if self.ctx.x_forwarded_server:
-            parts += (b"X-Forwarded-Server: ", self.backend.authority.encode(), CRLF)
-        if not ex.keep_alive or client.close_after or self.ctx.draining:
+                parts.append(b"\r\nTransfer-Encoding: chunked")
+        ctx = self.ctx
+        if ctx.x_forwarded_server:
+            parts += (b"\r\nX-Forwarded-Server: ", self.backend.authority.encode())
+        if not ex.keep_alive or client.close_after or ctx.draining:
             ex.keep_alive = False
-            parts.append(b"Connection: close\r\n")
+            parts.append(b"\r\nConnection: close\r\n\r\n")
         elif ex.http10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(CRLF)
+            parts.append(b"\r\nConnection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n\r\n")
         self.out.append(b"".join(parts))
         self.keep = self.parser.should_keep_alive()
         self.head_done = True
@@ -300,9 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.write(ex.head)
         self.deadline = (
-            self.ctx.loop.time() + self.ctx.config.timeouts.upstream_response
-            if ex.request_done
-            else _INF
+            self.ctx.now + self.ctx.upstream_response_timeout if ex.request_done else _INF
         )
 
     def send(self, pieces: Iterable[bytes]) -> None:
@@ -310,7 +324,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.writelines(pieces)
 
     def request_sent(self) -> None:
-        self.deadline = self.ctx.loop.time() + self.ctx.config.timeouts.upstream_response
+        self.deadline = self.ctx.now + self.ctx.upstream_response_timeout
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -355,7 +369,7 @@ class UpstreamConnection(asyncio.Protocol):
             and ex.request_done
             and not self.close_delimited
             and not self.ctx.draining
-            and self.pool.put(self, self.ctx.loop.time())
+            and self.pool.put(self, self.ctx.now)
         ):
             self.reused = True
             if client.write_paused:
