@@ -50,6 +50,9 @@ class Server:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx = Context(self.config, self.table, loop)
+        # Bind first, so a taken port fails plainly before anything else starts; accept only
+        # after the first health round.
+        await self._bind(loop, ctx)
         ctx.start()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -69,7 +72,12 @@ class Server:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(limit):
                             await asyncio.gather(*waits)
-                await self._listen(loop, ctx)
+                for server, (name, (host, port)) in zip(
+                    self.listeners, self.addresses.items(), strict=True
+                ):
+                    await server.start_serving()
+                    shown = f"[{host}]" if ":" in host else host
+                    log.info("listening on http://%s:%d (%s)", shown, port, name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -81,24 +89,28 @@ class Server:
                 for pool in pools:
                     pool.close_all()
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
+    async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:
             name = lc.name
-            server = await loop.create_server(
-                lambda name=name: ClientConnection(ctx, name),
-                host=lc.host or None,
-                port=lc.port,
-                reuse_address=True,
-                backlog=2048,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda name=name: ClientConnection(ctx, name),
+                    host=lc.host or None,
+                    port=lc.port,
+                    reuse_address=True,
+                    backlog=2048,
+                    start_serving=False,
+                )
+            except OSError:
+                for bound in self.listeners:
+                    bound.close()
+                raise
             self.listeners.append(server)
             sock = server.sockets[0]
             addr = sock.getsockname()
             self.addresses[name] = (str(addr[0]), int(addr[1]))
             for s in server.sockets:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            shown = f"[{addr[0]}]" if ":" in str(addr[0]) else str(addr[0])
-            log.info("listening on http://%s:%d (%s)", shown, addr[1], name)
 
     async def _drain(self, ctx: Context) -> None:
         log.info("shutting down: no new connections, draining in-flight requests")

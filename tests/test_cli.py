@@ -1,0 +1,155 @@
+"""The command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from poise import __version__
+from poise.cli import main
+
+POISE = [sys.executable, "-m", "poise"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str, deadline: float) -> tuple[int, bytes]:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status, r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"poise {__version__}"
+
+
+def test_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"port": ":8080", "servers": ["http://localhost:5001"]}))
+    assert main(["check", "-c", str(good)]) == 0
+    assert "OK (1 listener(s), 1 upstream(s), 1 backend(s))" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"port": "x", "servers": ["ftp://a", "foo"]}))
+    assert main(["check", "-c", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n  - ") == 3  # every problem listed, one per line
+    assert "servers[1]" in err
+
+
+def test_run_without_backends_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run"])
+    assert exc.value.code == 2
+    assert "--backend" in capsys.readouterr().err
+
+
+def test_run_with_backend_flags_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    backend_port, front = free_port(), free_port()
+    backend = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(backend_port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    (tmp_path / "hello.txt").write_text("hello\n")
+    proc = subprocess.Popen(
+        [
+            *POISE,
+            "run",
+            "--listen",
+            f"127.0.0.1:{front}",
+            "--backend",
+            f"http://127.0.0.1:{backend_port}",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        status, body = get(f"http://127.0.0.1:{front}/hello.txt", time.monotonic() + 20)
+        assert (status, body) == (200, b"hello\n")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert any("listening on" in line["message"] for line in lines)
+    finally:
+        proc.kill()
+        backend.kill()
+        backend.wait()
+        proc.wait()
+
+
+def test_demo_prints_urls_serves_and_exits_on_ctrl_c() -> None:
+    front = free_port()
+    proc = subprocess.Popen(
+        [*POISE, "demo", "--listen", f"127.0.0.1:{front}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        out = ""
+        while "Ctrl-C" not in out and time.monotonic() < deadline:
+            out += proc.stdout.readline()
+        assert f"balancer:  http://127.0.0.1:{front}/" in out
+        assert len(re.findall(r"backend:   http://127\.0\.0\.1:\d+", out)) == 3
+        bodies = {get(f"http://127.0.0.1:{front}/", deadline)[1] for _ in range(6)}
+        assert bodies == {b"demo-1\n", b"demo-2\n", b"demo-3\n"}
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_demo_on_a_taken_port_fails_clearly() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run(
+            [*POISE, "demo", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
