@@ -57,6 +57,9 @@ class Route:
 class RoutingTable:
     groups: Mapping[str, Group]
     routes: Mapping[str, tuple[Route, ...]]  # by listener name
+    # listener name -> group name, for listeners whose only route takes everything: the hot
+    # path then skips host normalisation and matching.
+    catch_all: Mapping[str, str]
 
     def route(self, listener: str, host: bytes, path: bytes) -> Group | None:
         for r in self.routes[listener]:
@@ -67,7 +70,7 @@ class RoutingTable:
     def with_group(self, group: Group) -> RoutingTable:
         groups = dict(self.groups)
         groups[group.name] = group
-        return RoutingTable(MappingProxyType(groups), self.routes)
+        return RoutingTable(MappingProxyType(groups), self.routes, self.catch_all)
 
 
 def make_backends(upstream: UpstreamConfig) -> tuple[Backend, ...]:
@@ -93,6 +96,7 @@ def build_table(config: Config, rng: random.Random) -> RoutingTable:
             name, up, backends, build(up.policy, backends, rng), (True,) * len(backends)
         )
     routes: dict[str, tuple[Route, ...]] = {}
+    catch_all: dict[str, str] = {}
     for listener in config.listeners:
         rs = [
             Route(
@@ -104,4 +108,8 @@ def build_table(config: Config, rng: random.Random) -> RoutingTable:
         ]
         rs.sort(key=lambda r: (not r.hosts, -len(r.prefix)))
         routes[listener.name] = tuple(rs)
-    return RoutingTable(MappingProxyType(groups), MappingProxyType(routes))
+        if len(rs) == 1 and not rs[0].hosts and rs[0].prefix == b"/":
+            catch_all[listener.name] = rs[0].group
+    return RoutingTable(
+        MappingProxyType(groups), MappingProxyType(routes), MappingProxyType(catch_all)
+    )

@@ -330,16 +330,20 @@ class ClientConnection(asyncio.Protocol):
             framing = b""
 
         host = ex.host
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        if host:
-            parts += (b"Host: ", host, CRLF)
-        parts += headers
-        if self.ctx.x_forwarded:
-            parts.append(self.forwarded)
+        if host and self.ctx.x_forwarded:
+            ex.head = b"".join(
+                (method, b" ", target, b" HTTP/1.1\r\nHost: ", host, CRLF, *headers,
+                 self.forwarded, b"X-Forwarded-Host: ", host, CRLF, framing, CRLF)
+            )  # fmt: skip
+        else:
+            parts = [method, b" ", target, b" HTTP/1.1\r\n"]
             if host:
-                parts += (b"X-Forwarded-Host: ", host, CRLF)
-        parts += (framing, CRLF)
-        ex.head = b"".join(parts)
+                parts += (b"Host: ", host, CRLF)
+            parts += headers
+            if self.ctx.x_forwarded:
+                parts.append(self.forwarded)
+            parts += (framing, CRLF)
+            ex.head = b"".join(parts)
         self.ctx.stats.requests += 1
         self.deadline = float("inf")
         self.queue.append(ex)
@@ -406,22 +410,24 @@ class ClientConnection(asyncio.Protocol):
         if ex.error is not None:
             self._send_error(ex, ex.error, close=True)
             return
-        qpos = ex.target.find(b"?")
-        path = ex.target if qpos < 0 else ex.target[:qpos]
-        group = self.ctx.table.route(self.listener, http.host_without_port(ex.host), path)
+        table = self.ctx.table
+        only = table.catch_all.get(self.listener)
+        if only is not None:
+            group: Group | None = table.groups[only]
+        else:
+            qpos = ex.target.find(b"?")
+            path = ex.target if qpos < 0 else ex.target[:qpos]
+            group = table.route(self.listener, http.host_without_port(ex.host), path)
         if group is None:
             self.ctx.stats.no_route += 1
             self._answer(ex, 404, "Not Found")
             return
         ex.group = group
-        self._dispatch(ex)
+        self._dispatch(ex, group)
 
-    def _dispatch(self, ex: Exchange) -> None:
-        """Send ``ex`` to the next healthy backend it has not tried yet."""
-        group = ex.group
-        assert group is not None
-        # Health may have changed since routing: read the group from the current table.
-        group = self.ctx.table.groups.get(group.name, group)
+    def _dispatch(self, ex: Exchange, group: Group) -> None:
+        """Send ``ex`` to the next healthy backend it has not tried yet. ``group`` is read from
+        the current routing table (health may have changed since the first attempt)."""
         up = group.up
         tried = ex.tried
         for backend in group.picker.candidates(None):
@@ -441,10 +447,17 @@ class ClientConnection(asyncio.Protocol):
         ex.backend = backend
         pool = self.ctx.pools[group.name][backend.index]
         conn = pool.take()
-        if conn is not None:
-            self._attach(ex, conn)
-        else:
+        if conn is None:
             self.ctx.spawn(self._connect(ex, backend))
+            return
+        # _attach, inlined for the common case (a pooled connection, no body held back)
+        ex.upstream = conn
+        if ex.pending:
+            self._attach(ex, conn)
+            return
+        conn.start(ex, self, None)
+        if self.write_paused:
+            conn.pause_reading()
 
     async def _connect(self, ex: Exchange, backend: Backend) -> None:
         ctx = self.ctx
@@ -461,7 +474,8 @@ class ClientConnection(asyncio.Protocol):
             ctx.stats.upstream_connect_errors += 1
             log.debug("connect to %s failed: %r", backend.authority, exc)
             if not self.closed and self.queue and self.queue[0] is ex:
-                self._dispatch(ex)  # nothing was sent: another backend may take it
+                # nothing was sent: another backend may take it
+                self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
             return
         pool.connects += 1
         if self.closed or not self.queue or self.queue[0] is not ex:
@@ -515,9 +529,22 @@ class ClientConnection(asyncio.Protocol):
         """The whole response of ``ex`` has been written to the transport."""
         ex.response_done = True
         ex.upstream = None
-        self.ctx.stats.responses += 1
+        ctx = self.ctx
+        ctx.stats.responses += 1
         if ex.request_done:
-            self._finish(ex)
+            # _finish, inlined for the common case: nothing queued behind, keep-alive
+            queue = self.queue
+            if (
+                len(queue) == 1
+                and ex.keep_alive
+                and self.cur is None
+                and not self.close_after
+                and not ctx.draining
+            ):
+                queue.clear()
+                self.deadline = ctx.now + ctx.client_idle_timeout
+            else:
+                self._finish(ex)
         else:
             # The backend answered before the request body ended (an early 413, say). The
             # rest of the body cannot go anywhere useful: end the connection after the write.

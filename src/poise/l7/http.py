@@ -36,12 +36,26 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-host": FORWARDED,
 }
 
-# Response fields poise looks at or drops, matched in the raw head: "\r\nName: value".
-# Content-Length is kept (after validation); the others are hop-by-hop and removed.
-RESPONSE_SPECIAL_RE = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|trailer"
-    rb"|upgrade|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)",
-    re.IGNORECASE,
+# Response fields poise must see, found in the lower-cased raw head ("\r\nname:"). llhttp
+# rejects whitespace before the colon, so the name is always followed by it directly.
+RESPONSE_SCAN_RE = re.compile(
+    rb"\r\n(?:c(?:ontent-length|onnection)|transfer-encoding|keep-alive|proxy-(?:connection"
+    rb"|authenticate)|trailer|upgrade):"
+)
+CL_ONLY = [b"\r\ncontent-length:"]
+CL_CONNECTION = [b"\r\ncontent-length:", b"\r\nconnection:"]
+CONNECTION_CL = [b"\r\nconnection:", b"\r\ncontent-length:"]
+PLAIN_CONNECTION = (b"keep-alive", b"close")
+RESPONSE_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+    }
 )
 
 # RFC 9110 §8.6: 1*DIGIT. Bounded so int() never sees something huge or odd (no signs,
@@ -72,14 +86,24 @@ def drop_nominated(headers: list[bytes], tokens: list[bytes]) -> list[bytes]:
     return out
 
 
-def drop_nominated_raw(block: bytes, tokens: list[bytes]) -> bytes:
-    """``drop_nominated`` for a raw header block made of "\\r\\nName: value" lines."""
-    names = {t for t in tokens if t not in (b"close", b"keep-alive")}
+def strip_hop_fields(block: bytes, low: bytes) -> tuple[bytes, bytes | None]:
+    """Remove hop-by-hop fields, and the fields ``Connection`` names, from a raw header block
+    ("\\r\\nName: value" lines; ``low`` is it lower-cased). Returns the block and the
+    Transfer-Encoding value (comma-joined when repeated), or None."""
     lines = block.split(b"\r\n")
-    kept = [lines[0]] + [
-        ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in names
-    ]
-    return b"\r\n".join(kept)
+    lows = low.split(b"\r\n")
+    names = [ln.partition(b":")[0] for ln in lows]
+    dropped = set(RESPONSE_HOP)
+    te: bytes | None = None
+    for name, ln in zip(names, lows, strict=True):
+        if name == b"connection":
+            dropped.update(connection_tokens(ln.partition(b":")[2]))
+        elif name == b"transfer-encoding":
+            v = ln.partition(b":")[2].strip(b" \t")
+            te = v if te is None else te + b"," + v
+    dropped.discard(b"content-length")  # framing is not for the peer to remove
+    kept = [line for line, name in zip(lines[1:], names[1:], strict=True) if name not in dropped]
+    return b"".join(b"\r\n" + line for line in kept), te
 
 
 def host_without_port(host: bytes) -> bytes:

@@ -175,7 +175,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._broken(ex, client, out, exc)
             return
         if out and not client.closed:
-            client.transport.writelines(out)  # type: ignore[union-attr]
+            # one write per read: small pieces joined (cheaper than a writev), large body
+            # chunks passed without a copy
+            transport = client.transport
+            assert transport is not None
+            if len(out) == 1:
+                transport.write(out[0])
+            elif len(out[-1]) < 16384:
+                transport.write(b"".join(out))
+            else:
+                transport.writelines(out)
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
 
@@ -208,58 +217,53 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         client = self.client
         assert ex is not None and client is not None
-        # llhttp has validated the head (strict CRLF, token and value syntax, one
-        # Content-Length), so the raw bytes can be rewritten rather than re-parsed.
+        # llhttp has validated the head (strict CRLF, token and value syntax, one valid
+        # Content-Length, not both CL and TE), so the raw bytes are rewritten, not re-parsed.
         buf = self._headbuf
         start = self._head_start
         end = buf.find(b"\r\n\r\n", start)
         self._head_start = end + 4
         eol = buf.find(b"\r\n", start)
+        block = buf[eol:end]  # "\r\nName: value" per field
+        low = block.lower()
+        found = http.RESPONSE_SCAN_RE.findall(low)
+        te: bytes | None = None
+        if found in (http.CL_CONNECTION, http.CONNECTION_CL):
+            # The most common shape (nginx, most servers): drop "Connection: keep-alive".
+            i = low.find(b"\r\nconnection:")
+            j = low.find(b"\r\n", i + 2)
+            if j < 0:
+                j = len(low)
+            if low[i + 13 : j].strip(b" \t") in http.PLAIN_CONNECTION:
+                block = block[:i] + block[j:]
+            else:
+                block, te = http.strip_hop_fields(block, low)
+            has_cl = True
+        elif not found:
+            has_cl = False
+        elif found == http.CL_ONLY:
+            has_cl = True
+        else:
+            has_cl = b"\r\ncontent-length:" in found
+            block, te = http.strip_hop_fields(block, low)
         status = self.parser.get_status_code()
         if buf.startswith(b"HTTP/1.1 ", start):
             line = buf[start:eol]
         else:
             line = b"HTTP/1.1" + buf[start + 8 : eol]
-        block = buf[eol:end]  # "\r\nName: value" per field
-        parts = [line]
-        pos = 0
-        cl = te = None
-        tokens: list[bytes] | None = None
-        for m in http.RESPONSE_SPECIAL_RE.finditer(block):
-            name = m.group(1).lower()
-            if name == b"content-length":
-                value = m.group(2).rstrip(b" \t")
-                if not http.CONTENT_LENGTH_RE.fullmatch(value) or (cl is not None and cl != value):
-                    raise BadResponse("bad Content-Length")
-                cl = value
-                continue  # kept as it is
-            parts.append(block[pos : m.start()])
-            pos = m.end()
-            if name == b"transfer-encoding":
-                v = m.group(2).rstrip(b" \t")
-                te = v if te is None else te + b"," + v
-            elif name == b"connection":
-                t = http.connection_tokens(m.group(2))
-                tokens = t if tokens is None else tokens + t
-        parts.append(block[pos:])
-        if tokens is not None and any(t not in (b"close", b"keep-alive") for t in tokens):
-            parts = [b"".join(parts)]
-            parts[0] = http.drop_nominated_raw(parts[0], tokens)
         if status < 200:
             if status == 101:
                 raise BadResponse("101 without an upgrade request")
             # 1xx interim responses (100 Continue, 103 Early Hints) are forwarded to
             # HTTP/1.1 clients; the final response follows on the same parser.
             if not ex.http10:
-                parts.append(b"\r\n\r\n")
-                self.out.append(b"".join(parts))
+                self.out.append(line + block + b"\r\n\r\n")
             self.interim = True
             return
-        if te is not None and cl is not None:
-            raise BadResponse("Content-Length and Transfer-Encoding together")
         no_body = ex.is_head or status in (204, 304)
-        if cl is not None or no_body:
+        if has_cl or no_body:
             self.mode = _NONE if no_body else _RAW
+            tail = b""
         else:
             if te is not None:
                 if http.connection_tokens(te)[-1:] != [b"chunked"]:
@@ -269,20 +273,21 @@ class UpstreamConnection(asyncio.Protocol):
             if ex.http10:
                 self.mode = _RAW
                 ex.keep_alive = False  # the end of the body is the end of the connection
+                tail = b""
             else:
                 self.mode = _CHUNK
-                parts.append(b"\r\nTransfer-Encoding: chunked")
+                tail = b"\r\nTransfer-Encoding: chunked"
         ctx = self.ctx
         if ctx.x_forwarded_server:
-            parts += (b"\r\nX-Forwarded-Server: ", self.backend.authority.encode())
+            tail += b"\r\nX-Forwarded-Server: " + self.backend.authority.encode()
         if not ex.keep_alive or client.close_after or ctx.draining:
             ex.keep_alive = False
-            parts.append(b"\r\nConnection: close\r\n\r\n")
+            tail += b"\r\nConnection: close\r\n\r\n"
         elif ex.http10:
-            parts.append(b"\r\nConnection: keep-alive\r\n\r\n")
+            tail += b"\r\nConnection: keep-alive\r\n\r\n"
         else:
-            parts.append(b"\r\n\r\n")
-        self.out.append(b"".join(parts))
+            tail += b"\r\n\r\n"
+        self.out.append(line + block + tail)
         self.keep = self.parser.should_keep_alive()
         self.head_done = True
         ex.response_started = True
@@ -304,20 +309,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange lifecycle (called by ClientConnection) -----------------------------------
 
-    def start(self, ex: Exchange, client: ClientConnection, body: list[bytes]) -> None:
+    def start(self, ex: Exchange, client: ClientConnection, body: list[bytes] | None) -> None:
         self.ex = ex
         self.client = client
-        self._reset()
-        self.ctx.upstreams.add(self)
+        # per-response state (see _reset), inlined: this runs once per request
+        self._headbuf = b""
+        self._head_start = 0
+        self.complete = self.head_done = self.interim = self.got_bytes = self.keep = False
+        self.close_delimited = False
+        self.mode = _NONE
+        ctx = self.ctx
+        ctx.upstreams.add(self)
         transport = self.transport
         assert transport is not None
         if body:
             transport.writelines((ex.head, *body))
         else:
             transport.write(ex.head)
-        self.deadline = (
-            self.ctx.now + self.ctx.upstream_response_timeout if ex.request_done else _INF
-        )
+        self.deadline = ctx.now + ctx.upstream_response_timeout if ex.request_done else _INF
 
     def send(self, pieces: Iterable[bytes]) -> None:
         if self.transport is not None and not self.closed:
@@ -335,7 +344,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def usable(self) -> bool:
-        return not self.closed and self.transport is not None and not self.transport.is_closing()
+        return not self.closed
 
     def abandon(self) -> None:
         """The client is gone or its request broke mid-way: this connection's state is unknown."""
@@ -346,6 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
+            self.pool.discard(self)
             self.transport.close()
 
     def on_timeout(self) -> None:
@@ -362,14 +372,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _release(self, ex: Exchange, client: ClientConnection, *, reusable: bool) -> None:
         self.ex = self.client = None
-        self.ctx.upstreams.discard(self)
+        ctx = self.ctx
+        ctx.upstreams.discard(self)
         self.deadline = _INF
         if (
             reusable
             and ex.request_done
             and not self.close_delimited
-            and not self.ctx.draining
-            and self.pool.put(self, self.ctx.now)
+            and not ctx.draining
+            and self.pool.put(self, ctx.now)
         ):
             self.reused = True
             if client.write_paused:
@@ -390,7 +401,7 @@ class UpstreamConnection(asyncio.Protocol):
             # The response itself was whole; what followed it was not ours to forward.
             if out and not client.closed:
                 assert client.transport is not None
-                client.transport.writelines(out)
+                _send(client.transport, out)
             client.response_complete(ex)
         else:
             client.upstream_failed(ex, 502, False)
@@ -398,3 +409,14 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "busy" if self.ex is not None else "idle"
         return f"UpstreamConnection({self.backend.authority}, {state})"
+
+
+def _send(transport: asyncio.Transport, out: list[bytes]) -> None:
+    """One write per read. Small pieces are joined (one contiguous buffer is cheaper than a
+    writev); large body chunks go as they are, without a copy."""
+    if len(out) == 1:
+        transport.write(out[0])
+    elif len(out[-1]) < 16384:
+        transport.write(b"".join(out))
+    else:
+        transport.writelines(out)

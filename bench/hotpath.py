@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""In-process microbenchmark of poise's per-request Python work, without sockets.
+
+Drives ClientConnection and UpstreamConnection with fake transports: a request goes in on
+the client side, its head comes out on the upstream side, a canned nginx-like response goes
+in on the upstream side and comes out to the client. Reports µs per request exchange, which
+is the user-space CPU the proxy adds on top of the four syscalls a proxied request costs.
+
+    python bench/hotpath.py [--requests 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from poise.config import parse_config
+from poise.l7.client import ClientConnection
+from poise.l7.context import Context
+from poise.l7.upstream import UpstreamConnection
+from poise.routing import build_table
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 04:31:14 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 16\r\n"
+    b"Last-Modified: Sun, 22 Nov 2026 04:26:15 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "6740a0a7-10"\r\nAccept-Ranges: bytes\r\n\r\n0123456789abcdef'
+)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def writelines(self, data: Any) -> None:
+        self.out.extend(data)
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def main(n: int) -> None:
+    config = parse_config(
+        {"listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
+         "upstreams": {"u": {"backends": ["http://127.0.0.1:1", "http://127.0.0.1:2"]}}}
+    )
+    import random
+
+    table = build_table(config, random.Random(1))
+    ctx = Context(config, table, asyncio.get_running_loop())
+    client = ClientConnection(ctx, "b")
+    ctr = FakeTransport()
+    client.connection_made(ctr)  # type: ignore[arg-type]
+    ups = []
+    for group in table.groups.values():
+        for b in group.backends:
+            pool = ctx.pools[group.name][b.index]
+            up = UpstreamConnection(ctx, pool, b)
+            up.connection_made(FakeTransport())  # type: ignore[arg-type]
+            pool.put(up, 0.0)
+            ups.append(up)
+    best = float("inf")
+    for _ in range(5):  # the best of 5 rounds: this machine is shared and noisy
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.data_received(REQUEST)
+            up = client.queue[0].upstream
+            assert up is not None
+            up.data_received(RESPONSE)
+        best = min(best, time.perf_counter() - t0)
+        for up in ups:
+            up.transport.out.clear()  # type: ignore[union-attr]
+        assert ctr.out[-1].endswith(b"\r\n\r\n0123456789abcdef"), ctr.out[-2:]
+        ctr.out.clear()
+    print(f"{best / n * 1e6:.2f} µs per proxied request (Python work only, best of 5 x {n})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=100_000)
+    asyncio.run(main(ap.parse_args().requests))
