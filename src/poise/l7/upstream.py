@@ -58,6 +58,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_head_start",
         "_headbuf",
+        "_low_head",
+        "_received",
         "backend",
         "client",
         "close_delimited",
@@ -75,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         "out",
         "parser",
         "pool",
+        "remaining",
         "reused",
         "transport",
     )
@@ -95,6 +98,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._low_head = b""
+        self._received = 0
+        self.remaining = -1  # Content-Length body bytes still to forward; -1: not counting
         self._headbuf = b""
         self._head_start = 0
         self.complete = False
@@ -157,7 +163,9 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         stray = False
         try:
-            if not self.head_done:
+            if self.remaining >= 0:
+                pass  # a Content-Length body being counted: see _count
+            elif not self.head_done:
                 # The head is processed from raw bytes (see on_headers_complete): keep them
                 # until it is complete. Usually the whole head is in the first read.
                 if self._headbuf:
@@ -174,6 +182,8 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, BadResponse) as exc:
             self._broken(ex, client, out, exc)
             return
+        if self.remaining >= 0:
+            stray = self._count(data, out)
         if out and not client.closed:
             # one write per read: small pieces joined (cheaper than a writev), large body
             # chunks passed without a copy
@@ -187,6 +197,28 @@ class UpstreamConnection(asyncio.Protocol):
                 transport.writelines(out)
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
+        elif self.mode == _RAW and self.remaining < 0 and self.head_done:
+            # A Content-Length body longer than one read: count the rest instead of feeding
+            # llhttp, which would copy every chunk into a new bytes object for on_body.
+            low = self._low_head
+            i = low.find(b"\r\ncontent-length:")
+            j = low.find(b"\r\n", i + 2)
+            length = int(low[i + 17 : j if j >= 0 else len(low)].strip(b" \t"))
+            self.remaining = length - self._received
+            self.parser = httptools.HttpResponseParser(self)  # the old one expects the body
+
+    def _count(self, data: bytes, out: list[bytes]) -> bool:
+        """Forward counted body bytes; True when bytes beyond the body arrived."""
+        n = len(data)
+        if n < self.remaining:
+            out.append(data)
+            self.remaining -= n
+            return False
+        out.append(data if n == self.remaining else data[: self.remaining])
+        stray = n > self.remaining
+        self.remaining = -1
+        self.complete = True
+        return stray
 
     def _feed_head_only(self) -> bool:
         """Feed a HEAD response's head(s) and nothing after; True when bytes follow it."""
@@ -262,6 +294,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         no_body = ex.is_head or status in (204, 304)
         if has_cl or no_body:
+            self._low_head = low  # Content-Length is read from it only if the body is long
             self.mode = _NONE if no_body else _RAW
             tail = b""
         else:
@@ -296,6 +329,7 @@ class UpstreamConnection(asyncio.Protocol):
         mode = self.mode
         if mode == _RAW:
             self.out.append(body)
+            self._received += len(body)
         elif mode == _CHUNK:
             self.out += (b"%x\r\n" % len(body), body, CRLF)
 
@@ -318,6 +352,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = self.head_done = self.interim = self.got_bytes = self.keep = False
         self.close_delimited = False
         self.mode = _NONE
+        self._received = 0
         ctx = self.ctx
         ctx.upstreams.add(self)
         transport = self.transport
