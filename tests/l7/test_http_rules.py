@@ -91,3 +91,26 @@ def test_route_host_must_match_when_named() -> None:
     r = Route(frozenset({b"a.test"}), b"/", "g")
     assert r.matches(b"a.test", b"/")
     assert not r.matches(b"b.test", b"/")
+
+
+def test_strip_hop_fields_removes_hop_and_nominated_keeps_framing() -> None:
+    block = (
+        b"\r\nServer: x\r\nConnection: X-Secret, keep-alive\r\nX-Secret: s\r\n"
+        b"Keep-Alive: timeout=5\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked"
+        b"\r\nX-Keep: 1"
+    )
+    out, te = http.strip_hop_fields(block, block.lower())
+    assert out == b"\r\nServer: x\r\nX-Keep: 1"
+    assert te == b"gzip,chunked"
+
+
+def test_strip_hop_fields_cannot_drop_content_length() -> None:
+    block = b"\r\nConnection: content-length\r\nContent-Length: 2"
+    out, te = http.strip_hop_fields(block, block.lower())
+    assert out == b"\r\nContent-Length: 2"
+    assert te is None
+
+
+def test_response_scan_finds_special_fields_in_order() -> None:
+    low = b"\r\ncontent-length: 2\r\nx-connection: no\r\nconnection: keep-alive"
+    assert http.RESPONSE_SCAN_RE.findall(low) == http.CL_CONNECTION
