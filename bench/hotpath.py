@@ -63,8 +63,10 @@ class FakeTransport:
 
 async def main(n: int) -> None:
     config = parse_config(
-        {"listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
-         "upstreams": {"u": {"backends": ["http://127.0.0.1:1", "http://127.0.0.1:2"]}}}
+        {
+            "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
+            "upstreams": {"u": {"backends": ["http://127.0.0.1:1", "http://127.0.0.1:2"]}},
+        }
     )
     import random
 

@@ -46,7 +46,14 @@ CPU_LOAD = "0"  # backends and wrk
 CPU_PROXY = "1"  # the system under test
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEMS = ("poise", "nginx", "haproxy")
-SYSTEM_LABELS = {"poise": "poise", "nginx": "nginx", "haproxy": "HAProxy"}
+# optional: the minimal unhardened Python proxy, a ceiling for what Python costs (not default)
+EXTRA_SYSTEMS = ("ceiling",)
+SYSTEM_LABELS = {
+    "poise": "poise",
+    "nginx": "nginx",
+    "haproxy": "HAProxy",
+    "ceiling": "ceiling (minimal Python proxy)",
+}
 
 
 @dataclass(frozen=True)
@@ -546,6 +553,9 @@ def start_system(env: Env, system: str, logname: str) -> subprocess.Popen[bytes]
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, CPU_PROXY, cwd=REPO, env=penv)
+    if system == "ceiling":
+        argv = [sys.executable, str(BENCH_DIR / "ceiling_proxy.py"), str(port), *map(str, backends)]
+        return env.procs.start(logname, argv, CPU_PROXY)
     if system == "nginx":
         if not shutil.which("nginx"):
             raise BenchError("nginx is not installed (apt-get install -y nginx-light)")
@@ -797,7 +807,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=8, help="measured seconds (default 8)")
     p.add_argument("--warmup", type=float, default=2, help="warm-up seconds, 0 = none (default 2)")
     p.add_argument(
-        "--systems", default=",".join(SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS)
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma list of: " + ", ".join(SYSTEMS + EXTRA_SYSTEMS),
     )
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results directory")
     p.add_argument(
@@ -810,7 +822,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in args.scenario_list if s not in SCENARIOS]
-    bad += [s for s in args.system_list if s not in SYSTEMS]
+    bad += [s for s in args.system_list if s not in SYSTEMS + EXTRA_SYSTEMS]
     if bad or not args.scenario_list or not args.system_list:
         p.error(f"unknown or empty scenarios/systems: {bad}")
     if args.duration < 1:
