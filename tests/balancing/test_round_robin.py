@@ -23,11 +23,11 @@ def backends(n: int) -> list[Backend]:
 @given(n=st.integers(1, 50), rounds=st.integers(1, 20), seed=st.integers(0, 2**32))
 def test_exact_fairness_over_whole_rounds(n: int, rounds: int, seed: int) -> None:
     rr = RoundRobin(backends(n), random.Random(seed))
-    picks = Counter(next(rr.candidates()).id for _ in range(n * rounds))
+    picks = Counter(next(iter(rr.candidates())).id for _ in range(n * rounds))
     assert set(picks.values()) == {rounds}
 
 
-@given(n=st.integers(1, 30), seed=st.integers(0, 2**32))
+@given(n=st.integers(1, 150), seed=st.integers(0, 2**32))
 def test_candidates_yield_each_backend_once_in_ring_order(n: int, seed: int) -> None:
     bs = backends(n)
     rr = RoundRobin(bs, random.Random(seed))
@@ -40,7 +40,7 @@ def test_candidates_yield_each_backend_once_in_ring_order(n: int, seed: int) -> 
 
 def test_consecutive_calls_start_one_further() -> None:
     rr = RoundRobin(backends(4), random.Random(1))
-    starts = [next(rr.candidates()).index for _ in range(8)]
+    starts = [next(iter(rr.candidates())).index for _ in range(8)]
     assert all((b - a) % 4 == 1 for a, b in itertools.pairwise(starts))
 
 

@@ -13,7 +13,7 @@ health change never rebuilds (or resets) a picker.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from poise.balancing.round_robin import RoundRobin
@@ -24,8 +24,9 @@ __all__ = ["POLICIES", "Picker", "RoundRobin", "build"]
 
 
 class Picker(Protocol):
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
-        """Every backend at most once, best first."""
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        """Every backend at most once, best first. Iterated lazily by the caller, which
+        usually stops at the first usable one."""
         ...
 
 

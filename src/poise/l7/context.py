@@ -64,7 +64,6 @@ class Context:
         "table",
         "tasks",
         "upstream_response_timeout",
-        "upstreams",
         "x_forwarded",
         "x_forwarded_server",
     )
@@ -91,7 +90,6 @@ class Context:
             for name, group in table.groups.items()
         }
         self.clients: set[ClientConnection] = set()
-        self.upstreams: set[UpstreamConnection] = set()  # busy ones, for timeouts
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
         self.date = DateCache()
@@ -123,10 +121,16 @@ class Context:
         self.now = now = self.loop.time()
         self.date.refresh()
         try:
-            for client in [c for c in self.clients if c.deadline < now]:
-                client.on_timeout()
-            for up in [u for u in self.upstreams if u.deadline < now]:
-                up.on_timeout()
+            expired: list[ClientConnection | UpstreamConnection] = []
+            for c in self.clients:
+                if c.deadline < now:
+                    expired.append(c)
+                elif c.queue:
+                    up = c.queue[0].upstream  # only the head of the queue has an upstream
+                    if up is not None and up.deadline < now:
+                        expired.append(up)
+            for conn in expired:
+                conn.on_timeout()
             for pools in self.pools.values():
                 for pool in pools:
                     if pool.idle:
@@ -150,7 +154,6 @@ class Context:
         return {
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
-            "busy_upstreams": len(self.upstreams),
             "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
         }
 

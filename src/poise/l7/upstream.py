@@ -126,7 +126,6 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
-        self.ctx.upstreams.discard(self)
         client = self.client
         self.ex = self.client = None
         assert client is not None
@@ -343,7 +342,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange lifecycle (called by ClientConnection) -----------------------------------
 
-    def start(self, ex: Exchange, client: ClientConnection, body: list[bytes] | None) -> None:
+    def start(self, ex: Exchange, client: ClientConnection, body: tuple[bytes, ...] | None) -> None:
         self.ex = ex
         self.client = client
         # per-response state (see _reset), inlined: this runs once per request
@@ -354,7 +353,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.mode = _NONE
         self._received = 0
         ctx = self.ctx
-        ctx.upstreams.add(self)
         transport = self.transport
         assert transport is not None
         if body:
@@ -384,7 +382,6 @@ class UpstreamConnection(asyncio.Protocol):
     def abandon(self) -> None:
         """The client is gone or its request broke mid-way: this connection's state is unknown."""
         self.ex = self.client = None
-        self.ctx.upstreams.discard(self)
         self.close()
 
     def close(self) -> None:
@@ -399,7 +396,6 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None or client is None:
             return
         self.ex = self.client = None
-        self.ctx.upstreams.discard(self)
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
@@ -408,7 +404,6 @@ class UpstreamConnection(asyncio.Protocol):
     def _release(self, ex: Exchange, client: ClientConnection, *, reusable: bool) -> None:
         self.ex = self.client = None
         ctx = self.ctx
-        ctx.upstreams.discard(self)
         self.deadline = _INF
         if (
             reusable
@@ -430,7 +425,6 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         log.warning("backend %s sent a malformed response: %s", self.backend.authority, exc)
         self.ex = self.client = None
-        self.ctx.upstreams.discard(self)
         self.close()
         if self.complete:
             # The response itself was whole; what followed it was not ours to forward.
