@@ -43,6 +43,7 @@ log = logging.getLogger("poise.proxy")
 
 CRLF = b"\r\n"
 _INF = float("inf")
+COUNT_FROM = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
 
 # how a response body travels to the client
 _NONE = 0
@@ -54,8 +55,20 @@ class BadResponse(Exception):
     """Raised inside a parser callback: the backend broke HTTP/1.1."""
 
 
+class _CountBody(Exception):
+    """Raised by on_headers_complete to stop llhttp before a large Content-Length body."""
+
+
+def _content_length(low_block: bytes) -> int:
+    i = low_block.find(b"\r\ncontent-length:")
+    j = low_block.find(b"\r\n", i + 2)
+    return int(low_block[i + 17 : j if j >= 0 else len(low_block)].strip(b" \t"))
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_body_from",
+        "_body_src",
         "_head_start",
         "_headbuf",
         "_low_head",
@@ -94,10 +107,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self.reused = False
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self._reset()
 
     def _reset(self) -> None:
+        self._body_src = b""
+        self._body_from = 0
         self._low_head = b""
         self._received = 0
         self.remaining = -1  # Content-Length body bytes still to forward; -1: not counting
@@ -157,7 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         ctx = self.ctx
         self.deadline = ctx.now + ctx.upstream_response_timeout
-        out = self.out = []
+        out: list[bytes | memoryview] = []
+        self.out = out
         client = self.client
         assert client is not None
         stray = False
@@ -179,34 +195,29 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.parser.feed_data(data)
         except (httptools.HttpParserError, BadResponse) as exc:
-            self._broken(ex, client, out, exc)
-            return
-        if self.remaining >= 0:
-            stray = self._count(data, out)
+            if not isinstance(exc.__context__, _CountBody):
+                self._broken(ex, client, out, exc)
+                return
+            # on_headers_complete stopped llhttp before a large Content-Length body: forward
+            # the rest of this read as a view (no copy) and count from here on.
+            self.parser = httptools.HttpResponseParser(self)
+            body = memoryview(self._body_src)[self._body_from :]
+            self._body_src = b""
+            stray = self._count(body, out)
+        else:
+            if self.remaining >= 0:
+                stray = self._count(data, out)
         if out and not client.closed:
-            # one write per read: small pieces joined (cheaper than a writev), large body
-            # chunks passed without a copy
-            transport = client.transport
-            assert transport is not None
-            if len(out) == 1:
-                transport.write(out[0])
-            elif len(out[-1]) < 16384:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
+            _send(client.transport, out)  # type: ignore[arg-type]
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
         elif self.mode == _RAW and self.remaining < 0 and self.head_done:
             # A Content-Length body longer than one read: count the rest instead of feeding
             # llhttp, which would copy every chunk into a new bytes object for on_body.
-            low = self._low_head
-            i = low.find(b"\r\ncontent-length:")
-            j = low.find(b"\r\n", i + 2)
-            length = int(low[i + 17 : j if j >= 0 else len(low)].strip(b" \t"))
-            self.remaining = length - self._received
+            self.remaining = _content_length(self._low_head) - self._received
             self.parser = httptools.HttpResponseParser(self)  # the old one expects the body
 
-    def _count(self, data: bytes, out: list[bytes]) -> bool:
+    def _count(self, data: bytes | memoryview, out: list[bytes | memoryview]) -> bool:
         """Forward counted body bytes; True when bytes beyond the body arrived."""
         n = len(data)
         if n < self.remaining:
@@ -323,6 +334,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep = self.parser.should_keep_alive()
         self.head_done = True
         ex.response_started = True
+        self._headbuf = b""  # do not pin a large first read for the whole response
+        if self.mode == _RAW and len(buf) - end > COUNT_FROM:
+            # Much body follows in this very read: stop llhttp here so it does not copy it
+            # into a new bytes object for on_body (data_received continues from end + 4).
+            self.remaining = _content_length(low)
+            self._body_src = buf
+            self._body_from = end + 4
+            raise _CountBody
 
     def on_body(self, body: bytes) -> None:
         mode = self.mode
@@ -421,7 +440,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.response_complete(ex)
 
     def _broken(
-        self, ex: Exchange, client: ClientConnection, out: list[bytes], exc: Exception
+        self, ex: Exchange, client: ClientConnection, out: list[bytes | memoryview], exc: Exception
     ) -> None:
         log.warning("backend %s sent a malformed response: %s", self.backend.authority, exc)
         self.ex = self.client = None
@@ -440,7 +459,7 @@ class UpstreamConnection(asyncio.Protocol):
         return f"UpstreamConnection({self.backend.authority}, {state})"
 
 
-def _send(transport: asyncio.Transport, out: list[bytes]) -> None:
+def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
     """One write per read. Small pieces are joined (one contiguous buffer is cheaper than a
     writev); large body chunks go as they are, without a copy."""
     if len(out) == 1:
