@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -534,6 +535,8 @@ class Measurement:
     pids: list[int] = field(default_factory=list)
     warmup: dict[str, Any] | None = None
     wrk_output: str | None = None
+    round: int = 0
+    rounds_ok: int = 1  # in a median row: how many rounds succeeded
 
 
 @dataclass
@@ -733,6 +736,38 @@ def _ms_fmt(value: float | None) -> str:
     return f"{value * 1e3:.0f} µs" if value < 1 else f"{value:.2f} ms"
 
 
+def median_of(ms: list[Measurement]) -> Measurement:
+    """One row from several rounds of one system: medians of rps, latency and CPU per
+    request (this machine is shared: a single round can be hit by a neighbour's burst), the
+    worst RSS figures and the sum of errors."""
+    ok = [m for m in ms if m.ok]
+    if not ok:
+        return ms[-1]
+
+    def med(values: list[float | None]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return statistics.median(vals) if vals else None
+
+    row = Measurement(system=ok[0].system, scenario=ok[0].scenario, ok=True)
+    row.rps = med([m.rps for m in ok])
+    row.requests = sum(m.requests or 0 for m in ok)
+    row.latency_ms = {
+        k: v for k in ("50", "75", "90", "99")
+        if (v := med([m.latency_ms.get(k) for m in ok])) is not None
+    }  # fmt: skip
+    row.cpu_us_per_req = med([m.cpu_us_per_req for m in ok])
+    row.peak_rss_kib = max((m.peak_rss_kib or 0) for m in ok)
+    row.rss_growth_kib = max((m.rss_growth_kib or 0) for m in ok)
+    row.errors = sum(m.errors or 0 for m in ms)
+    row.non_2xx_3xx = sum(m.non_2xx_3xx or 0 for m in ms)
+    row.socket_errors = {}
+    for m in ms:
+        for k, v in m.socket_errors.items():
+            row.socket_errors[k] = row.socket_errors.get(k, 0) + v
+    row.rounds_ok = len(ok)
+    return row
+
+
 def table(scenario: Scenario, rows: list[Measurement]) -> str:
     by = {r.system: r for r in rows if r.ok}
     ref = {k: by[k].rps if k in by else None for k in ("nginx", "haproxy")}
@@ -811,6 +846,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(SYSTEMS),
         help="comma list of: " + ", ".join(SYSTEMS + EXTRA_SYSTEMS),
     )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds per scenario; medians shown (default 3)"
+    )
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results directory")
     p.add_argument(
         "--backend",
@@ -845,7 +883,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load1 = float((info["loadavg_start"] or "0").split()[0])
     if load1 > 0.5:
         log(f"WARNING: load average {info['loadavg_start']} before starting: the box is busy")
-    results: list[Measurement] = []
+    results: list[Measurement] = []  # per scenario and system: the median of the rounds
+    rounds: list[Measurement] = []  # every single measurement
     try:
         with workspace() as (tmp, procs):
             env = Env(tmp, procs, free_port(), [free_port() for _ in range(3)])
@@ -856,9 +895,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"backends ({kind}) on {env.backend_ports}; front port {env.front_port}")
             for name in args.scenario_list:
                 scenario = SCENARIOS[name]
-                log(f"scenario {name}")
+                systems = list(args.system_list)
+                for rnd in range(args.rounds):
+                    log(f"scenario {name}, round {rnd + 1}/{args.rounds}")
+                    for system in systems:
+                        m = measure(env, system, scenario, args.duration, args.warmup)
+                        m.round = rnd + 1
+                        rounds.append(m)
+                    systems = systems[1:] + systems[:1]  # rotate: no system always goes first
                 for system in args.system_list:
-                    results.append(measure(env, system, scenario, args.duration, args.warmup))
+                    results.append(
+                        median_of([r for r in rounds if r.scenario == name and r.system == system])
+                    )
     except KeyboardInterrupt:
         log("interrupted; all processes stopped")
         return 130
@@ -871,7 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {info['python']}; {info['nginx']}; {info['haproxy']}; {info['wrk']}; "
         f"backends: {info['backend']}; commit {info['git_commit'] or 'none'}; "
         f"load average {info['loadavg_start']} at start, {info['loadavg_end']} at end; "
-        f"warm-up {args.warmup:g}s, measured {args.duration:g}s; "
+        f"warm-up {args.warmup:g}s, measured {args.duration:g}s, {args.rounds} round(s) with "
+        "the systems in rotating order, medians shown; "
         f"proxy on cpu{CPU_PROXY}, backends + wrk on cpu{CPU_LOAD}"
         + ("" if procs.pin else " (NOT pinned)"),
         "",
@@ -893,10 +942,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "backend": args.backend,
+            "rounds": args.rounds,
         },
         "machine": info,
         "scenarios": {name: asdict(SCENARIOS[name]) for name in args.scenario_list},
         "results": [asdict(r) for r in results],
+        "rounds": [asdict(r) for r in rounds],
     }
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     (out / "latest.md").write_text(markdown)
