@@ -64,12 +64,18 @@ def address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def exchange(url: str, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send raw bytes to the proxy, read until EOF (or timeout), return what came back."""
+async def exchange(url: str, data: bytes, *, timeout: float = 5.0, bytewise: bool = False) -> bytes:
+    """Send raw bytes to the proxy (all at once, or one byte per write with ``bytewise``),
+    read until EOF (or timeout), return what came back."""
     host, port = address(url)
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(data)
+        if bytewise:
+            for i in range(len(data)):
+                writer.write(data[i : i + 1])
+                await writer.drain()
+        else:
+            writer.write(data)
         chunks = []
         async with asyncio.timeout(timeout):
             while chunk := await reader.read(65536):

@@ -274,16 +274,7 @@ async def test_framing_doubts_rejected_whole_and_byte_by_byte(
         doc = full([backend.url], health={"enabled": False})
         async with running(doc) as (_, url):
             whole = await exchange(url, request_bytes)
-            host, port = address(url)
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                for i in range(len(request_bytes)):
-                    writer.write(request_bytes[i : i + 1])
-                    await writer.drain()
-                async with asyncio.timeout(5):
-                    split = await reader.read()
-            finally:
-                writer.close()
+            split = await exchange(url, request_bytes, bytewise=True)
     for answer in (whole, split):
         assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:60]
         assert b"Connection: close" in answer
@@ -299,14 +290,7 @@ async def test_valid_request_fed_byte_by_byte_is_proxied() -> None:
                 b"Connection: close\r\n\r\n"
                 b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
             )
-            host, port = address(url)
-            reader, writer = await asyncio.open_connection(host, port)
-            for i in range(len(data)):
-                writer.write(data[i : i + 1])
-                await writer.drain()
-            async with asyncio.timeout(5):
-                answer = await reader.read()
-            writer.close()
+            answer = await exchange(url, data, bytewise=True)
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\nabcde")
     assert backend.requests[-1].body == b"abcde"
