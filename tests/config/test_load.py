@@ -582,7 +582,7 @@ def test_unknown_key_hint_ignores_case_and_separators() -> None:
         "upstreams.api.healthCheck: unknown key (did you mean 'health_check'?)"
     ]
     assert problems_of({**minimal(), "colour": 1}) == [
-        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, log)"
+        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, log)"
     ]
 
 
@@ -884,3 +884,37 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(SEED).encode())
     assert load_config(path).listeners[0].port == 8080
+
+
+def test_limits_proxy_trust_and_body_timeout_sections() -> None:
+    config = parse_config(
+        {
+            "port": ":8080",
+            "servers": ["http://127.0.0.1:1"],
+            "limits": {"max_body_size": 1000, "max_connections": 5},
+            "proxy": {"trusted_proxies": ["10.0.0.0/8", "::1"], "forwarded": True, "via": True},
+            "timeouts": {"client_body": "5s"},
+        }
+    )
+    assert config.limits.max_body_size == 1000
+    assert config.limits.max_connections == 5
+    assert config.limits.max_header_bytes == 64 * 1024
+    assert config.proxy.trusted_proxies == ("10.0.0.0/8", "::1/128")
+    assert config.proxy.forwarded and config.proxy.via
+    assert config.timeouts.client_body == 5.0
+
+
+def test_bad_limits_and_trusted_proxies_are_reported_with_paths() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(
+            {
+                "port": ":8080",
+                "servers": ["http://127.0.0.1:1"],
+                "limits": {"max_header_bytes": 10, "max_body_size": -1},
+                "proxy": {"trusted_proxies": ["10.0.0.0/33"]},
+            }
+        )
+    problems = exc.value.problems
+    assert any(p.startswith("limits.max_header_bytes: must be at least 1024") for p in problems)
+    assert any(p.startswith("limits.max_body_size: must be at least 0") for p in problems)
+    assert any(p.startswith("proxy.trusted_proxies: not an address") for p in problems)

@@ -7,6 +7,7 @@ message; :class:`Checker` turns that message into a problem prefixed by the valu
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
@@ -73,6 +74,19 @@ def int_in(low: int, high: int | None = None) -> Callable[[object], int]:
         return value
 
     return check
+
+
+def check_cidrs(value: object) -> tuple[str, ...]:
+    """A list of addresses or networks ("10.0.0.0/8", "::1"), normalised."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of addresses or CIDR networks, e.g. ['10.0.0.0/8']")
+    out = []
+    for v in value:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"not an address or CIDR network: {v!r}") from None
+    return tuple(out)
 
 
 def check_weight(value: object) -> int:

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from poise.config.checks import (
     Checker,
     check_bool,
+    check_cidrs,
     check_host_header,
     check_method,
     check_name,
@@ -32,6 +33,7 @@ from poise.config.model import (
     BackendConfig,
     Config,
     HealthCheckConfig,
+    LimitsConfig,
     ListenerConfig,
     LogConfig,
     PolicyConfig,
@@ -61,7 +63,7 @@ __all__ = [
 
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
-_SHARED_KEYS = ("timeouts", "proxy", "log")
+_SHARED_KEYS = ("timeouts", "proxy", "limits", "log")
 _LISTENER_KEYS = ("name", "listen", "routes", "upstream")
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = ("backends", "policy", "health_check", "pool")
@@ -79,8 +81,16 @@ _HEALTH_KEYS = (
     "fall",
 )
 _POOL_KEYS = ("max_idle", "idle_timeout")
-_TIMEOUT_KEYS = ("client_header", "client_idle", "upstream_connect", "upstream_response", "drain")
-_PROXY_KEYS = ("x_forwarded", "x_forwarded_server")
+_TIMEOUT_KEYS = (
+    "client_header",
+    "client_idle",
+    "client_body",
+    "upstream_connect",
+    "upstream_response",
+    "drain",
+)
+_PROXY_KEYS = ("x_forwarded", "x_forwarded_server", "trusted_proxies", "forwarded", "via")
+_LIMIT_KEYS = ("max_header_bytes", "max_headers", "max_target", "max_body_size", "max_connections")
 _LOG_KEYS = ("level", "format")
 
 _POLICIES = {"round_robin": "round_robin", "roundrobin": "round_robin", "rr": "round_robin"}
@@ -132,6 +142,7 @@ def _document(c: Checker, data: object, source: str | None) -> Config | None:
         upstreams=MappingProxyType(upstreams),
         timeouts=_timeouts(c, doc.get("timeouts"), "timeouts"),
         proxy=_proxy(c, doc.get("proxy"), "proxy"),
+        limits=_limits(c, doc.get("limits"), "limits"),
         log=_log(c, doc.get("log"), "log"),
         source=source,
     )
@@ -465,7 +476,23 @@ def _proxy(c: Checker, value: object, path: str) -> ProxyConfig:
         x_forwarded_server=c.field(
             obj, "x_forwarded_server", path, check_bool, default.x_forwarded_server
         ),
+        trusted_proxies=c.field(obj, "trusted_proxies", path, check_cidrs, ()),
+        forwarded=c.field(obj, "forwarded", path, check_bool, default.forwarded),
+        via=c.field(obj, "via", path, check_bool, default.via),
     )
+
+
+def _limits(c: Checker, value: object, path: str) -> LimitsConfig:
+    default = LimitsConfig()
+    obj = c.mapping(value, path, _LIMIT_KEYS) if value is not None else None
+    if obj is None:
+        return default
+    lowest = {"max_header_bytes": 1024, "max_headers": 1, "max_target": 16}
+    values = {
+        key: c.field(obj, key, path, int_in(lowest.get(key, 0)), getattr(default, key))
+        for key in _LIMIT_KEYS
+    }
+    return LimitsConfig(**values)
 
 
 def _log(c: Checker, value: object, path: str) -> LogConfig:

@@ -77,12 +77,27 @@ class TimeoutConfig:
     upstream_connect: float = 3.0
     upstream_response: float = 60.0  # request fully sent -> response head received
     drain: float = 30.0  # graceful shutdown: in-flight requests get this long
+    client_body: float = 60.0  # longest silence while a request body is being received
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     x_forwarded: bool = True  # set X-Forwarded-For / -Proto / -Host
     x_forwarded_server: bool = False  # seed behaviour: response header naming the backend
+    # Peers (CIDRs) whose X-Forwarded-* are believed. From them, X-Forwarded-For is appended
+    # to and X-Forwarded-Proto/-Host kept; from anyone else all three are replaced.
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded: bool = False  # also send RFC 7239 Forwarded: for=..;proto=..;host=..
+    via: bool = False  # add "Via: 1.1 poise" to requests and responses
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_bytes: int = 64 * 1024  # request line + header fields; beyond -> 431
+    max_headers: int = 100  # header fields; beyond -> 431
+    max_target: int = 8192  # request-target bytes; beyond -> 414
+    max_body_size: int = 0  # request body bytes; beyond -> 413 (0 = no limit)
+    max_connections: int = 10000  # client connections per worker; beyond -> 503 and close
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,5 +116,6 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=_empty_upstreams)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None  # file it was loaded from, for messages

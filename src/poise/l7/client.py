@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("poise.proxy")
 
 CRLF = b"\r\n"
-MAX_TARGET = 8192
-MAX_HEADERS = 100
 LINGER = 2.0  # seconds to drain a client after an error response before closing
 QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF = float("inf")
@@ -82,6 +80,7 @@ class Exchange:
     has_body = False
     pending: tuple[bytes, ...] = ()  # body pieces held until an upstream is attached
     pending_bytes = 0
+    body_bytes = 0  # counted only when a body size limit is set
     request_done = False
     response_done = False
     response_started = False
@@ -101,6 +100,9 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_cl",
         "_conn_tokens",
+        "_fwd",
+        "_head_raw",
+        "_head_size",
         "_headers",
         "_n_headers",
         "_te",
@@ -110,12 +112,14 @@ class ClientConnection(asyncio.Protocol):
         "cur",
         "deadline",
         "forwarded",
+        "in_body",
         "listener",
         "parser",
         "paused",
         "peer",
         "queue",
         "transport",
+        "trusted",
         "write_paused",
     )
 
@@ -138,6 +142,11 @@ class ClientConnection(asyncio.Protocol):
         self._cl: bytes | None = None
         self._te: bytes | None = None
         self._conn_tokens: list[bytes] | None = None
+        self._fwd: list[tuple[bytes, bytes, bytes]] | None = None  # client X-Forwarded-*, ...
+        self._head_size = 0  # bytes of the current request head, as parsed
+        self._head_raw = 0  # bytes received while not in a body (a guard, see data_received)
+        self.in_body = False
+        self.trusted = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -149,12 +158,20 @@ class ClientConnection(asyncio.Protocol):
         ctx.clients.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
+        self.trusted = ctx.is_trusted(self.peer.decode("ascii"))
         # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request.
         self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.now + ctx.client_header_timeout
         if ctx.draining:
             self.close()
+        elif len(ctx.clients) > ctx.limits.max_connections:
+            # Refuse politely rather than let accept() pressure hurt everyone in flight.
+            ctx.stats.connections_refused += 1
+            transport.write(
+                http.error_response(503, "Too many connections", ctx.date.value, close=True)
+            )
+            self._linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -194,6 +211,13 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             return
+        if not self.in_body:
+            # httptools buffers an unfinished header field itself: stop a head that never
+            # ends before it costs memory (the precise count is in on_url/on_header).
+            self._head_raw += len(data)
+            if self._head_raw > self.ctx.limits.max_header_bytes and b"\r\n\r\n" not in data:
+                self._reject(431, "Request Header Fields Too Large")
+                return
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -223,9 +247,11 @@ class ClientConnection(asyncio.Protocol):
         self.cur = Exchange()
         self._headers = []
         self._n_headers = 0
+        self._head_size = 0
         self._cl = None
         self._te = None
         self._conn_tokens = None
+        self._fwd = None
         if not self.queue:
             self.deadline = self.ctx.now + self.ctx.client_header_timeout
 
@@ -233,12 +259,14 @@ class ClientConnection(asyncio.Protocol):
         ex = self.cur
         assert ex is not None
         ex.target += url
-        if len(ex.target) > MAX_TARGET:
+        if len(ex.target) > self.ctx.limits.max_target:
             raise Reject(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._n_headers += 1
-        if self._n_headers > MAX_HEADERS:
+        self._head_size += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        if self._n_headers > limits.max_headers or self._head_size > limits.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
         lname = name.lower()
         kind = http.REQUEST_HEADER_KIND.get(lname)
@@ -268,8 +296,10 @@ class ClientConnection(asyncio.Protocol):
         elif kind == http.CONNECTION:
             tokens = http.connection_tokens(value)
             self._conn_tokens = tokens if self._conn_tokens is None else self._conn_tokens + tokens
-        elif kind == http.FORWARDED and not self.ctx.x_forwarded:
-            self._headers += (name, b": ", value, CRLF)
+        elif kind == http.FORWARDED:
+            if self._fwd is None:
+                self._fwd = []
+            self._fwd.append((lname, name, value))
         # HOP: dropped
 
     def on_headers_complete(self) -> None:
@@ -311,26 +341,39 @@ class ClientConnection(asyncio.Protocol):
         elif self._cl is not None:
             ex.has_body = self._cl.strip(b"0") != b""
             framing = b"Content-Length: " + self._cl + CRLF
+            max_body = self.ctx.limits.max_body_size
+            if max_body and int(self._cl) > max_body:
+                raise Reject(413, "Content Too Large")
         else:
             framing = b""
+        if not target.isascii() or b"\\" in target or b"#" in target:
+            # Raw non-ASCII, backslashes and fragments are read differently by different
+            # servers; what poise routes on must be what the backend sees (HTTP-RULES.md).
+            raise Reject(400, "Bad Request")
 
         host = ex.host
-        if host and self.ctx.x_forwarded:
+        ctx = self.ctx
+        if ex.has_body:
+            self.in_body = True
+            self._head_raw = 0
+            self.deadline = ctx.now + ctx.client_body_timeout
+        else:
+            self.deadline = _INF
+        if self._fwd is not None or ctx.forwarded or ctx.via or not ctx.x_forwarded:
+            ex.head = b"".join(
+                (method, b" ", target, b" HTTP/1.1\r\n", *self._forwarding(host, headers),
+                 framing, CRLF)
+            )  # fmt: skip
+        elif host:
             ex.head = b"".join(
                 (method, b" ", target, b" HTTP/1.1\r\nHost: ", host, CRLF, *headers,
                  self.forwarded, b"X-Forwarded-Host: ", host, CRLF, framing, CRLF)
             )  # fmt: skip
-        else:
-            parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-            if host:
-                parts += (b"Host: ", host, CRLF)
-            parts += headers
-            if self.ctx.x_forwarded:
-                parts.append(self.forwarded)
-            parts += (framing, CRLF)
-            ex.head = b"".join(parts)
-        self.ctx.stats.requests += 1
-        self.deadline = _INF
+        else:  # HTTP/1.0 without Host
+            ex.head = b"".join((method, b" ", target, b" HTTP/1.1\r\n", *headers,
+                                self.forwarded, framing, CRLF))  # fmt: skip
+        ctx.stats.requests += 1
+        self._head_raw = 0
         self.queue.append(ex)
         if len(self.queue) > 32:
             self._pause(_PAUSE_QUEUE)  # a pipelining client far ahead of its responses
@@ -338,6 +381,12 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.cur
         assert ex is not None
+        ctx = self.ctx
+        self.deadline = ctx.now + ctx.client_body_timeout
+        if ctx.limits.max_body_size:
+            ex.body_bytes += len(body)
+            if ex.body_bytes > ctx.limits.max_body_size:
+                raise Reject(413, "Content Too Large")
         if ex.response_done:
             return  # answered early (an error); the rest of the body is read and dropped
         if ex.chunked:
@@ -357,6 +406,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self.cur
         assert ex is not None
         self.cur = None
+        if self.in_body:
+            self.in_body = False
+            self.deadline = _INF
         ex.request_done = True
         if ex.chunked and not ex.response_done:
             if ex.upstream is not None:
@@ -369,6 +421,44 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
 
     # -- exchange lifecycle ----------------------------------------------------------------
+
+    def _forwarding(self, host: bytes, headers: list[bytes]) -> list[bytes]:
+        """Host, the client's fields, then the forwarding fields (the general path).
+
+        From an untrusted peer X-Forwarded-* and Forwarded are replaced; from a trusted proxy
+        (``proxy.trusted_proxies``) X-Forwarded-For and Forwarded are appended to, and
+        X-Forwarded-Proto/-Host kept. With ``x_forwarded`` off the client's X-Forwarded-* pass
+        through untouched (someone else owns them)."""
+        ctx = self.ctx
+        out = [b"Host: ", host, CRLF] if host else []
+        out += headers
+        got: dict[bytes, bytes] = {}
+        for lname, name, value in self._fwd or ():
+            if not ctx.x_forwarded and (lname != b"forwarded" or not ctx.forwarded):
+                out += (name, b": ", value, CRLF)  # not ours to judge: passed through
+            elif lname in got:
+                got[lname] += b", " + value
+            else:
+                got[lname] = value
+        if not self.trusted:
+            got = {}
+        if ctx.x_forwarded:
+            xff = got.get(b"x-forwarded-for")
+            out += (b"X-Forwarded-For: ", xff + b", " + self.peer if xff else self.peer, CRLF)
+            out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", b"http"), CRLF)
+            fhost = got.get(b"x-forwarded-host", host)
+            if fhost:
+                out += (b"X-Forwarded-Host: ", fhost, CRLF)
+        if ctx.forwarded:
+            node = b'"[' + self.peer + b']"' if b":" in self.peer else self.peer
+            element = b"for=" + node + b";proto=http"
+            if host:
+                element += b';host="' + host + b'"'
+            prior = got.get(b"forwarded")
+            out += (b"Forwarded: ", prior + b", " + element if prior else element, CRLF)
+        if ctx.via:
+            out.append(b"Via: 1.1 poise\r\n")
+        return out
 
     def _origin_form(self, ex: Exchange, method: bytes, target: bytes) -> bytes:
         """Absolute-form (RFC 9112 §3.2.2): route and forward by the URI's authority."""
@@ -627,7 +717,19 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.ctx.stats.client_timeouts += 1
-        if self.cur is not None and not self.queue:
+        if self.in_body and self.queue and not self.queue[-1].response_started:
+            # A request body that stopped arriving (slow POST): answer if nothing was sent.
+            ex = self.queue[-1]
+            up = ex.upstream
+            if up is not None:
+                ex.upstream = None
+                up.abandon()
+            if len(self.queue) == 1:
+                assert self.transport is not None
+                self.transport.write(
+                    http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
+                )
+        elif self.cur is not None and not self.queue:
             # A request head that did not arrive in time (slowloris).
             assert self.transport is not None
             self.transport.write(

@@ -9,6 +9,7 @@ accurate to about one tick, which is what proxies need, and cost O(connections) 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ class Stats:
     """Plain integer counters; exported on demand, never formatted on the hot path."""
 
     connections_accepted: int = 0
+    connections_refused: int = 0
     requests: int = 0
     responses: int = 0
     bad_requests: int = 0
@@ -51,19 +53,24 @@ class Stats:
 class Context:
     __slots__ = (
         "_ticker",
+        "client_body_timeout",
         "client_header_timeout",
         "client_idle_timeout",
         "clients",
         "config",
         "date",
         "draining",
+        "forwarded",
+        "limits",
         "loop",
         "now",
         "pools",
         "stats",
         "table",
         "tasks",
+        "trusted",
         "upstream_response_timeout",
+        "via",
         "x_forwarded",
         "x_forwarded_server",
     )
@@ -75,6 +82,11 @@ class Context:
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
+        self.client_body_timeout = t.client_body
+        self.limits = config.limits
+        self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
+        self.forwarded = config.proxy.forwarded
+        self.via = config.proxy.via
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
@@ -137,6 +149,16 @@ class Context:
                         pool.expire(now)
         finally:
             self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def is_trusted(self, peer: str) -> bool:
+        """Whether ``peer`` is a proxy whose X-Forwarded-* headers are believed."""
+        if not self.trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
 
     def pool_for(self, group: str, index: int) -> Pool[UpstreamConnection]:
         return self.pools[group][index]

@@ -34,6 +34,7 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-for": FORWARDED,
     b"x-forwarded-proto": FORWARDED,
     b"x-forwarded-host": FORWARDED,
+    b"forwarded": FORWARDED,
 }
 
 # Response fields poise must see, found in the lower-cased raw head ("\r\nname:"). llhttp

@@ -323,6 +323,8 @@ class UpstreamConnection(asyncio.Protocol):
         ctx = self.ctx
         if ctx.x_forwarded_server:
             tail += b"\r\nX-Forwarded-Server: " + self.backend.authority.encode()
+        if ctx.via:
+            tail += b"\r\nVia: 1.1 poise"
         if not ex.keep_alive or client.close_after or ctx.draining:
             ex.keep_alive = False
             tail += b"\r\nConnection: close\r\n\r\n"
