@@ -187,10 +187,12 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client shut down its sending side. Requests already read still get their
         responses (a half-close is not an abort); then the connection closes."""
-        if self.parser is not None and self.queue:
+        if self.parser is not None and self.queue and self.cur is None:
             self.close_after = True
             self.parser = None
             return True
+        # Idle, or in the middle of a request that can now never be completed: an abort.
+        # Returning None closes the transport; connection_lost abandons any upstream.
         return None
 
     def pause_writing(self) -> None:
