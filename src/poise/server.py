@@ -126,6 +126,9 @@ class Server:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):
                 c.close()
+        # Upgraded connections (WebSockets) have no end of their own to wait for.
+        for tunnel in list(ctx.tunnels):
+            tunnel.close()
         for task in list(ctx.tasks):
             task.cancel()
 

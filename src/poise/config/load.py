@@ -88,6 +88,7 @@ _TIMEOUT_KEYS = (
     "upstream_connect",
     "upstream_response",
     "drain",
+    "tunnel_idle",
 )
 _PROXY_KEYS = ("x_forwarded", "x_forwarded_server", "trusted_proxies", "forwarded", "via")
 _LIMIT_KEYS = ("max_header_bytes", "max_headers", "max_target", "max_body_size", "max_connections")

@@ -78,6 +78,7 @@ class TimeoutConfig:
     upstream_response: float = 60.0  # request fully sent -> response head received
     drain: float = 30.0  # graceful shutdown: in-flight requests get this long
     client_body: float = 60.0  # longest silence while a request body is being received
+    tunnel_idle: float = 3600.0  # an upgraded connection (WebSocket) silent this long is closed
 
 
 @dataclass(frozen=True, slots=True)

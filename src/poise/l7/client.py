@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from poise.l7 import http
+from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class Exchange:
     backend: Backend | None = None
     tried: tuple[Backend, ...] = ()
     stale_retries = 0
+    upgrade: bytes | None = None  # the Upgrade value forwarded (a WebSocket handshake, say)
 
     def __repr__(self) -> str:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"
@@ -106,12 +108,14 @@ class ClientConnection(asyncio.Protocol):
         "_headers",
         "_n_headers",
         "_te",
+        "_upgrade",
         "close_after",
         "closed",
         "ctx",
         "cur",
         "deadline",
         "forwarded",
+        "held",
         "in_body",
         "listener",
         "parser",
@@ -120,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "transport",
         "trusted",
+        "upgrading",
         "write_paused",
     )
 
@@ -147,6 +152,9 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw = 0  # bytes received while not in a body (a guard, see data_received)
         self.in_body = False
         self.trusted = False
+        self._upgrade: bytes | None = None
+        self.upgrading = False  # an upgrade request is waiting for the backend's answer
+        self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -212,6 +220,10 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         parser = self.parser
         if parser is None:
+            if self.upgrading:
+                self.held.append(data)
+                if sum(map(len, self.held)) > QUEUE_BODY_LIMIT:
+                    self._pause(_PAUSE_QUEUE)
             return
         if not self.in_body:
             # httptools buffers an unfinished header field itself: stop a head that never
@@ -230,13 +242,20 @@ class ClientConnection(asyncio.Protocol):
                 log.error("internal error parsing a request", exc_info=reason)
                 self._reject(500, "Internal Server Error")
         except httptools.HttpParserUpgrade as exc:
-            # The request asked to switch protocols. Upgrade is hop-by-hop and was not
-            # forwarded, so the backend answers plain HTTP; keep parsing what follows.
-            self.parser = httptools.HttpRequestParser(self)
             rest = data[int(exc.args[0]) :]
-            if rest:
-                self.data_received(rest)
-                return
+            if self.queue and self.queue[-1].upgrade is not None:
+                # What follows belongs to the new protocol if the backend agrees (101), or
+                # is the next HTTP request if it does not: hold it until we know.
+                self.upgrading = True
+                self.parser = None
+                self.held = [rest] if rest else []
+            else:
+                # An upgrade poise did not forward (not a GET, say): the backend answers
+                # plain HTTP, so what follows is parsed as HTTP.
+                self.parser = httptools.HttpRequestParser(self)
+                if rest:
+                    self.data_received(rest)
+                    return
         except httptools.HttpParserError:
             self._reject(400, "Bad Request")
         queue = self.queue
@@ -254,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         self._te = None
         self._conn_tokens = None
         self._fwd = None
+        self._upgrade = None
         if not self.queue:
             self.deadline = self.ctx.now + self.ctx.client_header_timeout
 
@@ -302,7 +322,9 @@ class ClientConnection(asyncio.Protocol):
             if self._fwd is None:
                 self._fwd = []
             self._fwd.append((lname, name, value))
-        # HOP: dropped
+        elif lname == b"upgrade":
+            self._upgrade = value  # forwarded only for a real upgrade request (see below)
+        # other HOP fields: dropped
 
     def on_headers_complete(self) -> None:
         ex = self.cur
@@ -348,6 +370,16 @@ class ClientConnection(asyncio.Protocol):
                 raise Reject(413, "Content Too Large")
         else:
             framing = b""
+        if (
+            self._upgrade is not None
+            and method == b"GET"
+            and not ex.http10
+            and b"upgrade" in (self._conn_tokens or ())
+        ):
+            # RFC 9110 §7.8: the one hop-by-hop pair poise passes on, so the backend can
+            # agree to switch protocols (a WebSocket handshake); see tunnel.py.
+            ex.upgrade = self._upgrade
+            framing += b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + CRLF
         if not target.isascii() or b"\\" in target or b"#" in target:
             # Raw non-ASCII, backslashes and fragments are read differently by different
             # servers; what poise routes on must be what the backend sees (HTTP-RULES.md).
@@ -621,6 +653,7 @@ class ClientConnection(asyncio.Protocol):
                 and self.cur is None
                 and not self.close_after
                 and not ctx.draining
+                and not self.upgrading
             ):
                 queue.clear()
                 self.deadline = ctx.now + ctx.client_idle_timeout
@@ -631,12 +664,39 @@ class ClientConnection(asyncio.Protocol):
             # rest of the body cannot go anywhere useful: end the connection after the write.
             self.close()
 
+    def start_tunnel(self, up: UpstreamConnection, from_backend: bytes) -> None:
+        """The backend answered the upgrade with 101: from now on both connections are one
+        byte tunnel. Called by the upstream connection after it wrote the 101 head."""
+        ctx = self.ctx
+        self.upgrading = False
+        self.queue.clear()
+        self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
+        ctx.clients.discard(self)
+        up.detach()
+        held, self.held = self.held, []
+        assert self.transport is not None and up.transport is not None
+        tunnel = Tunnel(ctx, self.transport, up.transport, ctx.tunnel_idle)
+        tunnel.send(from_backend, b"".join(held))
+        if ctx.draining:
+            tunnel.close()
+
     def _finish(self, ex: Exchange) -> None:
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
         if not ex.keep_alive or self.close_after or self.ctx.draining:
             self.close()
+            return
+        if self.upgrading:
+            # The backend declined to switch protocols: back to HTTP, starting with what the
+            # client sent after its upgrade request.
+            self.upgrading = False
+            self.parser = httptools.HttpRequestParser(self)
+            held, self.held = self.held, []
+            self._resume(_PAUSE_QUEUE)
+            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
+            for data in held:
+                self.data_received(data)
             return
         if queue:
             self._resume(_PAUSE_QUEUE)

@@ -22,6 +22,7 @@ from poise.upstream.pool import Pool
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
+    from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
 
 log = logging.getLogger("poise.proxy")
@@ -44,6 +45,7 @@ class Stats:
     upstream_timeouts: int = 0
     upstream_errors: int = 0
     retries: int = 0
+    tunnels: int = 0
     client_timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -69,6 +71,8 @@ class Context:
         "table",
         "tasks",
         "trusted",
+        "tunnel_idle",
+        "tunnels",
         "upstream_response_timeout",
         "via",
         "x_forwarded",
@@ -87,6 +91,8 @@ class Context:
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
+        self.tunnel_idle = t.tunnel_idle
+        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
@@ -133,7 +139,7 @@ class Context:
         self.now = now = self.loop.time()
         self.date.refresh()
         try:
-            expired: list[ClientConnection | UpstreamConnection] = []
+            expired: list[ClientConnection | UpstreamConnection | Tunnel] = []
             for c in self.clients:
                 if c.deadline < now:
                     expired.append(c)
@@ -141,6 +147,7 @@ class Context:
                     up = c.queue[0].upstream  # only the head of the queue has an upstream
                     if up is not None and up.deadline < now:
                         expired.append(up)
+            expired += [t for t in self.tunnels if t.deadline < now]
             for conn in expired:
                 conn.on_timeout()
             for pools in self.pools.values():
@@ -176,6 +183,7 @@ class Context:
         return {
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
+            "tunnels": len(self.tunnels),
             "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
         }
 

@@ -49,6 +49,7 @@ COUNT_FROM = 16 * 1024  # body bytes in the head's read above which llhttp is st
 _NONE = 0
 _RAW = 1  # bytes as they are (Content-Length, or close-delimited to an HTTP/1.0 client)
 _CHUNK = 2  # re-chunked
+_TUNNEL = 3  # 101 Switching Protocols: the connection becomes a tunnel
 
 
 class BadResponse(Exception):
@@ -194,6 +195,17 @@ class UpstreamConnection(asyncio.Protocol):
                     self.parser.feed_data(data)
             else:
                 self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self.mode != _TUNNEL:
+                self._broken(ex, client, out, BadResponse("unexpected protocol switch"))
+                return
+            # 101 Switching Protocols: what follows its head is the new protocol's.
+            rest = data[int(exc.args[0]) :]  # the offset is into what was just fed
+            if out and not client.closed:
+                _send(client.transport, out)  # type: ignore[arg-type]
+            self.ex = self.client = None
+            client.start_tunnel(self, rest)
+            return
         except (httptools.HttpParserError, BadResponse) as exc:
             if not isinstance(exc.__context__, _CountBody):
                 self._broken(ex, client, out, exc)
@@ -295,7 +307,20 @@ class UpstreamConnection(asyncio.Protocol):
             line = b"HTTP/1.1" + buf[start + 8 : eol]
         if status < 200:
             if status == 101:
-                raise BadResponse("101 without an upgrade request")
+                if ex.upgrade is None:
+                    raise BadResponse("101 without an upgrade request")
+                i = low.find(b"\r\nupgrade:")
+                if i < 0:
+                    raise BadResponse("101 without an Upgrade header")
+                j = low.find(b"\r\n", i + 2)
+                value = buf[eol + i + 10 : eol + (j if j >= 0 else len(low))].strip(b" \t")
+                self.out.append(
+                    line + block + b"\r\nConnection: Upgrade\r\nUpgrade: " + value + b"\r\n\r\n"
+                )
+                self.mode = _TUNNEL
+                self.head_done = True
+                ex.response_started = True
+                return
             # 1xx interim responses (100 Continue, 103 Early Hints) are forwarded to
             # HTTP/1.1 clients; the final response follows on the same parser.
             if not ex.http10:
@@ -399,6 +424,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def usable(self) -> bool:
         return not self.closed
+
+    def detach(self) -> None:
+        """The connection now belongs to a tunnel: it leaves the pool's accounting."""
+        self.ex = self.client = None
+        self.closed = True  # for the pool: never to be reused
+        self.pool.open -= 1
 
     def abandon(self) -> None:
         """The client is gone or its request broke mid-way: this connection's state is unknown."""
