@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Streams 1 GiB down and 1 GiB up through poise and reports poise's memory.
+"""Streams 2 GiB down and 2 GiB up through poise and reports poise's memory.
 
 A loopback backend serves GET with a 1 GiB Content-Length body and answers POST with the
 SHA-256 of what it received; curl is the client. The claim checked: bodies stream with
 backpressure, so poise's peak RSS barely moves (the foundation issue's 'a 1 GiB body passes
 with bounded memory').
 
-    python bench/bigbody.py [--size-mib 1024]
+    python bench/bigbody.py [--size-mib 2048]
 """
 
 from __future__ import annotations
@@ -118,5 +118,5 @@ async def main(size: int) -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--size-mib", type=int, default=2048)
     sys.exit(asyncio.run(main(ap.parse_args().size_mib << 20)))
