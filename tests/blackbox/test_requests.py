@@ -120,7 +120,10 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
     "asterisk_not_options": (req(b"GET * HTTP/1.1\r\n"), Refused(400)),
     # forwarded, and exactly how
     "plain_get": (req(GET), Forwarded(first_line=b"GET / HTTP/1.1", has=(b"\r\nHost: a\r\n",))),
-    "http10_without_host": (b"GET / HTTP/1.0\r\n\r\n", Forwarded(first_line=b"GET / HTTP/1.1")),
+    "http10_without_host": (
+        b"GET / HTTP/1.0\r\n\r\n",
+        Forwarded(first_line=b"GET / HTTP/1.1", has=(b"\r\nHost: 127.0.0.1:",)),
+    ),
     "options_asterisk": (req(b"OPTIONS * HTTP/1.1\r\n"),
                          Forwarded(first_line=b"OPTIONS * HTTP/1.1")),
     "absolute_form": (b"GET http://api.test/x?y=1 HTTP/1.1\r\nHost: other\r\n\r\n",

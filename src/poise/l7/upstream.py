@@ -401,10 +401,16 @@ class UpstreamConnection(asyncio.Protocol):
         ctx = self.ctx
         transport = self.transport
         assert transport is not None
+        head = ex.head
+        if not ex.host:
+            # An HTTP/1.0 request without Host goes out as HTTP/1.1, which requires one
+            # (RFC 9112 §3.2): name the backend, as nginx does by default.
+            i = head.index(b"\r\n") + 2
+            head = head[:i] + b"Host: " + self.backend.authority.encode() + b"\r\n" + head[i:]
         if body:
-            transport.writelines((ex.head, *body))
+            transport.writelines((head, *body))
         else:
-            transport.write(ex.head)
+            transport.write(head)
         self.deadline = ctx.now + ctx.upstream_response_timeout if ex.request_done else _INF
 
     def send(self, pieces: Iterable[bytes]) -> None:
