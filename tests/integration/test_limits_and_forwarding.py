@@ -164,3 +164,33 @@ async def test_x_forwarded_off_passes_client_values_through() -> None:
     req = backend.requests[-1]
     assert req.header("X-Forwarded-For") == "1.2.3.4"
     assert req.header("Forwarded") == "for=1.2.3.4"
+
+
+async def test_trickling_request_body_is_cut_below_the_minimum_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from poise.l7 import context
+
+    monkeypatch.setattr(context, "BODY_RATE_GRACE", 0.5)
+    async with HttpBackend() as backend:
+        doc = doc_for(backend.url, limits={"min_body_rate": 1000})
+        async with running(doc) as (_, url):
+            host, port = address(url)
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+
+            async def trickle() -> None:
+                try:
+                    for _ in range(100):  # one byte every 0.1 s: 10 B/s, under the 1000 B/s
+                        writer.write(b"x")
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+                except ConnectionError:
+                    pass
+
+            task = asyncio.create_task(trickle())
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            task.cancel()
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")

@@ -91,7 +91,14 @@ _TIMEOUT_KEYS = (
     "tunnel_idle",
 )
 _PROXY_KEYS = ("x_forwarded", "x_forwarded_server", "trusted_proxies", "forwarded", "via")
-_LIMIT_KEYS = ("max_header_bytes", "max_headers", "max_target", "max_body_size", "max_connections")
+_LIMIT_KEYS = (
+    "max_header_bytes",
+    "max_headers",
+    "max_target",
+    "max_body_size",
+    "max_connections",
+    "min_body_rate",
+)
 _LOG_KEYS = ("level", "format")
 
 _POLICIES = {"round_robin": "round_robin", "roundrobin": "round_robin", "rr": "round_robin"}

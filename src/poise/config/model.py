@@ -99,6 +99,9 @@ class LimitsConfig:
     max_target: int = 8192  # request-target bytes; beyond -> 414
     max_body_size: int = 0  # request body bytes; beyond -> 413 (0 = no limit)
     max_connections: int = 10000  # client connections per worker; beyond -> 503 and close
+    # a request body must average this many bytes/s once 5 s have passed (slow POST); 0 = off.
+    # 500 B/s is Apache mod_reqtimeout's default: far below any real link.
+    min_body_rate: int = 500
 
 
 @dataclass(frozen=True, slots=True)

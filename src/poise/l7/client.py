@@ -81,7 +81,8 @@ class Exchange:
     has_body = False
     pending: tuple[bytes, ...] = ()  # body pieces held until an upstream is attached
     pending_bytes = 0
-    body_bytes = 0  # counted only when a body size limit is set
+    body_bytes = 0  # request body bytes received so far
+    body_started = 0.0  # clock reading when the head was complete, if there is a body
     request_done = False
     response_done = False
     response_started = False
@@ -391,6 +392,7 @@ class ClientConnection(asyncio.Protocol):
             self.in_body = True
             self._head_raw = 0
             self.deadline = ctx.now + ctx.client_body_timeout
+            ex.body_started = ctx.now  # for limits.min_body_rate, checked by the timer sweep
         else:
             self.deadline = _INF
         if self._fwd is not None or ctx.forwarded or ctx.via or not ctx.x_forwarded:
@@ -417,10 +419,9 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         ctx = self.ctx
         self.deadline = ctx.now + ctx.client_body_timeout
-        if ctx.limits.max_body_size:
-            ex.body_bytes += len(body)
-            if ex.body_bytes > ctx.limits.max_body_size:
-                raise Reject(413, "Content Too Large")
+        ex.body_bytes += len(body)
+        if ctx.limits.max_body_size and ex.body_bytes > ctx.limits.max_body_size:
+            raise Reject(413, "Content Too Large")
         if ex.response_done:
             return  # answered early (an error); the rest of the body is read and dropped
         if ex.chunked:

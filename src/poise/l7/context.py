@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("poise.proxy")
 
 TICK = 0.25
+BODY_RATE_GRACE = 5.0  # seconds before limits.min_body_rate applies to a request body
 
 
 @dataclass(slots=True)
@@ -140,9 +141,15 @@ class Context:
         self.date.refresh()
         try:
             expired: list[ClientConnection | UpstreamConnection | Tunnel] = []
+            min_rate = self.limits.min_body_rate
             for c in self.clients:
                 if c.deadline < now:
                     expired.append(c)
+                elif min_rate and c.in_body and c.cur is not None:
+                    # slow POST: after a grace period, the body must average min_rate bytes/s
+                    elapsed = now - c.cur.body_started
+                    if elapsed > BODY_RATE_GRACE and c.cur.body_bytes < min_rate * elapsed:
+                        expired.append(c)
                 elif c.queue:
                     up = c.queue[0].upstream  # only the head of the queue has an upstream
                     if up is not None and up.deadline < now:
