@@ -36,6 +36,11 @@ async def test_slowloris_connections_closed_while_normal_clients_are_served() ->
                 pass
 
         tasks = [asyncio.create_task(dribble(w)) for _, w in slow]
+        assert server.ctx is not None
+        deadline = time.monotonic() + 10
+        while len(server.ctx.clients) < 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(server.ctx.clients) >= 200  # all slow connections are held by poise
         async with httpx.AsyncClient() as client:
             for _ in range(20):
                 assert (await client.get(url)).status_code == 200
@@ -58,9 +63,10 @@ async def test_client_that_stops_reading_is_cut_off() -> None:
 
     async with (
         HttpBackend(handler=handler) as backend,
-        running(
-            full([backend.url], health={"enabled": False}, timeouts={"upstream_response": "1s"})
-        ) as (server, url),
+        running(full([backend.url], health={"enabled": False}, timeouts={"client_send": "1s"})) as (
+            server,
+            url,
+        ),
     ):
         host, port = address(url)
         sock = socket.create_connection((host, port))
@@ -68,9 +74,14 @@ async def test_client_that_stops_reading_is_cut_off() -> None:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert server.ctx is not None
         deadline = time.monotonic() + 15
+        while server.ctx.stats.requests == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the proxy has the request: now it must give up on us
+        assert server.ctx.stats.requests == 1
         while server.ctx.clients and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not server.ctx.clients  # closed instead of buffering 8 MiB for a stalled reader
+        assert server.ctx.stats.upstream_timeouts == 0  # the backend was not blamed
+        assert server.ctx.stats.client_timeouts == 1
         sock.close()
 
 
@@ -82,18 +93,24 @@ async def test_client_abort_leaves_no_file_descriptors_behind() -> None:
         async with httpx.AsyncClient() as client:
             await client.get(url)  # warm: pooled backend connection exists
         baseline = len(os.listdir("/proc/self/fd"))
+        assert server.ctx is not None
+        accepted = server.ctx.stats.connections_accepted
         host, port = address(url)
         for _ in range(20):
             _, writer = await asyncio.open_connection(host, port)
             writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
             await writer.drain()
             writer.transport.abort()
-        assert server.ctx is not None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if not server.ctx.clients and len(os.listdir("/proc/self/fd")) <= baseline:
+            if (
+                server.ctx.stats.connections_accepted == accepted + 20
+                and not server.ctx.clients
+                and len(os.listdir("/proc/self/fd")) <= baseline
+            ):
                 break
             await asyncio.sleep(0.05)
+        assert server.ctx.stats.connections_accepted == accepted + 20
         assert not server.ctx.clients
         assert len(os.listdir("/proc/self/fd")) <= baseline
 

@@ -114,3 +114,20 @@ def test_strip_hop_fields_cannot_drop_content_length() -> None:
 def test_response_scan_finds_special_fields_in_order() -> None:
     low = b"\r\ncontent-length: 2\r\nx-connection: no\r\nconnection: keep-alive"
     assert http.RESPONSE_SCAN_RE.findall(low) == http.CL_CONNECTION
+
+
+def test_client_address_rightmost_untrusted() -> None:
+    import ipaddress
+
+    lb = [ipaddress.ip_network("10.0.0.0/8")]
+    # an untrusted peer: its X-Forwarded-For proves nothing
+    assert http.client_address("203.0.113.9", ["1.2.3.4"], lb) == "203.0.113.9"
+    # a trusted proxy: the rightmost address it did not add itself
+    assert http.client_address("10.0.0.2", ["6.6.6.6, 198.51.100.7"], lb) == "198.51.100.7"
+    # several trusted hops are skipped
+    assert http.client_address("10.0.0.2", ["198.51.100.7", "10.0.0.5"], lb) == "198.51.100.7"
+    # garbage ends the chain of trust
+    assert http.client_address("10.0.0.2", ["1.1.1.1, unknown"], lb) == "unknown"
+    # all trusted: the leftmost
+    assert http.client_address("10.0.0.2", ["10.1.1.1"], lb) == "10.1.1.1"
+    assert http.client_address("10.0.0.2", [], lb) == "10.0.0.2"

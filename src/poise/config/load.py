@@ -88,6 +88,7 @@ _TIMEOUT_KEYS = (
     "upstream_connect",
     "upstream_response",
     "drain",
+    "client_send",
     "tunnel_idle",
 )
 _PROXY_KEYS = ("x_forwarded", "x_forwarded_server", "trusted_proxies", "forwarded", "via")

@@ -78,6 +78,7 @@ class TimeoutConfig:
     upstream_response: float = 60.0  # request fully sent -> response head received
     drain: float = 30.0  # graceful shutdown: in-flight requests get this long
     client_body: float = 60.0  # longest silence while a request body is being received
+    client_send: float = 60.0  # a client that reads nothing of its response this long is cut off
     tunnel_idle: float = 3600.0  # an upgraded connection (WebSocket) silent this long is closed
 
 

@@ -123,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "peer",
         "queue",
+        "send_deadline",
         "transport",
         "trusted",
         "upgrading",
@@ -153,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_raw = 0  # bytes received while not in a body (a guard, see data_received)
         self.in_body = False
         self.trusted = False
+        self.send_deadline = _INF
         self._upgrade: bytes | None = None
         self.upgrading = False  # an upgrade request is waiting for the backend's answer
         self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
@@ -206,6 +208,8 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # a client that takes nothing for timeouts.client_send is cut off (slow read)
+        self.send_deadline = self.ctx.now + self.ctx.client_send_timeout
         if self.queue:
             up = self.queue[0].upstream
             if up is not None:
@@ -213,6 +217,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline = _INF
         if self.queue:
             up = self.queue[0].upstream
             if up is not None:
@@ -773,6 +778,21 @@ class ClientConnection(asyncio.Protocol):
 
     def is_idle(self) -> bool:
         return not self.queue and self.cur is None
+
+    def on_send_timeout(self) -> None:
+        """The client stopped reading its response: nothing more can reach it."""
+        self.send_deadline = _INF
+        self.ctx.stats.client_timeouts += 1
+        for ex in self.queue:
+            up = ex.upstream
+            if up is not None:
+                ex.upstream = None
+                up.abandon()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.parser = None
+            self.ctx.clients.discard(self)
+            self.transport.abort()  # close() would wait for a flush that never comes
 
     def on_timeout(self) -> None:
         self.deadline = _INF

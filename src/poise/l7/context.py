@@ -59,6 +59,7 @@ class Context:
         "client_body_timeout",
         "client_header_timeout",
         "client_idle_timeout",
+        "client_send_timeout",
         "clients",
         "config",
         "date",
@@ -88,6 +89,7 @@ class Context:
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
         self.client_body_timeout = t.client_body
+        self.client_send_timeout = t.client_send
         self.limits = config.limits
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
         self.forwarded = config.proxy.forwarded
@@ -142,6 +144,9 @@ class Context:
         try:
             expired: list[ClientConnection | UpstreamConnection | Tunnel] = []
             min_rate = self.limits.min_body_rate
+            stalled = [c for c in self.clients if c.send_deadline < now]
+            for c in stalled:
+                c.on_send_timeout()
             for c in self.clients:
                 if c.deadline < now:
                     expired.append(c)

@@ -7,8 +7,10 @@ field the ``Connection`` header nominates; framing headers are re-emitted by poi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -105,6 +107,29 @@ def strip_hop_fields(block: bytes, low: bytes) -> tuple[bytes, bytes | None]:
     dropped.discard(b"content-length")  # framing is not for the peer to remove
     kept = [line for line, name in zip(lines[1:], names[1:], strict=True) if name not in dropped]
     return b"".join(b"\r\n" + line for line in kept), te
+
+
+def client_address(
+    peer: str,
+    forwarded_for: Sequence[str],
+    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str:
+    """Who the client is, by the rightmost-untrusted rule.
+
+    Walk the chain ``X-Forwarded-For, ..., peer`` from the right, skipping trusted proxies;
+    the first address not trusted is the client. Anything left of it was written by that
+    client and proves nothing, so limits and hashing must never key on the leftmost value.
+    ``forwarded_for`` holds the header's values in order (each may be a comma list)."""
+    chain = [a.strip() for v in forwarded_for for a in v.split(",") if a.strip()]
+    chain.append(peer)
+    for addr in reversed(chain):
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return addr  # not an address: not a proxy we trust, so it is where trust ends
+        if not any(ip in net for net in trusted):
+            return addr
+    return chain[0]  # every hop trusted: the leftmost is as far as anyone can tell
 
 
 def host_without_port(host: bytes) -> bytes:

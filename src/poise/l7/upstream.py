@@ -421,12 +421,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = self.ctx.now + self.ctx.upstream_response_timeout
 
     def pause_reading(self) -> None:
+        """The client is not keeping up: stop reading, and stop blaming the backend for the
+        silence (the client side has timeouts.client_send for that)."""
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            self.deadline = _INF
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            if self.ex is not None:
+                self.deadline = self.ctx.now + self.ctx.upstream_response_timeout
 
     def usable(self) -> bool:
         return not self.closed
