@@ -16,6 +16,7 @@ examples:
   poise run -c poise.json                      run from a config file (JSON, TOML or YAML)
   poise run --listen :8080 --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
   poise check -c poise.json                    validate a config file, list every problem
+  poise simulate -c poise.json --latency 127.0.0.1:5002=50   see what a policy would do
 """
 
 
@@ -49,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True, help="config file")
 
+    sim = sub.add_parser(
+        "simulate", help="show how a policy would spread requests over an upstream's backends"
+    )
+    sim.add_argument("-c", "--config", required=True, help="config file")
+    sim.add_argument(
+        "--route", help="upstream to simulate (default: the only one, or the first route's)"
+    )
+    sim.add_argument("--requests", type=int, default=10000, help="requests (default 10000)")
+    sim.add_argument(
+        "--latency", action="append", default=[], metavar="BACKEND=MS",
+        help="a backend's latency, e.g. 127.0.0.1:5002=50 (repeat; default 1 ms)",
+    )  # fmt: skip
+    sim.add_argument("--rate", type=float, default=1000.0, help="arrivals per second (1000)")
+
     demo = sub.add_parser("demo", help="start 3 demo backends and a balancer in front of them")
     demo.add_argument(
         "--listen", default="127.0.0.1:8080", help="balancer address (default 127.0.0.1:8080)"
@@ -68,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "run":
             return _run(args, parser)
+        if args.command == "simulate":
+            return _simulate(args, parser)
         if args.command == "demo":
             from poise.demo import demo
 
@@ -90,6 +107,35 @@ def _check(path: str) -> int:
         f"{path}: OK ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), "
         f"{n} backend(s))"
     )
+    return 0
+
+
+def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from poise.config import load_config
+    from poise.simulate import render, simulate
+
+    config = load_config(args.config)
+    name = args.route or (
+        next(iter(config.upstreams)) if len(config.upstreams) == 1
+        else config.listeners[0].routes[0].upstream
+    )  # fmt: skip
+    if name not in config.upstreams:
+        parser.error(f"no upstream {name!r} (have: {', '.join(config.upstreams)})")
+    latency: dict[str, float] = {}
+    for item in args.latency:
+        backend, sep, ms = item.rpartition("=")
+        try:
+            latency[backend.removeprefix("http://")] = float(ms)
+        except ValueError:
+            sep = ""
+        if not sep or not backend:
+            parser.error(f"--latency takes BACKEND=MS, got {item!r}")
+    if args.requests <= 0 or args.rate <= 0:
+        parser.error("--requests and --rate must be above 0")
+    policy = config.upstreams[name].policy
+    shares = simulate(config, name, args.requests, latency, rate=args.rate)
+    print(f"upstream {name}: policy {policy.name}, {args.requests} requests at {args.rate:g}/s")
+    print(render(shares))
     return 0
 
 

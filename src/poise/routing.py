@@ -11,11 +11,12 @@ each, the longest path prefix wins; a prefix matches on segment boundaries ("/ap
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from poise.balancing import Picker, build
+from poise.balancing import KeySource, Load, Picker, StickyPick, build, needs_load
 from poise.config.model import Config, UpstreamConfig
 from poise.models import Backend, authority_of
 
@@ -27,9 +28,15 @@ class Group:
     backends: tuple[Backend, ...]
     picker: Picker
     up: tuple[bool, ...]  # health by backend index
+    load: Load | None = None  # in flight / latency, for the policies that read it
+    key: KeySource | None = None  # where hashing policies find their key
+    sticky: StickyPick | None = None  # the picker again, when responses must set its cookie
 
     def with_health(self, up: tuple[bool, ...]) -> Group:
-        return Group(self.name, self.config, self.backends, self.picker, up)
+        return Group(
+            self.name, self.config, self.backends, self.picker, up, self.load, self.key,
+            self.sticky,
+        )  # fmt: skip
 
     @property
     def any_up(self) -> bool:
@@ -92,9 +99,11 @@ def build_table(config: Config, rng: random.Random) -> RoutingTable:
     groups: dict[str, Group] = {}
     for name, up in config.upstreams.items():
         backends = make_backends(up)
-        groups[name] = Group(
-            name, up, backends, build(up.policy, backends, rng), (True,) * len(backends)
-        )
+        load = Load(len(backends)) if needs_load(up.policy) else None
+        picker = build(up.policy, backends, rng, load, time.monotonic)
+        key = KeySource.parse(up.policy.key) if up.policy.key else None
+        sticky = picker if isinstance(picker, StickyPick) else None
+        groups[name] = Group(name, up, backends, picker, (True,) * len(backends), load, key, sticky)
     routes: dict[str, tuple[Route, ...]] = {}
     catch_all: dict[str, str] = {}
     for listener in config.listeners:

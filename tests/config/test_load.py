@@ -525,7 +525,7 @@ def test_several_mistakes_are_all_reported_with_their_paths() -> None:
     data["listeners"][1]["listen"] = "127.0.0.1:8080"
     data["upstreams"]["api"]["backends"].append("foo")
     data["upstreams"]["api"]["backends"][1]["weight"] = True
-    data["upstreams"]["api"]["policy"] = "least_conn"
+    data["upstreams"]["api"]["policy"] = "fastest"
     data["upstreams"]["api"]["health_check"].update(timeout="5s", rise=0, enabled="true")
     data["upstreams"]["api"]["pool"]["max_idle"] = -1
     data["upstreams"]["web"]["backends"] = []
@@ -539,7 +539,9 @@ def test_several_mistakes_are_all_reported_with_their_paths() -> None:
         "listeners[1].listen: 127.0.0.1:8080 conflicts with listeners[0] ('web', 127.0.0.1:8080)",
         "upstreams.api.backends[1].weight: expected an integer, got boolean",
         "upstreams.api.backends[2]: not a URL: 'foo' (expected e.g. 'http://127.0.0.1:5001')",
-        "upstreams.api.policy.name: unknown policy 'least_conn' (available: round_robin)",
+        "upstreams.api.policy.name: unknown policy 'fastest' (available: round_robin, "
+        "weighted_round_robin, random, weighted_random, least_conn, p2c, peak_ewma, hash, "
+        "consistent_hash, first, sticky)",
         "upstreams.api.health_check.enabled: expected a boolean (true or false), got string",
         "upstreams.api.health_check.timeout: must not be longer than interval (2s), got 5s",
         "upstreams.api.health_check.rise: must be at least 1, got 0",
@@ -551,12 +553,12 @@ def test_several_mistakes_are_all_reported_with_their_paths() -> None:
 
 
 def test_config_error_carries_source_and_lists_problems() -> None:
-    data = minimal(policy={"name": "random"})
+    data = minimal(policy={"name": "fastest"})
     with pytest.raises(ConfigError) as info:
         parse_config(data, source="poise.yaml")
     assert info.value.source == "poise.yaml"
     assert "in poise.yaml" in str(info.value)
-    assert "upstreams.api.policy.name: unknown policy 'random'" in str(info.value)
+    assert "upstreams.api.policy.name: unknown policy 'fastest'" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -918,3 +920,47 @@ def test_bad_limits_and_trusted_proxies_are_reported_with_paths() -> None:
     assert any(p.startswith("limits.max_header_bytes: must be at least 1024") for p in problems)
     assert any(p.startswith("limits.max_body_size: must be at least 0") for p in problems)
     assert any(p.startswith("proxy.trusted_proxies: not an address") for p in problems)
+
+
+def test_policy_names_aliases_and_options() -> None:
+    def policy(p: object) -> PolicyConfig:
+        doc = {"listeners": [{"listen": ":1", "upstream": "u"}],
+               "upstreams": {"u": {"backends": ["http://127.0.0.1:1"], "policy": p}}}  # fmt: skip
+        return parse_config(doc).upstreams["u"].policy
+
+    assert policy("ip_hash") == PolicyConfig(name="hash", key="ip")
+    assert policy("maglev") == PolicyConfig(name="consistent_hash", key="ip", algorithm="maglev")
+    assert policy("least-connections").name == "least_conn"
+    assert policy({"name": "consistent_hash", "key": "header:X-User", "balance_factor": 1.25}) == (
+        PolicyConfig(name="consistent_hash", key="header:x-user", balance_factor=1.25)
+    )
+    assert policy({"name": "hash", "key": "query:key", "default_key": "d"}).default_key == "d"
+    assert policy({"name": "p2c", "bias": 2}).bias == 2.0
+
+
+def test_policy_option_mistakes_are_reported_with_paths() -> None:
+    doc = {
+        "listeners": [{"listen": ":1", "upstream": "u"}],
+        "upstreams": {
+            "u": {"backends": ["http://127.0.0.1:1"],
+                  "policy": {"name": "round_robin", "key": "ip", "balance_factor": 2}},
+            "v": {"backends": ["http://127.0.0.1:2"],
+                  "policy": {"name": "hash", "key": "body", "fallback": "hash"}},
+            "w": {"backends": ["http://127.0.0.1:3"],
+                  "policy": {"name": "consistent_hash", "balance_factor": 0.5,
+                             "algorithm": "jump"}},
+        },
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        parse_config(doc)
+    problems = exc.value.problems
+    expected_prefixes = [
+        "upstreams.u.policy.key: applies only to hash and consistent_hash",
+        "upstreams.u.policy.balance_factor: applies only to consistent_hash",
+        "upstreams.v.policy.key: unknown key source 'body'",
+        "upstreams.v.policy.fallback: must be a policy without a key",
+        "upstreams.w.policy.algorithm:",
+        "upstreams.w.policy.balance_factor: must be above 1.0",
+    ]
+    for prefix in expected_prefixes:
+        assert any(p.startswith(prefix) for p in problems), (prefix, problems)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
+from poise.balancing.keys import KeySource
 from poise.config.values import describe_type, normalize_route_host, parse_duration
 
 __all__ = [
@@ -87,6 +88,39 @@ def check_cidrs(value: object) -> tuple[str, ...]:
         except ValueError:
             raise ValueError(f"not an address or CIDR network: {v!r}") from None
     return tuple(out)
+
+
+def check_key_source(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected a key source such as 'header:X-User', got {describe_type(value)}"
+        )
+    return str(KeySource.parse(value))
+
+
+def check_positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"expected a number above 0, got {value!r}")
+    return float(value)
+
+
+def check_balance_factor(value: object) -> float:
+    factor = check_positive_number(value)
+    if factor <= 1.0:
+        raise ValueError(f"must be above 1.0 (e.g. 1.25), got {value!r}")
+    return factor
+
+
+def check_cookie_name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError(f"not a cookie name (RFC 6265 token): {value!r}")
+    return value
+
+
+def check_secret(value: object) -> str:
+    if not isinstance(value, str) or len(value) < 16:
+        raise ValueError("expected a string of at least 16 characters")
+    return value
 
 
 def check_weight(value: object) -> int:

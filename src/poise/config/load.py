@@ -14,13 +14,26 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from poise.balancing.names import (
+    ALGORITHM_NAMES,
+    ALIAS_OPTIONS,
+    CANONICAL,
+    KEYED,
+    POLICIES,
+    WITH_FALLBACK,
+)
 from poise.config.checks import (
     Checker,
+    check_balance_factor,
     check_bool,
     check_cidrs,
+    check_cookie_name,
     check_host_header,
+    check_key_source,
     check_method,
     check_name,
+    check_positive_number,
+    check_secret,
     check_str,
     check_url_path,
     check_weight,
@@ -102,8 +115,18 @@ _LIMIT_KEYS = (
 )
 _LOG_KEYS = ("level", "format")
 
-_POLICIES = {"round_robin": "round_robin", "roundrobin": "round_robin", "rr": "round_robin"}
-_AVAILABLE_POLICIES = "round_robin"
+_POLICY_KEYS = (
+    "name",
+    "key",
+    "default_key",
+    "fallback",
+    "algorithm",
+    "balance_factor",
+    "bias",
+    "cookie",
+    "secret",
+)
+_AVAILABLE_POLICIES = ", ".join(POLICIES)
 
 
 def _seconds(value: float) -> str:
@@ -272,9 +295,11 @@ def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]
 
 
 def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
+    """A name, or an object with a name and the options that policy takes."""
     name_path = key_path(path, "name")
+    obj: Mapping[str, object] | None = None
     if isinstance(value, Mapping):
-        obj = c.mapping(value, path, ("name",))
+        obj = c.mapping(value, path, _POLICY_KEYS)
         name = c.required(obj, "name", path, check_str) if obj is not None else None
     elif isinstance(value, str):
         name = value
@@ -285,11 +310,63 @@ def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
         name = None
     if name is None:
         return PolicyConfig()
-    canonical = _POLICIES.get(name.lower().replace("-", "_"))
+    alias = name.lower().replace("-", "_")
+    canonical = CANONICAL.get(alias)
     if canonical is None:
         c.error(name_path, f"unknown policy {name!r} (available: {_AVAILABLE_POLICIES})")
         return PolicyConfig()
-    return PolicyConfig(name=canonical)
+    options: dict[str, object] = dict(ALIAS_OPTIONS.get(alias, {}))
+    if obj is not None:
+        options.update({k: v for k, v in obj.items() if k != "name"})
+    keyed = canonical in KEYED
+
+    def only_for(option: str, allowed: bool, which: str) -> bool:
+        if option in options and not allowed:
+            c.error(key_path(path, option), f"applies only to {which}, not to {canonical!r}")
+            return False
+        return option in options
+
+    key = None
+    if only_for("key", keyed, "hash and consistent_hash"):
+        key = c.check(options["key"], key_path(path, "key"), check_key_source)
+    elif keyed:
+        key = "ip"
+    default_key = None
+    if only_for("default_key", keyed, "hash and consistent_hash"):
+        default_key = c.check(options["default_key"], key_path(path, "default_key"), check_str)
+    fallback = "round_robin"
+    if only_for("fallback", canonical in WITH_FALLBACK, "hash, consistent_hash and sticky"):
+        raw = c.check(options["fallback"], key_path(path, "fallback"), check_str)
+        fb = CANONICAL.get(raw.lower().replace("-", "_")) if raw is not None else None
+        if raw is not None and (fb is None or fb in WITH_FALLBACK):
+            keyless = ", ".join(n for n in POLICIES if n not in WITH_FALLBACK)
+            c.error(key_path(path, "fallback"), f"must be a policy without a key ({keyless})")
+        elif fb is not None:
+            fallback = fb
+    algorithm = "ring"
+    if only_for("algorithm", canonical == "consistent_hash", "consistent_hash"):
+        algo = c.check(options["algorithm"], key_path(path, "algorithm"),
+                       choice(*ALGORITHM_NAMES))  # fmt: skip
+        algorithm = algo or "ring"
+    factor = None
+    if only_for("balance_factor", canonical == "consistent_hash", "consistent_hash"):
+        factor = c.check(options["balance_factor"], key_path(path, "balance_factor"),
+                         check_balance_factor)  # fmt: skip
+    bias = 1.0
+    if only_for("bias", canonical == "p2c", "p2c"):
+        bias = c.check(options["bias"], key_path(path, "bias"), check_positive_number) or 1.0
+    cookie = "poise_sticky"
+    if only_for("cookie", canonical == "sticky", "sticky"):
+        cookie = c.check(options["cookie"], key_path(path, "cookie"), check_cookie_name) or cookie
+    secret = None
+    if only_for("secret", canonical == "sticky", "sticky"):
+        secret = c.check(options["secret"], key_path(path, "secret"), check_secret)
+    if canonical == "sticky":
+        key = f"cookie:{cookie}"
+    return PolicyConfig(
+        name=canonical, key=key, default_key=default_key, fallback=fallback,
+        algorithm=algorithm, balance_factor=factor, bias=bias, cookie=cookie, secret=secret,
+    )  # fmt: skip
 
 
 def _expected_status(c: Checker, value: object, path: str) -> tuple[tuple[int, int], ...] | None:

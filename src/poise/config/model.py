@@ -37,6 +37,17 @@ class HealthCheckConfig:
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     name: str = "round_robin"
+    # hash / consistent_hash: where the key comes from ("ip", "uri", "header:X-User",
+    # "cookie:sid", "query:key"), what to use when a request lacks it, else which keyless
+    # policy takes such requests
+    key: str | None = None
+    default_key: str | None = None
+    fallback: str = "round_robin"
+    algorithm: str = "ring"  # consistent_hash: ring | maglev | rendezvous
+    balance_factor: float | None = None  # consistent_hash: bounded load, e.g. 1.25
+    bias: float = 1.0  # p2c with unequal weights: score = weight / (active + 1) ** bias
+    cookie: str = "poise_sticky"  # sticky: the cookie's name
+    secret: str | None = None  # sticky: HMAC key; None = random per process (one instance)
 
 
 @dataclass(frozen=True, slots=True)

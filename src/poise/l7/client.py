@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from poise.balancing import keys
 from poise.l7 import http
 from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from poise.balancing import Load, StickyPick
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
@@ -94,6 +97,13 @@ class Exchange:
     tried: tuple[Backend, ...] = ()
     stale_retries = 0
     upgrade: bytes | None = None  # the Upgrade value forwarded (a WebSocket handshake, say)
+    headers: list[bytes] = []
+    client: bytes | None = None  # the client address from a trusted proxy's chain
+    status = 0  # the backend's final status
+    load: Load | None = None  # the group's load, while this exchange counts in it
+    sticky: StickyPick | None = None  # set: the response may need to (re)pin the client
+    sticky_key: bytes | None = None
+    sent_at = 0.0
 
     def __repr__(self) -> str:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"
@@ -192,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
             if up is not None:
                 ex.upstream = None
                 up.abandon()
+            if ex.load is not None:
+                _settle(ex, ok=True)  # the client left: nothing against the backend
         self.queue.clear()
         self.parser = None
 
@@ -357,6 +369,7 @@ class ClientConnection(asyncio.Protocol):
         headers = self._headers
         if self._conn_tokens is not None:
             headers = http.drop_nominated(headers, self._conn_tokens)
+        ex.headers = headers
         te = self._te
         if te is not None:
             if ex.http10 or self._cl is not None:
@@ -482,6 +495,12 @@ class ClientConnection(asyncio.Protocol):
                 got[lname] = value
         if not self.trusted:
             got = {}
+        elif b"x-forwarded-for" in got:
+            addr = http.client_address(
+                self.peer.decode(), [got[b"x-forwarded-for"].decode("latin-1")], ctx.trusted
+            )
+            if self.cur is not None:  # hashing on "ip" uses the real client, not the proxy
+                self.cur.client = addr.encode("latin-1")
         if ctx.x_forwarded:
             xff = got.get(b"x-forwarded-for")
             out += (b"X-Forwarded-For: ", xff + b", " + self.peer if xff else self.peer, CRLF)
@@ -545,7 +564,13 @@ class ClientConnection(asyncio.Protocol):
         the current routing table (health may have changed since the first attempt)."""
         up = group.up
         tried = ex.tried
-        for backend in group.picker.candidates(None):
+        key = None
+        if group.key is not None:
+            key = keys.extract(group.key, ex.client or self.peer, ex.target, ex.headers)
+            if group.sticky is not None:
+                ex.sticky = group.sticky
+                ex.sticky_key = key
+        for backend in group.picker.candidates(key):
             if up[backend.index] and backend not in tried:
                 break
         else:
@@ -560,6 +585,10 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.stats.retries += 1
         ex.tried = (*tried, backend)
         ex.backend = backend
+        if group.load is not None:
+            group.load.started(backend.index)
+            ex.load = group.load
+            ex.sent_at = time.monotonic()
         pool = self.ctx.pools[group.name][backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
@@ -592,6 +621,8 @@ class ClientConnection(asyncio.Protocol):
         except (TimeoutError, OSError) as exc:
             ctx.stats.upstream_connect_errors += 1
             log.debug("connect to %s failed: %r", backend.authority, exc)
+            if ex.load is not None:
+                _settle(ex, ok=False)
             if not self.closed and self.queue and self.queue[0] is ex:
                 # nothing was sent: another backend may take it
                 self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
@@ -617,6 +648,8 @@ class ClientConnection(asyncio.Protocol):
     def upstream_failed(self, ex: Exchange, status: int, reusable_retry: bool) -> None:
         """The upstream connection of ``ex`` failed. Called by UpstreamConnection."""
         ex.upstream = None
+        if ex.load is not None:
+            _settle(ex, ok=False)
         if self.closed:
             return
         if ex.response_started:
@@ -648,6 +681,8 @@ class ClientConnection(asyncio.Protocol):
         """The whole response of ``ex`` has been written to the transport."""
         ex.response_done = True
         ex.upstream = None
+        if ex.load is not None:
+            _settle(ex, ok=ex.status < 500 and ex.status != 429)
         ctx = self.ctx
         ctx.stats.responses += 1
         if ex.request_done:
@@ -675,6 +710,9 @@ class ClientConnection(asyncio.Protocol):
         byte tunnel. Called by the upstream connection after it wrote the 101 head."""
         ctx = self.ctx
         self.upgrading = False
+        for ex in self.queue:
+            if ex.load is not None:
+                _settle(ex, ok=True)
         self.queue.clear()
         self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
         ctx.clients.discard(self)
@@ -844,3 +882,12 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
+
+
+def _settle(ex: Exchange, *, ok: bool) -> None:
+    """Take ``ex`` out of its group's load figures (once), with its latency and outcome."""
+    load = ex.load
+    if load is not None and ex.backend is not None:
+        ex.load = None
+        now = time.monotonic()
+        load.finished(ex.backend.index, now - ex.sent_at, ok, now)

@@ -327,6 +327,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.out.append(line + block + b"\r\n\r\n")
             self.interim = True
             return
+        ex.status = status
         no_body = ex.is_head or status in (204, 304)
         if has_cl or no_body:
             self._low_head = low  # Content-Length is read from it only if the body is long
@@ -350,6 +351,9 @@ class UpstreamConnection(asyncio.Protocol):
             tail += b"\r\nX-Forwarded-Server: " + self.backend.authority.encode()
         if ctx.via:
             tail += b"\r\nVia: 1.1 poise"
+        sticky = ex.sticky
+        if sticky is not None and ex.sticky_key != sticky.values[self.backend.index]:
+            tail += b"\r\nSet-Cookie: " + sticky.set_cookie(self.backend)
         if not ex.keep_alive or client.close_after or ctx.draining:
             ex.keep_alive = False
             tail += b"\r\nConnection: close\r\n\r\n"

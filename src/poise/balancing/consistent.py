@@ -1,0 +1,296 @@
+"""Consistent hashing: a request key keeps mapping to the same backend, and a change of
+membership moves only about 1/n of the keys.
+
+Three algorithms, all hashing with BLAKE2b (64-bit digests, stable across processes and
+machines, unlike Python's ``hash()``), all honouring backend weights:
+
+``KetamaRing`` (``ring``)
+    Each backend puts ``160 * weight`` points on a 64-bit circle at ``hash(f"{id}-{i}")``.
+    A key belongs to the first point at or after its own hash (a ``bisect`` on the sorted
+    points); the fallbacks are the further distinct backends met walking clockwise. Removing
+    a backend hands only its arcs to its neighbours: no other key moves.
+
+``Maglev`` (``maglev``)
+    Google's Maglev lookup table of M = 65537 (prime) slots. Each backend has a permutation
+    of the slots, ``(offset + j * skip) % M`` with ``offset = h1 % M`` and
+    ``skip = h2 % (M - 1) + 1`` from two independent hashes of its id; in turns (backends
+    in id order) each takes the next free slot of its permutation, ``weight`` slots per
+    turn, until the table is full. A pick is one index, ``table[hash(key) % M]``; the shares
+    are near-perfectly even (weighted), at the price of a little extra churn on a membership
+    change (a few keys move between surviving backends). Fallbacks: the new backends met
+    scanning on from the key's slot, then every backend not met yet, in a key-derived
+    rotation.
+
+``Rendezvous`` (``rendezvous``)
+    Highest random weight: every backend scores ``-weight / ln(u)``, ``u`` in (0, 1) from a
+    64-bit hash of (key, backend id), and the candidates are the backends by descending
+    score. Weighted exactly and minimally disruptive (only the keys of a removed backend
+    move), but O(n) per pick.
+
+A call without a key (``key=None``) hashes a key drawn from ``rng`` instead, so keyless
+requests spread over the backends like random picks rather than piling onto one backend.
+(The policy wrapper normally substitutes ``default_key`` or a fallback policy first.)
+
+Bounded load ("consistent hashing with bounded loads", Mirrokni, Thorup and Zadimoghaddam):
+given a ``load`` and a ``balance_factor`` c, a backend already holding
+``ceil(c * (total_in_flight + 1) / n)`` requests is moved to the end of the candidates
+(order otherwise kept, so the caller can still fall back to it). A first candidate is then
+never over that bound as long as one under it exists, which is always the case for c > 1.
+The bound is per backend and ignores weights; it is taken when ``candidates`` is called.
+Without a load or a factor nothing moves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from hashlib import blake2b
+from itertools import chain
+from typing import Protocol
+
+from poise.models import Backend
+
+POINTS_PER_WEIGHT = 160  # ketama's virtual nodes per unit of weight
+MAGLEV_SIZE = 65537  # prime, well above 100 x the usual number of backends
+_MASK64 = (1 << 64) - 1
+_TO_UNIT = 2.0**-53
+
+
+class LoadView(Protocol):
+    """What bounded load reads: requests in flight per ``Backend.index``."""
+
+    active: list[int]
+
+
+def hash64(data: bytes, person: bytes = b"") -> int:
+    """A stable, well mixed 64-bit hash (BLAKE2b); ``person`` makes independent variants."""
+    return int.from_bytes(blake2b(data, digest_size=8, person=person).digest(), "big")
+
+
+def _mix64(x: int) -> int:
+    """MurmurHash3's 64-bit finaliser: a bijection with full avalanche."""
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _MASK64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _MASK64
+    return x ^ (x >> 33)
+
+
+class _Consistent:
+    """What the three share: the backends, the keyless rule and bounded load."""
+
+    __slots__ = ("_backends", "_factor", "_load", "_n", "_rng")
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        rng: random.Random,
+        load: LoadView | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        self._backends = tuple(backends)
+        self._n = len(self._backends)
+        self._rng = rng
+        self._load = load if balance_factor is not None else None
+        self._factor = float(balance_factor or 0.0)
+
+    def _key_hash(self, key: bytes | None) -> int:
+        return self._rng.getrandbits(64) if key is None else hash64(key)
+
+    def _order(self, first: Backend, rest: Iterable[Backend]) -> Iterable[Backend]:
+        """``first`` then ``rest``, with bounded load applied when configured."""
+        load = self._load
+        if load is None:
+            return chain((first,), rest)
+        active = load.active
+        bound = math.ceil(self._factor * (sum(active) + 1) / self._n)
+        if active[first.index] < bound:  # the usual case: the fallbacks stay lazy
+            return chain((first,), _deferring(rest, active, bound))
+        return _deferring(chain((first,), rest), active, bound)
+
+
+def _deferring(order: Iterable[Backend], active: list[int], bound: int) -> Iterator[Backend]:
+    """``order`` with the backends at or over ``bound`` moved to the end, order kept."""
+    deferred = []
+    for b in order:
+        if active[b.index] < bound:
+            yield b
+        else:
+            deferred.append(b)
+    yield from deferred
+
+
+class KetamaRing(_Consistent):
+    __slots__ = ("_hashes", "_owners")
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        rng: random.Random,
+        load: LoadView | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        super().__init__(backends, rng, load, balance_factor)
+        # a point is (hash << 32 | position in id order): sorting ints is quick, and ties
+        # (practically never) go by id, so the ring does not depend on backend order
+        by_id = sorted(self._backends, key=lambda b: b.id)
+        points = sorted(
+            hash64(f"{b.id}-{i}".encode()) << 32 | k
+            for k, b in enumerate(by_id)
+            for i in range(POINTS_PER_WEIGHT * max(b.weight, 1))
+        )
+        self._hashes = [p >> 32 for p in points]
+        self._owners = [by_id[p & 0xFFFFFFFF] for p in points]
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        hashes = self._hashes
+        if not hashes:
+            return ()
+        i = bisect_left(hashes, self._key_hash(key))
+        if i == len(hashes):
+            i = 0
+        first = self._owners[i]
+        return self._order(first, self._walk(i, first))
+
+    def _walk(self, i: int, first: Backend) -> Iterator[Backend]:
+        """The other backends, clockwise from point ``i`` (lazily: usually never run)."""
+        owners = self._owners
+        n = self._n
+        seen = {first.id}
+        for j in chain(range(i + 1, len(owners)), range(i)):
+            b = owners[j]
+            if b.id not in seen:
+                seen.add(b.id)
+                yield b
+                if len(seen) == n:
+                    return
+
+    def __repr__(self) -> str:
+        return f"KetamaRing({self._n} backends, {len(self._hashes)} points)"
+
+
+class Maglev(_Consistent):
+    __slots__ = ("_table",)
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        rng: random.Random,
+        load: LoadView | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        super().__init__(backends, rng, load, balance_factor)
+        by_id = sorted(self._backends, key=lambda b: b.id)
+        slots = _maglev_slots(
+            [hash64(b.id.encode(), b"maglev-offset") for b in by_id],
+            [hash64(b.id.encode(), b"maglev-skip") for b in by_id],
+            [max(b.weight, 1) for b in by_id],
+        )
+        self._table = [by_id[s] for s in slots]
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        if not self._n:
+            return ()
+        h = self._key_hash(key)
+        slot = h % MAGLEV_SIZE
+        first = self._table[slot]
+        return self._order(first, self._scan(slot, first, h))
+
+    def _scan(self, slot: int, first: Backend, h: int) -> Iterator[Backend]:
+        """New backends from the slots after ``slot``, then the rest in a key-derived
+        rotation (a bounded scan: a light backend may own very few slots)."""
+        table = self._table
+        n = self._n
+        seen = {first.id}
+        end = slot + 1 + min(MAGLEV_SIZE - 1, 8 * n + 64)
+        for j in range(slot + 1, end):
+            if len(seen) == n:
+                return
+            b = table[j % MAGLEV_SIZE]
+            if b.id not in seen:
+                seen.add(b.id)
+                yield b
+        bs = self._backends
+        start = (h >> 17) % n
+        for k in range(n):
+            b = bs[(start + k) % n]
+            if b.id not in seen:
+                seen.add(b.id)
+                yield b
+
+    def __repr__(self) -> str:
+        return f"Maglev({self._n} backends, M={MAGLEV_SIZE})"
+
+
+def _maglev_slots(h1: list[int], h2: list[int], weights: list[int]) -> list[int]:
+    """The Maglev table: slot -> backend position. Each backend's permutation is a full
+    cycle of the slots (M prime, 0 < skip < M), so a free slot is always found."""
+    if not weights:
+        return []
+    m = MAGLEV_SIZE
+    table = [-1] * m
+    pos = [h % m for h in h1]  # where each backend's permutation goes on from
+    turns = [(i, h % (m - 1) + 1, w) for i, (h, w) in enumerate(zip(h2, weights, strict=True))]
+    left = m
+    while True:
+        for i, skip, weight in turns:
+            c = pos[i]
+            w = weight
+            while True:
+                while table[c] >= 0:  # taken: next slot of this permutation
+                    c += skip
+                    if c >= m:
+                        c -= m
+                table[c] = i
+                left -= 1
+                if not left:
+                    return table
+                w -= 1
+                if not w:
+                    break
+            pos[i] = c  # (now taken: the next turn steps past it)
+
+
+class Rendezvous(_Consistent):
+    __slots__ = ("_ids", "_weights")
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        rng: random.Random,
+        load: LoadView | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        super().__init__(backends, rng, load, balance_factor)
+        self._ids = [hash64(b.id.encode(), b"rendezvous") for b in self._backends]
+        weights = [float(max(b.weight, 1)) for b in self._backends]
+        # equal weights: -w / ln(u) grows with u, so the raw hash orders the same
+        self._weights = weights if len(set(weights)) > 1 else None
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        bs = self._backends
+        if not bs:
+            return ()
+        kh = self._key_hash(key)
+        mixed = [_mix64(kh ^ ih) for ih in self._ids]  # a hash of (key, backend id)
+        weights = self._weights
+        if weights is None:
+            scores: list[float] | list[int] = mixed
+        else:
+            log = math.log
+            scores = [
+                -w / log(((x >> 11) + 0.5) * _TO_UNIT) for w, x in zip(weights, mixed, strict=True)
+            ]
+        order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
+        return self._order(bs[order[0]], [bs[k] for k in order[1:]])
+
+    def __repr__(self) -> str:
+        return f"Rendezvous({self._n} backends)"
+
+
+ALGORITHMS: dict[
+    str,
+    type[KetamaRing] | type[Maglev] | type[Rendezvous],
+] = {"ring": KetamaRing, "maglev": Maglev, "rendezvous": Rendezvous}

@@ -1,0 +1,110 @@
+"""Policies that need no key: smooth weighted round robin, random, weighted random, first.
+
+Each returns candidates in preference order; the caller filters unhealthy and tried ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Iterable, Sequence
+
+from poise.models import Backend
+
+
+class SmoothWeightedRoundRobin:
+    """nginx's smooth weighted round robin: every pick adds each backend's weight to its
+    ``current``, takes the largest, and subtracts the total from it. Weights 5,1,1 give
+    ``a a b a c a a`` — never a burst of five ``a`` in a row — and over any window of
+    sum(weights) picks each backend gets its weight's share, give or take one. Weights can be
+    changed at run time (``set_weight``) without resetting the others' positions."""
+
+    __slots__ = ("_backends", "_current", "_total", "_weights")
+
+    def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
+        self._backends = tuple(backends)
+        self._weights = [b.weight for b in self._backends]
+        self._current = [0] * len(self._backends)
+        self._total = sum(self._weights)
+
+    def set_weight(self, index: int, weight: int) -> None:
+        self._total += weight - self._weights[index]
+        self._weights[index] = weight
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        n = len(self._backends)
+        if n == 0:
+            return ()
+        current, weights = self._current, self._weights
+        best = 0
+        for i in range(n):
+            current[i] += weights[i]
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self._total
+        b = self._backends
+        # the chosen one, then the others by how close they are to being chosen
+        rest = sorted((i for i in range(n) if i != best), key=lambda i: -current[i])
+        return (b[best], *(b[i] for i in rest))
+
+    def __repr__(self) -> str:
+        return f"SmoothWeightedRoundRobin(weights={self._weights})"
+
+
+class RandomPick:
+    """Uniform random first choice; then the ring order from it."""
+
+    __slots__ = ("_backends", "_rng")
+
+    def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
+        self._backends = tuple(backends)
+        self._rng = rng
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        b = self._backends
+        if not b:
+            return ()
+        start = self._rng.randrange(len(b))
+        return itertools.chain(itertools.islice(b, start, None), itertools.islice(b, start))
+
+    def __repr__(self) -> str:
+        return f"RandomPick({len(self._backends)} backends)"
+
+
+class WeightedRandom:
+    """First choice with probability weight/total (a bisect on cumulative weights)."""
+
+    __slots__ = ("_backends", "_cumulative", "_rng", "_total")
+
+    def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
+        self._backends = tuple(backends)
+        self._cumulative = list(itertools.accumulate(b.weight for b in self._backends))
+        self._total = self._cumulative[-1] if self._cumulative else 0
+        self._rng = rng
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        b = self._backends
+        if not b:
+            return ()
+        start = bisect.bisect_right(self._cumulative, self._rng.random() * self._total)
+        start = min(start, len(b) - 1)
+        return itertools.chain(itertools.islice(b, start, None), itertools.islice(b, start))
+
+    def __repr__(self) -> str:
+        return f"WeightedRandom({len(self._backends)} backends)"
+
+
+class First:
+    """Ordered failover: always the first usable backend in configuration order."""
+
+    __slots__ = ("_backends",)
+
+    def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
+        self._backends = tuple(backends)
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        return self._backends
+
+    def __repr__(self) -> str:
+        return f"First({len(self._backends)} backends)"

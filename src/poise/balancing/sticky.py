@@ -1,0 +1,55 @@
+"""Sticky sessions by cookie: a client that has been served by a backend keeps going to it.
+
+The cookie holds ``<backend id>.<HMAC-SHA256(secret, id), 16 bytes hex>``: clients cannot
+forge a pin to a backend of their choice, and several poise instances given the same secret
+agree. A request without a valid cookie, or pinned to a backend that is unhealthy (the
+caller skips it) or gone, is placed by the fallback policy and gets a new cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+from collections.abc import Iterable, Sequence
+
+from poise.balancing.base import Picker
+from poise.models import Backend
+
+
+class StickyPick:
+    __slots__ = ("_backends", "_by_value", "_fallback", "cookie", "values")
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        rng: random.Random,
+        fallback: Picker,
+        cookie: str,
+        secret: bytes,
+    ) -> None:
+        self._backends = tuple(backends)
+        self._fallback = fallback
+        self.cookie = cookie.encode("ascii")
+        # the cookie value that pins to each backend, by index
+        self.values = tuple(
+            b.id.encode()
+            + b"."
+            + hmac.new(secret, b.id.encode(), hashlib.sha256).hexdigest()[:32].encode()
+            for b in self._backends
+        )
+        self._by_value = dict(zip(self.values, self._backends, strict=True))
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        pinned = self._by_value.get(key) if key is not None else None
+        if pinned is None:
+            return self._fallback.candidates(None)
+        rest = [b for b in self._fallback.candidates(None) if b is not pinned]
+        return [pinned, *rest]
+
+    def set_cookie(self, backend: Backend) -> bytes:
+        """The Set-Cookie field value that pins a client to ``backend``."""
+        return self.cookie + b"=" + self.values[backend.index] + b"; Path=/; HttpOnly; SameSite=Lax"
+
+    def __repr__(self) -> str:
+        return f"StickyPick({self.cookie.decode()}, {len(self._backends)} backends)"

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from poise.cli import main
+from poise.config import parse_config
+from poise.simulate import simulate
+
+URLS = ["http://127.0.0.1:5001", "http://127.0.0.1:5002", "http://127.0.0.1:5003"]
+
+
+def config(policy: Any, backends: list[Any] | None = None) -> Any:
+    return parse_config({
+        "listeners": [{"listen": ":8080", "upstream": "api"}],
+        "upstreams": {"api": {"backends": backends or URLS, "policy": policy}},
+    })  # fmt: skip
+
+
+def test_round_robin_shares_equally() -> None:
+    shares = simulate(config("round_robin"), "api", 9000, {})
+    assert [s.requests for s in shares] == [3000, 3000, 3000]
+
+
+def test_weights_show_in_the_shares() -> None:
+    backends = [{"url": URLS[0], "weight": 3}, URLS[1], URLS[2]]
+    shares = simulate(config("weighted_round_robin", backends), "api", 5000, {})
+    assert [s.requests for s in shares] == [3000, 1000, 1000]
+
+
+@pytest.mark.parametrize("policy", ["peak_ewma", "least_conn", "p2c"])
+def test_a_slow_backend_gets_less_under_load_aware_policies(policy: str) -> None:
+    shares = simulate(config(policy), "api", 10000, {"127.0.0.1:5002": 50.0})
+    assert shares[1].fraction < 0.2
+    assert shares[1].requests > 0
+
+
+def test_hash_spreads_users() -> None:
+    shares = simulate(config("ip_hash"), "api", 10000, {})
+    assert all(0.2 < s.fraction < 0.5 for s in shares)
+
+
+def test_cli_prints_a_bar_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "listeners": [{"listen": ":8080", "upstream": "api"}],
+        "upstreams": {"api": {"backends": URLS, "policy": "least_conn"}},
+    }))  # fmt: skip
+    assert main(["simulate", "-c", str(path), "--requests", "3000",
+                 "--latency", "127.0.0.1:5003=40"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "policy least_conn, 3000 requests" in out
+    assert out.count("#") > 20
+    with pytest.raises(SystemExit):
+        main(["simulate", "-c", str(path), "--latency", "nonsense"])
