@@ -407,6 +407,9 @@ def haproxy_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
     return conf
 
 
+POISE_POLICY: object = "round_robin"  # set from --poise-policy
+
+
 def poise_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
     conf = tmp / "poise.json"
     conf.write_text(
@@ -419,6 +422,7 @@ def poise_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
                     "bench": {
                         "backends": [f"http://{LOOPBACK}:{b}" for b in backends],
                         "health_check": {"interval": "2s"},
+                        "policy": POISE_POLICY,
                     }
                 },
                 "proxy": {"x_forwarded": True},
@@ -849,6 +853,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds per scenario; medians shown (default 3)"
     )
+    p.add_argument(
+        "--poise-policy",
+        default="round_robin",
+        help='poise\'s balancing policy: a name or JSON, e.g. \'{"name": "p2c"}\'',
+    )
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results directory")
     p.add_argument(
         "--backend",
@@ -869,7 +878,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global POISE_POLICY
     args = parse_args(argv)
+    policy = args.poise_policy.strip()
+    POISE_POLICY = json.loads(policy) if policy.startswith("{") else policy
     if not shutil.which("wrk"):
         print("wrk is not installed: apt-get install -y nginx-light haproxy wrk", file=sys.stderr)
         return 2
@@ -921,8 +933,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {info['loadavg_start']} at start, {info['loadavg_end']} at end; "
         f"warm-up {args.warmup:g}s, measured {args.duration:g}s, {args.rounds} round(s) with "
         "the systems in rotating order, medians shown; "
-        f"proxy on cpu{CPU_PROXY}, backends + wrk on cpu{CPU_LOAD}"
-        + ("" if procs.pin else " (NOT pinned)"),
+        f"proxy on cpu{CPU_PROXY}, backends + wrk on cpu{CPU_LOAD}; "
+        f"poise policy {json.dumps(POISE_POLICY)}" + ("" if procs.pin else " (NOT pinned)"),
         "",
     ]
     for name in args.scenario_list:
@@ -943,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_s": args.warmup,
             "backend": args.backend,
             "rounds": args.rounds,
+            "poise_policy": POISE_POLICY,
         },
         "machine": info,
         "scenarios": {name: asdict(SCENARIOS[name]) for name in args.scenario_list},

@@ -7,7 +7,8 @@ from ``now`` (a callable returning the proxy's coarse clock), so the policies st
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 
 from poise.balancing.load import Load
 from poise.models import Backend
@@ -32,8 +33,13 @@ class LeastConn:
         start = self._next
         self._next = (start + 1) % n
         active = self._load.active
-        order = sorted(range(n), key=lambda i: (active[i] / b[i].weight, (i - start) % n))
-        return [b[i] for i in order]
+        best, best_cost = start, active[start] / b[start].weight
+        for k in range(start + 1, start + n):  # ring order from start: ties go round robin
+            i = k if k < n else k - n
+            cost = active[i] / b[i].weight
+            if cost < best_cost:
+                best, best_cost = i, cost
+        return chain((b[best],), _ByLoad(b, active, best, start))
 
     def __repr__(self) -> str:
         return f"LeastConn({self._load.active})"
@@ -63,11 +69,18 @@ class PowerOfTwo:
         n = len(b)
         if n < 2:
             return b
-        i, j = self._rng.sample(range(n), 2)
-        if self.score(j) > self.score(i):
+        rnd = self._rng.random
+        i = int(rnd() * n)
+        j = int(rnd() * (n - 1))
+        if j >= i:
+            j += 1
+        if self._bias == 1.0:
+            active = self._load.active  # weight/(active+1), compared without dividing
+            if b[j].weight * (active[i] + 1) > b[i].weight * (active[j] + 1):
+                i, j = j, i
+        elif self.score(j) > self.score(i):
             i, j = j, i
-        rest = [b[k] for k in range(n) if k not in (i, j)]
-        return [b[i], b[j], *rest]
+        return chain((b[i], b[j]), _Others(b, i, j))
 
     def __repr__(self) -> str:
         return f"PowerOfTwo({self._load.active})"
@@ -101,12 +114,48 @@ class PeakEwma:
         n = len(b)
         if n < 2:
             return b
-        i, j = self._rng.sample(range(n), 2)
+        i, j = _two(self._rng.random, n)
         now = self._now()
         if self.cost(j, now) < self.cost(i, now):
             i, j = j, i
-        rest = [b[k] for k in range(n) if k not in (i, j)]
-        return [b[i], b[j], *rest]
+        return chain((b[i], b[j]), _Others(b, i, j))
 
     def __repr__(self) -> str:
         return f"PeakEwma({self._load.active})"
+
+
+def _two(random: Callable[[], float], n: int) -> tuple[int, int]:
+    """Two distinct indexes in range(n), uniformly (cheaper than Random.sample)."""
+    i = int(random() * n)
+    j = int(random() * (n - 1))
+    return i, (j + 1 if j >= i else j)
+
+
+class _Others:
+    """The backends other than the two sampled, computed only if the caller gets that far
+    (it usually stops at the first)."""
+
+    __slots__ = ("_b", "_i", "_j")
+
+    def __init__(self, b: tuple[Backend, ...], i: int, j: int) -> None:
+        self._b, self._i, self._j = b, i, j
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter([x for k, x in enumerate(self._b) if k not in (self._i, self._j)])
+
+
+class _ByLoad:
+    """Least-conn fallbacks in order of load (ties in ring order), computed lazily."""
+
+    __slots__ = ("_active", "_b", "_best", "_start")
+
+    def __init__(self, b: tuple[Backend, ...], active: list[int], best: int, start: int) -> None:
+        self._b, self._active, self._best, self._start = b, active, best, start
+
+    def __iter__(self) -> Iterator[Backend]:
+        b, active, n, start = self._b, self._active, len(self._b), self._start
+        order = sorted(
+            (i for i in range(n) if i != self._best),
+            key=lambda i: (active[i] / b[i].weight, (i - start) % n),
+        )
+        return iter([b[i] for i in order])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from poise.models import Backend
 
@@ -44,12 +44,23 @@ class SmoothWeightedRoundRobin:
                 best = i
         current[best] -= self._total
         b = self._backends
-        # the chosen one, then the others by how close they are to being chosen
-        rest = sorted((i for i in range(n) if i != best), key=lambda i: -current[i])
-        return (b[best], *(b[i] for i in rest))
+        # the chosen one, then (only if asked for) the others by how close they are to it
+        return itertools.chain((b[best],), _ByCurrent(b, list(current), best))
 
     def __repr__(self) -> str:
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
+
+
+class _ByCurrent:
+    __slots__ = ("_b", "_best", "_current")
+
+    def __init__(self, b: tuple[Backend, ...], current: list[int], best: int) -> None:
+        self._b, self._current, self._best = b, current, best
+
+    def __iter__(self) -> Iterator[Backend]:
+        cur = self._current
+        rest = sorted((i for i in range(len(self._b)) if i != self._best), key=lambda i: -cur[i])
+        return iter([self._b[i] for i in rest])
 
 
 class RandomPick:
