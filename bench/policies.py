@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from poise.balancing import Load, build, needs_load
+from poise.balancing import build, new_load
 from poise.config.model import PolicyConfig
 from poise.models import Backend
 
@@ -48,7 +48,7 @@ def pick_cost(policy: PolicyConfig, n: int, picks: int) -> float:
         for i in range(n)
     ]  # fmt: skip
     rng = random.Random(1)
-    load = Load(n) if needs_load(policy) else None
+    load = new_load(policy, n)
     picker = build(policy, backends, rng, load, time.monotonic)
     keys = [f"user-{i}".encode() for i in range(1024)]
     best = float("inf")

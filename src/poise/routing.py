@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from poise.balancing import KeySource, Load, Picker, StickyPick, build, needs_load
+from poise.balancing import KeySource, Load, Picker, StickyPick, build, new_load
 from poise.config.model import Config, UpstreamConfig
 from poise.models import Backend, authority_of
 
@@ -99,7 +99,7 @@ def build_table(config: Config, rng: random.Random) -> RoutingTable:
     groups: dict[str, Group] = {}
     for name, up in config.upstreams.items():
         backends = make_backends(up)
-        load = Load(len(backends)) if needs_load(up.policy) else None
+        load = new_load(up.policy, len(backends))
         picker = build(up.policy, backends, rng, load, time.monotonic)
         key = KeySource.parse(up.policy.key) if up.policy.key else None
         sticky = picker if isinstance(picker, StickyPick) else None

@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from poise.balancing import Load, build, needs_load
+from poise.balancing import build, new_load
 from poise.config.model import Config
 from poise.routing import make_backends
 
@@ -44,7 +44,7 @@ def simulate(
     backends = make_backends(group)
     rng = random.Random(seed)
     now = [0.0]
-    load = Load(len(backends)) if needs_load(group.policy) else None
+    load = new_load(group.policy, len(backends))
     picker = build(group.policy, backends, rng, load, lambda: now[0])
     latency = [latency_ms.get(b.authority, latency_ms.get(b.url, 1.0)) / 1000.0 for b in backends]
     keyed = group.policy.key is not None

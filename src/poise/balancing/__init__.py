@@ -44,7 +44,16 @@ __all__ = [
     "StickyPick",
     "build",
     "needs_load",
+    "new_load",
 ]
+
+
+def new_load(policy: PolicyConfig, n: int) -> Load | None:
+    """The Load a policy reads, or None; latency is tracked only for peak_ewma."""
+    if not needs_load(policy):
+        return None
+    name = policy.fallback if policy.name in WITH_FALLBACK else policy.name
+    return Load(n, latency=name == "peak_ewma")
 
 
 def needs_load(policy: PolicyConfig) -> bool:
@@ -62,8 +71,8 @@ def build(
     now: Callable[[], float] | None = None,
 ) -> Picker:
     name = policy.name
-    if load is None and needs_load(policy):
-        load = Load(len(backends))
+    if load is None:
+        load = new_load(policy, len(backends))
     if name == "round_robin":
         return RoundRobin(backends, rng)
     if name == "weighted_round_robin":

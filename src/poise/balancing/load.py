@@ -20,12 +20,14 @@ FAILURE_PENALTY = 1.0  # seconds of latency charged for a failed request
 
 
 class Load:
-    __slots__ = ("active", "ewma", "stamp")
+    __slots__ = ("active", "ewma", "latency", "stamp")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, latency: bool = True) -> None:
         self.active = [0] * n
         self.ewma = [0.0] * n
         self.stamp = [0.0] * n
+        # whether anyone reads latency: if not, the proxy does not time requests for it
+        self.latency = latency
 
     def started(self, i: int) -> None:
         self.active[i] += 1

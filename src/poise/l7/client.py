@@ -585,10 +585,12 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.stats.retries += 1
         ex.tried = (*tried, backend)
         ex.backend = backend
-        if group.load is not None:
-            group.load.started(backend.index)
-            ex.load = group.load
-            ex.sent_at = time.monotonic()
+        load = group.load
+        if load is not None:
+            load.active[backend.index] += 1
+            ex.load = load
+            if load.latency:
+                ex.sent_at = time.monotonic()
         pool = self.ctx.pools[group.name][backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
@@ -889,5 +891,8 @@ def _settle(ex: Exchange, *, ok: bool) -> None:
     load = ex.load
     if load is not None and ex.backend is not None:
         ex.load = None
-        now = time.monotonic()
-        load.finished(ex.backend.index, now - ex.sent_at, ok, now)
+        if load.latency:
+            now = time.monotonic()
+            load.finished(ex.backend.index, now - ex.sent_at, ok, now)
+        elif load.active[ex.backend.index] > 0:
+            load.active[ex.backend.index] -= 1
