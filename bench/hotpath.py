@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -61,11 +62,12 @@ class FakeTransport:
         pass
 
 
-async def main(n: int) -> None:
+async def main(n: int, policy: object = "round_robin") -> None:
+    backends = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     config = parse_config(
         {
             "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
-            "upstreams": {"u": {"backends": ["http://127.0.0.1:1", "http://127.0.0.1:2"]}},
+            "upstreams": {"u": {"backends": backends, "policy": policy}},
         }
     )
     import random
@@ -102,4 +104,7 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100_000)
-    asyncio.run(main(ap.parse_args().requests))
+    ap.add_argument("--policy", default="round_robin", help="a name or JSON")
+    args = ap.parse_args()
+    policy = json.loads(args.policy) if args.policy.startswith("{") else args.policy
+    asyncio.run(main(args.requests, policy))
