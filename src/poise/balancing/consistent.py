@@ -64,6 +64,9 @@ class LoadView(Protocol):
     active: list[int]
 
 
+KEY_CACHE_SIZE = 4096  # key hashes remembered per picker
+
+
 def hash64(data: bytes, person: bytes = b"") -> int:
     """A stable, well mixed 64-bit hash (BLAKE2b); ``person`` makes independent variants."""
     return int.from_bytes(blake2b(data, digest_size=8, person=person).digest(), "big")
@@ -81,7 +84,7 @@ def _mix64(x: int) -> int:
 class _Consistent:
     """What the three share: the backends, the keyless rule and bounded load."""
 
-    __slots__ = ("_backends", "_factor", "_load", "_n", "_rng")
+    __slots__ = ("_backends", "_factor", "_hash_cache", "_load", "_n", "_rng")
 
     def __init__(
         self,
@@ -95,9 +98,20 @@ class _Consistent:
         self._rng = rng
         self._load = load if balance_factor is not None else None
         self._factor = float(balance_factor or 0.0)
+        self._hash_cache: dict[bytes, int] = {}
 
     def _key_hash(self, key: bytes | None) -> int:
-        return self._rng.getrandbits(64) if key is None else hash64(key)
+        if key is None:
+            return self._rng.getrandbits(64)
+        # The same keys come back (users, sessions): remember their hashes, bounded.
+        cache = self._hash_cache
+        h = cache.get(key)
+        if h is None:
+            h = hash64(key)
+            if len(cache) >= KEY_CACHE_SIZE:
+                cache.clear()
+            cache[key] = h
+        return h
 
     def _order(self, first: Backend, rest: Iterable[Backend]) -> Iterable[Backend]:
         """``first`` then ``rest``, with bounded load applied when configured."""
