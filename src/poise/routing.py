@@ -38,10 +38,6 @@ class Group:
             self.sticky,
         )  # fmt: skip
 
-    @property
-    def any_up(self) -> bool:
-        return any(self.up)
-
 
 @dataclass(frozen=True, slots=True)
 class Route:

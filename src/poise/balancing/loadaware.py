@@ -69,7 +69,7 @@ class PowerOfTwo:
         n = len(b)
         if n < 2:
             return b
-        rnd = self._rng.random
+        rnd = self._rng.random  # _two(), inlined: p2c is meant to cost under a microsecond
         i = int(rnd() * n)
         j = int(rnd() * (n - 1))
         if j >= i:

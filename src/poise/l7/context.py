@@ -179,9 +179,6 @@ class Context:
             return False
         return any(ip in net for net in self.trusted)
 
-    def pool_for(self, group: str, index: int) -> Pool[UpstreamConnection]:
-        return self.pools[group][index]
-
     def close_idle_clients(self) -> int:
         """For draining: close every client connection with nothing in flight."""
         n = 0
