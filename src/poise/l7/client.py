@@ -36,11 +36,17 @@ import httptools
 
 from poise.balancing import keys
 from poise.l7 import http
+from poise.l7.request import (
+    Exchange,
+    Reject,
+    forwarding_fields,
+    origin_form,
+    settle,
+)
 from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from poise.balancing import Load, StickyPick
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
@@ -54,59 +60,6 @@ _INF = float("inf")
 _HOSTS_SEEN: set[bytes] = set()  # Host values already validated (bounded)
 _PAUSE_UPSTREAM = 1  # client reading paused: the upstream cannot take more request body
 _PAUSE_QUEUE = 2  # client reading paused: too much held for queued requests
-
-
-class Reject(Exception):
-    """Raised inside a parser callback to refuse the request."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class Exchange:
-    """One request and its response.
-
-    No ``__slots__`` on purpose: most fields keep their class-level default for the whole
-    exchange, and an instance that only stores what differs is three times cheaper to create
-    than one that assigns twenty slots (this is made once per request).
-    """
-
-    method = b""
-    target = b""
-    host = b""
-    head = b""
-    http10 = False
-    keep_alive = True
-    is_head = False
-    chunked = False
-    has_body = False
-    pending: tuple[bytes, ...] = ()  # body pieces held until an upstream is attached
-    pending_bytes = 0
-    body_bytes = 0  # request body bytes received so far
-    body_started = 0.0  # clock reading when the head was complete, if there is a body
-    request_done = False
-    response_done = False
-    response_started = False
-    started = False
-    error: bytes | None = None  # a canned response to send instead of proxying
-    upstream: UpstreamConnection | None = None
-    group: Group | None = None
-    backend: Backend | None = None
-    tried: tuple[Backend, ...] = ()
-    stale_retries = 0
-    upgrade: bytes | None = None  # the Upgrade value forwarded (a WebSocket handshake, say)
-    headers: list[bytes] = []
-    client: bytes | None = None  # the client address from a trusted proxy's chain
-    status = 0  # the backend's final status
-    load: Load | None = None  # the group's load, while this exchange counts in it
-    sticky: StickyPick | None = None  # set: the response may need to (re)pin the client
-    sticky_key: bytes | None = None
-    sent_at = 0.0
-
-    def __repr__(self) -> str:
-        return f"Exchange({self.method.decode()} {self.target[:80]!r})"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -203,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream = None
                 up.abandon()
             if ex.load is not None:
-                _settle(ex, ok=True)  # the client left: nothing against the backend
+                settle(ex, ok=True)  # the client left: nothing against the backend
         self.queue.clear()
         self.parser = None
 
@@ -362,7 +315,7 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = parser.should_keep_alive()
         target = ex.target
         if target[:1] != b"/":
-            target = self._origin_form(ex, method, target)
+            target = origin_form(ex, method, target)
         if not ex.host and not ex.http10:
             raise Reject(400, "Bad Request")
 
@@ -415,7 +368,9 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = _INF
         if self._fwd is not None or ctx.forwarded or ctx.via or not ctx.x_forwarded:
             ex.head = b"".join(
-                (method, b" ", target, b" HTTP/1.1\r\n", *self._forwarding(host, headers),
+                (method, b" ", target, b" HTTP/1.1\r\n",
+                 *forwarding_fields(ctx, ex, peer=self.peer, trusted=self.trusted, fwd=self._fwd,
+                                   host=host, headers=headers),
                  framing, CRLF)
             )  # fmt: skip
         elif host:
@@ -474,70 +429,6 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
 
     # -- exchange lifecycle ----------------------------------------------------------------
-
-    def _forwarding(self, host: bytes, headers: list[bytes]) -> list[bytes]:
-        """Host, the client's fields, then the forwarding fields (the general path).
-
-        From an untrusted peer X-Forwarded-* and Forwarded are replaced; from a trusted proxy
-        (``proxy.trusted_proxies``) X-Forwarded-For and Forwarded are appended to, and
-        X-Forwarded-Proto/-Host kept. With ``x_forwarded`` off the client's X-Forwarded-* pass
-        through untouched (someone else owns them)."""
-        ctx = self.ctx
-        out = [b"Host: ", host, CRLF] if host else []
-        out += headers
-        got: dict[bytes, bytes] = {}
-        for lname, name, value in self._fwd or ():
-            if not ctx.x_forwarded and (lname != b"forwarded" or not ctx.forwarded):
-                out += (name, b": ", value, CRLF)  # not ours to judge: passed through
-            elif lname in got:
-                got[lname] += b", " + value
-            else:
-                got[lname] = value
-        if not self.trusted:
-            got = {}
-        elif b"x-forwarded-for" in got:
-            addr = http.client_address(
-                self.peer.decode(), [got[b"x-forwarded-for"].decode("latin-1")], ctx.trusted
-            )
-            if self.cur is not None:  # hashing on "ip" uses the real client, not the proxy
-                self.cur.client = addr.encode("latin-1")
-        if ctx.x_forwarded:
-            xff = got.get(b"x-forwarded-for")
-            out += (b"X-Forwarded-For: ", xff + b", " + self.peer if xff else self.peer, CRLF)
-            out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", b"http"), CRLF)
-            fhost = got.get(b"x-forwarded-host", host)
-            if fhost:
-                out += (b"X-Forwarded-Host: ", fhost, CRLF)
-        if ctx.forwarded:
-            node = b'"[' + self.peer + b']"' if b":" in self.peer else self.peer
-            element = b"for=" + node + b";proto=http"
-            if host:
-                element += b';host="' + host + b'"'
-            prior = got.get(b"forwarded")
-            out += (b"Forwarded: ", prior + b", " + element if prior else element, CRLF)
-        if ctx.via:
-            out.append(b"Via: 1.1 poise\r\n")
-        return out
-
-    def _origin_form(self, ex: Exchange, method: bytes, target: bytes) -> bytes:
-        """Absolute-form (RFC 9112 §3.2.2): route and forward by the URI's authority."""
-        low = target[:8].lower()
-        if low.startswith(b"http://") or low.startswith(b"https://"):
-            rest = target[target.index(b"//") + 2 :]
-            slash = rest.find(b"/")
-            query = rest.find(b"?")
-            cut = min(i for i in (slash, query, len(rest)) if i >= 0)
-            authority, path = rest[:cut], rest[cut:]
-            if not authority or not http.HOST_RE.fullmatch(authority):
-                raise Reject(400, "Bad Request")
-            ex.host = authority
-            ex.target = b"/" + path if path[:1] != b"/" else path
-            return ex.target
-        if method == b"CONNECT":
-            raise Reject(405, "Method Not Allowed")
-        if target == b"*" and method == b"OPTIONS":
-            return target
-        raise Reject(400, "Bad Request")
 
     def _start(self, ex: Exchange) -> None:
         ex.started = True
@@ -624,7 +515,7 @@ class ClientConnection(asyncio.Protocol):
             ctx.stats.upstream_connect_errors += 1
             log.debug("connect to %s failed: %r", backend.authority, exc)
             if ex.load is not None:
-                _settle(ex, ok=False)
+                settle(ex, ok=False)
             if not self.closed and self.queue and self.queue[0] is ex:
                 # nothing was sent: another backend may take it
                 self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
@@ -651,7 +542,7 @@ class ClientConnection(asyncio.Protocol):
         """The upstream connection of ``ex`` failed. Called by UpstreamConnection."""
         ex.upstream = None
         if ex.load is not None:
-            _settle(ex, ok=False)
+            settle(ex, ok=False)
         if self.closed:
             return
         if ex.response_started:
@@ -684,7 +575,7 @@ class ClientConnection(asyncio.Protocol):
         ex.response_done = True
         ex.upstream = None
         if ex.load is not None:
-            _settle(ex, ok=ex.status < 500 and ex.status != 429)
+            settle(ex, ok=ex.status < 500 and ex.status != 429)
         ctx = self.ctx
         ctx.stats.responses += 1
         if ex.request_done:
@@ -714,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading = False
         for ex in self.queue:
             if ex.load is not None:
-                _settle(ex, ok=True)
+                settle(ex, ok=True)
         self.queue.clear()
         self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
         ctx.clients.discard(self)
@@ -884,15 +775,3 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
-
-
-def _settle(ex: Exchange, *, ok: bool) -> None:
-    """Take ``ex`` out of its group's load figures (once), with its latency and outcome."""
-    load = ex.load
-    if load is not None and ex.backend is not None:
-        ex.load = None
-        if load.latency:
-            now = time.monotonic()
-            load.finished(ex.backend.index, now - ex.sent_at, ok, now)
-        elif load.active[ex.backend.index] > 0:
-            load.active[ex.backend.index] -= 1

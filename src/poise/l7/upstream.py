@@ -34,8 +34,9 @@ import httptools
 from poise.l7 import http
 
 if TYPE_CHECKING:
-    from poise.l7.client import ClientConnection, Exchange
+    from poise.l7.client import ClientConnection
     from poise.l7.context import Context
+    from poise.l7.request import Exchange
     from poise.models import Backend
     from poise.upstream.pool import Pool
 
