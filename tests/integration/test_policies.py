@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from poise.testing import HttpBackend, RecordedRequest, Response
-from tests.integration.support import running
+from tests.integration.support import exchange, running
 
 
 def doc(urls: list[str], policy: Any) -> dict[str, Any]:
@@ -129,3 +129,25 @@ async def test_sticky_cookie_keeps_a_client_on_one_backend_and_restick_when_it_d
     finally:
         for b in backends:
             await b.stop()
+
+
+async def test_load_counts_return_to_zero_after_refused_and_aborted_requests() -> None:
+    async with (
+        HttpBackend(name="a") as a,
+        running(doc([a.url], "least_conn")) as (server, url),
+    ):
+        # the head goes out before the body breaks the chunked framing: 400, upstream dropped
+        answer = await exchange(
+            url,
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+            bytewise=True,
+        )
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert server.ctx is not None
+        load = server.ctx.table.groups["app"].load
+        assert load is not None
+        for _ in range(100):
+            if load.active == [0]:
+                break
+            await asyncio.sleep(0.02)
+        assert load.active == [0]

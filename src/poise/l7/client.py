@@ -151,12 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.ctx.clients.discard(self)
         for ex in self.queue:
-            up = ex.upstream
-            if up is not None:
-                ex.upstream = None
-                up.abandon()
-            if ex.load is not None:
-                settle(ex, ok=True)  # the client left: nothing against the backend
+            _abandon(ex)
         self.queue.clear()
         self.parser = None
 
@@ -670,10 +665,7 @@ class ClientConnection(asyncio.Protocol):
         if cur is not None and cur in self.queue and cur.started:
             # Its head was fine but its body broke framing mid-way: the upstream has part of
             # a request, so that connection is abandoned.
-            up = cur.upstream
-            if up is not None:
-                cur.upstream = None
-                up.abandon()
+            _abandon(cur)
             if cur.response_started:
                 self.close()
                 return
@@ -715,10 +707,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_deadline = _INF
         self.ctx.stats.client_timeouts += 1
         for ex in self.queue:
-            up = ex.upstream
-            if up is not None:
-                ex.upstream = None
-                up.abandon()
+            _abandon(ex)
         if self.transport is not None and not self.closed:
             self.closed = True
             self.parser = None
@@ -734,10 +723,7 @@ class ClientConnection(asyncio.Protocol):
         if self.in_body and self.queue and not self.queue[-1].response_started:
             # A request body that stopped arriving (slow POST): answer if nothing was sent.
             ex = self.queue[-1]
-            up = ex.upstream
-            if up is not None:
-                ex.upstream = None
-                up.abandon()
+            _abandon(ex)
             if len(self.queue) == 1:
                 assert self.transport is not None
                 self.transport.write(
@@ -775,3 +761,15 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
+
+
+def _abandon(ex: Exchange) -> None:
+    """``ex`` will get no (more) response: drop its upstream connection, whose state is now
+    unknown, and take it out of the load figures. The client went away or broke the rules,
+    so nothing counts against the backend."""
+    up = ex.upstream
+    if up is not None:
+        ex.upstream = None
+        up.abandon()
+    if ex.load is not None:
+        settle(ex, ok=True)
