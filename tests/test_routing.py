@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 from poise.config import parse_config
+from poise.health.status import View
 from poise.routing import RoutingTable, build_table
 
 
@@ -45,7 +46,7 @@ def test_single_catch_all_listener_is_precomputed() -> None:
 def test_health_update_is_a_new_table_sharing_the_picker() -> None:
     t = table_for([{"upstream": "b"}])
     g = t.groups["b"]
-    t2 = t.with_group(g.with_health((True, False)))
+    t2 = t.with_group(g.with_view(View((True, False))))
     assert t.groups["b"].up == (True, True)  # the old table is untouched
     assert t2.groups["b"].up == (True, False)
     assert t2.groups["b"].picker is g.picker

@@ -10,6 +10,7 @@ each, the longest path prefix wins; a prefix matches on segment boundaries ("/ap
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Mapping
@@ -18,7 +19,10 @@ from types import MappingProxyType
 
 from poise.balancing import KeySource, Load, Picker, StickyPick, build, new_load
 from poise.config.model import Config, UpstreamConfig
+from poise.health.passive import Outliers
+from poise.health.status import GroupStatus, View
 from poise.models import Backend, authority_of
+from poise.upstream.limits import Admission
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +35,23 @@ class Group:
     load: Load | None = None  # in flight / latency, for the policies that read it
     key: KeySource | None = None  # where hashing policies find their key
     sticky: StickyPick | None = None  # the picker again, when responses must set its cookie
+    # passive health: the proxy reports outcomes here (None when passive checks are off)
+    outliers: Outliers | None = None
+    admission: Admission | None = None  # request limits and queue (None: no limits)
+    # the rest of the view (health/status.py): draining backends sticky clients may still
+    # reach, slow-start shares, panic mode
+    sticky_ok: tuple[bool, ...] | None = None
+    ramp: tuple[float, ...] | None = None
+    panic: bool = False
+    # dispatch must look beyond ``up`` (drain, slow start, limits): the slow path
+    special: bool = False
+    retry_statuses: frozenset[int] = frozenset()
 
-    def with_health(self, up: tuple[bool, ...]) -> Group:
-        return Group(
-            self.name, self.config, self.backends, self.picker, up, self.load, self.key,
-            self.sticky,
+    def with_view(self, view: View) -> Group:
+        special = view.sticky_ok is not None or view.ramp is not None or self.admission is not None
+        return dataclasses.replace(
+            self, up=view.up, sticky_ok=view.sticky_ok, ramp=view.ramp, panic=view.panic,
+            special=special,
         )  # fmt: skip
 
 
@@ -91,15 +107,37 @@ def make_backends(upstream: UpstreamConfig) -> tuple[Backend, ...]:
     )
 
 
-def build_table(config: Config, rng: random.Random) -> RoutingTable:
+def _limited(up: UpstreamConfig) -> bool:
+    return bool(up.limits.max_requests_per_backend or up.limits.max_requests)
+
+
+def build_table(
+    config: Config,
+    rng: random.Random,
+    statuses: Mapping[str, GroupStatus] | None = None,
+) -> RoutingTable:
+    """The table for ``config``; each group's view comes from ``statuses`` (its facts), or
+    everything is up."""
     groups: dict[str, Group] = {}
     for name, up in config.upstreams.items():
         backends = make_backends(up)
         load = new_load(up.policy, len(backends))
+        if load is None and _limited(up):
+            load = Load(len(backends), latency=False)  # limits need the in-flight counts
         picker = build(up.policy, backends, rng, load, time.monotonic)
         key = KeySource.parse(up.policy.key) if up.policy.key else None
         sticky = picker if isinstance(picker, StickyPick) else None
-        groups[name] = Group(name, up, backends, picker, (True,) * len(backends), load, key, sticky)
+        status = statuses[name] if statuses is not None else GroupStatus(up)
+        admission = None
+        if _limited(up):
+            admission = Admission(name, up.limits)
+        group = Group(
+            name, up, backends, picker, (True,) * len(backends), load, key, sticky,
+            outliers=status.outliers if up.passive.enabled else None,
+            admission=admission,
+            retry_statuses=frozenset(up.retry.statuses),
+        )  # fmt: skip
+        groups[name] = group.with_view(status.view(time.monotonic()))
     routes: dict[str, tuple[Route, ...]] = {}
     catch_all: dict[str, str] = {}
     for listener in config.listeners:

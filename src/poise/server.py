@@ -13,13 +13,18 @@ import logging
 import random
 import signal
 import socket
+import time
 from typing import Any
 
 from poise.config.model import Config
+from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker
+from poise.health.status import View
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
-from poise.routing import build_table
+from poise.routing import build_table, make_backends
+
+BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
 log = logging.getLogger("poise.server")
 
@@ -28,7 +33,9 @@ class Server:
     def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.rng = rng or random.Random()
-        self.table = build_table(config, self.rng)
+        backends = {name: make_backends(up) for name, up in config.upstreams.items()}
+        self.board = HealthBoard(config.upstreams, backends, time.monotonic)
+        self.table = build_table(config, self.rng, self.board.statuses)
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
         self.listeners: list[asyncio.Server] = []
@@ -40,16 +47,35 @@ class Server:
         self._stop.set()
 
     def publish_health(self, group: str, up: tuple[bool, ...]) -> None:
-        ctx = self.ctx
-        assert ctx is not None
-        table = ctx.table
-        ctx.table = table.with_group(table.groups[group].with_health(up))
-        if not any(up):
-            log.error("upstream %s has no healthy backend", group)
+        """The active checks' verdicts for ``group`` (called by its GroupChecker)."""
+        self.board.active(group, up)
+
+    def set_backend_state(self, group: str, backend: str, state: str) -> None:
+        """Operator state of a backend ("http://host:port" or "host:port"): "enabled",
+        "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
+        self.board.set_state(group, backend, state)
+
+    def _install(self, group: str, view: View) -> None:
+        """Swap in a routing table with ``group``'s new view: one assignment."""
+        table = self.ctx.table if self.ctx is not None else self.table
+        new = table.with_group(table.groups[group].with_view(view))
+        if self.ctx is not None:
+            self.ctx.table = new
+        self.table = new
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(BOARD_TICK)
+            self.board.tick()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx = Context(self.config, self.table, loop)
+        for group in self.table.groups.values():
+            if group.admission is not None:
+                group.admission.set_scheduler(loop.call_soon)
+        self.board.install = self._install
+        ctx.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
         # after the first health round.
         await self._bind(loop, ctx)
@@ -57,6 +83,7 @@ class Server:
         tasks: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as tg:
+                tasks.append(tg.create_task(self._maintain(), name="health:board"))
                 for name, group in self.table.groups.items():
                     hc = group.config.health_check
                     if not hc.enabled:
@@ -137,6 +164,7 @@ class Server:
             "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
             "proxy": self.ctx.statistics() if self.ctx else {},
             "health": {c.group: c.statistics() for c in self.checkers},
+            "backends": self.board.statistics(),
         }
 
     def __repr__(self) -> str:

@@ -56,6 +56,17 @@ from poise.config.model import (
     TimeoutConfig,
     UpstreamConfig,
 )
+from poise.config.resilience import (
+    check_backend_state,
+    check_fraction,
+    check_percent,
+    check_probe_headers,
+    check_regex,
+    non_negative_duration,
+    passive,
+    retry,
+    upstream_limits,
+)
 from poise.config.values import (
     describe_type,
     normalize_route_host,
@@ -79,8 +90,18 @@ _FULL_KEYS = ("listeners", "upstreams")
 _SHARED_KEYS = ("timeouts", "proxy", "limits", "log")
 _LISTENER_KEYS = ("name", "listen", "routes", "upstream")
 _ROUTE_KEYS = ("host", "path", "upstream")
-_UPSTREAM_KEYS = ("backends", "policy", "health_check", "pool")
-_BACKEND_KEYS = ("url", "weight")
+_UPSTREAM_KEYS = (
+    "backends",
+    "policy",
+    "health_check",
+    "pool",
+    "passive",
+    "retry",
+    "limits",
+    "panic_threshold",
+    "slow_start",
+)
+_BACKEND_KEYS = ("url", "weight", "state")
 _HEALTH_KEYS = (
     "enabled",
     "type",
@@ -92,6 +113,12 @@ _HEALTH_KEYS = (
     "timeout",
     "rise",
     "fall",
+    "headers",
+    "body",
+    "port",
+    "jitter",
+    "unhealthy_interval",
+    "history",
 )
 _POOL_KEYS = ("max_idle", "idle_timeout")
 _TIMEOUT_KEYS = (
@@ -257,6 +284,11 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         else PolicyConfig(),
         health_check=_health_check(c, obj.get("health_check"), key_path(path, "health_check")),
         pool=_pool(c, obj.get("pool"), key_path(path, "pool")),
+        passive=passive(c, obj.get("passive"), key_path(path, "passive")),
+        retry=retry(c, obj.get("retry"), key_path(path, "retry")),
+        limits=upstream_limits(c, obj.get("limits"), key_path(path, "limits")),
+        panic_threshold=c.field(obj, "panic_threshold", path, check_percent, 50),
+        slow_start=c.field(obj, "slow_start", path, non_negative_duration, 0.0),
     )
 
 
@@ -265,7 +297,7 @@ def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]
     seen: dict[tuple[str, str, int], int] = {}
     for i, item in enumerate(c.items(value, path)):
         ipath = f"{path}[{i}]"
-        url_path, weight = ipath, 1
+        url_path, weight, state = ipath, 1, "enabled"
         if isinstance(item, Mapping):
             obj = c.mapping(item, ipath, _BACKEND_KEYS)
             if obj is None:
@@ -273,6 +305,7 @@ def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]
             url_path = key_path(ipath, "url")
             url = c.required(obj, "url", ipath, check_str)
             weight = c.field(obj, "weight", ipath, check_weight, 1)
+            state = c.field(obj, "state", ipath, check_backend_state, "enabled")
         elif isinstance(item, str):
             url = item
         else:
@@ -290,7 +323,7 @@ def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]
             continue
         seen[parsed] = i
         scheme, host, port = parsed
-        result.append(BackendConfig(url=url, scheme=scheme, host=host, port=port, weight=weight))
+        result.append(BackendConfig(url, scheme, host, port, weight, state))
     return tuple(result)
 
 
@@ -390,6 +423,10 @@ def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
         return default
     enabled = c.field(obj, "enabled", path, check_bool, default.enabled)
     kind = c.field(obj, "type", path, choice("http", "tcp"), default.type)
+    if kind == "tcp":
+        for key in ("method", "path", "host", "expected_status", "headers", "body"):
+            if key in obj:
+                c.error(key_path(path, key), "applies only to http checks, not to type 'tcp'")
     method = c.field(obj, "method", path, check_method, default.method)
     url_path = c.field(obj, "path", path, check_url_path, default.path)
     host = c.field(obj, "host", path, check_host_header, None)
@@ -417,6 +454,12 @@ def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
         timeout=min(default.timeout, interval) if timeout is None else timeout,
         rise=c.field(obj, "rise", path, int_in(1), default.rise),
         fall=c.field(obj, "fall", path, int_in(1), default.fall),
+        headers=c.field(obj, "headers", path, check_probe_headers, ()),
+        body=c.field(obj, "body", path, check_regex, None),
+        port=c.field(obj, "port", path, int_in(1, 65535), None),
+        jitter=c.field(obj, "jitter", path, check_fraction, default.jitter),
+        unhealthy_interval=c.field(obj, "unhealthy_interval", path, positive_duration, None),
+        history=c.field(obj, "history", path, int_in(1, 1000), default.history),
     )
 
 

@@ -17,6 +17,9 @@ class BackendConfig:
     host: str  # "localhost" (IPv6 without brackets)
     port: int  # 5001 (default 80 for http)
     weight: int = 1
+    # operator state, separate from health: enabled | drain (no new requests but sticky
+    # ones; in-flight ones finish) | maint (no requests at all)
+    state: str = "enabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,48 @@ class HealthCheckConfig:
     timeout: float = 1.0
     rise: int = 1
     fall: int = 1
+    headers: tuple[tuple[str, str], ...] = ()  # extra request header fields (http)
+    body: str | None = None  # regex the response body must contain (searched, first 64 KiB)
+    port: int | None = None  # probe this port instead of the backend's
+    jitter: float = 0.1  # each wait is interval ± this fraction of it
+    unhealthy_interval: float | None = None  # probe DOWN backends this often; None = interval
+    history: int = 10  # probe results kept per backend (for the admin API and dashboard)
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveConfig:
+    """Outlier ejection from live traffic (Envoy's consecutive-errors detector)."""
+
+    enabled: bool = True
+    # connect errors, resets, timeouts and the ``statuses`` below, in a row
+    consecutive_failures: int = 5
+    statuses: tuple[tuple[int, int], ...] = ()  # response statuses counted as failures
+    base_ejection: float = 30.0  # ejection n lasts base_ejection * n ...
+    max_ejection: float = 300.0  # ... up to this
+    max_ejected_percent: int = 50  # never eject more than this share of a group at once
+    retry_after: bool = True  # a 503 with Retry-After ejects the backend for that long
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = 3  # tries in total, the first included; each goes to another backend
+    # when to try again: "connect" (never reached a backend: any method), "reset" (connection
+    # lost before any response byte), "timeout" (no response within the per-try timeout)
+    on: tuple[str, ...] = ("connect", "reset", "timeout")
+    statuses: tuple[int, ...] = ()  # also retry these responses (e.g. 502, 503, 504)
+    per_try_timeout: float | None = None  # None = timeouts.upstream_response
+    idempotency_key: bool = False  # a request with an Idempotency-Key header may be retried
+    budget_percent: int = 20  # retries in flight <= this share of requests in flight ...
+    budget_min: int = 3  # ... but this many concurrent retries are always allowed
+    max_body: int = 64 * 1024  # request bodies up to this size are kept for a retry
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLimitsConfig:
+    max_requests_per_backend: int = 0  # concurrent requests per backend; 0 = no limit
+    max_requests: int = 0  # concurrent requests for the whole group; 0 = no limit
+    max_pending: int = 1024  # requests waiting for a free slot; beyond -> 503
+    queue_timeout: float = 5.0  # longest wait for a slot; then 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +109,13 @@ class UpstreamConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    passive: PassiveConfig = field(default_factory=PassiveConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    limits: UpstreamLimitsConfig = field(default_factory=UpstreamLimitsConfig)
+    # below this share (percent) of usable backends healthy, route across all of them rather
+    # than overload the few (Envoy's panic mode); 0 = never
+    panic_threshold: int = 50
+    slow_start: float = 0.0  # seconds over which a (re)joining backend ramps up; 0 = off
 
 
 @dataclass(frozen=True, slots=True)

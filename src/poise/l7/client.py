@@ -44,12 +44,13 @@ from poise.l7.request import (
     settle,
 )
 from poise.l7.tunnel import Tunnel
-from poise.l7.upstream import UpstreamConnection
+from poise.l7.upstream import UpstreamConnection, describe_error
 
 if TYPE_CHECKING:
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
+    from poise.upstream.limits import Admission
 
 log = logging.getLogger("poise.proxy")
 
@@ -151,7 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.ctx.clients.discard(self)
         for ex in self.queue:
-            _abandon(ex)
+            _abandon(ex, self.ctx)
         self.queue.clear()
         self.parser = None
 
@@ -355,6 +356,11 @@ class ClientConnection(asyncio.Protocol):
         host = ex.host
         ctx = self.ctx
         if ex.has_body:
+            if ctx.retry_body_max and (
+                method.decode() in http.IDEMPOTENT_METHODS
+                or (ctx.idempotency_keys and http.has_field(headers, b"idempotency-key"))
+            ):
+                ex.kept = []  # a retry must send the body again: keep it (up to a bound)
             self.in_body = True
             self._head_raw = 0
             self.deadline = ctx.now + ctx.client_body_timeout
@@ -396,6 +402,12 @@ class ClientConnection(asyncio.Protocol):
             pieces: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, CRLF)
         else:
             pieces = (body,)
+        kept = ex.kept
+        if kept is not None:
+            if ex.body_bytes <= ctx.retry_body_max:
+                kept += pieces
+            else:
+                ex.kept = None  # too large to replay: this request is not retried
         up = ex.upstream
         if up is not None:
             up.send(pieces)
@@ -414,6 +426,8 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = _INF
         ex.request_done = True
         if ex.chunked and not ex.response_done:
+            if ex.kept is not None:
+                ex.kept.append(b"0\r\n\r\n")
             if ex.upstream is not None:
                 ex.upstream.send((b"0\r\n\r\n",))
             else:
@@ -446,7 +460,7 @@ class ClientConnection(asyncio.Protocol):
         self._dispatch(ex, group)
 
     def _dispatch(self, ex: Exchange, group: Group) -> None:
-        """Send ``ex`` to the next healthy backend it has not tried yet. ``group`` is read from
+        """Send ``ex`` to the next usable backend it has not tried yet. ``group`` is read from
         the current routing table (health may have changed since the first attempt)."""
         up = group.up
         tried = ex.tried
@@ -456,19 +470,18 @@ class ClientConnection(asyncio.Protocol):
             if group.sticky is not None:
                 ex.sticky = group.sticky
                 ex.sticky_key = key
-        for backend in group.picker.candidates(key):
-            if up[backend.index] and backend not in tried:
-                break
+        if group.special:
+            chosen = self._choose(ex, group, key)
+            if chosen is None:
+                return
+            backend = chosen
         else:
-            if tried:
-                self.ctx.stats.upstream_errors += 1
-                self._answer(ex, 502, "Bad Gateway")
+            for backend in group.picker.candidates(key):
+                if up[backend.index] and backend not in tried:
+                    break
             else:
-                self.ctx.stats.no_healthy_backend += 1
-                self._answer(ex, 503, "No healthy server available")
-            return
-        if tried:
-            self.ctx.stats.retries += 1
+                self._none_left(ex)
+                return
         ex.tried = (*tried, backend)
         ex.backend = backend
         load = group.load
@@ -477,6 +490,10 @@ class ClientConnection(asyncio.Protocol):
             ex.load = load
             if load.latency:
                 ex.sent_at = time.monotonic()
+            adm = group.admission
+            if adm is not None:
+                adm.active += 1
+                ex.admission = adm
         pool = self.ctx.pools[group.name][backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
@@ -495,25 +512,100 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
+    def _choose(self, ex: Exchange, group: Group, key: bytes | None) -> Backend | None:
+        """Dispatch's slow path, for groups with draining or slow-starting backends or request
+        limits. None when ``ex`` was answered or parked instead."""
+        up, tried = group.up, ex.tried
+        sticky_ok, ramp, adm, load = group.sticky_ok, group.ramp, group.admission, group.load
+        skipped: Backend | None = None  # a slow-starting backend passed over by chance
+        limited = False
+        first = True
+        for backend in group.picker.candidates(key):
+            i = backend.index
+            pinned = first and sticky_ok is not None and group.sticky is not None
+            first = False
+            if backend in tried:
+                continue
+            # a draining backend still serves the clients its sticky cookie pins to it
+            if not up[i] and not (
+                pinned and sticky_ok[i] and group.sticky.values[i] == key  # type: ignore[index,union-attr]
+            ):
+                continue
+            if (
+                adm is not None
+                and load is not None
+                and (adm.group_full() or adm.backend_full(load.active[i]))
+            ):
+                limited = True
+                continue
+            if ramp is not None and ramp[i] < 1.0 and self.ctx.rng.random() >= ramp[i]:
+                skipped = skipped or backend
+                continue
+            return backend
+        if skipped is not None:
+            return skipped
+        if limited:
+            assert adm is not None
+            self._park(ex, adm)
+        else:
+            self._none_left(ex)
+        return None
+
+    def _none_left(self, ex: Exchange) -> None:
+        if ex.tried:
+            self.ctx.stats.upstream_errors += 1
+            self._answer(ex, 502, "Bad Gateway")
+        else:
+            self.ctx.stats.no_healthy_backend += 1
+            self._answer(ex, 503, "No healthy server available")
+
+    def _park(self, ex: Exchange, adm: Admission) -> None:
+        """No backend has a free slot: wait in the group's queue, or 503 when it is full."""
+        ctx = self.ctx
+        if ex.queued_until:
+            adm.park_first(_Parked(self, ex), ex.queued_until)  # woken, but beaten to it
+            return
+        waiter = _Parked(self, ex)
+        if adm.park(waiter, ctx.now):
+            ex.queued_until = ctx.now + adm.cfg.queue_timeout
+            ctx.stats.queued += 1
+        else:
+            ctx.stats.queue_full += 1
+            self._answer(ex, 503, "Upstream busy: too many requests waiting")
+
     async def _connect(self, ex: Exchange, backend: Backend) -> None:
         ctx = self.ctx
-        assert ex.group is not None
-        pool = ctx.pools[ex.group.name][backend.index]
+        group = ex.group
+        assert group is not None
+        pool = ctx.pools[group.name][backend.index]
+        timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
         try:
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
-                    lambda: UpstreamConnection(ctx, pool, backend), backend.host, backend.port
+                    lambda: UpstreamConnection(ctx, pool, backend, timeout),
+                    backend.host,
+                    backend.port,
                 ),
                 ctx.config.timeouts.upstream_connect,
             )
         except (TimeoutError, OSError) as exc:
             ctx.stats.upstream_connect_errors += 1
-            log.debug("connect to %s failed: %r", backend.authority, exc)
+            reason = describe_error(exc)
+            log.debug("connect to %s failed: %s", backend.authority, reason)
             if ex.load is not None:
                 settle(ex, ok=False)
+            self.passive_failure(group, backend, reason)
             if not self.closed and self.queue and self.queue[0] is ex:
-                # nothing was sent: another backend may take it
-                self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
+                # Nothing was sent: another backend may take it, whatever the method.
+                current = ctx.table.groups.get(group.name, group)
+                if len(ex.tried) < group.config.retry.attempts and "connect" in (
+                    group.config.retry.on
+                ):
+                    ctx.stats.retries += 1
+                    self._dispatch(ex, current)
+                else:
+                    ctx.stats.upstream_errors += 1
+                    self._answer(ex, 502, "Bad Gateway")
             return
         pool.connects += 1
         if self.closed or not self.queue or self.queue[0] is not ex:
@@ -533,8 +625,60 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
-    def upstream_failed(self, ex: Exchange, status: int, reusable_retry: bool) -> None:
-        """The upstream connection of ``ex`` failed. Called by UpstreamConnection."""
+    def passive_failure(self, group: Group, backend: Backend, reason: str) -> None:
+        """Passive health: count a failure of ``backend``; route around it once ejected."""
+        outliers = group.outliers
+        if outliers is not None and outliers.failure(backend.index, self.ctx.now, reason):
+            self.ctx.stats.ejections += 1
+            self.ctx.on_ejected(group.name, backend.index)
+
+    def may_retry(self, ex: Exchange, condition: str | int) -> bool:
+        """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",
+        or a response status). RFC 9110 §9.2.2: only a request that is safe to repeat (an
+        idempotent method, or an Idempotency-Key when allowed) whose body poise still holds;
+        within the attempts, to a backend not yet tried, and within the retry budget."""
+        group = ex.group
+        if group is None or ex.response_started or self.closed:
+            return False
+        cfg = group.config.retry
+        if len(ex.tried) >= cfg.attempts:
+            return False
+        if condition not in (group.retry_statuses if isinstance(condition, int) else cfg.on):
+            return False
+        if ex.has_body and (ex.kept is None or ex.body_bytes > cfg.max_body):
+            return False
+        if ex.method.decode() not in http.IDEMPOTENT_METHODS and not (
+            cfg.idempotency_key and http.has_field(ex.headers, b"idempotency-key")
+        ):
+            return False
+        current = self.ctx.table.groups.get(group.name, group)
+        if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
+            return False
+        ctx = self.ctx
+        if not ex.retrying:
+            budget = max(cfg.budget_min, cfg.budget_percent * ctx.inflight / 100)
+            if ctx.retries_active >= budget:
+                ctx.stats.retries_over_budget += 1
+                return False
+        return True
+
+    def retry(self, ex: Exchange) -> None:
+        """Send ``ex`` again, to another backend (``may_retry`` said it may)."""
+        ctx = self.ctx
+        ctx.stats.retries += 1
+        if not ex.retrying:
+            ex.retrying = True
+            ctx.retries_active += 1
+        ex.upstream = None
+        if ex.kept:
+            ex.pending = tuple(ex.kept)
+        assert ex.group is not None
+        self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
+
+    def upstream_failed(self, ex: Exchange, condition: str, reusable_retry: bool) -> None:
+        """The upstream connection of ``ex`` failed: ``condition`` is "reset" (lost before
+        any response byte), "broken" (lost or malformed mid-response) or "timeout". Called by
+        UpstreamConnection."""
         ex.upstream = None
         if ex.load is not None:
             settle(ex, ok=False)
@@ -543,6 +687,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             # Part of the response is already out: the only honest signal is to cut the
             # connection, so the client sees a truncated message, never a spliced one.
+            if ex.group is not None and ex.backend is not None:
+                self.passive_failure(ex.group, ex.backend, condition)
             self.close()
             return
         if (
@@ -553,12 +699,16 @@ class ClientConnection(asyncio.Protocol):
             and ex.backend is not None
         ):
             # A reused keep-alive connection the backend had already closed: nothing was
-            # processed, so the request goes again on a fresh connection.
+            # processed, so the request goes again on a fresh connection (not a retry: no
+            # backend failed).
             ex.stale_retries += 1
-            self.ctx.stats.retries += 1
             self.ctx.spawn(self._connect(ex, ex.backend))
             return
-        if status == 504:
+        if ex.group is not None and ex.backend is not None:
+            self.passive_failure(ex.group, ex.backend, condition)
+        if self.may_retry(ex, condition):
+            self.retry(ex)
+        elif condition == "timeout":
             self.ctx.stats.upstream_timeouts += 1
             self._answer(ex, 504, "Gateway Timeout")
         else:
@@ -572,6 +722,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.load is not None:
             settle(ex, ok=ex.status < 500 and ex.status != 429)
         ctx = self.ctx
+        if ex.retrying:
+            ex.retrying = False
+            ctx.retries_active -= 1
         ctx.stats.responses += 1
         if ex.request_done:
             # _finish, inlined for the common case: nothing queued behind, keep-alive
@@ -601,6 +754,9 @@ class ClientConnection(asyncio.Protocol):
         for ex in self.queue:
             if ex.load is not None:
                 settle(ex, ok=True)
+            if ex.retrying:
+                ex.retrying = False
+                ctx.retries_active -= 1
         self.queue.clear()
         self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
         ctx.clients.discard(self)
@@ -646,6 +802,9 @@ class ClientConnection(asyncio.Protocol):
     def _send_error(self, ex: Exchange, response: bytes, *, close: bool) -> None:
         ex.response_done = True
         ex.response_started = True
+        if ex.retrying:
+            ex.retrying = False
+            self.ctx.retries_active -= 1
         transport = self.transport
         assert transport is not None
         transport.write(response)
@@ -665,7 +824,7 @@ class ClientConnection(asyncio.Protocol):
         if cur is not None and cur in self.queue and cur.started:
             # Its head was fine but its body broke framing mid-way: the upstream has part of
             # a request, so that connection is abandoned.
-            _abandon(cur)
+            _abandon(cur, self.ctx)
             if cur.response_started:
                 self.close()
                 return
@@ -707,7 +866,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_deadline = _INF
         self.ctx.stats.client_timeouts += 1
         for ex in self.queue:
-            _abandon(ex)
+            _abandon(ex, self.ctx)
         if self.transport is not None and not self.closed:
             self.closed = True
             self.parser = None
@@ -723,7 +882,7 @@ class ClientConnection(asyncio.Protocol):
         if self.in_body and self.queue and not self.queue[-1].response_started:
             # A request body that stopped arriving (slow POST): answer if nothing was sent.
             ex = self.queue[-1]
-            _abandon(ex)
+            _abandon(ex, self.ctx)
             if len(self.queue) == 1:
                 assert self.transport is not None
                 self.transport.write(
@@ -763,7 +922,7 @@ class ClientConnection(asyncio.Protocol):
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
 
 
-def _abandon(ex: Exchange) -> None:
+def _abandon(ex: Exchange, ctx: Context) -> None:
     """``ex`` will get no (more) response: drop its upstream connection, whose state is now
     unknown, and take it out of the load figures. The client went away or broke the rules,
     so nothing counts against the backend."""
@@ -773,3 +932,29 @@ def _abandon(ex: Exchange) -> None:
         up.abandon()
     if ex.load is not None:
         settle(ex, ok=True)
+    if ex.retrying:
+        ex.retrying = False
+        ctx.retries_active -= 1
+
+
+class _Parked:
+    """A request waiting in its group's queue for a free slot (``upstream.limits``)."""
+
+    __slots__ = ("client", "ex")
+
+    def __init__(self, client: ClientConnection, ex: Exchange) -> None:
+        self.client = client
+        self.ex = ex
+
+    def gone(self) -> bool:
+        client, ex = self.client, self.ex
+        return client.closed or not client.queue or client.queue[0] is not ex
+
+    def resume(self) -> None:
+        ex = self.ex
+        assert ex.group is not None
+        self.client._dispatch(ex, self.client.ctx.table.groups.get(ex.group.name, ex.group))
+
+    def expire(self) -> None:
+        self.client.ctx.stats.queue_timeouts += 1
+        self.client._answer(self.ex, 503, "Upstream busy: no backend free within the queue timeout")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Coroutine
+import random
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,11 @@ class Stats:
     upstream_timeouts: int = 0
     upstream_errors: int = 0
     retries: int = 0
+    retries_over_budget: int = 0  # retries refused by the retry budget
+    ejections: int = 0  # backends ejected by passive health
+    queued: int = 0  # requests that waited for a free slot (upstream limits)
+    queue_full: int = 0  # refused: the queue was full
+    queue_timeouts: int = 0  # refused: no slot within the queue timeout
     tunnels: int = 0
     client_timeouts: int = 0
 
@@ -65,10 +71,16 @@ class Context:
         "date",
         "draining",
         "forwarded",
+        "idempotency_keys",
+        "inflight",
         "limits",
         "loop",
         "now",
+        "on_ejected",
         "pools",
+        "retries_active",
+        "retry_body_max",
+        "rng",
         "stats",
         "table",
         "tasks",
@@ -117,6 +129,17 @@ class Context:
         self.now = loop.time()
         self.draining = False
         self._ticker: asyncio.TimerHandle | None = None
+        self.rng = random.Random()
+        # retry budget: retries in flight against requests in flight (sampled every tick)
+        self.retries_active = 0
+        self.inflight = 0
+        ups = config.upstreams.values()
+        self.retry_body_max = max(
+            (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
+        )
+        self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
+        # passive health ejected a backend (group, index): the server re-routes around it
+        self.on_ejected: Callable[[str, int], None] = lambda group, index: None
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -147,7 +170,10 @@ class Context:
             stalled = [c for c in self.clients if c.send_deadline < now]
             for c in stalled:
                 c.on_send_timeout()
+            inflight = 0
             for c in self.clients:
+                if c.queue:
+                    inflight += 1
                 if c.deadline < now:
                     expired.append(c)
                 elif min_rate and c.in_body and c.cur is not None:
@@ -159,9 +185,13 @@ class Context:
                     up = c.queue[0].upstream  # only the head of the queue has an upstream
                     if up is not None and up.deadline < now:
                         expired.append(up)
+            self.inflight = inflight
             expired += [t for t in self.tunnels if t.deadline < now]
             for conn in expired:
                 conn.on_timeout()
+            for group in self.table.groups.values():
+                if group.admission is not None and group.admission.waiting:
+                    group.admission.expire(now)
             for pools in self.pools.values():
                 for pool in pools:
                     if pool.idle:

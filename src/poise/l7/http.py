@@ -7,6 +7,7 @@ field the ``Connection`` header nominates; framing headers are re-emitted by poi
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import re
 import time
@@ -74,6 +75,11 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 def connection_tokens(value: bytes) -> list[bytes]:
     return [t for t in _TOKEN_SPLIT.split(value.strip().lower()) if t]
+
+
+def has_field(headers: list[bytes], lname: bytes) -> bool:
+    """Whether the flat field list (name, b": ", value, CRLF, ...) has a field ``lname``."""
+    return any(name.lower() == lname for name in headers[0::4])
 
 
 def drop_nominated(headers: list[bytes], tokens: list[bytes]) -> list[bytes]:
@@ -195,3 +201,27 @@ def error_response(status: int, message: str, date: bytes, *, close: bool) -> by
             body,
         )
     )
+
+
+def field_value(low_block: bytes, lname: bytes) -> bytes:
+    """The first ``lname`` field's value in a lower-cased raw header block (b"" if absent)."""
+    i = low_block.find(b"\r\n" + lname + b":")
+    if i < 0:
+        return b""
+    j = low_block.find(b"\r\n", i + 2)
+    return low_block[i + len(lname) + 3 : j if j >= 0 else len(low_block)].strip(b" \t")
+
+
+def retry_after_seconds(value: bytes, now: float | None = None) -> float | None:
+    """Retry-After (RFC 9110 §10.2.3): delay-seconds or an HTTP-date; None when unusable.
+    ``now`` is the wall clock (for dates), read when not given."""
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return delay if delay > 0 else None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from poise.l7.upstream import UpstreamConnection
     from poise.models import Backend
     from poise.routing import Group
+    from poise.upstream.limits import Admission
 
 CRLF = b"\r\n"
 
@@ -70,6 +71,10 @@ class Exchange:
     sticky: StickyPick | None = None  # set: the response may need to (re)pin the client
     sticky_key: bytes | None = None
     sent_at = 0.0
+    kept: list[bytes] | None = None  # body pieces as sent, kept so a retry can send them again
+    retrying = False  # counts in the worker's retry budget until it ends
+    admission: Admission | None = None  # the group's limits, while this exchange holds a slot
+    queued_until = 0.0  # waiting for a slot since (a deadline): see upstream/limits.py
 
     def __repr__(self) -> str:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"
@@ -158,3 +163,7 @@ def settle(ex: Exchange, *, ok: bool) -> None:
             load.finished(ex.backend.index, now - ex.sent_at, ok, now)
         elif load.active[ex.backend.index] > 0:
             load.active[ex.backend.index] -= 1
+        adm = ex.admission
+        if adm is not None:
+            ex.admission = None
+            adm.released()

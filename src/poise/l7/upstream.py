@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from poise.l7 import http
+from poise.l7.request import settle
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
     from poise.l7.context import Context
     from poise.l7.request import Exchange
     from poise.models import Backend
+    from poise.routing import Group
     from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
@@ -55,6 +57,10 @@ _TUNNEL = 3  # 101 Switching Protocols: the connection becomes a tunnel
 
 class BadResponse(Exception):
     """Raised inside a parser callback: the backend broke HTTP/1.1."""
+
+
+class _RetryStatus(Exception):
+    """Raised by on_headers_complete: the response is not forwarded, the request is retried."""
 
 
 class _CountBody(Exception):
@@ -94,11 +100,20 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "remaining",
         "reused",
+        "timeout",
         "transport",
     )
 
-    def __init__(self, ctx: Context, pool: Pool[UpstreamConnection], backend: Backend) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        pool: Pool[UpstreamConnection],
+        backend: Backend,
+        timeout: float | None = None,
+    ) -> None:
         self.ctx = ctx
+        # the response timeout of one try (retry.per_try_timeout, else timeouts.upstream_response)
+        self.timeout = ctx.upstream_response_timeout if timeout is None else timeout
         self.pool = pool
         self.backend = backend
         self.transport: asyncio.Transport | None = None
@@ -155,7 +170,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # Died mid-exchange. A reused idle connection that never produced a byte was most
         # likely closed by the backend's keep-alive timer just as we sent: safe to replay.
-        client.upstream_failed(ex, 502, self.reused and not self.got_bytes)
+        condition = "broken" if self.got_bytes else "reset"
+        client.upstream_failed(ex, condition, self.reused and not self.got_bytes)
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -173,7 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         ctx = self.ctx
-        self.deadline = ctx.now + ctx.upstream_response_timeout
+        self.deadline = ctx.now + self.timeout
         out: list[bytes | memoryview] = []
         self.out = out
         client = self.client
@@ -208,6 +224,15 @@ class UpstreamConnection(asyncio.Protocol):
             client.start_tunnel(self, rest)
             return
         except (httptools.HttpParserError, BadResponse) as exc:
+            if isinstance(exc.__context__, _RetryStatus):
+                # A status the group retries (retry.on): the response is dropped unread,
+                # with its connection, and the request goes to another backend.
+                self.ex = self.client = None
+                self.close()
+                if ex.load is not None:
+                    settle(ex, ok=False)
+                client.retry(ex)
+                return
             if not isinstance(exc.__context__, _CountBody):
                 self._broken(ex, client, out, exc)
                 return
@@ -329,6 +354,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         ex.status = status
+        group = ex.group
+        assert group is not None
+        if (
+            status >= 500 or (group.outliers is not None and group.outliers.any_streak)
+        ) and self._judge(ex, client, group, status, low):
+            raise _RetryStatus
         no_body = ex.is_head or status in (204, 304)
         if has_cl or no_body:
             self._low_head = low  # Content-Length is read from it only if the body is long
@@ -375,6 +406,26 @@ class UpstreamConnection(asyncio.Protocol):
             self._body_from = end + 4
             raise _CountBody
 
+    def _judge(
+        self, ex: Exchange, client: ClientConnection, group: Group, status: int, low: bytes
+    ) -> bool:
+        """Passive health's verdict on a response status, and whether to retry instead of
+        forwarding it (a 5xx listed in retry.on, before anything reached the client)."""
+        o = group.outliers
+        i = self.backend.index
+        if o is not None:
+            if status in o.statuses:
+                client.passive_failure(group, self.backend, f"status {status}")
+            elif status == 503 and b"\r\nretry-after:" in low:
+                seconds = http.retry_after_seconds(http.field_value(low, b"retry-after"))
+                ctx = self.ctx
+                if seconds is not None and o.retry_after(i, ctx.now, seconds):
+                    ctx.stats.ejections += 1
+                    ctx.on_ejected(group.name, i)
+            elif o.streak[i]:
+                o.success(i)
+        return status in group.retry_statuses and not self.out and client.may_retry(ex, status)
+
     def on_body(self, body: bytes) -> None:
         mode = self.mode
         if mode == _RAW:
@@ -416,14 +467,14 @@ class UpstreamConnection(asyncio.Protocol):
             transport.writelines((head, *body))
         else:
             transport.write(head)
-        self.deadline = ctx.now + ctx.upstream_response_timeout if ex.request_done else _INF
+        self.deadline = ctx.now + self.timeout if ex.request_done else _INF
 
     def send(self, pieces: Iterable[bytes]) -> None:
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)
 
     def request_sent(self) -> None:
-        self.deadline = self.ctx.now + self.ctx.upstream_response_timeout
+        self.deadline = self.ctx.now + self.timeout
 
     def pause_reading(self) -> None:
         """The client is not keeping up: stop reading, and stop blaming the backend for the
@@ -436,7 +487,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
             if self.ex is not None:
-                self.deadline = self.ctx.now + self.ctx.upstream_response_timeout
+                self.deadline = self.ctx.now + self.timeout
 
     def usable(self) -> bool:
         return not self.closed
@@ -467,7 +518,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
-        client.upstream_failed(ex, 504, False)
+        client.upstream_failed(ex, "timeout", False)
 
     def _release(self, ex: Exchange, client: ClientConnection, *, reusable: bool) -> None:
         self.ex = self.client = None
@@ -501,7 +552,7 @@ class UpstreamConnection(asyncio.Protocol):
                 _send(client.transport, out)
             client.response_complete(ex)
         else:
-            client.upstream_failed(ex, 502, False)
+            client.upstream_failed(ex, "broken", False)
 
     def __repr__(self) -> str:
         state = "busy" if self.ex is not None else "idle"
@@ -517,3 +568,14 @@ def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
         transport.write(b"".join(out))
     else:
         transport.writelines(out)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for logs and passive health: "connect refused", "connect timeout"."""
+    if isinstance(exc, TimeoutError):
+        return "connect timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connect refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__

@@ -1,0 +1,119 @@
+"""The health board: every group's ``GroupStatus``, fed by the active checkers, the proxy
+(passive ejections) and the operator (admin states), and turned into routing-table views.
+
+The board decides nothing itself (``status`` and ``passive`` do); it applies reports, logs
+every change with its reason, and installs the new view through ``install`` (the server swaps
+the routing table). ``tick`` ends ejections that are due and moves slow-start ramps on; the
+server runs it on a timer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from poise.config.model import UpstreamConfig
+from poise.health.status import GroupStatus, View
+from poise.models import Backend
+
+log = logging.getLogger("poise.health")
+
+Install = Callable[[str, View], None]
+
+
+class HealthBoard:
+    def __init__(
+        self,
+        upstreams: Mapping[str, UpstreamConfig],
+        backends: Mapping[str, tuple[Backend, ...]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.statuses = {name: GroupStatus(up) for name, up in upstreams.items()}
+        self.backends = dict(backends)
+        self.clock = clock
+        self.install: Install = lambda group, view: None
+        self._panic = dict.fromkeys(self.statuses, False)
+        self._ramping: set[str] = set()
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def active(self, group: str, up: tuple[bool, ...]) -> None:
+        """The active checks' verdicts for ``group`` (by backend index)."""
+        status = self.statuses[group]
+        now = self.clock()
+        for i, ok in enumerate(up):
+            if ok and not status.healthy[i] and status.outliers.ejected[i]:
+                log.info("backend %s in %s back in service: active check passed",
+                         self.backends[group][i].url, group)  # fmt: skip
+        status.set_health(up, now)
+        self.refresh(group)
+
+    def ejected(self, group: str, index: int) -> None:
+        """The proxy ejected a backend (passive health): log it and route around it."""
+        status = self.statuses[group]
+        log.warning(
+            "backend %s in %s %s",
+            self.backends[group][index].url,
+            group,
+            status.outliers.reasons[index],
+            extra={"group": group, "backend": self.backends[group][index].url},
+        )
+        self.refresh(group)
+
+    def set_state(self, group: str, backend: str, state: str) -> None:
+        """Operator state of a backend (its URL, or host:port): enabled, drain or maint."""
+        if group not in self.statuses:
+            raise KeyError(f"no upstream named {group!r}")
+        for b in self.backends[group]:
+            if backend in (b.url, b.id, b.authority):
+                self.statuses[group].set_admin(b.index, state)
+                log.info("backend %s in %s set to %s", b.url, group, state.upper())
+                self.refresh(group)
+                return
+        raise KeyError(f"no backend {backend!r} in upstream {group!r}")
+
+    # -- views -----------------------------------------------------------------------------
+
+    def view(self, group: str) -> View:
+        return self.statuses[group].view(self.clock())
+
+    def refresh(self, group: str) -> None:
+        view = self.view(group)
+        if view.panic != self._panic[group]:
+            self._panic[group] = view.panic
+            if view.panic:
+                log.error("upstream %s in PANIC mode: too few healthy backends, routing to "
+                          "all of them", group)  # fmt: skip
+            else:
+                log.warning("upstream %s left panic mode", group)
+        if not any(view.up) and not any(self.statuses[group].usable):
+            log.error("upstream %s has no healthy backend", group)
+        if view.ramp is not None:
+            self._ramping.add(group)
+        else:
+            self._ramping.discard(group)
+        self.install(group, view)
+
+    def tick(self) -> None:
+        now = self.clock()
+        for group, status in self.statuses.items():
+            back = status.outliers.expire(now)
+            for i in back:
+                log.info("backend %s in %s back in service: ejection ended",
+                         self.backends[group][i].url, group)  # fmt: skip
+            if back or group in self._ramping:
+                self.refresh(group)
+
+    def statistics(self) -> dict[str, object]:
+        now = self.clock()
+        return {
+            group: {
+                "panic": self._panic[group],
+                "ejections": status.outliers.ejections,
+                "backends": {b.url: status.describe(b.index, now) for b in self.backends[group]},
+            }
+            for group, status in self.statuses.items()
+        }
+
+    def __repr__(self) -> str:
+        return f"HealthBoard({len(self.statuses)} groups)"
