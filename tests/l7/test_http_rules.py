@@ -131,3 +131,21 @@ def test_client_address_rightmost_untrusted() -> None:
     # all trusted: the leftmost
     assert http.client_address("10.0.0.2", ["10.1.1.1"], lb) == "10.1.1.1"
     assert http.client_address("10.0.0.2", [], lb) == "10.0.0.2"
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert http.retry_after_seconds(b"120") == 120.0
+    assert http.retry_after_seconds(b"0") == 0.0
+    # an HTTP-date 30 s after "now"
+    now = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
+    assert http.retry_after_seconds(b"Sun, 06 Nov 1994 08:50:07 GMT", now) == 30.0
+    assert http.retry_after_seconds(b"Sun, 06 Nov 1994 08:49:00 GMT", now) is None  # past
+    assert http.retry_after_seconds(b"soon") is None
+    assert http.retry_after_seconds(b"-5") is None
+
+
+def test_field_value_from_a_lowered_block() -> None:
+    block = b"\r\ncontent-length: 5\r\nretry-after:  7 \r\nx: y"
+    assert http.field_value(block, b"retry-after") == b"7"
+    assert http.field_value(block, b"x") == b"y"
+    assert http.field_value(block, b"missing") == b""
