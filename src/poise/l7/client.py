@@ -680,6 +680,20 @@ class ClientConnection(asyncio.Protocol):
         any response byte), "broken" (lost or malformed mid-response) or "timeout". Called by
         UpstreamConnection."""
         ex.upstream = None
+        if (
+            reusable_retry
+            and ex.stale_retries == 0
+            and not ex.has_body
+            and not self.closed
+            and ex.method.decode() in http.IDEMPOTENT_METHODS
+            and ex.backend is not None
+        ):
+            # A reused keep-alive connection the backend had already closed: nothing was
+            # processed, so the request goes again on a fresh connection (not a retry: no
+            # backend failed; it still counts in the backend's load).
+            ex.stale_retries += 1
+            self.ctx.spawn(self._connect(ex, ex.backend))
+            return
         if ex.load is not None:
             settle(ex, ok=False)
         if self.closed:
@@ -690,19 +704,6 @@ class ClientConnection(asyncio.Protocol):
             if ex.group is not None and ex.backend is not None:
                 self.passive_failure(ex.group, ex.backend, condition)
             self.close()
-            return
-        if (
-            reusable_retry
-            and ex.stale_retries == 0
-            and not ex.has_body
-            and ex.method.decode() in http.IDEMPOTENT_METHODS
-            and ex.backend is not None
-        ):
-            # A reused keep-alive connection the backend had already closed: nothing was
-            # processed, so the request goes again on a fresh connection (not a retry: no
-            # backend failed).
-            ex.stale_retries += 1
-            self.ctx.spawn(self._connect(ex, ex.backend))
             return
         if ex.group is not None and ex.backend is not None:
             self.passive_failure(ex.group, ex.backend, condition)
