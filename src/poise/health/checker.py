@@ -1,8 +1,23 @@
 """Runs the active checks of one upstream group on a schedule and reports health changes.
 
-Probes of one round run concurrently; a round starts every ``interval`` (±10% jitter, so
-several groups or workers do not probe in lockstep). The first round runs at start-up.
-Decisions are made by ``HealthState``; this module only schedules and reports.
+Theory of operation
+-------------------
+At start-up every backend is probed once, all together (``check_once``); ``first_round`` is
+set when they are done, and the server waits for it before accepting traffic, so a dead
+backend is known dead before the first request.
+
+Then each backend has its own loop (one task per backend, in a TaskGroup owned by ``run``):
+wait, probe, fold the result into its ``HealthState``. The wait is ``interval`` while the
+backend is UP and ``unhealthy_interval`` (default: ``interval``) while it is DOWN, so a short
+retry interval brings a recovered backend back quickly without probing healthy ones more
+often. Every wait is spread by ± ``jitter`` of itself, so the backends of a group, the groups
+and the workers drift apart instead of probing in lockstep. A wait starts when the previous
+probe has ended, so probes of one backend never overlap (and timeout <= interval keeps the
+cadence close to the configured one).
+
+Decisions are made by ``HealthState``; this module only schedules and reports. ``publish``
+receives the whole group's health, by backend index, after the first round and whenever a
+backend's health changes.
 """
 
 from __future__ import annotations
@@ -10,17 +25,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from poise.config.model import HealthCheckConfig
-from poise.health.probes import probe
-from poise.health.state import Health, HealthState
+from poise.health.probes import probe as probe_backend
+from poise.health.state import Health, HealthState, ProbeResult
 from poise.models import Backend
 
 log = logging.getLogger("poise.health")
 
 # (group name, health by backend index)
 Publish = Callable[[str, tuple[bool, ...]], None]
+Sleep = Callable[[float], Awaitable[None]]
+Probe = Callable[[Backend, HealthCheckConfig], Coroutine[Any, Any, ProbeResult]]
+
+
+def next_wait(hc: HealthCheckConfig, up: bool, rng: random.Random) -> float:
+    """Seconds until a backend's next probe: its interval ± ``jitter`` of that interval."""
+    base = hc.interval if up or hc.unhealthy_interval is None else hc.unhealthy_interval
+    spread = base * hc.jitter  # jitter < 1 (validated), so the wait stays positive
+    return base + rng.uniform(-spread, spread)
 
 
 class GroupChecker:
@@ -31,50 +56,82 @@ class GroupChecker:
         hc: HealthCheckConfig,
         publish: Publish,
         rng: random.Random,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        probe: Probe = probe_backend,
     ) -> None:
         self.group = group
         self.backends = backends
         self.hc = hc
         self.publish = publish
         self.rng = rng
-        self.states = [HealthState(rise=hc.rise, fall=hc.fall) for _ in backends]
-        self.rounds = 0
+        self.sleep = sleep  # injectable, so tests can drive the schedule without waiting
+        self.probe = probe
+        self.states = [
+            HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history) for _ in backends
+        ]
+        self.probes = [0] * len(backends)  # probes done, by backend index
+        self.rounds = 0  # start-up rounds (check_once calls) done
         self.first_round = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
-            await self.check_once()
-            jitter = self.hc.interval * 0.1
-            await asyncio.sleep(self.hc.interval + self.rng.uniform(-jitter, jitter))
+        """Probe until cancelled. Cancelling ``run`` cancels (and awaits) every probe loop."""
+        await self.check_once()
+        async with asyncio.TaskGroup() as tg:
+            for i, backend in enumerate(self.backends):
+                tg.create_task(self._watch(i), name=f"health:{self.group}:{backend.url}")
 
     async def check_once(self) -> None:
-        results = await asyncio.gather(*(probe(b, self.hc) for b in self.backends))
-        changed = False
-        for backend, state, result in zip(self.backends, self.states, results, strict=True):
-            new = state.observe(result)
-            if new is not None:
-                changed = True
-                level = logging.WARNING if new is Health.DOWN else logging.INFO
-                log.log(
-                    level,
-                    "backend %s in %s is %s: %s",
-                    backend.url,
-                    self.group,
-                    new.value.upper(),
-                    result.reason,
-                    extra={"group": self.group, "backend": backend.url, "health": new.value},
-                )
+        """Probe every backend once, all together; publish if any changed (or if first)."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self.probe(b, self.hc)) for b in self.backends]
+        changed = [self._observe(i, task.result()) for i, task in enumerate(tasks)]
         self.rounds += 1
-        if changed or self.rounds == 1:
-            self.publish(self.group, tuple(s.up for s in self.states))
+        if any(changed) or self.rounds == 1:
+            self._publish()
         self.first_round.set()
+
+    async def _watch(self, i: int) -> None:
+        backend, state = self.backends[i], self.states[i]
+        while True:
+            await self.sleep(next_wait(self.hc, state.up, self.rng))
+            if self._observe(i, await self.probe(backend, self.hc)):
+                self._publish()
+
+    def _observe(self, i: int, result: ProbeResult) -> bool:
+        """Fold backend ``i``'s result in; True when its health changed (then logged)."""
+        self.probes[i] += 1
+        new = self.states[i].observe(result)
+        if new is None:
+            return False
+        url = self.backends[i].url
+        level = logging.WARNING if new is Health.DOWN else logging.INFO
+        log.log(
+            level,
+            "backend %s in %s is %s: %s",
+            url,
+            self.group,
+            new.value.upper(),
+            result.reason,
+            extra={"group": self.group, "backend": url, "health": new.value},
+        )
+        return True
+
+    def _publish(self) -> None:
+        self.publish(self.group, tuple(s.up for s in self.states))
 
     def statistics(self) -> dict[str, object]:
         return {
             "rounds": self.rounds,
+            "probes": sum(self.probes),
             "backends": {
-                b.url: {"health": s.health.value, "reason": s.reason}
-                for b, s in zip(self.backends, self.states, strict=True)
+                b.url: {
+                    "health": s.health.value,
+                    "reason": s.reason,
+                    "probes": n,
+                    "history": s.history_dicts(),
+                }
+                for b, s, n in zip(self.backends, self.states, self.probes, strict=True)
             },
         }
 

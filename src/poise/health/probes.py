@@ -1,5 +1,21 @@
 """Active health probes: one HTTP request or TCP connect, with a timeout. No thresholds here:
-a probe only reports what it saw, as a ProbeResult with a human reason."""
+a probe only reports what it saw, as a ProbeResult with a human reason.
+
+Theory of operation (HTTP)
+--------------------------
+One request per connection, sent with ``Connection: close`` so the backend may end the body by
+closing (RFC 9112 §6.3 item 8: a response without Content-Length or chunked framing is
+"close-delimited"). The response is parsed by httptools (llhttp), so framing is understood
+rather than guessed: Content-Length, chunked, close-delimited, bodiless 204/304, and interim
+1xx responses, which are skipped (RFC 9110 §15.2: a client must accept them before the final
+response).
+
+Without a body check the probe stops at the end of the final response head. With one, it
+reads the body until the message ends, the connection closes, or ``BODY_LIMIT`` bytes have
+arrived (a backend streaming forever must not hold the probe until its timeout), then
+searches the first ``BODY_LIMIT`` bytes for the regex. A HEAD response has no body (RFC 9110
+§9.3.2), so a body check turns a configured HEAD into GET.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +23,24 @@ import asyncio
 import re
 import time
 
+import httptools
+
 from poise.config.model import HealthCheckConfig
 from poise.health.state import ProbeResult
 from poise.models import Backend
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r?\n")
+BODY_LIMIT = 64 * 1024  # body bytes searched by a body check
+_READ_SIZE = 64 * 1024
+_FRAMING = (b"content-length", b"transfer-encoding")
 
 
 def status_expected(status: int, expected: tuple[tuple[int, int], ...]) -> bool:
     return any(lo <= status <= hi for lo, hi in expected)
+
+
+def probe_method(hc: HealthCheckConfig) -> str:
+    """The method actually sent: HEAD responses carry no body, so a body check needs GET."""
+    return "GET" if hc.body is not None and hc.method == "HEAD" else hc.method
 
 
 def _describe(exc: BaseException) -> str:
@@ -23,8 +48,6 @@ def _describe(exc: BaseException) -> str:
         return "connect refused"
     if isinstance(exc, ConnectionResetError):
         return "connection reset"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "connection closed before a response"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return type(exc).__name__
@@ -34,34 +57,110 @@ async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
     started = time.monotonic()
     try:
         async with asyncio.timeout(hc.timeout):
-            ok, reason = await (_http(backend, hc) if hc.type == "http" else _tcp(backend))
+            ok, reason = await (_http(backend, hc) if hc.type == "http" else _tcp(backend, hc))
     except TimeoutError:
         ok, reason = False, f"timeout {hc.timeout:g}s"
-    except (OSError, asyncio.IncompleteReadError) as exc:
+    except OSError as exc:
         ok, reason = False, _describe(exc)
-    finished = time.monotonic()
-    return ProbeResult(ok=ok, reason=reason, latency=finished - started, at=finished)
+    latency = time.monotonic() - started
+    # ``at`` is wall-clock time: it is shown to people (admin API), not used for scheduling.
+    return ProbeResult(ok=ok, reason=reason, latency=latency, at=time.time())
 
 
-async def _tcp(backend: Backend) -> tuple[bool, str]:
-    _, writer = await asyncio.open_connection(backend.host, backend.port)
+async def _tcp(backend: Backend, hc: HealthCheckConfig) -> tuple[bool, str]:
+    _, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
     writer.close()
     return True, "connected"
 
 
+def _request(backend: Backend, hc: HealthCheckConfig) -> bytes:
+    lines = [
+        f"{probe_method(hc)} {hc.path} HTTP/1.1",
+        f"Host: {hc.host or backend.authority}",
+        "User-Agent: poise-health",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in hc.headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 async def _http(backend: Backend, hc: HealthCheckConfig) -> tuple[bool, str]:
-    reader, writer = await asyncio.open_connection(backend.host, backend.port)
+    reader, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
     try:
-        host = hc.host or backend.authority
-        writer.write(
-            f"{hc.method} {hc.path} HTTP/1.1\r\nHost: {host}\r\n"
-            "User-Agent: poise-health\r\nConnection: close\r\n\r\n".encode("latin-1")
-        )
-        line = await reader.readuntil(b"\n")
+        writer.write(_request(backend, hc))
+        response = _Response()
+        failure = await response.read(reader, want_body=hc.body is not None)
     finally:
         writer.close()
-    m = _STATUS_LINE.fullmatch(line)
-    if m is None:
-        return False, "not an HTTP response"
-    status = int(m.group(1))
-    return status_expected(status, hc.expected_status), f"status {status}"
+    if failure is not None:
+        return False, failure
+    status = response.status
+    if not status_expected(status, hc.expected_status):
+        return False, f"status {status}"
+    if hc.body is not None and not re.search(hc.body.encode("utf-8"), response.body()):
+        return False, f"body did not match {hc.body!r}"
+    return True, f"status {status}"
+
+
+class _Response:
+    """httptools callbacks collecting the final response's status and first body bytes."""
+
+    __slots__ = ("_chunks", "_parser", "complete", "framed", "head_done", "size", "status")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks: list[bytes] = []
+        self.status = 0
+        self.head_done = False  # the final (non-1xx) response head has been parsed
+        self.framed = False  # Content-Length or Transfer-Encoding: the close is not the end
+        self.complete = False  # the final response ended by its own framing
+        self.size = 0  # body bytes kept
+
+    async def read(self, reader: asyncio.StreamReader, *, want_body: bool) -> str | None:
+        """Read until the head (and, with ``want_body``, the body) is in; a reason on failure."""
+        received = False
+        while data := await reader.read(_READ_SIZE):
+            received = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                pass  # a 101 response: the head is all there is
+            except httptools.HttpParserError:
+                return "malformed response body" if self.head_done else "not an HTTP response"
+            if self.head_done and (not want_body or self.complete or self.size >= BODY_LIMIT):
+                return None
+        # The peer closed the connection.
+        if not received:
+            return "connection closed before a response"
+        if not self.head_done:
+            return "response head cut short"
+        if self.framed and not self.complete:
+            return "response body cut short"
+        return None  # close-delimited body: the close is its end
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)[:BODY_LIMIT]
+
+    # httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.framed = False
+
+    def on_header(self, name: bytes, _value: bytes) -> None:
+        if name.lower() in _FRAMING:
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        status = int(self._parser.get_status_code())
+        if status >= 200 or status == 101:  # other 1xx are interim: the real one follows
+            self.status = status
+            self.head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        if self.head_done and self.size < BODY_LIMIT:
+            self._chunks.append(data)
+            self.size += len(data)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True

@@ -17,6 +17,7 @@ backend is taken out after that one probe, while a live one never sees a 503 win
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,7 +32,16 @@ class ProbeResult:
     ok: bool
     reason: str  # "status 200", "connect refused", "timeout 1s", ...
     latency: float = 0.0  # seconds
-    at: float = 0.0  # clock reading when the probe finished
+    at: float = 0.0  # wall-clock time (Unix seconds) when the probe finished, for display
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON-ready form, for the admin API."""
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "latency_ms": round(self.latency * 1000, 3),
+            "at": round(self.at, 3),
+        }
 
 
 @dataclass(slots=True)
@@ -43,15 +53,19 @@ class HealthState:
     failures: int = 0
     last: ProbeResult | None = None
     reason: str = "not checked yet"
-    history: list[ProbeResult] = field(default_factory=list)
+    # the last ``history_size`` results, oldest first (health_check.history)
+    history: deque[ProbeResult] = field(default_factory=deque)
     history_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.history_size < 1:
+            raise ValueError(f"history_size must be at least 1, got {self.history_size}")
+        self.history = deque(self.history, maxlen=self.history_size)
 
     def observe(self, result: ProbeResult) -> Health | None:
         """Fold one probe result in. Returns the new Health when it changed, else None."""
         self.last = result
-        self.history.append(result)
-        if len(self.history) > self.history_size:
-            del self.history[0]
+        self.history.append(result)  # the deque's maxlen drops the oldest
         if result.ok:
             self.failures = 0
             self.successes += 1
@@ -81,3 +95,7 @@ class HealthState:
     @property
     def up(self) -> bool:
         return self.health is Health.UP
+
+    def history_dicts(self) -> list[dict[str, object]]:
+        """The kept results, oldest first, as ``{"ok", "reason", "latency_ms", "at"}`` dicts."""
+        return [result.as_dict() for result in self.history]
