@@ -88,7 +88,14 @@ class Server:
                     hc = group.config.health_check
                     if not hc.enabled:
                         continue
-                    checker = GroupChecker(name, group.backends, hc, self.publish_health, self.rng)
+                    checker = GroupChecker(
+                        name,
+                        group.backends,
+                        hc,
+                        self.publish_health,
+                        self.rng,
+                        passed=self.board.probe_passed,
+                    )
                     self.checkers.append(checker)
                     tasks.append(tg.create_task(checker.run(), name=f"health:{name}"))
                 # The first round of checks runs before we accept traffic, so a dead backend

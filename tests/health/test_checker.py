@@ -283,3 +283,28 @@ async def test_cancelling_run_ends_every_backend_loop() -> None:
         await eventually(lambda: len(health_tasks()) == 2)  # one loop per backend, sleeping
         await finish(task)
         assert health_tasks() == []
+
+
+async def test_every_passing_probe_is_reported_with_its_start_time() -> None:
+    passed: list[tuple[str, int, float]] = []
+
+    async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+        ok = backend.index == 0  # backend 0 passes, backend 1 fails
+        return ProbeResult(ok=ok, reason="status 200" if ok else "status 500")
+
+    sleep = FakeSleep(park_after=5)
+    checker = GroupChecker(
+        "g", fake_backends(2), HealthCheckConfig(), lambda g, up: None, random.Random(1),
+        sleep=sleep, probe=probe, passed=lambda *p: passed.append(p),
+    )  # fmt: skip
+    before = time.monotonic()
+    task = asyncio.create_task(checker.run())
+    try:
+        await sleep.parked.wait()
+        await eventually(lambda: sum(checker.probes) == 6)  # 2 at start-up + 4 after waits
+        assert {(g, i) for g, i, _ in passed} == {("g", 0)}
+        assert len(passed) == checker.probes[0] >= 2
+        starts = [started for _, _, started in passed]
+        assert before <= starts[0] and starts == sorted(starts) and starts[-1] <= time.monotonic()
+    finally:
+        await finish(task)

@@ -104,3 +104,28 @@ def test_reinstate_and_next_expiry_and_describe() -> None:
 def test_status_ranges_become_a_set() -> None:
     o = outliers(statuses=((500, 502), (504, 504)))
     assert o.statuses == {500, 501, 502, 504}
+
+
+def test_a_probe_started_after_a_connection_ejection_lifts_it() -> None:
+    o = outliers(consecutive_failures=1)
+    assert o.failure(0, 10.0, "connect refused")
+    assert not o.probe_passed(0, 9.5, 10.6)  # began before the ejection: says nothing
+    assert o.ejected[0]
+    assert o.probe_passed(0, 10.2, 10.6)
+    assert not o.ejected[0] and o.until[0] == 0.0 and o.returned[0] == 10.6
+    assert o.count[0] == 1  # the next ejection still lasts longer
+    assert o.failure(0, 11.0, "reset") and o.until[0] == 11.0 + 60.0
+    assert not o.probe_passed(1, 20.0, 20.0)  # not ejected: nothing to lift
+
+
+def test_status_and_retry_after_ejections_are_not_lifted_by_a_probe() -> None:
+    o = outliers(consecutive_failures=1)
+    assert o.failure(0, 0.0, "status 500", connection=False)
+    assert o.retry_after(1, 0.0, 20.0)
+    assert not o.probe_passed(0, 1.0, 1.5)
+    assert not o.probe_passed(1, 1.0, 1.5)
+    assert o.ejected[0] and o.ejected[1]
+    # once back, a later connection-level ejection of the same backend is liftable again
+    assert o.expire(30.0) == [0, 1]
+    assert o.failure(0, 31.0, "connect refused")
+    assert o.probe_passed(0, 31.5, 32.0)

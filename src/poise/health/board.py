@@ -48,6 +48,15 @@ class HealthBoard:
         status.set_health(up, now)
         self.refresh(group)
 
+    def probe_passed(self, group: str, index: int, started: float) -> None:
+        """An active probe of a backend passed (``started`` on the board's clock): it ends a
+        connection-level ejection that began before the probe (``Outliers.probe_passed``)."""
+        status = self.statuses[group]
+        if status.outliers.probe_passed(index, started, self.clock()):
+            log.info("backend %s in %s back in service: active check passed after ejection",
+                     self.backends[group][index].url, group)  # fmt: skip
+            self.refresh(group)
+
     def ejected(self, group: str, index: int) -> None:
         """The proxy ejected a backend (passive health): log it and route around it."""
         status = self.statuses[group]

@@ -17,7 +17,8 @@ cadence close to the configured one).
 
 Decisions are made by ``HealthState``; this module only schedules and reports. ``publish``
 receives the whole group's health, by backend index, after the first round and whenever a
-backend's health changes.
+backend's health changes; ``passed`` (optional) hears of every passing probe with its start
+time on the ``time.monotonic`` clock, so passive ejections can be ended by fresh evidence.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -39,6 +41,8 @@ log = logging.getLogger("poise.health")
 Publish = Callable[[str, tuple[bool, ...]], None]
 Sleep = Callable[[float], Awaitable[None]]
 Probe = Callable[[Backend, HealthCheckConfig], Coroutine[Any, Any, ProbeResult]]
+# (group name, backend index, when the passing probe started)
+Passed = Callable[[str, int, float], None]
 
 
 def next_wait(hc: HealthCheckConfig, up: bool, rng: random.Random) -> float:
@@ -59,6 +63,7 @@ class GroupChecker:
         *,
         sleep: Sleep = asyncio.sleep,
         probe: Probe = probe_backend,
+        passed: Passed | None = None,
     ) -> None:
         self.group = group
         self.backends = backends
@@ -67,6 +72,7 @@ class GroupChecker:
         self.rng = rng
         self.sleep = sleep  # injectable, so tests can drive the schedule without waiting
         self.probe = probe
+        self.passed = passed
         self.states = [
             HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history) for _ in backends
         ]
@@ -83,9 +89,10 @@ class GroupChecker:
 
     async def check_once(self) -> None:
         """Probe every backend once, all together; publish if any changed (or if first)."""
+        started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(self.probe(b, self.hc)) for b in self.backends]
-        changed = [self._observe(i, task.result()) for i, task in enumerate(tasks)]
+        changed = [self._observe(i, task.result(), started) for i, task in enumerate(tasks)]
         self.rounds += 1
         if any(changed) or self.rounds == 1:
             self._publish()
@@ -95,13 +102,16 @@ class GroupChecker:
         backend, state = self.backends[i], self.states[i]
         while True:
             await self.sleep(next_wait(self.hc, state.up, self.rng))
-            if self._observe(i, await self.probe(backend, self.hc)):
+            started = time.monotonic()
+            if self._observe(i, await self.probe(backend, self.hc), started):
                 self._publish()
 
-    def _observe(self, i: int, result: ProbeResult) -> bool:
+    def _observe(self, i: int, result: ProbeResult, started: float) -> bool:
         """Fold backend ``i``'s result in; True when its health changed (then logged)."""
         self.probes[i] += 1
         new = self.states[i].observe(result)
+        if result.ok and self.passed is not None:
+            self.passed(self.group, i, started)
         if new is None:
             return False
         url = self.backends[i].url

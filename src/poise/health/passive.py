@@ -19,6 +19,14 @@ must not take a whole struggling fleet out.
 A 503 carrying ``Retry-After`` is the backend saying when to come back: it is ejected for that
 long (capped at ``max_ejection``; the ejection share limit applies too).
 
+An ejection for connection-level failures (connect errors, resets, timeouts, malformed
+responses) ends early when an active health probe that *started after the ejection* passes:
+the probe has just shown the backend accepting connections and answering, which is what those
+failures doubted (Envoy un-ejects on a passing active check too). A backend restarted within
+one check interval is otherwise kept out for ``base_ejection`` though it is fine. Ejections for
+response statuses or Retry-After are not lifted this way: a health endpoint answering 200 says
+nothing about the 5xx the real requests got, and Retry-After is the backend's own request.
+
 Invariants: ``ejected[i]`` <=> ``until[i] > 0``; ``streak[i] == 0`` while ejected.
 """
 
@@ -36,9 +44,11 @@ class Outliers:
         "count",
         "ejected",
         "ejections",
+        "liftable",
         "n",
         "reasons",
         "returned",
+        "since",
         "statuses",
         "streak",
         "until",
@@ -51,6 +61,8 @@ class Outliers:
         self.any_streak = False  # some streak is non-zero: successes must reset it
         self.ejected = [False] * n
         self.until = [0.0] * n  # ejection end, 0 when not ejected
+        self.since = [0.0] * n  # ejection start
+        self.liftable = [False] * n  # a passing active probe may end the ejection early
         self.count = [0] * n  # ejections so far (the multiplier)
         self.returned = [0.0] * n  # when the last ejection ended
         self.reasons = [""] * n
@@ -63,8 +75,9 @@ class Outliers:
         self.streak[i] = 0
         self.any_streak = any(self.streak)
 
-    def failure(self, i: int, now: float, reason: str) -> bool:
-        """Count a failure of backend ``i``; True when this ejected it."""
+    def failure(self, i: int, now: float, reason: str, *, connection: bool = True) -> bool:
+        """Count a failure of backend ``i``; True when this ejected it. ``connection`` is
+        False for a failure status (the ejection is then not lifted by an active probe)."""
         if self.ejected[i] or not self.cfg.enabled:
             return False
         self.streak[i] += 1
@@ -73,16 +86,26 @@ class Outliers:
             return False
         self._forgive(i, now)
         duration = min(self.cfg.base_ejection * (self.count[i] + 1), self.cfg.max_ejection)
-        return self._eject(i, now, duration, f"{self.streak[i]} consecutive failures ({reason})")
+        why = f"{self.streak[i]} consecutive failures ({reason})"
+        return self._eject(i, now, duration, why, liftable=connection)
 
     def retry_after(self, i: int, now: float, seconds: float) -> bool:
         """A 503 with Retry-After: eject ``i`` for ``seconds`` (capped); True when ejected."""
         if self.ejected[i] or not self.cfg.enabled or not self.cfg.retry_after or seconds <= 0:
             return False
         seconds = min(seconds, self.cfg.max_ejection)
-        return self._eject(i, now, seconds, f"503 with Retry-After {seconds:g}s")
+        why = f"503 with Retry-After {seconds:g}s"
+        return self._eject(i, now, seconds, why, liftable=False)
 
-    def _eject(self, i: int, now: float, duration: float, reason: str) -> bool:
+    def probe_passed(self, i: int, started: float, now: float) -> bool:
+        """An active probe of ``i`` that began at ``started`` passed: end a connection-level
+        ejection that began before the probe did. True when ``i`` is back in service."""
+        if not (self.ejected[i] and self.liftable[i] and started >= self.since[i]):
+            return False
+        self.reinstate(i, now)
+        return True
+
+    def _eject(self, i: int, now: float, duration: float, reason: str, *, liftable: bool) -> bool:
         limit = math.floor(self.n * self.cfg.max_ejected_percent / 100)
         if self.cfg.max_ejected_percent > 0:
             limit = max(limit, 1)
@@ -92,6 +115,8 @@ class Outliers:
         self.any_streak = any(self.streak)
         self.ejected[i] = True
         self.until[i] = now + duration
+        self.since[i] = now
+        self.liftable[i] = liftable
         self.count[i] += 1
         self.ejections += 1
         self.reasons[i] = f"ejected for {duration:g}s: {reason}"
@@ -113,6 +138,7 @@ class Outliers:
         if self.ejected[i]:
             self.ejected[i] = False
             self.until[i] = 0.0
+            self.liftable[i] = False
             self.returned[i] = now
             self.reasons[i] = ""
 

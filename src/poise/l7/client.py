@@ -625,12 +625,20 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
-    def passive_failure(self, group: Group, backend: Backend, reason: str) -> None:
-        """Passive health: count a failure of ``backend``; route around it once ejected."""
+    def passive_failure(
+        self, group: Group, backend: Backend, reason: str, *, connection: bool = True
+    ) -> None:
+        """Passive health: count a failure of ``backend``; route around it once ejected.
+        ``connection`` is False for a failure status (see ``Outliers.probe_passed``)."""
         outliers = group.outliers
-        if outliers is not None and outliers.failure(backend.index, self.ctx.now, reason):
-            self.ctx.stats.ejections += 1
-            self.ctx.on_ejected(group.name, backend.index)
+        ctx = self.ctx
+        # the loop's clock rather than the coarse ctx.now: when an ejection began matters
+        # to Outliers.probe_passed (failures are off the fast path)
+        if outliers is not None and outliers.failure(
+            backend.index, ctx.loop.time(), reason, connection=connection
+        ):
+            ctx.stats.ejections += 1
+            ctx.on_ejected(group.name, backend.index)
 
     def may_retry(self, ex: Exchange, condition: str | int) -> bool:
         """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",

@@ -415,7 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
         i = self.backend.index
         if o is not None:
             if status in o.statuses:
-                client.passive_failure(group, self.backend, f"status {status}")
+                client.passive_failure(group, self.backend, f"status {status}", connection=False)
             elif status == 503 and b"\r\nretry-after:" in low:
                 seconds = http.retry_after_seconds(http.field_value(low, b"retry-after"))
                 ctx = self.ctx
