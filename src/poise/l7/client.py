@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from poise.balancing import keys
-from poise.l7 import http
+from poise.l7 import http, retry
 from poise.l7.request import (
     Exchange,
     Reject,
@@ -649,25 +649,24 @@ class ClientConnection(asyncio.Protocol):
         if group is None or ex.response_started or self.closed:
             return False
         cfg = group.config.retry
-        if len(ex.tried) >= cfg.attempts:
+        if len(ex.tried) >= cfg.attempts or not retry.listed(cfg, group.retry_statuses, condition):
             return False
-        if condition not in (group.retry_statuses if isinstance(condition, int) else cfg.on):
-            return False
-        if ex.has_body and (ex.kept is None or ex.body_bytes > cfg.max_body):
-            return False
-        if ex.method.decode() not in http.IDEMPOTENT_METHODS and not (
-            cfg.idempotency_key and http.has_field(ex.headers, b"idempotency-key")
+        if not retry.repeatable(
+            cfg,
+            ex.method.decode(),
+            ex.headers,
+            has_body=ex.has_body,
+            body_kept=ex.kept is not None,
+            body_bytes=ex.body_bytes,
         ):
             return False
-        current = self.ctx.table.groups.get(group.name, group)
+        ctx = self.ctx
+        current = ctx.table.groups.get(group.name, group)
         if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
             return False
-        ctx = self.ctx
-        if not ex.retrying:
-            budget = max(cfg.budget_min, cfg.budget_percent * ctx.inflight / 100)
-            if ctx.retries_active >= budget:
-                ctx.stats.retries_over_budget += 1
-                return False
+        if not ex.retrying and not retry.within_budget(cfg, ctx.retries_active, ctx.inflight):
+            ctx.stats.retries_over_budget += 1
+            return False
         return True
 
     def retry(self, ex: Exchange) -> None:
