@@ -52,10 +52,12 @@ from poise.config.model import (
     PolicyConfig,
     PoolConfig,
     ProxyConfig,
+    RegistryConfig,
     RouteConfig,
     TimeoutConfig,
     UpstreamConfig,
 )
+from poise.config.registry import registry
 from poise.config.resilience import (
     check_backend_state,
     check_fraction,
@@ -75,7 +77,8 @@ from poise.config.values import (
     parse_listen,
     parse_status_range,
 )
-from poise.errors import ConfigError
+from poise.errors import ConfigError, InvalidInstance
+from poise.registry.model import check_service
 
 __all__ = [
     "load_config",
@@ -87,11 +90,12 @@ __all__ = [
 
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
-_SHARED_KEYS = ("timeouts", "proxy", "limits", "log")
+_SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry")
 _LISTENER_KEYS = ("name", "listen", "routes", "upstream")
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
+    "service",
     "policy",
     "health_check",
     "pool",
@@ -203,8 +207,25 @@ def _document(c: Checker, data: object, source: str | None) -> Config | None:
         proxy=_proxy(c, doc.get("proxy"), "proxy"),
         limits=_limits(c, doc.get("limits"), "limits"),
         log=_log(c, doc.get("log"), "log"),
+        registry=_registry_section(c, doc, upstreams),
         source=source,
     )
+
+
+def _registry_section(
+    c: Checker, doc: Mapping[str, object], upstreams: Mapping[str, UpstreamConfig]
+) -> RegistryConfig | None:
+    """The registry, when configured or needed (an upstream names a service)."""
+    if "registry" in doc or any(u.service for u in upstreams.values()):
+        return registry(c, doc.get("registry"), "registry")
+    return None
+
+
+def check_service_name(value: object) -> str:
+    try:
+        return check_service(value, "service")
+    except InvalidInstance as exc:
+        raise ValueError(exc.problems[0].split(": ", 1)[1]) from exc
 
 
 def _seed(
@@ -272,11 +293,17 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     if obj is None:
         return None
     backends: tuple[BackendConfig, ...] = ()
-    if "backends" in obj:
+    service = None
+    if "service" in obj:
+        service = c.check(obj["service"], key_path(path, "service"), check_service_name)
+        if "backends" in obj:
+            c.error(key_path(path, "backends"), "give backends or service, not both")
+    elif "backends" in obj:
         backends = _backends(c, obj["backends"], key_path(path, "backends"))
     else:
-        c.error(key_path(path, "backends"), "required but missing")
+        c.error(key_path(path, "backends"), "required but missing (or name a 'service')")
     return UpstreamConfig(
+        service=service,
         name=name,
         backends=backends,
         policy=_policy(c, obj["policy"], key_path(path, "policy"))
