@@ -48,11 +48,11 @@ async def test_register_list_heartbeat_deregister(api: tuple[str, MemoryStore, F
         assert [i["id"] for i in r.json()["instances"]] == ["u1"]
         clock.advance(8)
         r = await c.put("/v1/services/users/instances/u1/heartbeat")
-        assert r.status_code == 200 and r.json()["instance"]["revision"] == 1
+        assert r.status_code == 200 and r.json()["revision"] == 1
         clock.advance(8)  # 16 s after registering, 8 after the heartbeat: still there
         assert await store.expire() == 0
         r = await c.put("/v1/services/users/instances/u1/heartbeat", json={"status": "warning"})
-        assert r.json()["instance"]["status"] == "warning"
+        assert r.json()["status"] == "warning"
         r = await c.delete("/v1/services/users/instances/u1")
         assert r.json() == {"deregistered": True}
         r = await c.put("/v1/services/users/instances/u1/heartbeat")

@@ -5,7 +5,8 @@
     GET    /v1/services                                   services and instance counts
     GET    /v1/services/{service}[?index=N&wait=30s]      instances (blocking query)
     PUT    /v1/services/{service}/instances/{id}          register (body: the instance)
-    PUT    /v1/services/{service}/instances/{id}/heartbeat  renew the TTL [{"status": ...}]
+    PUT    /v1/services/{service}/instances/{id}/heartbeat  renew the TTL [{"status": ...}];
+                                                   answers service, id, status, ttl, revision
     DELETE /v1/services/{service}/instances/{id}          deregister
     GET    /v1/watch?after=N                              NDJSON event stream from revision N
     GET    /v1/health                                     is the store reachable
@@ -122,7 +123,10 @@ class RegistryApi:
             stored = await _store(self.store.heartbeat(service, instance, status))
         except NotRegistered as exc:
             raise HttpError(404, str(exc), reregister=True) from exc
-        return Reply(data={"instance": stored.to_json()}, headers=_index(stored.revision))
+        # the short form: heartbeats are the registry's most frequent call
+        data = {"service": service, "id": instance, "status": stored.status,
+                "ttl": stored.ttl, "revision": stored.revision}  # fmt: skip
+        return Reply(data=data, headers=_index(stored.revision))
 
     async def deregister(self, request: Request, service: str, instance: str) -> Reply:
         self._auth(request, write=True)
