@@ -147,7 +147,7 @@ end
 """
 
 
-def heartbeats(tmp: Path, api: Api, api_port: int, n: int, seconds: float, pin: bool) -> Any:
+def heartbeats(tmp: Path, api: Api, api_port: int, n: int, *, seconds: float, pin: bool) -> Any:
     log(f"registering {n} instances")
     for i in range(n):
         body = {"host": LOOPBACK, "port": 10000 + i % 50000, "ttl": "300s"}
@@ -159,7 +159,7 @@ def heartbeats(tmp: Path, api: Api, api_port: int, n: int, seconds: float, pin: 
     argv.append(f"http://{LOOPBACK}:{api_port}")
     if pin:
         argv = ["taskset", "-c", CPU_LOAD, *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     if out.returncode != 0:
         raise BenchError(f"wrk failed: {out.stderr[-500:]}")
     w = parse_wrk(out.stdout)
@@ -202,7 +202,8 @@ def markdown(
             "",
             f"{info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}; commit "
             f"{info['git_commit'] or 'none'}; load average {info['loadavg_start']} at start. "
-            f"poise on cpu{CPU_PROXY} (store: {args.store}), clients and backends on cpu{CPU_LOAD}.",
+            f"poise on cpu{CPU_PROXY} (store: {args.store}), clients and backends on "
+            f"cpu{CPU_LOAD}.",
             "",
             "| measure | p50 | p99 | max | target |",
             "|---|---:|---:|---:|---|",
@@ -252,7 +253,7 @@ def main() -> int:
             result.update(routing_latency(api, backends, args.rounds))
             log("heartbeat throughput")
             result["heartbeats"] = heartbeats(
-                tmp, api, api_port, args.instances, args.duration, procs.pin
+                tmp, api, api_port, args.instances, seconds=args.duration, pin=procs.pin
             )
             result["store_alone"] = store_alone(args.instances, tmp)
         finally:
