@@ -15,9 +15,11 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from poise.config.model import BackendConfig, Config
+from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker
 from poise.health.state import HealthState
@@ -29,6 +31,7 @@ from poise.registry.api import RegistryApi
 from poise.registry.discovery import backends_of
 from poise.registry.model import Instance
 from poise.registry.service import RegistryService
+from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import build_table, make_backends, regroup
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
@@ -51,6 +54,8 @@ class Server:
         self.registry: RegistryService | None = None
         self.registry_api: RegistryApi | None = None
         self.registry_address: tuple[str, int] | None = None
+        # backends from a watched file or DNS, by upstream name
+        self.sources: dict[str, FileSource | DnsSource] = {}
         self.listeners: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
@@ -158,6 +163,35 @@ class Server:
         self._checker_tasks[name] = tg.create_task(checker.run(), name=f"health:{name}")
         return checker
 
+    async def _open_sources(self) -> None:
+        """Read backends files (a bad one stops the start, like a bad config) and look DNS
+        names up (a failure leaves the group empty until a lookup succeeds)."""
+        problems = []
+        for name, up in self.config.upstreams.items():
+            source: FileSource | DnsSource
+            if up.file is not None:
+                source = FileSource(up.file)
+                try:
+                    self.set_members(name, source.read(), initial=True)
+                except SourceError as exc:
+                    problems.append(f"upstreams.{name}.file: {exc}")
+            elif up.dns is not None:
+                source = DnsSource(up.dns)
+                try:
+                    self.set_members(name, await source.resolve(), initial=True)
+                except SourceError as exc:
+                    source.error = str(exc)
+                    log.error("upstream %s: %s (no backends until a lookup succeeds)", name, exc)
+            else:
+                continue
+            self.sources[name] = source
+        if problems:
+            raise ConfigError(problems, self.config.source)
+        await self._open_registry()
+
+    def _source_changed(self, name: str) -> Callable[[tuple[BackendConfig, ...]], None]:
+        return lambda backends: self.set_members(name, backends)
+
     async def _open_registry(self) -> None:
         """Open the store and load the followed services' instances before serving."""
         cfg = self.config.registry
@@ -170,7 +204,14 @@ class Server:
             shown = f"[{host}]" if ":" in host else host
             log.info("registry API on http://%s:%d (store: %s)", shown, port, cfg.store)
         services = {up.service for up in self.config.upstreams.values() if up.service}
-        found = await self.registry.snapshot(services)
+        try:
+            found = await self.registry.snapshot(services)
+        except RegistryError as exc:
+            # etcd down at start: serve what can be served; the follow loop retries and
+            # fills the services in when the store answers
+            log.error("registry store unreachable at start (%s): services start empty", exc)
+            self.registry.reachable, self.registry.last_error = False, str(exc)
+            found = {}
         for name, up in self.config.upstreams.items():
             if up.service:
                 backends, reported = backends_of(found.get(up.service, ()))
@@ -195,7 +236,7 @@ class Server:
         ctx.start()
         tasks: list[asyncio.Task[None]] = []
         try:
-            await self._open_registry()
+            await self._open_sources()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
@@ -205,6 +246,9 @@ class Server:
                     tasks.append(tg.create_task(reg.expire_forever(), name="registry:expire"))
                     follow = reg.follow(services, self._on_instances)
                     tasks.append(tg.create_task(follow, name="registry:follow"))
+                for name, source in self.sources.items():
+                    follow_source = source.follow(self._source_changed(name))
+                    tasks.append(tg.create_task(follow_source, name=f"source:{name}"))
                 for name, group in self.table.groups.items():
                     if group.config.health_check.enabled:
                         self._start_checker(tg, name)
@@ -290,6 +334,7 @@ class Server:
             "health": {c.group: c.statistics() for c in self.checkers},
             "backends": self.board.statistics(),
             "registry": self.registry.statistics() if self.registry is not None else None,
+            "sources": {name: src.statistics() for name, src in self.sources.items()},
         }
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ from poise.config.model import (
     TimeoutConfig,
     UpstreamConfig,
 )
-from poise.config.registry import registry
+from poise.config.registry import dns_source, registry
 from poise.config.resilience import (
     check_backend_state,
     check_fraction,
@@ -96,6 +96,8 @@ _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
     "service",
+    "file",
+    "dns",
     "policy",
     "health_check",
     "pool",
@@ -293,17 +295,24 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     if obj is None:
         return None
     backends: tuple[BackendConfig, ...] = ()
-    service = None
+    service = file = dns = None
+    sources = [k for k in ("backends", "service", "file", "dns") if k in obj]
+    if len(sources) > 1:
+        c.error(path, f"give one of backends, service, file or dns, not {' and '.join(sources)}")
     if "service" in obj:
         service = c.check(obj["service"], key_path(path, "service"), check_service_name)
-        if "backends" in obj:
-            c.error(key_path(path, "backends"), "give backends or service, not both")
-    elif "backends" in obj:
+    if "file" in obj:
+        file = c.check(obj["file"], key_path(path, "file"), check_str)
+    if "dns" in obj:
+        dns = dns_source(c, obj["dns"], key_path(path, "dns"))
+    if "backends" in obj:
         backends = _backends(c, obj["backends"], key_path(path, "backends"))
-    else:
-        c.error(key_path(path, "backends"), "required but missing (or name a 'service')")
+    elif not sources:
+        c.error(key_path(path, "backends"), "required but missing (or a service, file or dns)")
     return UpstreamConfig(
         service=service,
+        file=file,
+        dns=dns,
         name=name,
         backends=backends,
         policy=_policy(c, obj["policy"], key_path(path, "policy"))
@@ -710,3 +719,13 @@ def _decode_yaml(text: str, source: str) -> object:
         reason = getattr(exc, "problem", None) or str(exc)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"invalid YAML{where}: {reason}"], source) from exc
+
+
+def parse_backends(value: object, path: str) -> tuple[BackendConfig, ...]:
+    """A backends list as in the config (URL strings or objects), for backend files.
+    Raises ConfigError listing every problem."""
+    c = Checker()
+    result = _backends(c, value, path)
+    if c.problems:
+        raise ConfigError(c.problems, path)
+    return result

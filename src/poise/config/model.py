@@ -103,6 +103,18 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """Backends from DNS: A/AAAA records of ``name`` on ``port``, or SRV records."""
+
+    name: str
+    type: str = "A"  # A (A and AAAA) | SRV
+    port: int = 80  # for A; SRV records carry their own
+    scheme: str = "http"
+    refresh: float = 10.0  # seconds between lookups
+    nameserver: tuple[str, int] | None = None  # None = the system resolver
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -119,6 +131,8 @@ class UpstreamConfig:
     # backends discovered in the service registry under this name (``backends`` is then
     # the current set of instances, replaced as they come and go)
     service: str | None = None
+    file: str | None = None  # backends listed in this file, re-read when it changes
+    dns: DnsConfig | None = None  # backends from DNS, looked up every ``refresh``
 
 
 @dataclass(frozen=True, slots=True)

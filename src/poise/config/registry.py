@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import os
 
-from poise.config.checks import Checker, check_bool, check_str, choice, int_in, key_path
-from poise.config.model import RegistryConfig
+from poise.config.checks import (
+    Checker,
+    check_bool,
+    check_str,
+    choice,
+    int_in,
+    key_path,
+    positive_duration,
+)
+from poise.config.model import DnsConfig, RegistryConfig
 from poise.config.values import describe_type, parse_listen
 
 REGISTRY_KEYS = (
@@ -91,4 +99,38 @@ def registry(c: Checker, value: object, path: str) -> RegistryConfig:
         token=c.field(obj, "token", path, _token, d.token),
         read_token=c.field(obj, "read_token", path, check_bool, d.read_token),
         history=c.field(obj, "history", path, int_in(100, 10_000_000), d.history),
+    )
+
+
+DNS_KEYS = ("name", "type", "port", "scheme", "refresh", "nameserver")
+
+
+def _nameserver(value: object) -> tuple[str, int]:
+    text = check_str(value)
+    host, port = parse_listen(text if ":" in text.strip("[]") or "]:" in text else f"{text}:53")
+    if not host:
+        raise ValueError(f"expected an IP address with an optional port, got {text!r}")
+    return host, port
+
+
+def dns_source(c: Checker, value: object, path: str) -> DnsConfig | None:
+    """``"users.internal"`` (A records, port 80) or an object with the options."""
+    if isinstance(value, str):
+        value = {"name": value}
+    obj = c.mapping(value, path, DNS_KEYS)
+    if obj is None:
+        return None
+    name = c.required(obj, "name", path, check_str)
+    kind = c.field(obj, "type", path, choice("a", "srv"), "a").upper()
+    if "port" in obj and kind == "SRV":
+        c.error(key_path(path, "port"), "SRV records carry their own ports")
+    if name is None:
+        return None
+    return DnsConfig(
+        name=name,
+        type=kind,
+        port=c.field(obj, "port", path, int_in(1, 65535), 80),
+        scheme=c.field(obj, "scheme", path, choice("http", "https"), "http"),
+        refresh=c.field(obj, "refresh", path, positive_duration, 10.0),
+        nameserver=c.field(obj, "nameserver", path, _nameserver, None),
     )
