@@ -84,7 +84,10 @@ class Reply:
     def encode(self) -> bytes:
         if self.body is not None:
             return self.body
-        return json.dumps(self.data, separators=(",", ":")).encode() + b"\n"
+        return _JSON.encode(self.data).encode() + b"\n"
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps builds one per call
 
 
 @dataclass
@@ -335,14 +338,17 @@ _CHUNKED = "Transfer-Encoding: chunked"
 
 
 def _head(status: int, ctype: str, extra: list[tuple[str, str]], framing: str) -> bytes:
-    reason = _REASONS.get(status) or HTTPStatus(status).phrase
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}", framing]
-    lines += [f"{k}: {v}" for k, v in extra]
-    lines.append("Cache-Control: no-store")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    start = _STARTS.get((status, ctype))
+    if start is None:
+        reason = HTTPStatus(status).phrase
+        start = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+        start += "Cache-Control: no-store\r\n"
+        _STARTS[(status, ctype)] = start
+    fields = "".join(f"{k}: {v}\r\n" for k, v in extra) if extra else ""
+    return f"{start}{fields}{framing}\r\n\r\n".encode("latin-1")
 
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STARTS: dict[tuple[int, str], str] = {}  # status line and fixed fields, by (status, type)
 
 
 class HttpServer:
