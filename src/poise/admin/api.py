@@ -127,7 +127,9 @@ class AdminApi:
         )
 
     async def upstreams(self, request: Request) -> Reply:
-        return Reply(data={name: self._upstream(name, detail=True) for name in self._table().groups})
+        return Reply(
+            data={name: self._upstream(name, detail=True) for name in self._table().groups}
+        )
 
     async def upstream(self, request: Request, upstream: str) -> Reply:
         if upstream not in self._table().groups:
