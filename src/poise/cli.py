@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--health-interval", default="2s", help="health check interval without -c (default 2s)"
     )
+    run.add_argument(
+        "--watch-config", action="store_true", help="reload when the config file changes"
+    )
     logging_args(run)
 
     check = sub.add_parser("check", help="validate a config file")
@@ -187,7 +190,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     try:
-        return run(config)
+        return run(config, watch_config=args.watch_config)
     except OSError as exc:
         # e.g. the port is taken: say so plainly rather than with a traceback
         print(f"poise: {exc.strerror or exc}", file=sys.stderr)

@@ -120,8 +120,31 @@ class Context:
 
     def __init__(self, config: Config, table: RoutingTable, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.config = config
         self.table = table  # replaced whole, by one assignment, on every change
+        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = Stats()
+        self.latency = Histogram()  # from the request's first byte to the response's last
+        self.access: AccessLog | None = None
+        self.date = DateCache()
+        self.now = loop.time()
+        self.draining = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self.rng = random.Random()
+        # retry budget: retries in flight against requests in flight (sampled every tick)
+        self.retries_active = 0
+        self.inflight = 0
+        # passive health ejected a backend (group, index): the server re-routes around it
+        # (the Outliers that ejected it, so a report from a group that has since changed
+        # membership is recognised as stale)
+        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take the settings of ``config`` (at start, and on a reload: connections read them
+        from here, so open ones follow the new values)."""
+        self.config = config
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
@@ -132,32 +155,20 @@ class Context:
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
         self.tunnel_idle = t.tunnel_idle
-        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
-        self.clients: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = Stats()
-        self.latency = Histogram()  # from the request's first byte to the response's last
-        self.access = AccessLog(config.log.access) if config.log.access is not None else None
-        self.date = DateCache()
-        self.now = loop.time()
-        self.draining = False
-        self._ticker: asyncio.TimerHandle | None = None
-        self.rng = random.Random()
-        # retry budget: retries in flight against requests in flight (sampled every tick)
-        self.retries_active = 0
-        self.inflight = 0
         ups = config.upstreams.values()
         self.retry_body_max = max(
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
-        # passive health ejected a backend (group, index): the server re-routes around it
-        # (the Outliers that ejected it, so a report from a group that has since changed
-        # membership is recognised as stale)
-        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        access = config.log.access
+        if self.access is not None and (access is None or access != self.access.cfg):
+            self.access.close()
+            self.access = None
+        if access is not None and self.access is None:
+            self.access = AccessLog(access)
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)
