@@ -68,6 +68,45 @@ async def test_two_clients_see_each_others_registrations_at_once(etcd: EtcdServe
     assert max(delays) < 1.0, f"propagation took up to {worst:.0f} ms"
 
 
+async def test_concurrent_identical_registrations_make_one_change(etcd: EtcdServer) -> None:
+    prefix = f"/poise-test/{uuid4().hex[:8]}"
+    stores = [EtcdStore(etcd.url, prefix=prefix) for _ in range(2)]
+    try:
+        start = await stores[0].revision()
+        same = inst("a", 8001, ttl=30.0, tags=("v1",))
+        results = await asyncio.gather(*(stores[n % 2].register(same) for n in range(10)))
+        assert len({r.revision for r in results}) == 1, "one registration, one revision"
+        events = stores[1].watch(start)
+        try:
+            first = await next_event(events)
+            moved = await stores[0].register(inst("a", 8002, ttl=30.0))  # a real change
+            assert (first.instance, (await next_event(events)).instance) == (results[0], moved)
+        finally:
+            await events.aclose()
+        # each registration that lost the race gave its lease back: only the winner's is left
+        assert len(await asyncio.to_thread(etcd.leases)) == 1
+    finally:
+        for store in stores:
+            await store.close()
+        etcd.clear()
+
+
+async def test_a_new_ttl_moves_the_instance_to_a_new_lease(etcd: EtcdServer) -> None:
+    store = EtcdStore(etcd.url, prefix=f"/poise-test/{uuid4().hex[:8]}")
+    try:
+        await store.register(inst("a", 8001, ttl=2.0))
+        longer = await store.register(inst("a", 8001, ttl=60.0))
+        await asyncio.sleep(3.5)  # the first lease (2 s) would have run out by now
+        assert (await store.instances("users"))[0] == (longer,)
+        assert (await store.heartbeat("users", "a")) == longer
+        kept = await store.register(inst("a", 8001))  # no TTL at all: no lease
+        await store.deregister("users", "a")
+        assert kept.ttl is None and (await store.instances("users"))[0] == ()
+    finally:
+        await store.close()
+        etcd.clear()
+
+
 async def test_etcd_down_then_back(own_etcd: EtcdServer) -> None:
     writer = EtcdStore(own_etcd.url, timeout=1.0)
     patient = EtcdStore(own_etcd.url, timeout=15.0)  # rides out a short outage

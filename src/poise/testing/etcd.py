@@ -202,6 +202,10 @@ class EtcdServer:
     def status(self) -> dict[str, Any]:
         return _post(f"{self.url}/v3/maintenance/status", {})
 
+    def leases(self) -> list[int]:
+        """The ids of every lease etcd holds now."""
+        return [int(x["ID"]) for x in _post(f"{self.url}/v3/lease/leases", {}).get("leases", [])]
+
     def clear(self) -> None:
         """Revoke every lease and delete every key: a clean slate between tests (the revision
         keeps growing, as etcd's does)."""
