@@ -77,7 +77,6 @@ MIN_LEASE = 2  # seconds: etcd's minimum lease TTL with its default election tim
 RETRIES = 20  # read-decide-write rounds lost to concurrent writers before giving up
 _RETRY_CODES = {4, 14}  # gRPC DeadlineExceeded, Unavailable: another member may answer
 _NOT_FOUND = 5
-_OUT_OF_RANGE = 11  # "required revision has been compacted"
 KV = dict[str, Any]
 # every request asks for a member with a leader: one without answers "no leader" at once
 # (instead of holding a write for etcd's 7 s request timeout), and a watch on a member cut off

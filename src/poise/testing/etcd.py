@@ -17,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -39,7 +41,7 @@ __all__ = ["EtcdCluster", "EtcdServer", "find_etcd", "obtain_etcd"]
 HOST = "127.0.0.1"
 START_DEADLINE = 30.0  # seconds for members to report healthy (a shared 2-core machine)
 STOP_TIMEOUT = 5.0
-_RUNNING: weakref.WeakSet[EtcdServer] = weakref.WeakSet()
+_RUNNING: set[EtcdServer] = set()  # started and not yet stopped: for the atexit hook
 
 
 def _version(path: str) -> tuple[int, int] | None:
@@ -94,6 +96,24 @@ def obtain_etcd() -> tuple[str, tuple[int, int]] | None:
                 subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=False)
         _FOUND.clear()
     return find_etcd()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux SIGKILL the child when the process that started it
+    dies (``PR_SET_PDEATHSIG``): a test run killed from outside leaves no etcd behind. The
+    "parent" is the starting *thread*, so members are always spawned from the caller's
+    thread, never from a worker thread that may end first."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
@@ -167,7 +187,11 @@ class EtcdServer:
             args.append("--unsafe-no-fsync")  # test data; the OS still has it after kill -9
         self._log = open(self.dir / "etcd.log", "ab")  # noqa: SIM115 - closed in _reap
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl, nothing that locks
         )
         self._started_once = True
         _RUNNING.add(self)
@@ -196,8 +220,10 @@ class EtcdServer:
         return self
 
     async def restart(self) -> None:
-        """``start()`` off the event loop, so clients on the loop keep running meanwhile."""
-        await asyncio.to_thread(self.start)
+        """``start()`` for async tests: spawns here, waits for health in a thread so that
+        clients on the event loop keep running meanwhile."""
+        self.spawn()
+        await asyncio.to_thread(self.wait_healthy)
 
     def status(self) -> dict[str, Any]:
         return _post(f"{self.url}/v3/maintenance/status", {})
