@@ -74,6 +74,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 __all__ = ["EtcdStore"]
 
 MIN_LEASE = 2  # seconds: etcd's minimum lease TTL with its default election timeout
+CONNECTIONS = 64  # to etcd, for unary calls (watches have their own)
 RETRIES = 20  # read-decide-write rounds lost to concurrent writers before giving up
 _RETRY_CODES = {4, 14}  # gRPC DeadlineExceeded, Unavailable: another member may answer
 _NOT_FOUND = 5
@@ -135,7 +136,7 @@ class EtcdStore:
         self.attempt_timeout = min(attempt_timeout, timeout)
         self._instances = f"{self.prefix}/instances/"
         self._tombstones = f"{self.prefix}/deregistered/"
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[bool, httpx.AsyncClient] = {}  # by "for watch streams"
         self._current = 0
         self._closed = False
         self.last_revision = 0
@@ -283,8 +284,8 @@ class EtcdStore:
 
     async def close(self) -> None:
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
             await client.aclose()
 
     def statistics(self) -> dict[str, object]:
@@ -413,13 +414,19 @@ class EtcdStore:
     def _translate(exc: _EtcdError) -> RegistryError:
         return RegistryError(f"etcd refused a request: {exc.message} (code {exc.code})")
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self, streams: bool = False) -> httpx.AsyncClient:
+        """Unary calls share a bounded keep-alive pool (a burst of heartbeats queues rather
+        than opening thousands of sockets); every watch holds a connection of its own."""
         if self._closed:
             raise StoreUnavailable("etcd store is closed")
-        if self._client is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
-            self._client = httpx.AsyncClient(limits=limits, timeout=self.timeout)
-        return self._client
+        client = self._clients.get(streams)
+        if client is None:
+            if streams:
+                limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+            else:
+                limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=None)
+            client = self._clients[streams] = httpx.AsyncClient(limits=limits)
+        return client
 
     async def _failover(self, attempt: Callable[[str, float], Awaitable[T]]) -> T:
         """Run ``attempt(endpoint, seconds left)`` on the current member; on ``_Retry`` move
@@ -493,7 +500,7 @@ class EtcdStore:
 
     async def _open_watch(self, body: KV) -> httpx.Response:
         async def attempt(endpoint: str, left: float) -> httpx.Response:
-            client = self._http()
+            client = self._http(streams=True)
             timeout = httpx.Timeout(left, read=None)  # a quiet watch is not a dead one
             request = client.build_request(
                 "POST", endpoint + "/v3/watch", json=body, timeout=timeout, headers=_REQUIRE_LEADER
