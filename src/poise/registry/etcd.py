@@ -15,8 +15,9 @@ return a larger number with the same data (harmless; per-service waits only wake
 that service, since they watch its key range).
 
 **TTL = one lease per instance.** An instance with a TTL is put with its own lease (TTL rounded
-up to whole seconds, at least 2: etcd's minimum on default settings). A heartbeat is one lease
-keepalive; an unknown lease means the instance is gone (``NotRegistered``). etcd deletes the key
+up to whole seconds, at least 2: etcd's minimum on default settings). A heartbeat reads the key
+and keeps its lease alive (two round trips, no write, no revision); a missing key or an unknown
+lease means the instance is gone (``NotRegistered``). etcd deletes the key
 when the lease runs out, so ``expire()`` does nothing. A re-registration with another TTL gets a
 new lease and revokes the old one after the key has moved to the new one.
 
@@ -38,7 +39,9 @@ lease, also under concurrency and after a retried request that had in fact been 
 **Watch and wait.** ``watch(after)`` is an etcd watch on ``{prefix}/`` from ``after + 1``;
 ``wait()`` watches the service's (or all instances') key range the same way until the first
 event or its timeout. A dropped stream is reopened from the revision after the last delivered
-one, so nothing is lost or repeated. A compacted start revision raises ``Compacted``.
+one, so nothing is lost or repeated. A compacted start revision raises ``Compacted``. Each
+``watch()`` and ``wait()`` holds one etcd watch (one HTTP connection) while it runs: a server
+should keep one ``watch()`` per process and answer blocking queries from what it has seen.
 
 **Endpoints and failures.** Requests go to the current endpoint; a connection failure, no
 answer within ``attempt_timeout`` or an "unavailable" answer (no leader, leader changed) moves
