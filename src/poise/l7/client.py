@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from poise.models import Backend
     from poise.routing import Group
     from poise.upstream.limits import Admission
+    from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
 
@@ -484,6 +485,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.tried = (*tried, backend)
         ex.backend = backend
+        ex.group = group  # the table this backend (its index, pool, load) comes from
         load = group.load
         if load is not None:
             load.active[backend.index] += 1
@@ -494,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
             if adm is not None:
                 adm.active += 1
                 ex.admission = adm
-        pool = self.ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
         while conn is not None and conn.closed:
@@ -577,7 +579,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         group = ex.group
         assert group is not None
-        pool = ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
         try:
             _, conn = await asyncio.wait_for(
@@ -638,7 +640,7 @@ class ClientConnection(asyncio.Protocol):
             backend.index, ctx.loop.time(), reason, connection=connection
         ):
             ctx.stats.ejections += 1
-            ctx.on_ejected(group.name, backend.index)
+            ctx.on_ejected(group.name, backend.index, outliers)
 
     def may_retry(self, ex: Exchange, condition: str | int) -> bool:
         """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from poise.config.model import Config
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
-from poise.upstream.pool import Pool
 
 if TYPE_CHECKING:
+    from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
@@ -77,7 +77,6 @@ class Context:
         "loop",
         "now",
         "on_ejected",
-        "pools",
         "retries_active",
         "retry_body_max",
         "rng",
@@ -111,17 +110,6 @@ class Context:
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
-        self.pools: dict[str, list[Pool[UpstreamConnection]]] = {
-            name: [
-                Pool(
-                    f"{name}/{b.authority}",
-                    group.config.pool.max_idle,
-                    group.config.pool.idle_timeout,
-                )
-                for b in group.backends
-            ]
-            for name, group in table.groups.items()
-        }
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
@@ -139,7 +127,9 @@ class Context:
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
         # passive health ejected a backend (group, index): the server re-routes around it
-        self.on_ejected: Callable[[str, int], None] = lambda group, index: None
+        # (the Outliers that ejected it, so a report from a group that has since changed
+        # membership is recognised as stale)
+        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -192,8 +182,7 @@ class Context:
             for group in self.table.groups.values():
                 if group.admission is not None and group.admission.waiting:
                     group.admission.expire(now)
-            for pools in self.pools.values():
-                for pool in pools:
+                for pool in group.pools:
                     if pool.idle:
                         pool.expire(now)
         finally:
@@ -223,7 +212,10 @@ class Context:
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
             "tunnels": len(self.tunnels),
-            "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
+            "pools": {
+                name: [p.statistics() for p in group.pools]
+                for name, group in self.table.groups.items()
+            },
         }
 
     def __repr__(self) -> str:
