@@ -5,6 +5,7 @@ Two poise instances sharing one etcd, etcd going away and coming back, compactio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import AsyncGenerator, Iterator
@@ -12,9 +13,11 @@ from uuid import uuid4
 
 import pytest
 
+from poise.config.model import RegistryConfig
 from poise.errors import Compacted, StoreUnavailable
 from poise.registry import Event, Instance
 from poise.registry.etcd import EtcdStore
+from poise.registry.service import RegistryService
 from poise.testing.etcd import EtcdCluster, EtcdServer, obtain_etcd
 
 pytestmark = pytest.mark.timeout(90)
@@ -66,6 +69,36 @@ async def test_two_clients_see_each_others_registrations_at_once(etcd: EtcdServe
     p50, worst = statistics.median(delays) * 1000, max(delays) * 1000
     print(f"\nregister on one client -> event on the other: p50 {p50:.1f} ms, max {worst:.1f} ms")
     assert max(delays) < 1.0, f"propagation took up to {worst:.0f} ms"
+
+
+async def test_two_registry_services_follow_one_etcd(etcd: EtcdServer) -> None:
+    """What two poise processes do: each follows the service through its own store."""
+    cfg = RegistryConfig(store="etcd", endpoints=(etcd.url,), prefix=f"/poise-test/{uuid4().hex}")
+    one, two = RegistryService(cfg), RegistryService(cfg)
+    assert isinstance(one.store, EtcdStore)
+    seen: list[tuple[str, tuple[Instance, ...]]] = []
+    await two.snapshot(["users"])
+    follow = asyncio.ensure_future(two.follow(["users"], lambda s, i: seen.append((s, i))))
+    try:
+        await one.store.revision()  # a running poise: its connection to etcd is open
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        a = await one.store.register(inst("a", 8001))
+        while not seen:
+            assert time.perf_counter() - t0 < 5.0, "the other registry never saw it"
+            await asyncio.sleep(0.002)
+        delay = time.perf_counter() - t0
+        assert seen == [("users", (a,))]
+        assert two.statistics()["reachable"] is True
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await one.close()
+        await two.close()
+        etcd.clear()
+    print(f"\nregister through one registry -> reported by the other: {delay * 1000:.1f} ms")
+    assert delay < 1.0
 
 
 async def test_concurrent_identical_registrations_make_one_change(etcd: EtcdServer) -> None:

@@ -59,6 +59,7 @@ import asyncio
 import base64
 import json
 import math
+import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -140,6 +141,9 @@ class EtcdStore:
         self._instances = f"{self.prefix}/instances/"
         self._tombstones = f"{self.prefix}/deregistered/"
         self._clients: dict[bool, httpx.AsyncClient] = {}  # by "for watch streams"
+        # loading the CA bundle costs 50-180 ms per client: only when TLS is used, and once
+        self._tls: ssl.SSLContext | None = None
+        self._uses_tls = any(e.startswith("https:") for e in self.endpoints)
         self._current = 0
         self._closed = False
         self.last_revision = 0
@@ -428,7 +432,10 @@ class EtcdStore:
                 limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
             else:
                 limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=None)
-            client = self._clients[streams] = httpx.AsyncClient(limits=limits)
+            if self._uses_tls and self._tls is None:
+                self._tls = ssl.create_default_context()
+            verify: ssl.SSLContext | bool = self._tls or False  # False: plain http, no TLS
+            client = self._clients[streams] = httpx.AsyncClient(limits=limits, verify=verify)
         return client
 
     async def _failover(self, attempt: Callable[[str, float], Awaitable[T]]) -> T:
