@@ -9,6 +9,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import AsyncGenerator, Iterator
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -121,6 +122,41 @@ async def test_concurrent_identical_registrations_make_one_change(etcd: EtcdServ
     finally:
         for store in stores:
             await store.close()
+        etcd.clear()
+
+
+class LosesFirstAnswer(EtcdStore):
+    """Each write lands, but its answer is "lost" and the request sent again, as happens when
+    a member dies after committing: the retry's guard fails (the key has moved on)."""
+
+    async def _txn(self, key: str, seen: dict[str, Any] | None, ops: list[Any]) -> int | None:
+        await super()._txn(key, seen, ops)
+        return await super()._txn(key, seen, ops)
+
+
+async def test_a_retried_write_that_had_landed_is_not_done_twice(etcd: EtcdServer) -> None:
+    store = LosesFirstAnswer(etcd.url, prefix=f"/poise-test/{uuid4().hex[:8]}")
+    try:
+        start = await store.revision()
+        a = await store.register(inst("a", 8001, ttl=30.0))
+        b = await store.register(inst("b", 8002))
+        assert await store.deregister("users", "b") is True
+        assert (await store.instances("users"))[0] == (a,)
+        assert await store.heartbeat("users", "a") == a  # its lease is alive
+        events = store.watch(start)
+        try:
+            seen = [await next_event(events) for _ in range(3)]
+        finally:
+            await events.aclose()
+        assert [(e.kind, e.id, e.reason) for e in seen] == [
+            ("put", "a", ""),
+            ("put", "b", ""),
+            ("delete", "b", "deregistered"),
+        ]
+        assert seen[0].revision == a.revision and seen[1].revision == b.revision
+        assert len(await asyncio.to_thread(etcd.leases)) == 1, "a's lease, and no other"
+    finally:
+        await store.close()
         etcd.clear()
 
 
@@ -249,7 +285,10 @@ async def test_killing_the_leader_of_a_3_member_cluster_loses_no_registration() 
             listed = (await store.instances("users"))[0]
             assert [i.id for i in listed] == sorted(i.id for i in registered)
             seen = [await next_event(events) for _ in registered]
+            # every registration once: none lost, none repeated, no spurious delete (a retried
+            # write whose first try had landed must be recognised as done)
             assert [e.instance for e in seen] == registered, "the watcher missed a change"
+            assert all(e.kind == "put" for e in seen)
         finally:
             await events.aclose()
             await store.close()

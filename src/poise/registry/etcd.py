@@ -183,6 +183,13 @@ class EtcdStore:
                     await self._revoke(old_lease)  # the key has moved to the new lease
                 return replace(instance, revision=rev)
             if lease and lease != old_lease:
+                # the key changed under us; if it now holds our new lease, the change was
+                # ours (an answer lost, the request retried): revoking would delete it
+                now = await self._get(key)
+                if now is not None and int(now.get("lease", 0)) == lease:
+                    if old_lease:
+                        await self._revoke(old_lease)
+                    return self._decode(now)
                 await self._revoke(lease)
         raise StoreUnavailable(f"etcd: {key} changed {RETRIES} times while registering")
 
@@ -229,7 +236,13 @@ class EtcdStore:
                     raise self._translate(exc) from exc
                 continue  # the lease expired meanwhile, and the key with it
             if rev is None:
-                continue
+                # changed under us; a tombstone newer than what we read means the instance
+                # was deregistered meanwhile, maybe by our own retried request: finish it
+                tomb_kv = await self._get(tomb)
+                if tomb_kv is None or int(tomb_kv["mod_revision"]) <= int(kv["mod_revision"]):
+                    continue
+                if await self._get(key) is not None:
+                    continue
             if lease:
                 await self._revoke(lease)  # deletes the tombstone with it
             else:
