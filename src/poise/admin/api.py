@@ -17,6 +17,9 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
     GET    /v1/config                                     the config in force (secrets hidden)
     GET    /metrics                                       Prometheus text format
     GET    /openapi.json
+    GET    /  (or /dashboard)                             the live dashboard page (no token:
+                                                          it holds no data; open it as
+                                                          /#token=... and its calls send it)
 
 ``{backend}`` is ``host:port`` (or the URL, percent-encoded). Writes take JSON, are validated
 before anything changes, and change nothing when they fail.
@@ -28,6 +31,7 @@ import dataclasses
 import hmac
 import time
 from collections.abc import Mapping
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from poise import __version__
@@ -40,6 +44,12 @@ if TYPE_CHECKING:
     from poise.server import Server
 
 SECRET_FIELDS = ("token", "secret")
+PUBLIC = ("/", "/dashboard")
+# the page loads nothing from elsewhere (works offline, no CDN) and may only call its origin
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class AdminApi:
@@ -60,6 +70,8 @@ class AdminApi:
         r.add("GET", "/v1/config", self.config)
         r.add("GET", "/metrics", self.metrics)
         r.add("GET", "/openapi.json", self.openapi)
+        r.add("GET", "/", self.dashboard)
+        r.add("GET", "/dashboard", self.dashboard)
         self.http = HttpServer(r, name="admin", guard=self.check_token)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -69,6 +81,8 @@ class AdminApi:
         await self.http.close()
 
     def check_token(self, request: Request) -> None:
+        if request.path in PUBLIC and request.method in ("GET", "HEAD"):
+            return  # the dashboard page itself holds no data; its calls carry the token
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode(), self.token.encode()
@@ -113,7 +127,9 @@ class AdminApi:
         )
 
     async def upstreams(self, request: Request) -> Reply:
-        return Reply(data={name: self._upstream(name) for name in self._table().groups})
+        return Reply(
+            data={name: self._upstream(name, detail=True) for name in self._table().groups}
+        )
 
     async def upstream(self, request: Request, upstream: str) -> Reply:
         if upstream not in self._table().groups:
@@ -136,6 +152,14 @@ class AdminApi:
 
     async def openapi(self, request: Request) -> Reply:
         return Reply(data=openapi_document())
+
+    async def dashboard(self, request: Request) -> Reply:
+        page = resources.files("poise.admin").joinpath("dashboard.html").read_bytes()
+        return Reply(
+            body=page,
+            content_type="text/html; charset=utf-8",
+            headers=[("Content-Security-Policy", CSP)],
+        )
 
     # -- writes ----------------------------------------------------------------------------
 

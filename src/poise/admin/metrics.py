@@ -65,6 +65,16 @@ def render(server: Server) -> str:
     out.family("poise_errors_total", "counter", "Requests poise answered with an error, by kind.")
     for key, kind in _ERRORS.items():
         out.sample("poise_errors_total", stats.get(key, 0), kind=kind)
+    if ctx is not None:
+        h = ctx.latency
+        name = "poise_request_duration_seconds"
+        out.family(name, "histogram", "From a request's first byte to its response's last.")
+        total = 0
+        for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
+            total += n
+            out.sample(f"{name}_bucket", total, le="+Inf" if bound == float("inf") else repr(bound))
+        out.sample(f"{name}_sum", h.sum)
+        out.sample(f"{name}_count", h.count)
     out.family("poise_retries_total", "counter", "Requests sent again to another backend.")
     out.sample("poise_retries_total", stats.get("retries", 0))
     out.family("poise_retries_over_budget_total", "counter", "Retries the budget refused.")

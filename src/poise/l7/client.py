@@ -233,7 +233,8 @@ class ClientConnection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.cur = Exchange()
+        self.cur = ex = Exchange()
+        ex.t0 = time.monotonic()
         self._headers = []
         self._n_headers = 0
         self._head_size = 0
@@ -736,6 +737,13 @@ class ClientConnection(asyncio.Protocol):
             ex.retrying = False
             ctx.retries_active -= 1
         ctx.stats.responses += 1
+        t0 = ex.t0
+        if t0:
+            ex.t0 = 0.0  # counted once
+            now = time.monotonic()
+            ctx.latency.observe(now - t0)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, now - t0, "ok")
         if ex.request_done:
             # _finish, inlined for the common case: nothing queued behind, keep-alive
             queue = self.queue
@@ -779,6 +787,14 @@ class ClientConnection(asyncio.Protocol):
             tunnel.close()
 
     def _finish(self, ex: Exchange) -> None:
+        t0 = ex.t0
+        if t0:  # an exchange that did not end in response_complete (an error, say)
+            ex.t0 = 0.0  # counted once
+            ctx = self.ctx
+            elapsed = time.monotonic() - t0
+            ctx.latency.observe(elapsed)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, elapsed, "local" if ex.local else "ok")
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -812,6 +828,8 @@ class ClientConnection(asyncio.Protocol):
     def _send_error(self, ex: Exchange, response: bytes, *, close: bool) -> None:
         ex.response_done = True
         ex.response_started = True
+        ex.local = True
+        ex.status = int(response[9:12])  # "HTTP/1.1 503 ...": what the client got
         if ex.retrying:
             ex.retrying = False
             self.ctx.retries_active -= 1
