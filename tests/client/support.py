@@ -75,7 +75,9 @@ class Harness:
     def ids(self, service: str) -> list[str]:
         return [i.id for i in self.instances(service)]
 
-    def put(self, service: str, id: str, port: int, status: str = "passing", weight: int = 1) -> None:
+    def put(
+        self, service: str, id: str, port: int, status: str = "passing", weight: int = 1
+    ) -> None:
         """Register directly in the store (no TTL): an instance some other process owns."""
         instance = Instance(service, id, "127.0.0.1", port, status=status, weight=weight)
         self.run(self.store.register(instance))

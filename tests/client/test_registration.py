@@ -40,28 +40,28 @@ async def test_without_deregister_the_ttl_expires_it(registry: Harness) -> None:
 
 
 async def test_set_status_is_sent_at_once(registry: Harness) -> None:
-    async with AsyncRegistry(registry.url, TOKEN) as client:
-        # a long interval: only the wake-up can send the status within the deadline
-        async with client.register("users", port=8001, ttl="60s", interval=30) as reg:
-            reg.set_status("warning")
-            await await_until(
-                lambda: registry.instances("users")[0].status == "warning", "status warning"
-            )
-            with pytest.raises(InvalidInstance):
-                reg.set_status("great")
+    client = AsyncRegistry(registry.url, TOKEN)
+    # a long interval: only the wake-up can send the status within the deadline
+    async with client, client.register("users", port=8001, ttl="60s", interval=30) as reg:
+        reg.set_status("warning")
+        await await_until(
+            lambda: registry.instances("users")[0].status == "warning", "status warning"
+        )
+        with pytest.raises(InvalidInstance):
+            reg.set_status("great")
 
 
 async def test_reregisters_after_the_registry_restarts_empty(registry: Harness) -> None:
-    async with AsyncRegistry(registry.url, TOKEN) as client:
-        async with client.register("users", port=8001, ttl=TTL, id="u1") as reg:
-            reg.set_status("warning")
-            await await_until(lambda: registry.instances("users")[0].status == "warning", "warn")
-            registry.restart()  # a new, empty store on the same port
-            assert registry.ids("users") == []
-            await await_until(lambda: reg.registrations == 2, "re-registered")
-            assert registry.ids("users") == ["u1"]
-            # re-registered with its current status, not the initial one
-            assert registry.instances("users")[0].status == "warning"
+    client = AsyncRegistry(registry.url, TOKEN)
+    async with client, client.register("users", port=8001, ttl=TTL, id="u1") as reg:
+        reg.set_status("warning")
+        await await_until(lambda: registry.instances("users")[0].status == "warning", "warn")
+        registry.restart()  # a new, empty store on the same port
+        assert registry.ids("users") == []
+        await await_until(lambda: reg.registrations == 2, "re-registered")
+        assert registry.ids("users") == ["u1"]
+        # re-registered with its current status, not the initial one
+        assert registry.instances("users")[0].status == "warning"
 
 
 async def test_survives_an_unreachable_registry(registry: Harness) -> None:
@@ -120,7 +120,7 @@ def test_sync_registration(registry: Harness) -> None:
     with Registry(registry.url, TOKEN) as client:
         with client.register("users", port=8002, ttl=TTL, id="s1") as reg:
             assert registry.ids("users") == ["s1"] and reg.registered
-            wait_until(lambda: reg.statistics()["heartbeats"] >= 6, "heartbeats from the thread")
+            wait_until(lambda: reg.registered and reg.heartbeats >= 6, "heartbeats from the thread")
             reg.set_status("critical")
             wait_until(lambda: registry.instances("users")[0].status == "critical", "critical")
             registry.restart()
@@ -130,6 +130,8 @@ def test_sync_registration(registry: Harness) -> None:
             watch = client.watch("users", wait=5)
             assert [i.id for i in next(watch)] == ["s1"]
         assert registry.ids("users") == []
-        with pytest.raises(RegistryError, match="401"):
-            with Registry(registry.url).register("users", port=8002):
-                pass
+        with (
+            pytest.raises(RegistryError, match="401"),
+            Registry(registry.url).register("users", port=8002),
+        ):
+            pass

@@ -268,6 +268,10 @@ class Registration:
     def registered(self) -> bool:
         return self._async is not None and self._async.registered
 
+    @property
+    def heartbeats(self) -> int:
+        return 0 if self._async is None else self._async.heartbeats
+
     def statistics(self) -> dict[str, object]:
         if self._async is None:
             return {"id": self.id, "registered": False}
