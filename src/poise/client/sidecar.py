@@ -110,9 +110,7 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
                         if cfg.health_url
                         else None
                     )
-                    waits: list[asyncio.Task[object]] = [
-                        tg.create_task(stop.wait(), name="stop")
-                    ]
+                    waits: list[asyncio.Task[object]] = [tg.create_task(stop.wait(), name="stop")]
                     if cfg.command:
                         proc = await asyncio.create_subprocess_exec(*cfg.command)
                         waits.append(tg.create_task(proc.wait(), name="command"))
