@@ -45,18 +45,22 @@ async def test_follows_changes_and_skips_critical(registry: Harness) -> None:
 async def test_keeps_the_last_known_instances_while_the_registry_is_down(
     registry: Harness,
 ) -> None:
-    registry.put("users", "a", 9001)
-    async with AsyncResolver(registry.url, wait=10) as resolver:
-        assert (await resolver.pick("users")).port == 9001
+    for n in range(5):  # revisions the restarted registry will not reach for a while
+        registry.put("users", "a", 9001 + n)
+    # a wait longer than the deadline: catching up must not depend on the query timing out
+    async with AsyncResolver(registry.url, wait=60) as resolver:
+        assert (await resolver.pick("users")).port == 9005
         registry.stop()
         await await_until(lambda: not resolver.reachable, "notices the registry is gone")
-        assert (await resolver.pick("users")).port == 9001
+        assert (await resolver.pick("users")).port == 9005
         registry.start()  # empty: the instance is gone once the resolver catches up
         registry.put("users", "b", 9002)
         await await_until(lambda: resolver.reachable, "reachable again")
         await await_until(
-            lambda: [i.id for i in resolver.views["users"].instances] == ["b"], "caught up"
+            lambda: [i.id for i in resolver.views["users"].instances] == ["b"], "caught up", 10
         )
+        registry.put("users", "c", 9003)  # and follows the new registry's revisions
+        await await_until(lambda: len(resolver.views["users"].instances) == 2, "c arrives", 10)
 
 
 async def test_hash_policy_from_a_config_style_dict(registry: Harness) -> None:

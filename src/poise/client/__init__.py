@@ -20,9 +20,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from poise.client.aio import AsyncRegistration, AsyncRegistry, AsyncResolver
-from poise.client.core import RegistryUnreachable, ServiceView
+from poise.client.core import ServiceView
 from poise.client.sync import Registration, Registry, Resolver
 from poise.client.transport import AsyncBalancingTransport, BalancingTransport
+from poise.errors import RegistryUnreachable
 
 __all__ = [
     "AsyncBalancingTransport",

@@ -40,7 +40,6 @@ from poise.client.core import (
     DEFAULT_WAIT,
     EJECT,
     Registration,
-    RegistryUnreachable,
     ServiceView,
     backoff,
     check_reply,
@@ -49,7 +48,7 @@ from poise.client.core import (
     parse_policy,
 )
 from poise.config.model import PolicyConfig
-from poise.errors import NoHealthyBackend, NotRegistered, RegistryError
+from poise.errors import NoHealthyBackend, NotRegistered, RegistryError, RegistryUnreachable
 from poise.models import Backend
 from poise.registry.model import PASSING, Instance, check_status
 
@@ -163,6 +162,7 @@ class AsyncRegistry:
             try:
                 found, index = await self.query(service, index, wait)
             except RegistryUnreachable as exc:
+                index = None  # it may come back empty, its revisions starting again from 1
                 failures += 1
                 if failures == 1:
                     log.warning("watch %s: %s; retrying", service, exc)
@@ -374,7 +374,9 @@ class AsyncResolver:
     async def _follow(self, service: str) -> None:
         failures = 0
         while True:
-            index = self.views[service].revision
+            # after a failure, list at once: a registry that restarted empty counts revisions
+            # from 1 again, and a blocking query on the old revision would sit out its wait
+            index = self.views[service].revision if failures == 0 else None
             try:
                 instances, rev = await self.registry.query(service, index, self.wait)
             except RegistryError as exc:

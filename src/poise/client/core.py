@@ -26,7 +26,13 @@ from poise.balancing.keys import KeySource, extract
 from poise.config.checks import Checker
 from poise.config.load import _policy as _parse_policy  # the config's own policy validator
 from poise.config.model import PolicyConfig
-from poise.errors import ConfigError, InvalidInstance, NotRegistered, RegistryError
+from poise.errors import (
+    ConfigError,
+    InvalidInstance,
+    NotRegistered,
+    RegistryError,
+    RegistryUnreachable,
+)
 from poise.models import Backend, authority_of
 from poise.registry.discovery import backends_of
 from poise.registry.model import Instance, check_instance_id, check_service, parse_ttl
@@ -35,12 +41,6 @@ from poise.registry.model import Instance, check_instance_id, check_service, par
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 EJECT = 5.0  # seconds an instance that refused a connection is tried only as a last resort
 DEFAULT_WAIT = 30.0  # seconds per blocking query
-
-
-class RegistryUnreachable(RegistryError):
-    """The registry API did not answer (connection refused, timeout, 5xx)."""
-
-    status = 503
 
 
 def backoff(failures: int) -> float:

@@ -31,7 +31,6 @@ from poise.client.aio import (
 )
 from poise.client.core import (
     DEFAULT_WAIT,
-    RegistryUnreachable,
     ServiceView,
     backoff,
     check_reply,
@@ -41,7 +40,7 @@ from poise.client.core import (
 )
 from poise.client.core import Registration as RegistrationSpec
 from poise.config.model import PolicyConfig
-from poise.errors import NoHealthyBackend
+from poise.errors import NoHealthyBackend, RegistryUnreachable
 from poise.models import Backend
 from poise.registry.model import PASSING, Instance, check_status
 
@@ -173,6 +172,7 @@ class Registry:
             try:
                 found, index = self.query(service, index, wait)
             except RegistryUnreachable:
+                index = None  # it may come back empty, its revisions starting again from 1
                 failures += 1
                 time.sleep(backoff(failures))
                 continue
