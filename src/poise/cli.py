@@ -237,6 +237,8 @@ def _register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ttl, interval = parse_duration(args.ttl), parse_duration(args.interval)
     except ValueError as exc:
         parser.error(f"--ttl/--interval: {exc}")
+    if interval <= 0:
+        parser.error("--interval must be above 0")
     cfg = SidecarConfig(
         registry=args.registry, service=args.service, port=args.port, host=args.host,
         id=args.id, ttl=ttl, token=args.token or os.environ.get("POISE_REGISTRY_TOKEN"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from poise.cli import main
 from poise.testing import HttpBackend, RecordedRequest, Response
 from tests.client.conftest import TOKEN
 from tests.client.support import DEADLINE, Harness, wait_until
@@ -113,4 +114,19 @@ def test_health_url_gates_the_status(
     assert registry.ids("users") == ["s1"]  # kept, visible as critical
     proc.send_signal(signal.SIGINT)
     assert proc.wait(DEADLINE) == 0
+    assert registry.ids("users") == []
+
+
+def test_bad_arguments_and_a_refused_token(
+    registry: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["register", "--registry", registry.url, "--service", "users", "--port", "8001"]
+    for bad in (["--interval", "0"], ["--ttl", "soon"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*base, *bad])
+        assert exited.value.code == 2
+    assert main([*base, "--ttl", "1h", "--token", "wrong-token-0123456789"]) == 1
+    assert "401" in capsys.readouterr().err
+    assert main([*base, "--ttl", "48h"]) == 1  # the registry's range: 100ms to 24h
+    assert "ttl" in capsys.readouterr().err
     assert registry.ids("users") == []

@@ -230,7 +230,8 @@ class AsyncRegistration:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if not deregister or not self.registered:
+        # registrations > 0: a re-registration may have been cut short by the cancel above
+        if not deregister or not (self.registered or self.registrations):
             return
         self.registered = False
         try:
@@ -408,13 +409,16 @@ class AsyncResolver:
 
     def report_failure(self, backend: Backend) -> None:
         """``backend`` refused a connection: try it only as a last resort for a while."""
-        self.ejected[backend.id] = time.monotonic() + EJECT
+        now = time.monotonic()
+        for stale in [b for b, until in list(self.ejected.items()) if until <= now]:
+            self.ejected.pop(stale, None)
+        self.ejected[backend.id] = now + EJECT
 
     def statistics(self) -> dict[str, object]:
         return {
             "services": {s: sum(v.usable) for s, v in self.views.items()},
             "reachable": self.reachable,
-            "ejected": sum(1 for t in self.ejected.values() if t > time.monotonic()),
+            "ejected": sum(1 for t in list(self.ejected.values()) if t > time.monotonic()),
         }
 
     def __repr__(self) -> str:
