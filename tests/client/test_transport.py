@@ -63,6 +63,8 @@ async def test_connect_failure_is_retried_on_another_instance(registry: Harness)
         codes = Counter([(await client.get("http://users/")).status_code for _ in range(40)])
     await resolver.aclose()
     assert codes == {200: 40}  # 0 errors
+    stats = transport.statistics()
+    assert stats["balanced"] == 40 and stats["failed"] == 0 and stats["retries"] >= 1
     assert sum(served(backends).values()) == 40
     assert len(registry.backends[-1].requests) == 0  # critical: never sent anything
     # refused once, then tried only as a last resort for a while
@@ -89,13 +91,15 @@ async def test_consistent_hash_by_header_and_load_accounting(registry: Harness) 
 
 async def test_pass_through_and_no_usable_instance(registry: Harness) -> None:
     b = registry.backend("plain")
-    async with httpx.AsyncClient(transport=AsyncBalancingTransport(registry.url)) as c:
+    transport = AsyncBalancingTransport(registry.url)
+    async with httpx.AsyncClient(transport=transport) as c:
         assert (await c.get(f"{b.url}/direct")).text == "plain\n"  # an address: untouched
         assert (await c.get(f"http://localhost:{b.port}/")).status_code == 200
         registry.put("users", "x", b.port, status="critical")
         with pytest.raises(httpx.ConnectError, match="none of its 1 instance"):
             await c.get("http://users/")
     assert [r.target for r in b.requests] == ["/direct", "/"]
+    assert transport.statistics() == {"balanced": 0, "passed_through": 2, "retries": 0, "failed": 1}
 
 
 def test_sync_transport_spreads_and_retries(registry: Harness) -> None:

@@ -131,7 +131,21 @@ class _AsyncTracked(httpx.AsyncByteStream):
             self._done()
 
 
-class BalancingTransport(httpx.BaseTransport):
+class _Counters:
+    """What a transport did, for ``statistics()``: plain integers, bumped inline."""
+
+    def __init__(self) -> None:
+        self.balanced = 0  # requests sent to an instance of a service
+        self.passed = 0  # requests passed through unchanged
+        self.retries = 0  # connect failures retried on another instance
+        self.failed = 0  # requests that ran out of instances to try
+
+    def statistics(self) -> dict[str, int]:
+        return {"balanced": self.balanced, "passed_through": self.passed,
+                "retries": self.retries, "failed": self.failed}  # fmt: skip
+
+
+class BalancingTransport(_Counters, httpx.BaseTransport):
     """Sync: ``httpx.Client(transport=BalancingTransport("http://127.0.0.1:8500"))``.
 
     ``registry`` is the registry's URL (the transport then owns a :class:`Resolver`) or a
@@ -149,6 +163,7 @@ class BalancingTransport(httpx.BaseTransport):
         transport: httpx.BaseTransport | None = None,
         **options: Any,
     ) -> None:
+        super().__init__()
         self._owns = isinstance(registry, str)
         self.resolver = (
             Resolver(registry, policy, token=token) if isinstance(registry, str) else registry
@@ -160,16 +175,19 @@ class BalancingTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = service_of(request.url)
         if service is None:
+            self.passed += 1
             return self.inner.handle_request(request)
         try:
             view = self.resolver.view(service)
         except RegistryError as exc:
             raise _unresolved(request, service, exc) from exc
         if not view.backends:
+            self.passed += 1
             return self.inner.handle_request(request)
         key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
         candidates = self.resolver.candidates(service, key)[: self.attempts]
         if not candidates:
+            self.failed += 1
             raise _no_instance(request, view)
         failure: Exception | None = None
         for backend in candidates:
@@ -180,11 +198,13 @@ class BalancingTransport(httpx.BaseTransport):
             except RETRYABLE as exc:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 self.resolver.report_failure(backend)
+                self.retries += 1
                 failure = exc
                 continue
             except BaseException:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 raise
+            self.balanced += 1
             if view.load is None:
                 return response
             done = _Done(view, backend, time.monotonic() - start, response.status_code < 500)
@@ -194,6 +214,8 @@ class BalancingTransport(httpx.BaseTransport):
                 stream=_Tracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
         assert failure is not None
+        self.retries -= 1  # the last failure was not retried
+        self.failed += 1
         raise failure
 
     def close(self) -> None:
@@ -201,8 +223,11 @@ class BalancingTransport(httpx.BaseTransport):
         if self._owns:
             self.resolver.close()
 
+    def __repr__(self) -> str:
+        return f"BalancingTransport({self.resolver!r}, {self.statistics()})"
 
-class AsyncBalancingTransport(httpx.AsyncBaseTransport):
+
+class AsyncBalancingTransport(_Counters, httpx.AsyncBaseTransport):
     """Async: ``httpx.AsyncClient(transport=AsyncBalancingTransport("http://127.0.0.1:8500"))``.
 
     As :class:`BalancingTransport`, with an :class:`AsyncResolver` and, by default, an
@@ -219,6 +244,7 @@ class AsyncBalancingTransport(httpx.AsyncBaseTransport):
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Any,
     ) -> None:
+        super().__init__()
         self._owns = isinstance(registry, str)
         self.resolver = (
             AsyncResolver(registry, policy, token=token) if isinstance(registry, str) else registry
@@ -230,16 +256,19 @@ class AsyncBalancingTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = service_of(request.url)
         if service is None:
+            self.passed += 1
             return await self.inner.handle_async_request(request)
         try:
             view = await self.resolver.view(service)
         except RegistryError as exc:
             raise _unresolved(request, service, exc) from exc
         if not view.backends:
+            self.passed += 1
             return await self.inner.handle_async_request(request)
         key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
         candidates = (await self.resolver.candidates(service, key))[: self.attempts]
         if not candidates:
+            self.failed += 1
             raise _no_instance(request, view)
         failure: Exception | None = None
         for backend in candidates:
@@ -252,11 +281,13 @@ class AsyncBalancingTransport(httpx.AsyncBaseTransport):
             except RETRYABLE as exc:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 self.resolver.report_failure(backend)
+                self.retries += 1
                 failure = exc
                 continue
             except BaseException:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 raise
+            self.balanced += 1
             if view.load is None:
                 return response
             done = _Done(view, backend, time.monotonic() - start, response.status_code < 500)
@@ -266,9 +297,14 @@ class AsyncBalancingTransport(httpx.AsyncBaseTransport):
                 stream=_AsyncTracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
         assert failure is not None
+        self.retries -= 1  # the last failure was not retried
+        self.failed += 1
         raise failure
 
     async def aclose(self) -> None:
         await self.inner.aclose()
         if self._owns:
             await self.resolver.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncBalancingTransport({self.resolver!r}, {self.statistics()})"
