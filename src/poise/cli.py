@@ -239,6 +239,8 @@ def _register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--ttl/--interval: {exc}")
     if interval <= 0:
         parser.error("--interval must be above 0")
+    if args.health_url and not args.health_url.startswith(("http://", "https://")):
+        parser.error(f"--health-url: expected an http:// or https:// URL, got {args.health_url!r}")
     cfg = SidecarConfig(
         registry=args.registry, service=args.service, port=args.port, host=args.host,
         id=args.id, ttl=ttl, token=args.token or os.environ.get("POISE_REGISTRY_TOKEN"),

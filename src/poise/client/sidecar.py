@@ -65,7 +65,7 @@ async def _health_loop(cfg: SidecarConfig, reg: AsyncRegistration) -> None:
             try:
                 reply = await http.get(cfg.health_url)
                 ok, why = reply.is_success, f"HTTP {reply.status_code}"
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 ok, why = False, repr(exc)
             status = PASSING if ok else CRITICAL
             if status != reg.status:
@@ -89,6 +89,29 @@ async def _stop_command(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+async def _until_done(
+    cfg: SidecarConfig,
+    reg: AsyncRegistration,
+    stop: asyncio.Event,
+    proc: asyncio.subprocess.Process | None,
+) -> None:
+    """Run the health loop until a stop signal or the command's exit; a crash of the health
+    loop is raised, not swallowed."""
+    tasks: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait(), name="stop")]
+    if proc is not None:
+        tasks.append(asyncio.create_task(proc.wait(), name="command"))
+    if cfg.health_url:
+        tasks.append(asyncio.create_task(_health_loop(cfg, reg), name="health"))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
+
+
 async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> int:
     """Register, keep registered, and deregister when told to stop or the command exits."""
     spec = Registration.make(cfg.service, cfg.port, host=cfg.host, ttl=cfg.ttl, id=cfg.id)
@@ -104,20 +127,9 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
             log.info("registered %s/%s at %s:%d", cfg.service, spec.id, cfg.host, cfg.port)
             proc = None
             try:
-                async with asyncio.TaskGroup() as tg:
-                    health = (
-                        tg.create_task(_health_loop(cfg, reg), name="health")
-                        if cfg.health_url
-                        else None
-                    )
-                    waits: list[asyncio.Task[object]] = [tg.create_task(stop.wait(), name="stop")]
-                    if cfg.command:
-                        proc = await asyncio.create_subprocess_exec(*cfg.command)
-                        waits.append(tg.create_task(proc.wait(), name="command"))
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    for task in [*waits, health]:
-                        if task is not None:
-                            task.cancel()
+                if cfg.command:  # spawned after registering: its first request may come soon
+                    proc = await asyncio.create_subprocess_exec(*cfg.command)
+                await _until_done(cfg, reg, stop, proc)
             finally:
                 await reg.stop()  # deregister before the command is told to stop
                 log.info("deregistered %s/%s", cfg.service, spec.id)
@@ -134,4 +146,5 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
 
 def sidecar(cfg: SidecarConfig) -> int:
     """Run :func:`run_sidecar` on a new event loop (the ``poise register`` entry point)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     return asyncio.run(run_sidecar(cfg))
