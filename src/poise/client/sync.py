@@ -340,6 +340,10 @@ class Resolver:
     def report_failure(self, backend: Backend) -> None:
         self._async.report_failure(backend)
 
+    @property
+    def ejected(self) -> dict[str, float]:
+        return self._async.ejected
+
     def statistics(self) -> dict[str, object]:
         return self._async.statistics()
 

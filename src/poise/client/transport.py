@@ -185,12 +185,16 @@ class BalancingTransport(_Counters, httpx.BaseTransport):
             self.passed += 1
             return self.inner.handle_request(request)
         key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
-        candidates = self.resolver.candidates(service, key)[: self.attempts]
+        # from this very view: a backend's index means something only in its own view
+        candidates = view.candidates(key, self.resolver.ejected, time.monotonic())
+        candidates = candidates[: self.attempts]
         if not candidates:
             self.failed += 1
             raise _no_instance(request, view)
         failure: Exception | None = None
-        for backend in candidates:
+        for attempt, backend in enumerate(candidates):
+            if attempt:
+                self.retries += 1
             view.started(backend)
             start = time.monotonic()
             try:
@@ -198,7 +202,6 @@ class BalancingTransport(_Counters, httpx.BaseTransport):
             except RETRYABLE as exc:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 self.resolver.report_failure(backend)
-                self.retries += 1
                 failure = exc
                 continue
             except BaseException:
@@ -214,7 +217,6 @@ class BalancingTransport(_Counters, httpx.BaseTransport):
                 stream=_Tracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
         assert failure is not None
-        self.retries -= 1  # the last failure was not retried
         self.failed += 1
         raise failure
 
@@ -266,12 +268,16 @@ class AsyncBalancingTransport(_Counters, httpx.AsyncBaseTransport):
             self.passed += 1
             return await self.inner.handle_async_request(request)
         key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
-        candidates = (await self.resolver.candidates(service, key))[: self.attempts]
+        # from this very view: a backend's index means something only in its own view
+        candidates = view.candidates(key, self.resolver.ejected, time.monotonic())
+        candidates = candidates[: self.attempts]
         if not candidates:
             self.failed += 1
             raise _no_instance(request, view)
         failure: Exception | None = None
-        for backend in candidates:
+        for attempt, backend in enumerate(candidates):
+            if attempt:
+                self.retries += 1
             view.started(backend)
             start = time.monotonic()
             try:
@@ -281,7 +287,6 @@ class AsyncBalancingTransport(_Counters, httpx.AsyncBaseTransport):
             except RETRYABLE as exc:
                 view.finished(backend, time.monotonic() - start, False, time.monotonic())
                 self.resolver.report_failure(backend)
-                self.retries += 1
                 failure = exc
                 continue
             except BaseException:
@@ -297,7 +302,6 @@ class AsyncBalancingTransport(_Counters, httpx.AsyncBaseTransport):
                 stream=_AsyncTracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
         assert failure is not None
-        self.retries -= 1  # the last failure was not retried
         self.failed += 1
         raise failure
 
