@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from poise.client import AsyncBalancingTransport, AsyncResolver, BalancingTransport
+from poise.client import AsyncBalancingTransport, AsyncResolver, BalancingTransport, Resolver
 from poise.testing import HttpBackend
 from poise.testing.procs import free_port
 from tests.client.support import Harness
@@ -112,3 +113,19 @@ def test_sync_transport_spreads_and_retries(registry: Harness) -> None:
     assert sum(served(backends).values()) == 30 and min(served(backends).values()) >= 5
     headers = json.dumps(backends[0].requests[0].headers)
     assert "X-Test" in headers
+
+
+def test_sync_transport_from_many_threads_keeps_load_consistent(registry: Harness) -> None:
+    backends = three(registry)
+    resolver = Resolver(registry.url, "least_conn")
+    with httpx.Client(transport=BalancingTransport(resolver)) as client:
+
+        def work(_: int) -> list[int]:
+            return [client.get("http://users/t").status_code for _ in range(15)]
+
+        with ThreadPoolExecutor(4) as pool:
+            codes = [c for batch in pool.map(work, range(4)) for c in batch]
+    load = resolver.view("users").load
+    resolver.close()
+    assert codes == [200] * 60 and sum(served(backends).values()) == 60
+    assert load is not None and load.active == [0, 0, 0]  # every start matched by a finish
