@@ -124,7 +124,11 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
             first = CRITICAL if cfg.health_url else PASSING
             reg = AsyncRegistration(registry, spec, status=first)
             await reg.start()
-            log.info("registered %s/%s at %s:%d", cfg.service, spec.id, cfg.host, cfg.port)
+            if reg.registered:
+                log.info("registered %s/%s at %s:%d", cfg.service, spec.id, cfg.host, cfg.port)
+            else:
+                log.warning("%s/%s: registering as soon as the registry answers", cfg.service,
+                            spec.id)  # fmt: skip
             proc = None
             try:
                 if cfg.command:  # spawned after registering: its first request may come soon
@@ -133,7 +137,7 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
             finally:
                 await reg.stop()  # deregister before the command is told to stop
                 log.info("deregistered %s/%s", cfg.service, spec.id)
-                if proc is not None and stop.is_set():
+                if proc is not None:  # stopped by a signal, or the health loop failed
                     await _stop_command(proc)
             if proc is not None and not stop.is_set():
                 assert proc.returncode is not None
