@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -33,12 +34,16 @@ def spawn() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def sidecar(
-    procs: list[subprocess.Popen[bytes]], registry: Harness, *args: str
+    procs: list[subprocess.Popen[bytes]],
+    registry: Harness,
+    *args: str,
+    stderr: IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     env["POISE_REGISTRY_TOKEN"] = TOKEN  # the token from the environment, not argv
     argv = [sys.executable, "-m", "poise", "register", "--registry", registry.url]
-    proc = subprocess.Popen([*argv, "--service", "users", "--ttl", "1s", *args], env=env)
+    argv += ["--service", "users", "--ttl", "1s", *args]
+    proc = subprocess.Popen(argv, env=env, stderr=stderr)
     procs.append(proc)
     return proc
 
@@ -137,4 +142,20 @@ def test_bad_arguments_and_a_refused_token(
     # a command that cannot start: said plainly, and the registration is removed again
     assert main([*base, "--token", TOKEN, "--", "/nonexistent/app"]) == 1
     assert "/nonexistent/app" in capsys.readouterr().err
+    assert registry.ids("users") == []
+
+
+def test_starts_while_the_registry_is_down(
+    registry: Harness, spawn: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    registry.stop()
+    log = tmp_path / "stderr"
+    with log.open("wb") as stderr:
+        proc = sidecar(spawn, registry, "--port", "8001", "--id", "s1", stderr=stderr)
+        wait_until(lambda: b"as soon as the registry answers" in log.read_bytes(), "waits", START)
+        assert proc.poll() is None  # an absent registry does not end the sidecar
+        registry.start()
+        wait_until(lambda: registry.ids("users") == ["s1"], "registered once it answers")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(START) == 0
     assert registry.ids("users") == []
