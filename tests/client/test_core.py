@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from poise.client.core import (
-    Registration,
+    RegistrationSpec,
     ServiceView,
     check_reply,
     parse_policy,
@@ -19,7 +19,7 @@ from poise.registry import Instance
 
 
 def test_registration_defaults_and_body() -> None:
-    reg = Registration.make("users", 8001, ttl="9s", tags=["a"], meta={"v": "2"})
+    reg = RegistrationSpec.make("users", 8001, ttl="9s", tags=["a"], meta={"v": "2"})
     assert reg.id == f"users-{socket.gethostname()}-8001"
     assert reg.path == f"/v1/services/users/instances/{reg.id}"
     assert reg.interval == 3.0  # a third of the TTL
@@ -27,11 +27,11 @@ def test_registration_defaults_and_body() -> None:
     assert body["ttl"] == 9.0 and body["status"] == "warning" and body["tags"] == ["a"]
     assert body["meta"] == {"v": "2"} and body["host"] == "127.0.0.1"
     with pytest.raises(InvalidInstance, match="id"):
-        Registration.make("users", 1, id="bad id")
+        RegistrationSpec.make("users", 1, id="bad id")
 
 
 def test_replies_become_the_errors_of_the_tree() -> None:
-    reg = Registration.make("users", 1, id="u1")
+    reg = RegistrationSpec.make("users", 1, id="u1")
     assert check_reply(200, {"x": 1}, "call") == {"x": 1}
     with pytest.raises(InvalidInstance) as bad:
         check_reply(400, {"error": "e", "problems": ["port: no"]}, "register")

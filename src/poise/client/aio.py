@@ -39,7 +39,7 @@ import httpx
 from poise.client.core import (
     DEFAULT_WAIT,
     EJECT,
-    Registration,
+    RegistrationSpec,
     ServiceView,
     backoff,
     check_reply,
@@ -87,7 +87,7 @@ class AsyncRegistry:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
-        reg: Registration | None = None,
+        reg: RegistrationSpec | None = None,
     ) -> Any:
         """One API call: the decoded reply, or a :class:`RegistryError`."""
         try:
@@ -117,7 +117,7 @@ class AsyncRegistry:
         interval: float | None = None,
     ) -> AsyncRegistration:
         """``async with registry.register("users", port=8001):`` — see the module doc."""
-        reg = Registration.make(
+        reg = RegistrationSpec.make(
             service,
             port,
             host=host,
@@ -183,7 +183,7 @@ class AsyncRegistration:
     def __init__(
         self,
         registry: AsyncRegistry,
-        reg: Registration,
+        reg: RegistrationSpec,
         *,
         status: str = PASSING,
         interval: float | None = None,

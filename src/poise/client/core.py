@@ -56,7 +56,7 @@ def headers(token: str | None) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class Registration:
+class RegistrationSpec:
     """What to register: the body of ``PUT /v1/services/{service}/instances/{id}``."""
 
     service: str
@@ -84,7 +84,7 @@ class Registration:
         meta: Mapping[str, str] | None = None,
         zone: str = "",
         scheme: str = "http",
-    ) -> Registration:
+    ) -> RegistrationSpec:
         """Checked here, so a typo fails at the call site, not in a background task."""
         problems: list[str] = []
         seconds: float | None = None
@@ -125,7 +125,7 @@ class Registration:
         }  # fmt: skip
 
 
-def check_reply(status: int, data: Any, what: str, reg: Registration | None = None) -> Any:
+def check_reply(status: int, data: Any, what: str, reg: RegistrationSpec | None = None) -> Any:
     """``data`` (the decoded JSON body) when ``status`` is 2xx, else the matching error."""
     if 200 <= status < 300:
         return data

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import httpx
 
 from poise.client.aio import AsyncRegistration, AsyncRegistry
-from poise.client.core import Registration
+from poise.client.core import RegistrationSpec
 from poise.registry.model import CRITICAL, PASSING
 
 log = logging.getLogger("poise.sidecar")
@@ -114,7 +114,7 @@ async def _until_done(
 
 async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> int:
     """Register, keep registered, and deregister when told to stop or the command exits."""
-    spec = Registration.make(cfg.service, cfg.port, host=cfg.host, ttl=cfg.ttl, id=cfg.id)
+    spec = RegistrationSpec.make(cfg.service, cfg.port, host=cfg.host, ttl=cfg.ttl, id=cfg.id)
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

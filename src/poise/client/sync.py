@@ -31,6 +31,7 @@ from poise.client.aio import (
 )
 from poise.client.core import (
     DEFAULT_WAIT,
+    RegistrationSpec,
     ServiceView,
     backoff,
     check_reply,
@@ -38,7 +39,6 @@ from poise.client.core import (
     parse_instances,
     parse_policy,
 )
-from poise.client.core import Registration as RegistrationSpec
 from poise.config.model import PolicyConfig
 from poise.errors import NoHealthyBackend, RegistryUnreachable
 from poise.models import Backend
