@@ -56,15 +56,20 @@ class MemoryStore:
     async def heartbeat(
         self, service: str, instance_id: str, status: str | None = None
     ) -> Instance:
+        old = self.beat(service, instance_id)
+        if status is None or status == old.status:
+            return old
+        return self._put(replace(old, status=check_status(status)))
+
+    def beat(self, service: str, instance_id: str) -> Instance:
+        """A plain heartbeat, synchronously (it never waits): renew the TTL."""
         key = (service, instance_id)
         old = self._instances.get(key)
         if old is None or self._expired(key):
             raise NotRegistered(service, instance_id)
         self.heartbeats += 1
         self._renew(key, old.ttl)
-        if status is None or status == old.status:
-            return old
-        return self._put(replace(old, status=check_status(status)))
+        return old
 
     async def deregister(self, service: str, instance_id: str) -> bool:
         key = (service, instance_id)
