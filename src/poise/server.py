@@ -16,13 +16,19 @@ import socket
 import time
 from typing import Any
 
-from poise.config.model import Config
+from poise.config.model import Config, HealthCheckConfig
+from poise.errors import ConfigError
 from poise.health.board import HealthBoard
-from poise.health.checker import GroupChecker
+from poise.health.checker import GroupChecker, Probe
+from poise.health.probes import probe as probe_backend
+from poise.health.state import ProbeResult
 from poise.health.status import View
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
+from poise.l7.redirect import RedirectConnection
+from poise.models import Backend
 from poise.routing import build_table, make_backends
+from poise.tls.contexts import ClientTls, ListenerTls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
@@ -42,6 +48,24 @@ class Server:
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        # TLS contexts are built here, so a certificate that vanished or broke since the
+        # config was loaded stops the start, not the first handshake.
+        self.tls: dict[str, ListenerTls] = {}
+        problems = []
+        for i, lc in enumerate(config.listeners):
+            if lc.tls is None:
+                continue
+            header = (lc.tls.client_subject_header or "").encode("ascii")
+            try:
+                self.tls[lc.name] = ListenerTls(lc.name, lc.tls, subject_header=header)
+            except (ValueError, OSError) as exc:
+                problems.append(f"listeners[{i}].tls: {exc}")
+        try:
+            self.upstream_tls = upstream_tls(config.upstreams)
+        except (ValueError, OSError) as exc:
+            problems.append(f"upstreams: tls: {exc}")
+        if problems:
+            raise ConfigError(problems, config.source)
 
     def stop(self) -> None:
         self._stop.set()
@@ -54,6 +78,12 @@ class Server:
         """Operator state of a backend ("http://host:port" or "host:port"): "enabled",
         "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
         self.board.set_state(group, backend, state)
+
+    def reload_certificates(self) -> dict[str, str]:
+        """Load every HTTPS listener's certificate files again, now. Per listener:
+        "reloaded", or "failed: <reason>" (the previous certificates then stay in use).
+        Connections already open keep the certificate they were handshaken with."""
+        return {name: tls.reload(force=True) for name, tls in self.tls.items()}
 
     def _install(self, group: str, view: View) -> None:
         """Swap in a routing table with ``group``'s new view: one assignment."""
@@ -70,7 +100,9 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self.ctx = Context(self.config, self.table, loop)
+        ctx = self.ctx = Context(self.config, self.table, loop, upstream_tls_=self.upstream_tls)
+        for warning in self.config.warnings:
+            log.warning("configuration: %s", warning)
         for group in self.table.groups.values():
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
@@ -84,6 +116,9 @@ class Server:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
+                for name, tls in self.tls.items():
+                    if tls.cfg.reload_interval > 0:
+                        tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
                 for name, group in self.table.groups.items():
                     hc = group.config.health_check
                     if not hc.enabled:
@@ -95,6 +130,7 @@ class Server:
                         self.publish_health,
                         self.rng,
                         passed=self.board.probe_passed,
+                        probe=_probe_with(self.upstream_tls.get(name)),
                     )
                     self.checkers.append(checker)
                     tasks.append(tg.create_task(checker.run(), name=f"health:{name}"))
@@ -111,7 +147,8 @@ class Server:
                 ):
                     await server.start_serving()
                     shown = f"[{host}]" if ":" in host else host
-                    log.info("listening on http://%s:%d (%s)", shown, port, name)
+                    scheme = "https" if name in self.tls else "http"
+                    log.info("listening on %s://%s:%d (%s)", scheme, shown, port, name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -126,14 +163,23 @@ class Server:
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:
             name = lc.name
+            tls = self.tls.get(name)
+            factory: Any
+            if lc.redirect is not None:
+                factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
+            else:
+                factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
             try:
                 server = await loop.create_server(
-                    lambda name=name: ClientConnection(ctx, name),
+                    factory,
                     host=lc.host or None,
                     port=lc.port,
                     reuse_address=True,
                     backlog=2048,
                     start_serving=False,
+                    ssl=tls.context if tls is not None else None,
+                    # a client must finish its handshake as fast as its request head
+                    ssl_handshake_timeout=ctx.client_header_timeout if tls is not None else None,
                 )
             except OSError:
                 for bound in self.listeners:
@@ -172,10 +218,22 @@ class Server:
             "proxy": self.ctx.statistics() if self.ctx else {},
             "health": {c.group: c.statistics() for c in self.checkers},
             "backends": self.board.statistics(),
+            "tls": {name: tls.statistics() for name, tls in self.tls.items()},
         }
 
     def __repr__(self) -> str:
         return f"Server({len(self.config.listeners)} listeners, {len(self.table.groups)} upstreams)"
+
+
+def _probe_with(tls: tuple[ClientTls | None, ...] | None) -> Probe:
+    """The active-check probe for a group: over TLS to its https:// backends."""
+    if tls is None:
+        return probe_backend
+
+    async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+        return await probe_backend(backend, hc, tls[backend.index])
+
+    return probe
 
 
 def install_uvloop() -> None:

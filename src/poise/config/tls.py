@@ -190,7 +190,9 @@ def listener_tls(c: Checker, value: object, path: str) -> ListenerTlsConfig | No
     header = c.field(obj, "client_subject_header", path, _subject_header, None)
     for key in ("client_auth", "client_subject_header"):
         if key in obj and "client_ca" not in obj:
-            c.error(key_path(path, key), "needs 'client_ca' (client certificates are not asked for)")
+            c.error(
+                key_path(path, key), "needs 'client_ca' (client certificates are not asked for)"
+            )
     interval = c.field(obj, "reload_interval", path, parse_duration, 10.0)
     if not ok or not certs:
         return None

@@ -17,8 +17,10 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from poise.config.model import Config
+from poise.l7 import http
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
+from poise.tls.contexts import ClientTls, upstream_tls
 from poise.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class Stats:
     queue_timeouts: int = 0  # refused: no slot within the queue timeout
     tunnels: int = 0
     client_timeouts: int = 0
+    redirects: int = 0  # answered by a redirect_https listener
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -71,6 +74,7 @@ class Context:
         "date",
         "draining",
         "forwarded",
+        "header_kinds",
         "idempotency_keys",
         "inflight",
         "limits",
@@ -88,12 +92,20 @@ class Context:
         "tunnel_idle",
         "tunnels",
         "upstream_response_timeout",
+        "upstream_tls",
         "via",
         "x_forwarded",
         "x_forwarded_server",
     )
 
-    def __init__(self, config: Config, table: RoutingTable, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        config: Config,
+        table: RoutingTable,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        upstream_tls_: dict[str, tuple[ClientTls | None, ...]] | None = None,
+    ):
         self.loop = loop
         self.config = config
         self.table = table  # replaced whole, by one assignment, on every change
@@ -138,6 +150,24 @@ class Context:
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
+        # TLS to https:// backends, per group by backend index (groups with any)
+        self.upstream_tls = (
+            upstream_tls(config.upstreams) if upstream_tls_ is None else upstream_tls_
+        )
+        # What the client protocol does with each request field. The headers that carry a
+        # verified client-certificate subject are dropped from every client's input, on
+        # every listener, so a backend can trust them.
+        self.header_kinds = http.REQUEST_HEADER_KIND
+        subject_fields = {
+            lc.tls.client_subject_header.lower().encode("ascii")
+            for lc in config.listeners
+            if lc.tls is not None and lc.tls.client_subject_header
+        }
+        if subject_fields:
+            self.header_kinds = {
+                **http.REQUEST_HEADER_KIND,
+                **dict.fromkeys(subject_fields, http.HOP),
+            }
         # passive health ejected a backend (group, index): the server re-routes around it
         self.on_ejected: Callable[[str, int], None] = lambda group, index: None
 

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 
 __all__ = ["CertInfo", "read_pem_certificate"]
 
-_PEM_RE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL)
 _OID_CN = bytes.fromhex("550403")  # 2.5.4.3 commonName
 _OID_SAN = bytes.fromhex("551d11")  # 2.5.29.17 subjectAltName
 _SEQUENCE = 0x30
@@ -119,7 +117,7 @@ def _dns_names(der: bytes, start: int, end: int) -> tuple[str, ...]:
         parts = _children(der, xs, xe)
         if not parts or parts[0][0] != _OID or der[parts[0][1] : parts[0][2]] != _OID_SAN:
             continue
-        _, vs, ve = parts[-1]  # extnValue OCTET STRING (after an optional critical BOOLEAN)
+        _, vs, _ = parts[-1]  # extnValue OCTET STRING (after an optional critical BOOLEAN)
         _, gs, ge = _tlv(der, vs)  # GeneralNames SEQUENCE
         return tuple(
             der[ns:ne].decode("ascii", "replace").lower()
@@ -130,7 +128,7 @@ def _dns_names(der: bytes, start: int, end: int) -> tuple[str, ...]:
 
 
 def parse_der_certificate(der: bytes) -> CertInfo:
-    _, cs, ce = _tlv(der, 0)
+    _, cs, _ = _tlv(der, 0)
     _, ts, te = _tlv(der, cs)  # tbsCertificate
     fields = _children(der, ts, te)
     if fields and fields[0][0] == 0xA0:  # [0] version

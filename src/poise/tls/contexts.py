@@ -27,6 +27,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,7 +344,9 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def upstream_tls(upstreams: dict[str, UpstreamConfig] | Any) -> dict[str, tuple[ClientTls | None, ...]]:
+def upstream_tls(
+    upstreams: Mapping[str, UpstreamConfig],
+) -> dict[str, tuple[ClientTls | None, ...]]:
     """Per group, by backend index: TLS for ``https://`` backends, None for ``http://``.
     Groups without https backends are left out (the hot path then skips the lookup)."""
     out: dict[str, tuple[ClientTls | None, ...]] = {}
