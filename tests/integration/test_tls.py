@@ -60,26 +60,28 @@ def sni_tls(pki: dict[str, Any]) -> dict[str, Any]:
 
 async def test_each_sni_name_gets_its_certificate(pki: dict[str, Any]) -> None:
     ca = pki["ca"]
-    async with HttpBackend("b1", echo_handler) as backend:
-        async with running(https_doc(backend.url, sni_tls(pki))) as (server, _):
-            url = url_of(server, "web")
-            ctx = client_context(ca)
-            for name, pair in [
-                ("a.example.test", pki["a"]),
-                ("A.Example.Test", pki["a"]),
-                ("x.w.example.test", pki["wild"]),
-                ("default.test", pki["default"]),
-            ]:
-                reply, serial = await get(url, ctx, name)
-                assert reply.status == 200, name
-                assert serial == pki_serial(pair), name
-            # a name nobody serves, a wildcard one level too deep, no SNI at all: default
-            loose = client_context(None)
-            for name in ("nobody.test", "a.b.w.example.test", "w.example.test", None):
-                reply, serial = await get(url, loose, name)
-                assert reply.status == 200
-                assert serial == pki_serial(pki["default"]), name
-            assert server.statistics()["tls"]["web"]["handshakes"] >= 8
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, sni_tls(pki))) as (server, _),
+    ):
+        url = url_of(server, "web")
+        ctx = client_context(ca)
+        for name, pair in [
+            ("a.example.test", pki["a"]),
+            ("A.Example.Test", pki["a"]),
+            ("x.w.example.test", pki["wild"]),
+            ("default.test", pki["default"]),
+        ]:
+            reply, serial = await get(url, ctx, name)
+            assert reply.status == 200, name
+            assert serial == pki_serial(pair), name
+        # a name nobody serves, a wildcard one level too deep, no SNI at all: default
+        loose = client_context(None)
+        for name in ("nobody.test", "a.b.w.example.test", "w.example.test", None):
+            reply, serial = await get(url, loose, name)
+            assert reply.status == 200
+            assert serial == pki_serial(pki["default"]), name
+        assert server.statistics()["tls"]["web"]["handshakes"] >= 8
 
 
 def pki_serial(pair: Pair) -> int:
@@ -155,26 +157,30 @@ async def test_mtls_refuses_a_certificate_from_another_ca(
 ) -> None:
     (tmp_path / "other").mkdir()
     mallory = CA(tmp_path / "other", "other CA").issue("mallory", cn="alice", client=True)
-    async with HttpBackend("b1", echo_handler) as backend:
-        async with running(https_doc(backend.url, mtls(pki))) as (server, _):
-            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-                await get(url_of(server, "web"), client_context(pki["ca"], mallory),
-                          "default.test")  # fmt: skip
-            assert proxied(backend) == []
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, mtls(pki))) as (server, _),
+    ):
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await get(url_of(server, "web"), client_context(pki["ca"], mallory),
+                      "default.test")  # fmt: skip
+        assert proxied(backend) == []
 
 
 async def test_mtls_optional_passes_anonymous_clients_without_the_header(
     pki: dict[str, Any],
 ) -> None:
-    async with HttpBackend("b1", echo_handler) as backend:
-        async with running(https_doc(backend.url, mtls(pki, client_auth="optional"))) as (s, _):
-            url = url_of(s, "web")
-            reply, _ = await get(url, client_context(pki["ca"]), "default.test",
-                                 extra="X-Client-Subject: CN=admin\r\n")  # fmt: skip
-            assert reply.status == 200
-            assert "x-client-subject" not in reply.request_headers()
-            reply, _ = await get(url, client_context(pki["ca"], pki["alice"]), "default.test")
-            assert reply.request_headers()["x-client-subject"] == "CN=alice,O=Example"
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, mtls(pki, client_auth="optional"))) as (s, _),
+    ):
+        url = url_of(s, "web")
+        reply, _ = await get(url, client_context(pki["ca"]), "default.test",
+                             extra="X-Client-Subject: CN=admin\r\n")  # fmt: skip
+        assert reply.status == 200
+        assert "x-client-subject" not in reply.request_headers()
+        reply, _ = await get(url, client_context(pki["ca"], pki["alice"]), "default.test")
+        assert reply.request_headers()["x-client-subject"] == "CN=alice,O=Example"
 
 
 async def test_bad_handshakes_do_not_hurt_the_listener(pki: dict[str, Any]) -> None:

@@ -66,9 +66,10 @@ async def test_wrong_ca_is_refused_with_502_and_fails_the_probe(ca: CA, other_ca
         async with running(doc(backend.url, tls, health=False)) as (_, url):
             raw = await exchange(url, GET_CLOSE)
             assert raw.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
-            assert str(backend.port).encode() not in raw and b"127.0.0.1" not in raw.split(
-                b"\r\n\r\n", 1
-            )[1]
+            assert (
+                str(backend.port).encode() not in raw
+                and b"127.0.0.1" not in raw.split(b"\r\n\r\n", 1)[1]
+            )
         assert proxied(backend) == []
         async with running(doc(backend.url, tls)) as (server, url):
             health = server.statistics()["health"]["app"]["backends"][backend.url]

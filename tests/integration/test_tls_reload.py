@@ -38,33 +38,35 @@ async def test_reload_api_swaps_the_certificate_and_keeps_old_connections(tmp_pa
     cert, key = tmp_path / "served.crt", tmp_path / "served.key"
     install(old, cert, key)
     ctx = client_context(ca)
-    async with HttpBackend("b1", echo_handler) as backend:
-        async with running(listener_doc(backend.url, cert, key, "0")) as (server, _):
-            host, port = server.addresses["web"]
-            url = f"https://{host}:{port}"
-            kept = await TlsClient.connect(url, ctx, "reload.test")
-            try:
-                assert (await kept.request()).status == 200
-                assert kept.serial == old.serial
-                install(new, cert, key)
-                assert server.reload_certificates() == {"web": "reloaded"}
-                _, serial = await get(url, ctx, "reload.test")
-                assert serial == new.serial
-                # the connection made before the reload goes on, with its certificate
-                assert (await kept.request()).status == 200
-                assert kept.serial == old.serial
-                # a broken update (a key that does not match) is refused; new stays in use
-                bad = ca.issue("bad", ["reload.test"])
-                shutil.copyfile(old.key, bad.key)
-                install(bad, cert, key)
-                result = server.reload_certificates()["web"]
-                assert result.startswith("failed: ") and "do not match" in result
-                _, serial = await get(url, ctx, "reload.test")
-                assert serial == new.serial
-                stats = server.statistics()["tls"]["web"]
-                assert stats["reloads"] == 1 and stats["reload_failures"] == 1
-            finally:
-                await kept.close()
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(listener_doc(backend.url, cert, key, "0")) as (server, _),
+    ):
+        host, port = server.addresses["web"]
+        url = f"https://{host}:{port}"
+        kept = await TlsClient.connect(url, ctx, "reload.test")
+        try:
+            assert (await kept.request()).status == 200
+            assert kept.serial == old.serial
+            install(new, cert, key)
+            assert server.reload_certificates() == {"web": "reloaded"}
+            _, serial = await get(url, ctx, "reload.test")
+            assert serial == new.serial
+            # the connection made before the reload goes on, with its certificate
+            assert (await kept.request()).status == 200
+            assert kept.serial == old.serial
+            # a broken update (a key that does not match) is refused; new stays in use
+            bad = ca.issue("bad", ["reload.test"])
+            shutil.copyfile(old.key, bad.key)
+            install(bad, cert, key)
+            result = server.reload_certificates()["web"]
+            assert result.startswith("failed: ") and "do not match" in result
+            _, serial = await get(url, ctx, "reload.test")
+            assert serial == new.serial
+            stats = server.statistics()["tls"]["web"]
+            assert stats["reloads"] == 1 and stats["reload_failures"] == 1
+        finally:
+            await kept.close()
 
 
 async def test_file_watch_picks_up_a_renewed_certificate(tmp_path: Path) -> None:
@@ -73,18 +75,20 @@ async def test_file_watch_picks_up_a_renewed_certificate(tmp_path: Path) -> None
     cert, key = tmp_path / "served.crt", tmp_path / "served.key"
     install(old, cert, key)
     ctx = client_context(ca)
-    async with HttpBackend("b1", echo_handler) as backend:
-        async with running(listener_doc(backend.url, cert, key, "50ms")) as (server, _):
-            host, port = server.addresses["web"]
-            url = f"https://{host}:{port}"
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(listener_doc(backend.url, cert, key, "50ms")) as (server, _),
+    ):
+        host, port = server.addresses["web"]
+        url = f"https://{host}:{port}"
+        _, serial = await get(url, ctx, "watch.test")
+        assert serial == old.serial
+        install(new, cert, key)
+        deadline = time.monotonic() + 10
+        while True:
             _, serial = await get(url, ctx, "watch.test")
-            assert serial == old.serial
-            install(new, cert, key)
-            deadline = time.monotonic() + 10
-            while True:
-                _, serial = await get(url, ctx, "watch.test")
-                if serial == new.serial:
-                    break
-                assert time.monotonic() < deadline, "the new certificate was not picked up"
-                await asyncio.sleep(0.05)
-            assert server.statistics()["tls"]["web"]["reloads"] >= 1
+            if serial == new.serial:
+                break
+            assert time.monotonic() < deadline, "the new certificate was not picked up"
+            await asyncio.sleep(0.05)
+        assert server.statistics()["tls"]["web"]["reloads"] >= 1

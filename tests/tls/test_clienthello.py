@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 
 from hypothesis import given, settings
@@ -17,10 +18,8 @@ def client_hello(server_name: str | None, *, tls13_only: bool = False) -> bytes:
     if tls13_only:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return out.read()
 
 
@@ -75,8 +74,13 @@ def test_limit_bounds_buffering() -> None:
 
 
 def test_not_tls() -> None:
-    for data in (b"GET / HTTP/1.1\r\n", b"\x16\x02\x00\x00\x10", b"\x16\x03\x01\x00\x00",
-                 b"\x15\x03\x01\x00\x02\x02\x28", b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"):  # fmt: skip
+    for data in (
+        b"GET / HTTP/1.1\r\n",
+        b"\x16\x02\x00\x00\x10",
+        b"\x16\x03\x01\x00\x00",
+        b"\x15\x03\x01\x00\x02\x02\x28",
+        b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+    ):
         peek = read_server_name(data)
         assert peek.state == "invalid", data
 

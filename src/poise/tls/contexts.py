@@ -62,14 +62,16 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 def _reason(exc: BaseException) -> str:
     """A short reason from an OSError or ssl.SSLError, for config problems and logs."""
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
+        # set_ciphers raises an SSLError without the reason attribute
+        reason = getattr(exc, "reason", None) or ""
+        text = str(exc)
         if reason == "KEY_VALUES_MISMATCH":
             return "the certificate and the key do not match"
-        if reason in ("PEM_LIB", "NO_START_LINE", "BAD_BASE64_DECODE"):
+        if reason in ("PEM_LIB", "NO_START_LINE", "BAD_BASE64_DECODE") or "PEM lib" in text:
             return "not a PEM certificate and key"
-        if reason == "NO_CIPHER_MATCH":
+        if reason == "NO_CIPHER_MATCH" or "No cipher can be selected" in text:
             return "no cipher matches"
-        return reason.lower().replace("_", " ") if reason else str(exc)
+        return reason.lower().replace("_", " ") if reason else text
     if isinstance(exc, OSError) and exc.strerror:
         name = f" {exc.filename}" if exc.filename else ""
         return f"cannot read{name}: {exc.strerror}"
