@@ -166,3 +166,40 @@ def test_ssl_module_is_the_one_poise_uses() -> None:
     ctx = client_context(UpstreamTlsConfig())
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+async def test_websocket_over_tls_on_both_sides(ca: CA) -> None:
+    """A 101 turns an HTTPS client connection and a TLS backend connection into a tunnel."""
+    import asyncio
+
+    from poise.testing import RecordedRequest, Response
+    from tests.tls.helpers import client_context
+
+    async def accept(req: RecordedRequest) -> Response:
+        return Response(status=101, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
+
+    pair = ca.issue("backend", ["127.0.0.1"])
+    front = ca.issue("front", ["ws.test"])
+    async with HttpBackend("b1", accept, ssl_context=server_context(pair)) as backend:
+        d = doc(backend.url, {"ca": str(ca.path)}, health=False)
+        d["listeners"][0]["tls"] = {"cert": str(front.cert), "key": str(front.key)}
+        async with running(d) as (server, _):
+            host, port = server.addresses["web"]
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=client_context(ca), server_hostname="ws.test"
+            )
+            writer.write(
+                b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nearly|"
+            )
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 ")
+                assert await reader.readexactly(6) == b"early|"
+                for i in range(3):
+                    frame = b"frame %d|" % i
+                    writer.write(frame)
+                    assert await reader.readexactly(len(frame)) == frame
+            writer.close()
+            assert server.ctx is not None
+            await eventually(lambda: not server.ctx.tunnels)  # type: ignore[union-attr]
