@@ -80,7 +80,7 @@ async def main(n: int, policy: object = "round_robin") -> None:
     ups = []
     for group in table.groups.values():
         for b in group.backends:
-            pool = ctx.pools[group.name][b.index]
+            pool = group.pools[b.index]
             up = UpstreamConnection(ctx, pool, b)
             up.connection_made(FakeTransport())  # type: ignore[arg-type]
             pool.put(up, 0.0)

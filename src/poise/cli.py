@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from poise import __version__
-from poise.errors import ConfigError
+from poise.errors import ConfigError, RegistryError
 
 EXAMPLES = """\
 examples:
@@ -91,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return demo(args.listen, args.log_level or "info", args.log_format or "text")
     except ConfigError as exc:
         print(f"poise: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        print(f"poise: registry: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -9,26 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from poise.config.model import Config, HealthCheckConfig
-from poise.errors import ConfigError
+from poise.config.model import BackendConfig, Config, HealthCheckConfig
+from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker, Probe
 from poise.health.probes import probe as probe_backend
-from poise.health.state import ProbeResult
-from poise.health.status import View
+from poise.health.state import HealthState, ProbeResult
+from poise.health.status import GroupStatus, View
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
 from poise.l7.redirect import RedirectConnection
-from poise.models import Backend
-from poise.routing import build_table, make_backends
-from poise.tls.contexts import ClientTls, ListenerTls, upstream_tls
+from poise.models import Backend, authority_of
+from poise.registry.api import RegistryApi
+from poise.registry.discovery import backends_of
+from poise.registry.model import Instance
+from poise.registry.service import RegistryService
+from poise.registry.sources import DnsSource, FileSource, SourceError
+from poise.routing import build_table, make_backends, regroup
+from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
@@ -44,6 +51,14 @@ class Server:
         self.table = build_table(config, self.rng, self.board.statuses)
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
+        self._checker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        # the service registry (opened by serve() when the config has one)
+        self.registry: RegistryService | None = None
+        self.registry_api: RegistryApi | None = None
+        self.registry_address: tuple[str, int] | None = None
+        # backends from a watched file or DNS, by upstream name
+        self.sources: dict[str, FileSource | DnsSource] = {}
         self.listeners: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
@@ -93,6 +108,156 @@ class Server:
             self.ctx.table = new
         self.table = new
 
+    # -- membership (service registry) -------------------------------------------------------
+
+    def set_members(
+        self,
+        group: str,
+        backends: tuple[BackendConfig, ...],
+        reported: list[bool] | None = None,
+        *,
+        initial: bool = False,
+    ) -> None:
+        """Replace ``group``'s backends (discovered instances come and go). Backends that stay
+        keep their health, ejections, operator state and pooled connections; newcomers start
+        healthy, ramp up under slow start (not when ``initial``), and get probed at once.
+        In-flight requests finish on the backends they are on, also on ones that left."""
+        table = self.ctx.table if self.ctx is not None else self.table
+        old = table.groups[group]
+        cfg = dataclasses.replace(old.config, backends=backends)
+        ok = reported if reported is not None else [True] * len(backends)
+        old_ids = [b.id for b in old.backends]
+        new_ids = [authority_of(b.host, b.port) for b in backends]
+        if initial:
+            status = GroupStatus(cfg, ok)
+        else:
+            status = self.board.statuses[group].successor(cfg, old_ids, new_ids, ok)
+        new, retired = regroup(old, cfg, self.rng, status)
+        self.board.replace(group, status, new.backends)
+        new_table = table.with_group(new)
+        if self.ctx is not None:
+            self.ctx.table = new_table
+            if new.admission is not None:
+                new.admission.set_scheduler(self.ctx.loop.call_soon)
+        self.table = new_table
+        self.board.refresh(group)  # the view (and panic, slow start) for the new membership
+        for pool in retired:
+            pool.max_idle = 0  # connections still busy are closed when they finish
+            pool.close_all()
+        added = sorted(set(new_ids) - set(old_ids))
+        removed = sorted(set(old_ids) - set(new_ids))
+        if added or removed:
+            log.info("upstream %s: %d backends (+%s -%s)", group, len(new_ids),
+                     ",".join(added) or "0", ",".join(removed) or "0")  # fmt: skip
+        self._restart_checker(group, old_ids, new_ids)
+
+    def _on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
+        backends, reported = backends_of(instances)
+        for name, up in self.config.upstreams.items():
+            if up.service == service:
+                self.set_members(name, backends, reported)
+
+    def _restart_checker(self, group: str, old_ids: list[str], new_ids: list[str]) -> None:
+        old = next((c for c in self.checkers if c.group == group), None)
+        if old is None or self._tg is None:
+            return  # no active checks for this group, or not serving yet
+        task = self._checker_tasks.pop(group, None)
+        if task is not None:
+            task.cancel()
+        self.checkers.remove(old)
+        by_id = dict(zip(old_ids, old.states, strict=True))
+        hc = old.hc
+        states = [
+            by_id.get(i) or HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history)
+            for i in new_ids
+        ]
+        self._start_checker(self._tg, group, states)
+
+    def _probe_for(self, group: str) -> Probe:
+        """The group's active-check probe: over TLS to its https:// backends."""
+
+        async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+            tls = None
+            if backend.scheme == "https":
+                tls = self.upstream_tls.get(group)
+                if tls is None:
+                    tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+            return await probe_backend(backend, hc, tls)
+
+        return probe
+
+    def _start_checker(
+        self, tg: asyncio.TaskGroup, name: str, states: list[HealthState] | None = None
+    ) -> GroupChecker:
+        group = self.table.groups[name]
+        checker = GroupChecker(
+            name,
+            group.backends,
+            group.config.health_check,
+            self.publish_health,
+            self.rng,
+            passed=self.board.probe_passed,
+            states=states,
+            probe=self._probe_for(name),
+        )
+        self.checkers.append(checker)
+        self._checker_tasks[name] = tg.create_task(checker.run(), name=f"health:{name}")
+        return checker
+
+    async def _open_sources(self) -> None:
+        """Read backends files (a bad one stops the start, like a bad config) and look DNS
+        names up (a failure leaves the group empty until a lookup succeeds)."""
+        problems = []
+        for name, up in self.config.upstreams.items():
+            source: FileSource | DnsSource
+            if up.file is not None:
+                source = FileSource(up.file)
+                try:
+                    self.set_members(name, source.read(), initial=True)
+                except SourceError as exc:
+                    problems.append(f"upstreams.{name}.file: {exc}")
+            elif up.dns is not None:
+                source = DnsSource(up.dns)
+                try:
+                    self.set_members(name, await source.resolve(), initial=True)
+                except SourceError as exc:
+                    source.error = str(exc)
+                    log.error("upstream %s: %s (no backends until a lookup succeeds)", name, exc)
+            else:
+                continue
+            self.sources[name] = source
+        if problems:
+            raise ConfigError(problems, self.config.source)
+        await self._open_registry()
+
+    def _source_changed(self, name: str) -> Callable[[tuple[BackendConfig, ...]], None]:
+        return lambda backends: self.set_members(name, backends)
+
+    async def _open_registry(self) -> None:
+        """Open the store and load the followed services' instances before serving."""
+        cfg = self.config.registry
+        if cfg is None:
+            return
+        self.registry = RegistryService(cfg)
+        if cfg.listen is not None:
+            self.registry_api = RegistryApi(self.registry.store, cfg)
+            self.registry_address = host, port = await self.registry_api.start(*cfg.listen)
+            shown = f"[{host}]" if ":" in host else host
+            log.info("registry API on http://%s:%d (store: %s)", shown, port, cfg.store)
+        services = {up.service for up in self.config.upstreams.values() if up.service}
+        try:
+            found = await self.registry.snapshot(services)
+        except RegistryError as exc:
+            # etcd down at start: serve what can be served; the follow loop retries and
+            # fills the services in when the store answers
+            log.error("registry store unreachable at start (%s): services start empty", exc)
+            self.registry.reachable, self.registry.last_error = False, str(exc)
+            found = {}
+        for name, up in self.config.upstreams.items():
+            if up.service:
+                backends, reported = backends_of(found.get(up.service, ()))
+                self.set_members(name, backends, reported, initial=True)
+
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(BOARD_TICK)
@@ -109,31 +274,30 @@ class Server:
         self.board.install = self._install
         ctx.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
-        # after the first health round.
+        # after the registry is read and the first health round.
         await self._bind(loop, ctx)
         ctx.start()
         tasks: list[asyncio.Task[None]] = []
         try:
+            await self._open_sources()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
                 for name, tls in self.tls.items():
                     if tls.cfg.reload_interval > 0:
                         tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
+                if self.registry is not None:
+                    services = {u.service for u in self.config.upstreams.values() if u.service}
+                    reg = self.registry
+                    tasks.append(tg.create_task(reg.expire_forever(), name="registry:expire"))
+                    follow = reg.follow(services, self._on_instances)
+                    tasks.append(tg.create_task(follow, name="registry:follow"))
+                for name, source in self.sources.items():
+                    follow_source = source.follow(self._source_changed(name))
+                    tasks.append(tg.create_task(follow_source, name=f"source:{name}"))
                 for name, group in self.table.groups.items():
-                    hc = group.config.health_check
-                    if not hc.enabled:
-                        continue
-                    checker = GroupChecker(
-                        name,
-                        group.backends,
-                        hc,
-                        self.publish_health,
-                        self.rng,
-                        passed=self.board.probe_passed,
-                        probe=_probe_with(self.upstream_tls.get(name)),
-                    )
-                    self.checkers.append(checker)
-                    tasks.append(tg.create_task(checker.run(), name=f"health:{name}"))
+                    if group.config.health_check.enabled:
+                        self._start_checker(tg, name)
                 # The first round of checks runs before we accept traffic, so a dead backend
                 # is known dead before the first request (bounded by the probe timeouts).
                 if self.checkers:
@@ -152,12 +316,19 @@ class Server:
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
-                for task in tasks:
+                for task in [*tasks, *self._checker_tasks.values()]:
                     task.cancel()  # the group then ends: cancelled children are not errors
         finally:
+            self._tg = None
+            for listener in self.listeners:
+                listener.close()  # (already closed after a drain; not when start-up failed)
             ctx.stop()
-            for pools in ctx.pools.values():
-                for pool in pools:
+            if self.registry_api is not None:
+                await self.registry_api.close()
+            if self.registry is not None:
+                await self.registry.close()
+            for group in ctx.table.groups.values():
+                for pool in group.pools:
                     pool.close_all()
 
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
@@ -218,22 +389,13 @@ class Server:
             "proxy": self.ctx.statistics() if self.ctx else {},
             "health": {c.group: c.statistics() for c in self.checkers},
             "backends": self.board.statistics(),
+            "registry": self.registry.statistics() if self.registry is not None else None,
+            "sources": {name: src.statistics() for name, src in self.sources.items()},
             "tls": {name: tls.statistics() for name, tls in self.tls.items()},
         }
 
     def __repr__(self) -> str:
         return f"Server({len(self.config.listeners)} listeners, {len(self.table.groups)} upstreams)"
-
-
-def _probe_with(tls: tuple[ClientTls | None, ...] | None) -> Probe:
-    """The active-check probe for a group: over TLS to its https:// backends."""
-    if tls is None:
-        return probe_backend
-
-    async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
-        return await probe_backend(backend, hc, tls[backend.index])
-
-    return probe
 
 
 def install_uvloop() -> None:

@@ -585,7 +585,8 @@ def test_unknown_key_hint_ignores_case_and_separators() -> None:
         "upstreams.api.healthCheck: unknown key (did you mean 'health_check'?)"
     ]
     assert problems_of({**minimal(), "colour": 1}) == [
-        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, log)"
+        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, "
+        "log, registry)"
     ]
 
 

@@ -203,3 +203,24 @@ async def test_websocket_over_tls_on_both_sides(ca: CA) -> None:
             writer.close()
             assert server.ctx is not None
             await eventually(lambda: not server.ctx.tunnels)  # type: ignore[union-attr]
+
+
+async def test_https_backends_from_a_file_speak_tls(ca: CA, tmp_path: Path) -> None:
+    """Backends discovered at run time: with a tls section they are verified with it; without
+    one, a group meeting its first https:// backend gets the defaults (the system store)."""
+    pair = ca.issue("backend", ["127.0.0.1"])
+    async with HttpBackend("b1", ssl_context=server_context(pair)) as backend:
+        listing = tmp_path / "backends.txt"
+        listing.write_text(backend.url + "\n")
+        d = full([], health={"enabled": False})
+        d["upstreams"]["app"] = {"file": str(listing), "health_check": {"enabled": False},
+                                 "tls": {"ca": str(ca.path)}}  # fmt: skip
+        async with running(d) as (_, url):
+            raw = await exchange(url, GET_CLOSE)
+            assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
+        del d["upstreams"]["app"]["tls"]
+        async with running(d) as (server, url):
+            raw = await exchange(url, GET_CLOSE)
+            assert raw.startswith(b"HTTP/1.1 502 "), raw[:100]  # our CA is not in the store
+            assert server.ctx is not None and "app" in server.ctx.upstream_tls
+        assert len(proxied(backend)) == 1

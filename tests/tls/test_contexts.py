@@ -90,7 +90,7 @@ def test_reload_keeps_serving_while_files_are_missing_or_expired(tmp_path: Path)
     assert tls.statistics()["reload_failures"] == 1
 
 
-def test_upstream_tls_per_backend(tmp_path: Path) -> None:
+def test_upstream_tls_by_group(tmp_path: Path) -> None:
     ca = CA(tmp_path)
     config = parse_config({
         "listeners": [{"listen": "127.0.0.1:0", "routes": [{"upstream": "a"}]}],
@@ -100,14 +100,13 @@ def test_upstream_tls_per_backend(tmp_path: Path) -> None:
             "b": {"backends": ["http://127.0.0.1:3"]},
             "c": {"backends": ["https://127.0.0.1:4"],
                   "tls": {"server_name": "c.internal", "verify": False}},
+            "d": {"dns": {"name": "d.internal", "scheme": "https", "port": 443}},
         },
     })  # fmt: skip
     tls = upstream_tls(config.upstreams)
-    assert set(tls) == {"a", "c"}
-    one, plain = tls["a"]
-    assert one is not None and plain is None
-    assert one.server_name == "one.internal"
-    assert one.context.verify_mode == ssl.CERT_REQUIRED
-    (c,) = tls["c"]
-    assert c is not None and c.server_name == "c.internal"
+    assert set(tls) == {"a", "c", "d"}  # b has no https backend (it would get one lazily)
+    assert tls["a"].name_for("one.internal") == "one.internal"
+    assert tls["a"].context.verify_mode == ssl.CERT_REQUIRED
+    c = tls["c"]
+    assert c.name_for("127.0.0.1") == "c.internal"
     assert c.context.verify_mode == ssl.CERT_NONE and not c.context.check_hostname

@@ -53,10 +53,12 @@ from poise.config.model import (
     PolicyConfig,
     PoolConfig,
     ProxyConfig,
+    RegistryConfig,
     RouteConfig,
     TimeoutConfig,
     UpstreamConfig,
 )
+from poise.config.registry import dns_source, registry
 from poise.config.resilience import (
     check_backend_state,
     check_fraction,
@@ -77,7 +79,8 @@ from poise.config.values import (
     parse_listen,
     parse_status_range,
 )
-from poise.errors import ConfigError
+from poise.errors import ConfigError, InvalidInstance
+from poise.registry.model import check_service
 
 __all__ = [
     "load_config",
@@ -89,11 +92,14 @@ __all__ = [
 
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
-_SHARED_KEYS = ("timeouts", "proxy", "limits", "log")
+_SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry")
 _LISTENER_KEYS = ("name", "listen", "routes", "upstream", "tls", "redirect_https")
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
+    "service",
+    "file",
+    "dns",
     "policy",
     "health_check",
     "pool",
@@ -208,8 +214,25 @@ def _document(c: Checker, data: object, source: str | None) -> Config | None:
         proxy=_proxy(c, doc.get("proxy"), "proxy"),
         limits=_limits(c, doc.get("limits"), "limits"),
         log=_log(c, doc.get("log"), "log"),
+        registry=_registry_section(c, doc, upstreams),
         source=source,
     )
+
+
+def _registry_section(
+    c: Checker, doc: Mapping[str, object], upstreams: Mapping[str, UpstreamConfig]
+) -> RegistryConfig | None:
+    """The registry, when configured or needed (an upstream names a service)."""
+    if "registry" in doc or any(u.service for u in upstreams.values()):
+        return registry(c, doc.get("registry"), "registry")
+    return None
+
+
+def check_service_name(value: object) -> str:
+    try:
+        return check_service(value, "service")
+    except InvalidInstance as exc:
+        raise ValueError(exc.problems[0].split(": ", 1)[1]) from exc
 
 
 def _seed(
@@ -277,11 +300,24 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     if obj is None:
         return None
     backends: tuple[BackendConfig, ...] = ()
+    service = file = dns = None
+    sources = [k for k in ("backends", "service", "file", "dns") if k in obj]
+    if len(sources) > 1:
+        c.error(path, f"give one of backends, service, file or dns, not {' and '.join(sources)}")
+    if "service" in obj:
+        service = c.check(obj["service"], key_path(path, "service"), check_service_name)
+    if "file" in obj:
+        file = c.check(obj["file"], key_path(path, "file"), check_str)
+    if "dns" in obj:
+        dns = dns_source(c, obj["dns"], key_path(path, "dns"))
     if "backends" in obj:
         backends = _backends(c, obj["backends"], key_path(path, "backends"))
-    else:
-        c.error(key_path(path, "backends"), "required but missing")
+    elif not sources:
+        c.error(key_path(path, "backends"), "required but missing (or a service, file or dns)")
     return UpstreamConfig(
+        service=service,
+        file=file,
+        dns=dns,
         name=name,
         backends=backends,
         policy=_policy(c, obj["policy"], key_path(path, "policy"))
@@ -699,3 +735,13 @@ def _decode_yaml(text: str, source: str) -> object:
         reason = getattr(exc, "problem", None) or str(exc)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"invalid YAML{where}: {reason}"], source) from exc
+
+
+def parse_backends(value: object, path: str) -> tuple[BackendConfig, ...]:
+    """A backends list as in the config (URL strings or objects), for backend files.
+    Raises ConfigError listing every problem."""
+    c = Checker()
+    result = _backends(c, value, path)
+    if c.problems:
+        raise ConfigError(c.problems, path)
+    return result

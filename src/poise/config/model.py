@@ -116,6 +116,18 @@ class UpstreamTlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """Backends from DNS: A/AAAA records of ``name`` on ``port``, or SRV records."""
+
+    name: str
+    type: str = "A"  # A (A and AAAA) | SRV
+    port: int = 80  # for A; SRV records carry their own
+    scheme: str = "http"
+    refresh: float = 10.0  # seconds between lookups
+    nameserver: tuple[str, int] | None = None  # None = the system resolver
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -129,6 +141,11 @@ class UpstreamConfig:
     # than overload the few (Envoy's panic mode); 0 = never
     panic_threshold: int = 50
     slow_start: float = 0.0  # seconds over which a (re)joining backend ramps up; 0 = off
+    # backends discovered in the service registry under this name (``backends`` is then
+    # the current set of instances, replaced as they come and go)
+    service: str | None = None
+    file: str | None = None  # backends listed in this file, re-read when it changes
+    dns: DnsConfig | None = None  # backends from DNS, looked up every ``refresh``
     tls: UpstreamTlsConfig | None = None  # None: defaults, for https:// backends
 
 
@@ -227,6 +244,22 @@ def _empty_upstreams() -> Mapping[str, UpstreamConfig]:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """The service registry poise embeds (or shares, with etcd)."""
+
+    store: str = "sqlite"  # memory | sqlite | etcd
+    path: str = "poise-registry.db"  # sqlite: the database file
+    durable: bool = False  # sqlite: fsync every change (survives power loss, not just kill -9)
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)  # etcd
+    prefix: str = "/poise"  # etcd: key prefix, so several registries can share one etcd
+    listen: tuple[str, int] | None = ("127.0.0.1", 8500)  # the registry API; None = off
+    # bearer token for writes (register, heartbeat, deregister); None = writes are open
+    token: str | None = None
+    read_token: bool = False  # also require the token to read
+    history: int = 10_000  # events kept for watchers that resume
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=_empty_upstreams)
@@ -234,6 +267,8 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # None: no registry (no upstream names a service, and no "registry" section)
+    registry: RegistryConfig | None = None
     source: str | None = None  # file it was loaded from, for messages
     # problems worth telling but not refusing (an expired certificate without strict)
     warnings: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from poise.config.model import UpstreamConfig
+from poise.health.passive import Outliers
 from poise.health.status import GroupStatus, View
 from poise.models import Backend
 
@@ -57,9 +58,12 @@ class HealthBoard:
                      self.backends[group][index].url, group)  # fmt: skip
             self.refresh(group)
 
-    def ejected(self, group: str, index: int) -> None:
-        """The proxy ejected a backend (passive health): log it and route around it."""
+    def ejected(self, group: str, index: int, outliers: Outliers | None = None) -> None:
+        """The proxy ejected a backend (passive health): log it and route around it. A report
+        from before a membership change (other ``outliers``) no longer applies: ignored."""
         status = self.statuses[group]
+        if outliers is not None and outliers is not status.outliers:
+            return
         log.warning(
             "backend %s in %s %s",
             self.backends[group][index].url,
@@ -80,6 +84,11 @@ class HealthBoard:
                 self.refresh(group)
                 return
         raise KeyError(f"no backend {backend!r} in upstream {group!r}")
+
+    def replace(self, group: str, status: GroupStatus, backends: tuple[Backend, ...]) -> None:
+        """New membership for ``group`` (the server built ``status`` as a successor)."""
+        self.statuses[group] = status
+        self.backends[group] = backends
 
     # -- views -----------------------------------------------------------------------------
 

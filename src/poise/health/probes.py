@@ -86,7 +86,10 @@ async def _open(
     if tls is None:
         return await asyncio.open_connection(backend.host, hc.port or backend.port)
     return await asyncio.open_connection(
-        backend.host, hc.port or backend.port, ssl=tls.context, server_hostname=tls.server_name
+        backend.host,
+        hc.port or backend.port,
+        ssl=tls.context,
+        server_hostname=tls.name_for(backend.host),
     )
 
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from poise.routing import Group
     from poise.tls.contexts import ListenerTls
     from poise.upstream.limits import Admission
+    from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
 
@@ -499,6 +500,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.tried = (*tried, backend)
         ex.backend = backend
+        ex.group = group  # the table this backend (its index, pool, load) comes from
         load = group.load
         if load is not None:
             load.active[backend.index] += 1
@@ -509,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
             if adm is not None:
                 adm.active += 1
                 ex.admission = adm
-        pool = self.ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
         while conn is not None and conn.closed:
@@ -592,10 +594,9 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         group = ex.group
         assert group is not None
-        pool = ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
-        tls = ctx.upstream_tls.get(group.name)
-        t = tls[backend.index] if tls is not None else None
+        t = ctx.tls_for(group.name) if backend.scheme == "https" else None
         try:
             # upstream_connect bounds the TLS handshake too; a failed one sent nothing
             _, conn = await asyncio.wait_for(
@@ -604,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
                     backend.host,
                     backend.port,
                     ssl=t.context if t is not None else None,
-                    server_hostname=t.server_name if t is not None else None,
+                    server_hostname=t.name_for(backend.host) if t is not None else None,
                 ),
                 ctx.config.timeouts.upstream_connect,
             )
@@ -658,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
             backend.index, ctx.loop.time(), reason, connection=connection
         ):
             ctx.stats.ejections += 1
-            ctx.on_ejected(group.name, backend.index)
+            ctx.on_ejected(group.name, backend.index, outliers)
 
     def may_retry(self, ex: Exchange, condition: str | int) -> bool:
         """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",

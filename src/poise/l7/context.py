@@ -20,10 +20,10 @@ from poise.config.model import Config
 from poise.l7 import http
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
-from poise.tls.contexts import ClientTls, upstream_tls
-from poise.upstream.pool import Pool
+from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 
 if TYPE_CHECKING:
+    from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
@@ -81,7 +81,6 @@ class Context:
         "loop",
         "now",
         "on_ejected",
-        "pools",
         "retries_active",
         "retry_body_max",
         "rng",
@@ -104,7 +103,7 @@ class Context:
         table: RoutingTable,
         loop: asyncio.AbstractEventLoop,
         *,
-        upstream_tls_: dict[str, tuple[ClientTls | None, ...]] | None = None,
+        upstream_tls_: dict[str, ClientTls] | None = None,
     ):
         self.loop = loop
         self.config = config
@@ -123,17 +122,6 @@ class Context:
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
-        self.pools: dict[str, list[Pool[UpstreamConnection]]] = {
-            name: [
-                Pool(
-                    f"{name}/{b.authority}",
-                    group.config.pool.max_idle,
-                    group.config.pool.idle_timeout,
-                )
-                for b in group.backends
-            ]
-            for name, group in table.groups.items()
-        }
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
@@ -150,7 +138,7 @@ class Context:
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
-        # TLS to https:// backends, per group by backend index (groups with any)
+        # TLS to https:// backends, by group (shared with the server's health probes)
         self.upstream_tls = (
             upstream_tls(config.upstreams) if upstream_tls_ is None else upstream_tls_
         )
@@ -169,7 +157,17 @@ class Context:
                 **dict.fromkeys(subject_fields, http.HOP),
             }
         # passive health ejected a backend (group, index): the server re-routes around it
-        self.on_ejected: Callable[[str, int], None] = lambda group, index: None
+        # (the Outliers that ejected it, so a report from a group that has since changed
+        # membership is recognised as stale)
+        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+
+    def tls_for(self, group: str) -> ClientTls:
+        """The TLS settings of ``group`` (built on first use for a group whose https
+        backends were discovered at run time)."""
+        tls = self.upstream_tls.get(group)
+        if tls is None:
+            tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+        return tls
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -222,8 +220,7 @@ class Context:
             for group in self.table.groups.values():
                 if group.admission is not None and group.admission.waiting:
                     group.admission.expire(now)
-            for pools in self.pools.values():
-                for pool in pools:
+                for pool in group.pools:
                     if pool.idle:
                         pool.expire(now)
         finally:
@@ -253,7 +250,10 @@ class Context:
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
             "tunnels": len(self.tunnels),
-            "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
+            "pools": {
+                name: [p.statistics() for p in group.pools]
+                for name, group in self.table.groups.items()
+            },
         }
 
     def __repr__(self) -> str:

@@ -422,7 +422,7 @@ class UpstreamConnection(asyncio.Protocol):
                 ctx = self.ctx
                 if seconds is not None and o.retry_after(i, ctx.now, seconds):
                     ctx.stats.ejections += 1
-                    ctx.on_ejected(group.name, i)
+                    ctx.on_ejected(group.name, i, o)
             elif o.streak[i]:
                 o.success(i)
         return status in group.retry_statuses and not self.out and client.may_retry(ex, status)

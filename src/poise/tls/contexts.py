@@ -324,10 +324,14 @@ def format_subject(subject: Any) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ClientTls:
-    """How to speak TLS to one backend: the context and the name to send and verify."""
+    """How a group speaks TLS to its https:// backends: one context for all of them, and
+    the name to send (SNI) and verify, unless each backend's own host is meant."""
 
     context: ssl.SSLContext
-    server_name: str
+    server_name: str | None = None
+
+    def name_for(self, backend_host: str) -> str:
+        return self.server_name or backend_host
 
 
 def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
@@ -346,19 +350,19 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def upstream_tls(
-    upstreams: Mapping[str, UpstreamConfig],
-) -> dict[str, tuple[ClientTls | None, ...]]:
-    """Per group, by backend index: TLS for ``https://`` backends, None for ``http://``.
-    Groups without https backends are left out (the hot path then skips the lookup)."""
-    out: dict[str, tuple[ClientTls | None, ...]] = {}
-    for name, up in upstreams.items():
-        if not any(b.scheme == "https" for b in up.backends):
-            continue
-        cfg = up.tls or UpstreamTlsConfig()
-        ctx = client_context(cfg)
-        out[name] = tuple(
-            ClientTls(ctx, cfg.server_name or b.host) if b.scheme == "https" else None
-            for b in up.backends
-        )
-    return out
+def group_tls(up: UpstreamConfig) -> ClientTls:
+    cfg = up.tls or UpstreamTlsConfig()
+    return ClientTls(client_context(cfg), cfg.server_name)
+
+
+def upstream_tls(upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ClientTls]:
+    """TLS for each group that is known to reach https:// backends (listed ones, a ``tls``
+    section, or DNS discovery with scheme https). Groups whose https backends appear only
+    later (from the registry) get theirs when first needed (``Context.tls_for``)."""
+    return {
+        name: group_tls(up)
+        for name, up in upstreams.items()
+        if up.tls is not None
+        or any(b.scheme == "https" for b in up.backends)
+        or (up.dns is not None and up.dns.scheme == "https")
+    }
