@@ -5,6 +5,7 @@ is registered and more can be, with curl."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import sys
 
@@ -27,6 +28,7 @@ def demo(listen: str, log_level: str, log_format: str) -> int:
 
 
 async def _demo(listen: str) -> int:
+    token = secrets.token_urlsafe(18)
     backends = [HttpBackend(name=f"demo-{i}") for i in (1, 2, 3)]
     for b in backends:
         await b.start()
@@ -48,6 +50,7 @@ async def _demo(listen: str) -> int:
                     "svc": {"service": "demo", "health_check": {"interval": "2s"}},
                 },
                 "registry": {"store": "memory", "listen": "127.0.0.1:0"},
+                "admin": {"listen": "127.0.0.1:0", "token": token},
             },
             source="poise demo",
         )
@@ -68,12 +71,16 @@ async def _demo(listen: str) -> int:
         await server.registry.store.register(_instance(backends[0], "demo-1"))
         reg_host, reg_port = server.registry_address
         reg = f"http://{reg_host}:{reg_port}"
+        assert server.admin_address is not None
+        adm = "http://{}:{}".format(*server.admin_address)
         b2 = backends[1]
         print(
             "\npoise demo is running\n"
             f"  balancer:  http://{shown}:{port}/\n"
             + "".join(f"  backend:   {b.url}  ({b.name})\n" for b in backends)
             + f"  registry:  {reg}/v1/services  (service 'demo' is routed at /svc)\n"
+            f"  dashboard: {adm}/#token={token}\n"
+            f"  metrics:   curl -H 'Authorization: Bearer {token}' {adm}/metrics\n"
             f"\nTry:  curl http://{shown}:{port}/   (each request goes to the next backend)\n"
             f"      curl http://{shown}:{port}/svc   (the instances registered as 'demo')\n"
             f"      curl -X PUT {reg}/v1/services/demo/instances/demo-2 "

@@ -352,8 +352,16 @@ _STARTS: dict[tuple[int, str], str] = {}  # status line and fixed fields, by (st
 
 
 class HttpServer:
-    def __init__(self, router: Router, *, name: str, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        name: str,
+        max_body: int = 64 * 1024,
+        guard: Callable[[Request], None] | None = None,
+    ) -> None:
         self.router = router
+        self.guard = guard  # runs before routing (auth): may raise HttpError
         self.name = name
         self.max_body = max_body
         self.server: asyncio.Server | None = None
@@ -397,6 +405,8 @@ class HttpServer:
     async def dispatch(self, request: Request) -> Reply | Stream:
         self.requests += 1
         try:
+            if self.guard is not None:
+                self.guard(request)
             handler, params = self.router.resolve(request.method, request.path)
             return await handler(request, **params)
         except HttpError as exc:

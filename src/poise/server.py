@@ -12,13 +12,16 @@ import contextlib
 import dataclasses
 import logging
 import random
+import secrets
 import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from poise.config.model import BackendConfig, Config, HealthCheckConfig
+from poise.admin.api import AdminApi
+from poise.config.load import parse_backends
+from poise.config.model import BackendConfig, Config, HealthCheckConfig, UpstreamConfig
 from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker, Probe
@@ -57,6 +60,8 @@ class Server:
         self.registry: RegistryService | None = None
         self.registry_api: RegistryApi | None = None
         self.registry_address: tuple[str, int] | None = None
+        self.admin: AdminApi | None = None
+        self.admin_address: tuple[str, int] | None = None
         # backends from a watched file or DNS, by upstream name
         self.sources: dict[str, FileSource | DnsSource] = {}
         self.listeners: list[asyncio.Server] = []
@@ -99,6 +104,45 @@ class Server:
         "reloaded", or "failed: <reason>" (the previous certificates then stay in use).
         Connections already open keep the certificate they were handshaken with."""
         return {name: tls.reload(force=True) for name, tls in self.tls.items()}
+
+    # -- runtime changes of static upstreams (the admin API) ----------------------------------
+
+    def _static(self, group: str) -> UpstreamConfig:
+        table = self.ctx.table if self.ctx is not None else self.table
+        if group not in table.groups:
+            raise KeyError(f"no upstream named {group!r}")
+        up = table.groups[group].config
+        if up.service or up.file or up.dns:
+            source = "the registry" if up.service else "its file" if up.file else "DNS"
+            raise ValueError(f"upstream {group!r} takes its backends from {source}")
+        return up
+
+    def _find(self, up: UpstreamConfig, backend: str) -> int:
+        for i, b in enumerate(up.backends):
+            if backend in (b.url, authority_of(b.host, b.port)):
+                return i
+        raise KeyError(f"no backend {backend!r} in upstream {up.name!r}")
+
+    def add_backend(self, group: str, url: str, weight: int = 1) -> BackendConfig:
+        """Add a backend to a static upstream (it starts healthy and is probed at once)."""
+        up = self._static(group)
+        added = parse_backends([{"url": url, "weight": weight}], "backend")[0]
+        if any((b.host, b.port) == (added.host, added.port) for b in up.backends):
+            raise ValueError(f"upstream {group!r} already has {added.url}")
+        self.set_members(group, (*up.backends, added))
+        return added
+
+    def remove_backend(self, group: str, backend: str) -> None:
+        """Remove a backend: no new requests; in-flight ones finish."""
+        up = self._static(group)
+        i = self._find(up, backend)
+        self.set_members(group, up.backends[:i] + up.backends[i + 1 :])
+
+    def set_backend_weight(self, group: str, backend: str, weight: int) -> None:
+        up = self._static(group)
+        i = self._find(up, backend)
+        changed = dataclasses.replace(up.backends[i], weight=weight)
+        self.set_members(group, (*up.backends[:i], changed, *up.backends[i + 1 :]))
 
     def _install(self, group: str, view: View) -> None:
         """Swap in a routing table with ``group``'s new view: one assignment."""
@@ -229,6 +273,20 @@ class Server:
         if problems:
             raise ConfigError(problems, self.config.source)
         await self._open_registry()
+        await self._open_admin()
+
+    async def _open_admin(self) -> None:
+        cfg = self.config.admin
+        if cfg is None:
+            return
+        token = cfg.token
+        if token is None:
+            token = secrets.token_urlsafe(24)
+            log.warning("admin API token (generated; set admin.token to choose one): %s", token)
+        self.admin = AdminApi(self, token)
+        self.admin_address = host, port = await self.admin.start(*cfg.listen)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("admin API, metrics and dashboard on http://%s:%d/", shown, port)
 
     def _source_changed(self, name: str) -> Callable[[tuple[BackendConfig, ...]], None]:
         return lambda backends: self.set_members(name, backends)
@@ -323,6 +381,8 @@ class Server:
             for listener in self.listeners:
                 listener.close()  # (already closed after a drain; not when start-up failed)
             ctx.stop()
+            if self.admin is not None:
+                await self.admin.close()
             if self.registry_api is not None:
                 await self.registry_api.close()
             if self.registry is not None:

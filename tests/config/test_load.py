@@ -586,7 +586,7 @@ def test_unknown_key_hint_ignores_case_and_separators() -> None:
     ]
     assert problems_of({**minimal(), "colour": 1}) == [
         "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, "
-        "log, registry)"
+        "log, registry, admin)"
     ]
 
 

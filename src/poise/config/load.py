@@ -58,7 +58,7 @@ from poise.config.model import (
     TimeoutConfig,
     UpstreamConfig,
 )
-from poise.config.registry import dns_source, registry
+from poise.config.registry import admin, dns_source, registry
 from poise.config.resilience import (
     check_backend_state,
     check_fraction,
@@ -92,7 +92,7 @@ __all__ = [
 
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
-_SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry")
+_SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry", "admin")
 _LISTENER_KEYS = ("name", "listen", "routes", "upstream", "tls", "redirect_https")
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
@@ -215,6 +215,7 @@ def _document(c: Checker, data: object, source: str | None) -> Config | None:
         limits=_limits(c, doc.get("limits"), "limits"),
         log=_log(c, doc.get("log"), "log"),
         registry=_registry_section(c, doc, upstreams),
+        admin=admin(c, doc["admin"], "admin") if "admin" in doc else None,
         source=source,
     )
 

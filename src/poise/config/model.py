@@ -260,6 +260,14 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin API, metrics and dashboard: their own listener, never the data plane's."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 9901)
+    token: str | None = None  # bearer token; None = a random one, logged at start
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=_empty_upstreams)
@@ -269,6 +277,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # None: no registry (no upstream names a service, and no "registry" section)
     registry: RegistryConfig | None = None
+    admin: AdminConfig | None = None  # None: no admin listener
     source: str | None = None  # file it was loaded from, for messages
     # problems worth telling but not refusing (an expired certificate without strict)
     warnings: tuple[str, ...] = ()

@@ -14,7 +14,7 @@ from poise.config.checks import (
     key_path,
     positive_duration,
 )
-from poise.config.model import DnsConfig, RegistryConfig
+from poise.config.model import AdminConfig, DnsConfig, RegistryConfig
 from poise.config.values import describe_type, parse_listen
 
 REGISTRY_KEYS = (
@@ -133,4 +133,19 @@ def dns_source(c: Checker, value: object, path: str) -> DnsConfig | None:
         scheme=c.field(obj, "scheme", path, choice("http", "https"), "http"),
         refresh=c.field(obj, "refresh", path, positive_duration, 10.0),
         nameserver=c.field(obj, "nameserver", path, _nameserver, None),
+    )
+
+
+ADMIN_KEYS = ("listen", "token")
+
+
+def admin(c: Checker, value: object, path: str) -> AdminConfig:
+    """The ``admin`` section (its listener and token)."""
+    obj = c.mapping(value if value is not None else {}, path, ADMIN_KEYS)
+    if obj is None:
+        return AdminConfig()
+    d = AdminConfig()
+    return AdminConfig(
+        listen=c.field(obj, "listen", path, parse_listen, d.listen),
+        token=c.field(obj, "token", path, _token, d.token),
     )

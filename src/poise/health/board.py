@@ -104,7 +104,9 @@ class HealthBoard:
                           "all of them", group)  # fmt: skip
             else:
                 log.warning("upstream %s left panic mode", group)
-        if not any(view.up) and not any(self.statuses[group].usable):
+        if not view.up:
+            log.warning("upstream %s has no backends (requests get 503)", group)
+        elif not any(view.up) and not any(self.statuses[group].usable):
             log.error("upstream %s has no healthy backend", group)
         if view.ramp is not None:
             self._ramping.add(group)

@@ -85,6 +85,7 @@ class GroupChecker:
         if len(self.states) != len(backends):
             raise ValueError(f"{len(self.states)} health states for {len(backends)} backends")
         self.probes = [0] * len(backends)  # probes done, by backend index
+        self.failed = [0] * len(backends)  # of which failed
         self.rounds = 0  # start-up rounds (check_once calls) done
         self.first_round = asyncio.Event()
 
@@ -117,6 +118,8 @@ class GroupChecker:
     def _observe(self, i: int, result: ProbeResult, started: float) -> bool:
         """Fold backend ``i``'s result in; True when its health changed (then logged)."""
         self.probes[i] += 1
+        if not result.ok:
+            self.failed[i] += 1
         new = self.states[i].observe(result)
         if result.ok and self.passed is not None:
             self.passed(self.group, i, started)

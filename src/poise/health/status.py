@@ -93,8 +93,9 @@ class GroupStatus:
                 new.usable[k] = False
                 continue
             new.healthy[k] = self.healthy[j]
-            if self.admin[j] != ENABLED:
-                new.admin[k] = self.admin[j]  # an operator's drain / maint outlives a change
+            if cfg.backends[k].state == self.cfg.backends[j].state:
+                new.admin[k] = self.admin[j]  # the operator's current state outlives a change
+            # else the source changed it (an instance's weight went to or from 0): it wins
             new.since[k] = self.since[j]
             new.usable[k] = self.usable[j]
         return new

@@ -248,7 +248,8 @@ class ClientConnection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.cur = Exchange()
+        self.cur = ex = Exchange()
+        ex.t0 = time.monotonic()
         self._headers = []
         self._n_headers = 0
         self._head_size = 0
@@ -798,6 +799,10 @@ class ClientConnection(asyncio.Protocol):
             tunnel.close()
 
     def _finish(self, ex: Exchange) -> None:
+        t0 = ex.t0
+        if t0:
+            ex.t0 = 0.0  # counted once
+            self.ctx.latency.observe(time.monotonic() - t0)
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,28 @@ class Stats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# request duration buckets (seconds), Prometheus' defaults
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Request durations: counts per bucket (not cumulative; the exporter sums them), the
+    sum and the count. ``observe`` is one bisect and three additions."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
 class Context:
     __slots__ = (
         "_ticker",
@@ -77,6 +100,7 @@ class Context:
         "header_kinds",
         "idempotency_keys",
         "inflight",
+        "latency",
         "limits",
         "loop",
         "now",
@@ -125,6 +149,7 @@ class Context:
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
+        self.latency = Histogram()  # from the request's first byte to the response's last
         self.date = DateCache()
         self.now = loop.time()
         self.draining = False

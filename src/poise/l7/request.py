@@ -53,6 +53,7 @@ class Exchange:
     pending_bytes = 0
     body_bytes = 0  # request body bytes received so far
     body_started = 0.0  # clock reading when the head was complete, if there is a body
+    t0 = 0.0  # time.monotonic() at the request's first byte (request duration metric)
     request_done = False
     response_done = False
     response_started = False

@@ -355,6 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         ex.status = status
+        self.pool.responses[status // 100 if status < 600 else 5] += 1
         group = ex.group
         assert group is not None
         if (

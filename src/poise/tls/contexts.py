@@ -50,6 +50,7 @@ __all__ = [
     "check_pair",
     "client_context",
     "format_subject",
+    "group_tls",
     "upstream_tls",
 ]
 
