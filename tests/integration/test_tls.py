@@ -233,3 +233,19 @@ async def test_redirect_listener(pki: dict[str, Any]) -> None:
                 assert b"Location" not in raw
             assert proxied(backend) == []
             assert server.statistics()["proxy"]["stats"]["redirects"] == 3
+
+
+async def test_tls_metrics(pki: dict[str, Any]) -> None:
+    from poise.admin.metrics import render
+
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, sni_tls(pki))) as (server, _),
+    ):
+        await get(url_of(server, "web"), client_context(pki["ca"]), "a.example.test")
+        text = render(server)
+        assert 'poise_tls_handshakes_total{listener="web"} 1' in text
+        assert 'poise_tls_reloads_total{listener="web",result="fail"} 0' in text
+        expiry = [line for line in text.splitlines()
+                  if line.startswith("poise_tls_certificate_not_after_seconds{")]  # fmt: skip
+        assert len(expiry) == 3 and f'cert="{pki["a"].cert}"' in expiry[1]
