@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class CA:
     def issue(
         self,
         stem: str,
-        names: list[str] = (),  # type: ignore[assignment]
+        names: Sequence[str] = (),
         *,
         cn: str | None = None,
         client: bool = False,
