@@ -17,6 +17,7 @@ examples:
   poise run --listen :8080 --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
   poise check -c poise.json                    validate a config file, list every problem
   poise simulate -c poise.json --latency 127.0.0.1:5002=50   see what a policy would do
+  poise status --admin http://127.0.0.1:9901   routes and backends of a running poise
 """
 
 
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.add_argument("--rate", type=float, default=1000.0, help="arrivals per second (1000)")
 
+    st = sub.add_parser("status", help="show routes and backends of a running poise")
+    st.add_argument(
+        "--admin", default="http://127.0.0.1:9901", help="admin API URL (default 127.0.0.1:9901)"
+    )
+    st.add_argument("--token", help="admin token (default: $POISE_ADMIN_TOKEN)")
+
     demo = sub.add_parser("demo", help="start 3 demo backends and a balancer in front of them")
     demo.add_argument(
         "--listen", default="127.0.0.1:8080", help="balancer address (default 127.0.0.1:8080)"
@@ -85,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, parser)
         if args.command == "simulate":
             return _simulate(args, parser)
+        if args.command == "status":
+            return _status(args)
         if args.command == "demo":
             from poise.demo import demo
 
@@ -99,6 +108,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    from poise.admin.status import StatusError, status
+
+    token = args.token or os.environ.get("POISE_ADMIN_TOKEN", "")
+    try:
+        print(status(args.admin, token), end="")
+    except StatusError as exc:
+        print(f"poise status: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check(path: str) -> int:

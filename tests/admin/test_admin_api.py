@@ -3,6 +3,8 @@ data-plane listener cannot reach it."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 import httpx
@@ -154,3 +156,40 @@ async def test_metrics_in_prometheus_format() -> None:
         )
         assert f'poise_backend_up{{upstream="app",backend="{backend}"}} 1' in text
         assert "poise_requests_total 3" in text
+
+
+async def test_poise_status_prints_routes_and_backends() -> None:
+    async with (
+        HttpBackend("a") as a,
+        HttpBackend("b") as b,
+        running(doc([a.url, b.url])) as (server, _),
+    ):
+        await b.stop()
+        await eventually(lambda: not server.table.groups["app"].up[1])
+
+        async def cli(*args: str, token: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "poise",
+                "status",
+                "--admin",
+                admin_url(server),
+                *args,
+                env={"POISE_ADMIN_TOKEN": token, "PATH": "/usr/bin:/bin"},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            return proc.returncode or 0, out.decode(), err.decode()
+
+        code, out, _ = await cli(token=TOKEN)
+        assert code == 0
+        lines = out.splitlines()
+        assert any(line.split()[:4] == ["web", "*", "/", "app"] for line in lines), out
+        row_b = next(line for line in lines if b.url in line)
+        assert row_b.split()[2:5] == ["down", "connect", "refused"], row_b
+        row_a = next(line for line in lines if a.url in line)
+        assert row_a.split()[2] == "up"
+        code, _, err = await cli(token="wrong")
+        assert code == 1 and "refused the token" in err

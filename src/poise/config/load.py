@@ -44,6 +44,7 @@ from poise.config.checks import (
     positive_duration,
 )
 from poise.config.model import (
+    AccessLogConfig,
     BackendConfig,
     Config,
     HealthCheckConfig,
@@ -149,7 +150,8 @@ _LIMIT_KEYS = (
     "max_connections",
     "min_body_rate",
 )
-_LOG_KEYS = ("level", "format")
+_LOG_KEYS = ("level", "format", "access")
+_ACCESS_KEYS = ("path", "format", "sample")
 
 _POLICY_KEYS = (
     "name",
@@ -685,6 +687,29 @@ def _log(c: Checker, value: object, path: str) -> LogConfig:
     return LogConfig(
         level=c.field(obj, "level", path, choice("debug", "info", "warning", "error"), "info"),
         format=c.field(obj, "format", path, choice("text", "json"), "text"),
+        access=_access_log(c, obj["access"], key_path(path, "access")) if "access" in obj else None,
+    )
+
+
+def _sample(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"expected a share above 0 and at most 1, got {value!r}")
+    return float(value)
+
+
+def _access_log(c: Checker, value: object, path: str) -> AccessLogConfig | None:
+    """``true`` (JSON lines to standard output), ``false``, or an object."""
+    if value is False:
+        return None
+    if value is True:
+        return AccessLogConfig()
+    obj = c.mapping(value, path, _ACCESS_KEYS)
+    if obj is None:
+        return None
+    return AccessLogConfig(
+        path=c.field(obj, "path", path, check_str, "-"),
+        format=c.field(obj, "format", path, choice("json", "combined"), "json"),
+        sample=c.field(obj, "sample", path, _sample, 1.0),
     )
 
 

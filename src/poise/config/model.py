@@ -234,9 +234,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    path: str = "-"  # a file (appended to), or "-" for standard output
+    format: str = "json"  # json | combined
+    sample: float = 1.0  # share of requests logged
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     format: str = "text"  # text | json
+    access: AccessLogConfig | None = None  # None: no access log
 
 
 def _empty_upstreams() -> Mapping[str, UpstreamConfig]:

@@ -756,6 +756,13 @@ class ClientConnection(asyncio.Protocol):
             ex.retrying = False
             ctx.retries_active -= 1
         ctx.stats.responses += 1
+        t0 = ex.t0
+        if t0:
+            ex.t0 = 0.0  # counted once
+            now = time.monotonic()
+            ctx.latency.observe(now - t0)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, now - t0, "ok")
         if ex.request_done:
             # _finish, inlined for the common case: nothing queued behind, keep-alive
             queue = self.queue
@@ -800,9 +807,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self, ex: Exchange) -> None:
         t0 = ex.t0
-        if t0:
+        if t0:  # an exchange that did not end in response_complete (an error, say)
             ex.t0 = 0.0  # counted once
-            self.ctx.latency.observe(time.monotonic() - t0)
+            ctx = self.ctx
+            elapsed = time.monotonic() - t0
+            ctx.latency.observe(elapsed)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, elapsed, "local" if ex.local else "ok")
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -836,6 +847,8 @@ class ClientConnection(asyncio.Protocol):
     def _send_error(self, ex: Exchange, response: bytes, *, close: bool) -> None:
         ex.response_done = True
         ex.response_started = True
+        ex.local = True
+        ex.status = int(response[9:12])  # "HTTP/1.1 503 ...": what the client got
         if ex.retrying:
             ex.retrying = False
             self.ctx.retries_active -= 1

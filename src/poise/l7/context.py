@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from poise.accesslog import AccessLog
 from poise.config.model import Config
 from poise.l7 import http
 from poise.l7.http import DateCache
@@ -88,6 +89,7 @@ class Histogram:
 class Context:
     __slots__ = (
         "_ticker",
+        "access",
         "client_body_timeout",
         "client_header_timeout",
         "client_idle_timeout",
@@ -150,6 +152,7 @@ class Context:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
         self.latency = Histogram()  # from the request's first byte to the response's last
+        self.access = AccessLog(config.log.access) if config.log.access is not None else None
         self.date = DateCache()
         self.now = loop.time()
         self.draining = False
@@ -201,6 +204,8 @@ class Context:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.access is not None:
+            self.access.close()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection-scoped coroutine (an upstream connect). Tracked, so shutdown can
@@ -217,6 +222,8 @@ class Context:
     def _tick(self) -> None:
         self.now = now = self.loop.time()
         self.date.refresh()
+        if self.access is not None:
+            self.access.flush()
         try:
             expired: list[ClientConnection | UpstreamConnection | Tunnel] = []
             min_rate = self.limits.min_body_rate

@@ -54,6 +54,8 @@ class Exchange:
     body_bytes = 0  # request body bytes received so far
     body_started = 0.0  # clock reading when the head was complete, if there is a body
     t0 = 0.0  # time.monotonic() at the request's first byte (request duration metric)
+    local = False  # poise answered itself (an error), the backend did not
+    body_out: int | None = None  # response body bytes by Content-Length (access log)
     request_done = False
     response_done = False
     response_started = False

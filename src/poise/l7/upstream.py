@@ -363,6 +363,8 @@ class UpstreamConnection(asyncio.Protocol):
         ) and self._judge(ex, client, group, status, low):
             raise _RetryStatus
         no_body = ex.is_head or status in (204, 304)
+        if has_cl and self.ctx.access is not None:
+            ex.body_out = _content_length(low)
         if has_cl or no_body:
             self._low_head = low  # Content-Length is read from it only if the body is long
             self.mode = _NONE if no_body else _RAW
