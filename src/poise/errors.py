@@ -13,7 +13,8 @@
         ├── InvalidInstance      400, a registration is malformed; ``problems`` names each field
         ├── NotRegistered        404, heartbeat or lookup of an instance that is not there
         ├── Compacted            410, a watch asked for history the store no longer keeps
-        └── StoreUnavailable     503, the store (etcd) cannot be reached
+        ├── StoreUnavailable     503, the store (etcd) cannot be reached
+        └── RegistryUnreachable  503, (SDK side) the registry API does not answer
 
 Foreign exceptions (OSError, httptools errors) are translated once, where they are caught,
 with ``raise ... from exc``.
@@ -118,4 +119,11 @@ class Compacted(RegistryError):
 
 
 class StoreUnavailable(RegistryError):
+    status = 503
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry API did not answer (refused, timed out, 5xx): raised by ``poise.client``,
+    whose background tasks retry with backoff instead."""
+
     status = 503

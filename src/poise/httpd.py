@@ -246,9 +246,13 @@ class _Conn(asyncio.Protocol):
         if isinstance(item, HttpError):
             self._reply(self.server.error_reply(item), "GET", close=True)
             return
+        coro = self._serve(item)
+        if not self.server.eager:
+            self.task = asyncio.get_running_loop().create_task(coro)
+            return
         # Most calls (a heartbeat) never wait: run the coroutine at once, and make a task only
         # for one that suspends (a blocking query, a watch), as Python 3.12's eager tasks do.
-        coro = self._serve(item)
+        # Only for handlers that need no current task (httpx/anyio inside one do): opt-in.
         try:
             yielded = coro.send(None)
         except StopIteration:
@@ -359,8 +363,10 @@ class HttpServer:
         name: str,
         max_body: int = 64 * 1024,
         guard: Callable[[Request], None] | None = None,
+        eager: bool = False,
     ) -> None:
         self.router = router
+        self.eager = eager  # start handlers outside a task (see _Conn._next)
         self.guard = guard  # runs before routing (auth): may raise HttpError
         self.name = name
         self.max_body = max_body

@@ -180,6 +180,11 @@ def build_table(
     for name, up in config.upstreams.items():
         status = statuses[name] if statuses is not None else GroupStatus(up)
         groups[name] = build_group(up, rng, status)
+    return build_routes(config, groups)
+
+
+def build_routes(config: Config, groups: Mapping[str, Group]) -> RoutingTable:
+    """The table with ``groups`` and the routes of ``config``'s listeners."""
     routes: dict[str, tuple[Route, ...]] = {}
     catch_all: dict[str, str] = {}
     for listener in config.listeners:
@@ -196,5 +201,5 @@ def build_table(
         if len(rs) == 1 and not rs[0].hosts and rs[0].prefix == b"/":
             catch_all[listener.name] = rs[0].group
     return RoutingTable(
-        MappingProxyType(groups), MappingProxyType(routes), MappingProxyType(catch_all)
+        MappingProxyType(dict(groups)), MappingProxyType(routes), MappingProxyType(catch_all)
     )

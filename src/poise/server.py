@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import secrets
 import signal
@@ -46,7 +47,10 @@ log = logging.getLogger("poise.server")
 
 
 class Server:
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, *, rng: random.Random | None = None, watch_config: bool = False
+    ) -> None:
+        self.watch_config = watch_config  # reload when the config file changes
         self.config = config
         self.rng = rng or random.Random()
         backends = {name: make_backends(up) for name, up in config.upstreams.items()}
@@ -55,6 +59,8 @@ class Server:
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._follow_task: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         # the service registry (opened by serve() when the config has one)
         self.registry: RegistryService | None = None
@@ -191,8 +197,13 @@ class Server:
         added = sorted(set(new_ids) - set(old_ids))
         removed = sorted(set(old_ids) - set(new_ids))
         if added or removed:
-            log.info("upstream %s: %d backends (+%s -%s)", group, len(new_ids),
-                     ",".join(added) or "0", ",".join(removed) or "0")  # fmt: skip
+            log.info(
+                "upstream %s: %d backends (+%s -%s)",
+                group,
+                len(new_ids),
+                ",".join(added) or "0",
+                ",".join(removed) or "0",
+            )
         self._restart_checker(group, old_ids, new_ids)
 
     def _on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
@@ -291,6 +302,76 @@ class Server:
     def _source_changed(self, name: str) -> Callable[[tuple[BackendConfig, ...]], None]:
         return lambda backends: self.set_members(name, backends)
 
+    def start_source(self, name: str, source: FileSource | DnsSource) -> None:
+        self.sources[name] = source
+        if self._tg is not None:
+            task = self._tg.create_task(source.follow(self._source_changed(name)))
+            self._source_tasks[name] = task
+
+    def stop_source(self, name: str) -> None:
+        self.sources.pop(name, None)
+        task = self._source_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def restart_registry_follow(self) -> None:
+        """(Re)start following the services the upstreams name."""
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        if self.registry is None or self._tg is None:
+            return
+        services = {u.service for u in self.config.upstreams.values() if u.service}
+        self.registry.revision = -1  # list every followed service again at once
+        follow = self.registry.follow(services, self._on_instances)
+        self._follow_task = self._tg.create_task(follow, name="registry:follow")
+
+    def request_reload(self) -> None:
+        """Reload the config file in the background (SIGHUP); the outcome is logged."""
+        if self._tg is not None:
+            self._tg.create_task(self._reload_logged(), name="reload")
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error(
+                "reload refused, the running configuration stays:\n%s",
+                "\n".join(f"  - {p}" for p in exc.problems),
+            )
+        except OSError as exc:
+            log.error("reload failed, the running configuration stays: %s", exc)
+
+    async def _watch_config(self) -> None:
+        """Reload when the config file's identity changes (checked every second)."""
+        path = self.config.source
+        if path is None:
+            return
+
+        def identity() -> tuple[int, int, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+        seen = identity()
+        while True:
+            await asyncio.sleep(1.0)
+            now = identity()
+            if now is not None and now != seen:
+                seen = now
+                await self._reload_logged()
+
+    async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
+        """Apply ``config`` (or the config file again) while serving; raises ConfigError,
+        with nothing changed, when it cannot be applied. See ``poise.reload``."""
+        from poise import reload as reloading
+
+        if config is None:
+            return await reloading.reload_file(self)
+        return await reloading.apply(self, config)
+
     async def _open_registry(self) -> None:
         """Open the store and load the followed services' instances before serving."""
         cfg = self.config.registry
@@ -342,17 +423,15 @@ class Server:
                 self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
                 for name, tls in self.tls.items():
-                    if tls.cfg.reload_interval > 0:
-                        tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
+                    tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
                 if self.registry is not None:
-                    services = {u.service for u in self.config.upstreams.values() if u.service}
                     reg = self.registry
                     tasks.append(tg.create_task(reg.expire_forever(), name="registry:expire"))
-                    follow = reg.follow(services, self._on_instances)
-                    tasks.append(tg.create_task(follow, name="registry:follow"))
-                for name, source in self.sources.items():
-                    follow_source = source.follow(self._source_changed(name))
-                    tasks.append(tg.create_task(follow_source, name=f"source:{name}"))
+                    self.restart_registry_follow()
+                for name, source in list(self.sources.items()):
+                    self.start_source(name, source)
+                if self.watch_config:
+                    tasks.append(tg.create_task(self._watch_config(), name="config:watch"))
                 for name, group in self.table.groups.items():
                     if group.config.health_check.enabled:
                         self._start_checker(tg, name)
@@ -374,7 +453,10 @@ class Server:
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
-                for task in [*tasks, *self._checker_tasks.values()]:
+                background = [*self._checker_tasks.values(), *self._source_tasks.values()]
+                if self._follow_task is not None:
+                    background.append(self._follow_task)
+                for task in [*tasks, *background]:
                     task.cancel()  # the group then ends: cancelled children are not errors
         finally:
             self._tg = None
@@ -466,15 +548,16 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(config: Config) -> int:
-    """Run a Server until SIGTERM/SIGINT; return the process exit code."""
+def run(config: Config, *, watch_config: bool = False) -> int:
+    """Run a Server until SIGTERM/SIGINT (SIGHUP reloads); return the process exit code."""
     install_uvloop()
 
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, watch_config=watch_config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(signal.SIGHUP, server.request_reload)
         await server.serve()
 
     asyncio.run(main())

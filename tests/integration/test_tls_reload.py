@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from poise.testing import HttpBackend, echo_handler
 from tests.integration.support import running
 from tests.tls.certgen import CA, Pair
@@ -92,3 +94,47 @@ async def test_file_watch_picks_up_a_renewed_certificate(tmp_path: Path) -> None
             assert time.monotonic() < deadline, "the new certificate was not picked up"
             await asyncio.sleep(0.05)
         assert server.statistics()["tls"]["web"]["reloads"] >= 1
+
+
+async def test_config_reload_changes_certificates_and_backend_tls(tmp_path: Path) -> None:
+    """A config reload (Server.reload) takes new certificate files and names in place and
+    new backend TLS settings; versions, ciphers and client verification need a restart."""
+    from poise.config import parse_config
+    from poise.errors import ConfigError
+    from tests.tls.helpers import server_context
+
+    ca = CA(tmp_path)
+    (tmp_path / "o").mkdir()
+    other = CA(tmp_path / "o", "other CA")
+    one, two = ca.issue("one", ["one.test"]), ca.issue("two", ["two.test"])
+    backend_pair = ca.issue("backend", ["127.0.0.1"])
+    async with HttpBackend("b1", ssl_context=server_context(backend_pair)) as backend:
+
+        def doc(pair: Pair, ca_path: Path, **tls: Any) -> dict[str, Any]:
+            d = listener_doc(backend.url, pair.cert, pair.key, "0")
+            d["listeners"][0]["tls"].update(tls)
+            d["upstreams"]["app"].update(
+                {"tls": {"ca": str(ca_path)}, "health_check": {"enabled": False}}
+            )
+            return d
+
+        async with running(doc(one, other.path)) as (server, _):
+            host, port = server.addresses["web"]
+            url = f"https://{host}:{port}"
+            ctx = client_context(ca)
+
+            def same_port(d: dict[str, Any]) -> Any:
+                d["listeners"][0]["listen"] = f"{host}:{port}"
+                return parse_config(d)
+
+            reply, serial = await get(url, ctx, "one.test")
+            assert serial == one.serial and reply.status == 502  # backend CA unknown
+            changed = await server.reload(same_port(doc(two, ca.path)))
+            assert changed["changed"] == ["app"]
+            reply, serial = await get(url, ctx, "two.test")
+            assert serial == two.serial and reply.status == 200
+            with pytest.raises(ConfigError) as e:
+                await server.reload(same_port(doc(two, ca.path, min_version="1.3")))
+            assert "listeners.web.tls: changing versions" in str(e.value)
+            _, serial = await get(url, ctx, "two.test")
+            assert serial == two.serial

@@ -15,6 +15,7 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
     DELETE /v1/upstreams/{upstream}/backends/{backend}
     GET    /v1/registry                                   the registry as poise sees it
     GET    /v1/config                                     the config in force (secrets hidden)
+    POST   /v1/reload                                     reload the config file
     GET    /metrics                                       Prometheus text format
     GET    /openapi.json
     GET    /  (or /dashboard)                             the live dashboard page (no token:
@@ -68,6 +69,7 @@ class AdminApi:
         r.add("PUT", "/v1/upstreams/{upstream}/backends/{backend}/weight", self.set_weight)
         r.add("GET", "/v1/registry", self.registry)
         r.add("GET", "/v1/config", self.config)
+        r.add("POST", "/v1/reload", self.reload)
         r.add("GET", "/metrics", self.metrics)
         r.add("GET", "/openapi.json", self.openapi)
         r.add("GET", "/", self.dashboard)
@@ -182,6 +184,20 @@ class AdminApi:
         weight = _checked(check_weight, body.get("weight", 1), "weight")
         self._do(self.server.add_backend, upstream, body["url"], weight)
         return Reply(201, self._upstream(upstream, detail=True))
+
+    async def reload(self, request: Request) -> Reply:
+        """Reload the config file (validated first; refused with every reason, or applied)."""
+        from poise.errors import ConfigError
+
+        try:
+            changed = await self.server.reload()
+        except ConfigError as exc:
+            raise HttpError(
+                400, "reload refused; the running configuration stays", problems=exc.problems
+            ) from exc
+        except OSError as exc:
+            raise HttpError(400, f"reload failed: {exc}") from exc
+        return Reply(data={"reloaded": True, **changed})
 
     async def remove_backend(self, request: Request, upstream: str, backend: str) -> Reply:
         self._do(self.server.remove_backend, upstream, backend)
@@ -354,6 +370,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/registry": {"get": op("the service registry as poise sees it")},
             "/v1/config": {"get": op("the config in force, secrets hidden")},
+            "/v1/reload": {"post": op("reload the config file (refused with every reason)")},
             "/metrics": {"get": op("Prometheus text format")},
         },
     }

@@ -86,9 +86,18 @@ class HealthBoard:
         raise KeyError(f"no backend {backend!r} in upstream {group!r}")
 
     def replace(self, group: str, status: GroupStatus, backends: tuple[Backend, ...]) -> None:
-        """New membership for ``group`` (the server built ``status`` as a successor)."""
+        """New membership for ``group`` (the server built ``status`` as a successor), or a
+        new group (a reload)."""
         self.statuses[group] = status
         self.backends[group] = backends
+        self._panic.setdefault(group, False)
+
+    def remove(self, group: str) -> None:
+        """A group that a reload removed."""
+        self.statuses.pop(group, None)
+        self.backends.pop(group, None)
+        self._panic.pop(group, None)
+        self._ramping.discard(group)
 
     # -- views -----------------------------------------------------------------------------
 

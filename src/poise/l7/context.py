@@ -132,8 +132,33 @@ class Context:
         upstream_tls_: dict[str, ClientTls] | None = None,
     ):
         self.loop = loop
-        self.config = config
         self.table = table  # replaced whole, by one assignment, on every change
+        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = Stats()
+        self.latency = Histogram()  # from the request's first byte to the response's last
+        self.access: AccessLog | None = None
+        self.date = DateCache()
+        self.now = loop.time()
+        self.draining = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self.rng = random.Random()
+        # retry budget: retries in flight against requests in flight (sampled every tick)
+        self.retries_active = 0
+        self.inflight = 0
+        # passive health ejected a backend (group, index): the server re-routes around it
+        # (the Outliers that ejected it, so a report from a group that has since changed
+        # membership is recognised as stale)
+        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        self.upstream_tls: dict[str, ClientTls] = {} if upstream_tls_ is None else upstream_tls_
+        self.config = config  # what configure() compares a new config with
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take the settings of ``config`` (at start, and on a reload: connections read them
+        from here, so open ones follow the new values)."""
+        old, self.config = self.config, config
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
@@ -144,32 +169,24 @@ class Context:
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
         self.tunnel_idle = t.tunnel_idle
-        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
-        self.clients: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = Stats()
-        self.latency = Histogram()  # from the request's first byte to the response's last
-        self.access = AccessLog(config.log.access) if config.log.access is not None else None
-        self.date = DateCache()
-        self.now = loop.time()
-        self.draining = False
-        self._ticker: asyncio.TimerHandle | None = None
-        self.rng = random.Random()
-        # retry budget: retries in flight against requests in flight (sampled every tick)
-        self.retries_active = 0
-        self.inflight = 0
         ups = config.upstreams.values()
         self.retry_body_max = max(
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
-        # TLS to https:// backends, by group (shared with the server's health probes)
-        self.upstream_tls = (
-            upstream_tls(config.upstreams) if upstream_tls_ is None else upstream_tls_
-        )
+        # TLS to https:// backends, by group (the dict is shared with the server's health
+        # probes): kept for a group whose tls settings stay, dropped when they changed (a
+        # reload) and built again, lazily for groups that meet https backends later
+        tls = self.upstream_tls
+        for name in list(tls):
+            up, before = config.upstreams.get(name), old.upstreams.get(name)
+            if up is None or before is None or up.tls != before.tls:
+                del tls[name]
+        missing = {n: u for n, u in config.upstreams.items() if n not in tls}
+        tls.update(upstream_tls(missing))
         # What the client protocol does with each request field. The headers that carry a
         # verified client-certificate subject are dropped from every client's input, on
         # every listener, so a backend can trust them.
@@ -184,10 +201,12 @@ class Context:
                 **http.REQUEST_HEADER_KIND,
                 **dict.fromkeys(subject_fields, http.HOP),
             }
-        # passive health ejected a backend (group, index): the server re-routes around it
-        # (the Outliers that ejected it, so a report from a group that has since changed
-        # membership is recognised as stale)
-        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        access = config.log.access
+        if self.access is not None and (access is None or access != self.access.cfg):
+            self.access.close()
+            self.access = None
+        if access is not None and self.access is None:
+            self.access = AccessLog(access)
 
     def tls_for(self, group: str) -> ClientTls:
         """The TLS settings of ``group`` (built on first use for a group whose https

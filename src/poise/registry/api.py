@@ -61,7 +61,8 @@ class RegistryApi:
         router.add("GET", "/v1/watch", self.watch)
         router.add("GET", "/v1/health", self.health)
         router.add("GET", "/openapi.json", self.openapi)
-        self.http = HttpServer(router, name="registry")
+        # the local stores never need a current task: their calls may start eagerly
+        self.http = HttpServer(router, name="registry", eager=store.name in ("memory", "sqlite"))
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         return await self.http.start(host, port)

@@ -23,6 +23,7 @@ created from the front context, so they are not reloadable (a restart changes th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -45,12 +46,14 @@ __all__ = [
     "CertSet",
     "ClientTls",
     "ListenerTls",
+    "build_cert_set",
     "check_ca_bundle",
     "check_ciphers",
     "check_pair",
     "client_context",
     "format_subject",
     "group_tls",
+    "reloadable",
     "upstream_tls",
 ]
 
@@ -189,6 +192,19 @@ def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...] | Non
     return tuple(out)
 
 
+def _paths(cfg: ListenerTlsConfig) -> tuple[str, ...]:
+    files = [p for c in cfg.certificates for p in (c.cert, c.key)]
+    return tuple(dict.fromkeys(files + ([cfg.client_ca] if cfg.client_ca else [])))
+
+
+def reloadable(old: ListenerTlsConfig, new: ListenerTlsConfig) -> bool:
+    """Whether a config reload can take ``new`` in place: certificates, their names,
+    ``strict`` and ``reload_interval`` may change; versions, ciphers and client verification
+    live in the front context each connection starts from (a restart changes them)."""
+    a = dataclasses.replace(old, certificates=(), strict=False, reload_interval=0.0)
+    return a == dataclasses.replace(new, certificates=(), strict=False, reload_interval=0.0)
+
+
 class ListenerTls:
     """One HTTPS listener's TLS: the front context handed to ``create_server`` and the
     current certificates, reloaded when their files change (``watch``) or on demand."""
@@ -200,12 +216,7 @@ class ListenerTls:
         self.context = server_context(cfg, cfg.certificates[0])
         self.context.sni_callback = self._sni
         self.subject_header = subject_header  # b"X-Client-Subject" or b"" (none)
-        self.paths = tuple(
-            dict.fromkeys(
-                [p for c in cfg.certificates for p in (c.cert, c.key)]
-                + ([cfg.client_ca] if cfg.client_ca else [])
-            )
-        )
+        self.paths = _paths(cfg)
         self._seen = _signature(self.paths)
         self.reloads = 0
         self.reload_failures = 0
@@ -250,10 +261,21 @@ class ListenerTls:
         return "reloaded"
 
     async def watch(self) -> None:
-        """Poll the files' modification times every ``reload_interval`` until cancelled."""
+        """Poll the files' modification times every ``reload_interval`` until cancelled
+        (0: not at all, but a config reload may set an interval later)."""
         while True:
-            await asyncio.sleep(self.cfg.reload_interval)
-            self.reload()
+            interval = self.cfg.reload_interval
+            await asyncio.sleep(interval or 1.0)
+            if interval:
+                self.reload()
+
+    def install(self, cfg: ListenerTlsConfig, certs: CertSet) -> None:
+        """Take a reloaded config's certificates (``build_cert_set(cfg)``, made beforehand
+        so a failure changes nothing). Only what ``reloadable`` allows may differ."""
+        self.cfg = cfg
+        self.certs = certs
+        self.paths = _paths(cfg)
+        self._seen = _signature(self.paths)
 
     def subject_field(self, transport: asyncio.BaseTransport) -> bytes:
         """The ``<header>: <subject>\\r\\n`` line for a verified client certificate, or b""."""
