@@ -160,6 +160,8 @@ def _check(path: str) -> int:
         f"{path}: OK ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), "
         f"{n} backend(s))"
     )
+    for warning in config.warnings:
+        print(f"poise: warning: {warning}", file=sys.stderr)
     return 0
 
 

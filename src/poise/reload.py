@@ -31,13 +31,14 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from poise.config.model import Config, UpstreamConfig
+from poise.config.model import Config, ListenerTlsConfig, UpstreamConfig
 from poise.errors import ConfigError
 from poise.health.state import HealthState
 from poise.health.status import GroupStatus
 from poise.models import authority_of
 from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import Group, build_group, build_routes, regroup
+from poise.tls.contexts import CertSet, build_cert_set, reloadable
 
 if TYPE_CHECKING:
     from poise.server import Server
@@ -60,6 +61,15 @@ def check(old: Config, new: Config, bound: dict[str, tuple[str, int]] | None = N
         port = a.port or (bound or {}).get(name, ("", 0))[1]
         if a.host != b.host or (b.port not in (0, port)):
             problems.append(f"listeners.{name}: changing its address needs a restart")
+        if a.redirect != b.redirect:
+            problems.append(f"listeners.{name}: changing redirect_https needs a restart")
+        if (a.tls is None) != (b.tls is None):
+            problems.append(f"listeners.{name}: turning TLS on or off needs a restart")
+        elif a.tls is not None and b.tls is not None and not reloadable(a.tls, b.tls):
+            problems.append(
+                f"listeners.{name}.tls: changing versions, ciphers or client certificate "
+                "settings needs a restart (certificates and their names reload in place)"
+            )
     if old.registry != new.registry:
         problems.append("registry: changing the registry settings needs a restart")
     if old.admin != new.admin:
@@ -105,6 +115,15 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
             except SourceError as exc:
                 src.error = str(exc)
                 found[name] = ()
+    # new certificates are loaded before anything changes: a failure refuses the reload
+    certs: dict[str, tuple[ListenerTlsConfig, CertSet]] = {}
+    for lc in new.listeners:
+        serving = server.tls.get(lc.name)
+        if lc.tls is not None and serving is not None and lc.tls != serving.cfg:
+            try:
+                certs[lc.name] = (lc.tls, build_cert_set(lc.tls))
+            except (ValueError, OSError) as exc:
+                problems.append(f"listeners.{lc.name}.tls: {exc}")
     if problems:
         raise ConfigError(problems, new.source)
 
@@ -159,6 +178,8 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
         for group in groups.values():
             if group.admission is not None:
                 group.admission.set_scheduler(ctx.loop.call_soon)
+    for name, (cfg, cert_set) in certs.items():
+        server.tls[name].install(cfg, cert_set)
     for name in statuses:
         board.refresh(name)
     for pool in retired:

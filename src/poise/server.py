@@ -22,21 +22,24 @@ from typing import Any
 
 from poise.admin.api import AdminApi
 from poise.config.load import parse_backends
-from poise.config.model import BackendConfig, Config, UpstreamConfig
+from poise.config.model import BackendConfig, Config, HealthCheckConfig, UpstreamConfig
 from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
-from poise.health.checker import GroupChecker
-from poise.health.state import HealthState
+from poise.health.checker import GroupChecker, Probe
+from poise.health.probes import probe as probe_backend
+from poise.health.state import HealthState, ProbeResult
 from poise.health.status import GroupStatus, View
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
-from poise.models import authority_of
+from poise.l7.redirect import RedirectConnection
+from poise.models import Backend, authority_of
 from poise.registry.api import RegistryApi
 from poise.registry.discovery import backends_of
 from poise.registry.model import Instance
 from poise.registry.service import RegistryService
 from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import build_table, make_backends, regroup
+from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
@@ -71,6 +74,24 @@ class Server:
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        # TLS contexts are built here, so a certificate that vanished or broke since the
+        # config was loaded stops the start, not the first handshake.
+        self.tls: dict[str, ListenerTls] = {}
+        problems = []
+        for i, lc in enumerate(config.listeners):
+            if lc.tls is None:
+                continue
+            header = (lc.tls.client_subject_header or "").encode("ascii")
+            try:
+                self.tls[lc.name] = ListenerTls(lc.name, lc.tls, subject_header=header)
+            except (ValueError, OSError) as exc:
+                problems.append(f"listeners[{i}].tls: {exc}")
+        try:
+            self.upstream_tls = upstream_tls(config.upstreams)
+        except (ValueError, OSError) as exc:
+            problems.append(f"upstreams: tls: {exc}")
+        if problems:
+            raise ConfigError(problems, config.source)
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,6 +104,12 @@ class Server:
         """Operator state of a backend ("http://host:port" or "host:port"): "enabled",
         "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
         self.board.set_state(group, backend, state)
+
+    def reload_certificates(self) -> dict[str, str]:
+        """Load every HTTPS listener's certificate files again, now. Per listener:
+        "reloaded", or "failed: <reason>" (the previous certificates then stay in use).
+        Connections already open keep the certificate they were handshaken with."""
+        return {name: tls.reload(force=True) for name, tls in self.tls.items()}
 
     # -- runtime changes of static upstreams (the admin API) ----------------------------------
 
@@ -201,6 +228,19 @@ class Server:
         ]
         self._start_checker(self._tg, group, states)
 
+    def _probe_for(self, group: str) -> Probe:
+        """The group's active-check probe: over TLS to its https:// backends."""
+
+        async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+            tls = None
+            if backend.scheme == "https":
+                tls = self.upstream_tls.get(group)
+                if tls is None:
+                    tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+            return await probe_backend(backend, hc, tls)
+
+        return probe
+
     def _start_checker(
         self, tg: asyncio.TaskGroup, name: str, states: list[HealthState] | None = None
     ) -> GroupChecker:
@@ -213,6 +253,7 @@ class Server:
             self.rng,
             passed=self.board.probe_passed,
             states=states,
+            probe=self._probe_for(name),
         )
         self.checkers.append(checker)
         self._checker_tasks[name] = tg.create_task(checker.run(), name=f"health:{name}")
@@ -363,7 +404,9 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self.ctx = Context(self.config, self.table, loop)
+        ctx = self.ctx = Context(self.config, self.table, loop, upstream_tls_=self.upstream_tls)
+        for warning in self.config.warnings:
+            log.warning("configuration: %s", warning)
         for group in self.table.groups.values():
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
@@ -379,6 +422,8 @@ class Server:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
+                for name, tls in self.tls.items():
+                    tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
                 if self.registry is not None:
                     reg = self.registry
                     tasks.append(tg.create_task(reg.expire_forever(), name="registry:expire"))
@@ -403,7 +448,8 @@ class Server:
                 ):
                     await server.start_serving()
                     shown = f"[{host}]" if ":" in host else host
-                    log.info("listening on http://%s:%d (%s)", shown, port, name)
+                    scheme = "https" if name in self.tls else "http"
+                    log.info("listening on %s://%s:%d (%s)", scheme, shown, port, name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -430,14 +476,23 @@ class Server:
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:
             name = lc.name
+            tls = self.tls.get(name)
+            factory: Any
+            if lc.redirect is not None:
+                factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
+            else:
+                factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
             try:
                 server = await loop.create_server(
-                    lambda name=name: ClientConnection(ctx, name),
+                    factory,
                     host=lc.host or None,
                     port=lc.port,
                     reuse_address=True,
                     backlog=2048,
                     start_serving=False,
+                    ssl=tls.context if tls is not None else None,
+                    # a client must finish its handshake as fast as its request head
+                    ssl_handshake_timeout=ctx.client_header_timeout if tls is not None else None,
                 )
             except OSError:
                 for bound in self.listeners:
@@ -478,6 +533,7 @@ class Server:
             "backends": self.board.statistics(),
             "registry": self.registry.statistics() if self.registry is not None else None,
             "sources": {name: src.statistics() for name, src in self.sources.items()},
+            "tls": {name: tls.statistics() for name, tls in self.tls.items()},
         }
 
     def __repr__(self) -> str:

@@ -133,6 +133,20 @@ def render(server: Server) -> str:
             out.sample("poise_health_checks_total", n - failed, result="ok", **labels)
             out.sample("poise_health_checks_total", failed, result="fail", **labels)
 
+    if server.tls:
+        out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
+        for name, tls in server.tls.items():
+            out.sample("poise_tls_handshakes_total", tls.handshakes, listener=name)
+        out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
+        for name, tls in server.tls.items():
+            out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")
+            out.sample("poise_tls_reloads_total", tls.reload_failures, listener=name, result="fail")
+        expiry = "poise_tls_certificate_not_after_seconds"
+        out.family(expiry, "gauge", "When each served certificate expires (Unix time).")
+        for name, tls in server.tls.items():
+            for cert, info in zip(tls.cfg.certificates, tls.certs.infos, strict=True):
+                out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
+
     if server.registry is not None:
         reg = server.registry
         out.family("poise_registry_instances", "gauge", "Instances of the followed services.")

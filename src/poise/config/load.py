@@ -7,6 +7,7 @@ Loading only reads the file: no sockets, no logging setup.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -70,6 +71,7 @@ from poise.config.resilience import (
     retry,
     upstream_limits,
 )
+from poise.config.tls import listener_tls, redirect_https, upstream_tls
 from poise.config.values import (
     describe_type,
     normalize_route_host,
@@ -92,7 +94,7 @@ __all__ = [
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
 _SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry", "admin")
-_LISTENER_KEYS = ("name", "listen", "routes", "upstream")
+_LISTENER_KEYS = ("name", "listen", "routes", "upstream", "tls", "redirect_https")
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
@@ -107,6 +109,7 @@ _UPSTREAM_KEYS = (
     "limits",
     "panic_threshold",
     "slow_start",
+    "tls",
 )
 _BACKEND_KEYS = ("url", "weight", "state")
 _HEALTH_KEYS = (
@@ -177,6 +180,8 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
     config = _document(c, data, source)
     if c.problems or config is None:
         raise ConfigError(c.problems or ["top level: invalid configuration"], source)
+    if c.warnings:
+        config = dataclasses.replace(config, warnings=tuple(c.warnings))
     return config
 
 
@@ -328,6 +333,7 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         limits=upstream_limits(c, obj.get("limits"), key_path(path, "limits")),
         panic_threshold=c.field(obj, "panic_threshold", path, check_percent, 50),
         slow_start=c.field(obj, "slow_start", path, non_negative_duration, 0.0),
+        tls=upstream_tls(c, obj["tls"], key_path(path, "tls"), backends) if "tls" in obj else None,
     )
 
 
@@ -531,9 +537,19 @@ def _listeners(
             )
         names.setdefault(name, i)
         address = c.required(obj, "listen", lpath, parse_listen)
-        routes = _listener_routes(c, obj, lpath, known)
+        tls = listener_tls(c, obj["tls"], key_path(lpath, "tls")) if "tls" in obj else None
+        redirect = None
+        if "redirect_https" in obj:
+            redirect = redirect_https(c, obj["redirect_https"], key_path(lpath, "redirect_https"))
+            for key in ("routes", "upstream", "tls"):
+                if key in obj:
+                    c.error(key_path(lpath, key), "a redirect_https listener only redirects")
+            routes: tuple[RouteConfig, ...] = ()
+        else:
+            routes = _listener_routes(c, obj, lpath, known)
         if address is not None:
-            result.append((i, ListenerConfig(name, address[0], address[1], routes)))
+            listener = ListenerConfig(name, address[0], address[1], routes, tls, redirect)
+            result.append((i, listener))
     _check_bind_conflicts(c, result, path)
     return tuple(listener for _, listener in result)
 

@@ -13,9 +13,9 @@ from types import MappingProxyType
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str  # as written by the user, e.g. "http://localhost:5001"
-    scheme: str  # "http"
+    scheme: str  # "http" | "https"
     host: str  # "localhost" (IPv6 without brackets)
-    port: int  # 5001 (default 80 for http)
+    port: int  # 5001 (default 80 for http, 443 for https)
     weight: int = 1
     # operator state, separate from health: enabled | drain (no new requests but sticky
     # ones; in-flight ones finish) | maint (no requests at all)
@@ -103,6 +103,19 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """TLS towards the https:// backends of an upstream (config/tls.py)."""
+
+    ca: str | None = None  # CA bundle to verify backends with; None = the system store
+    verify: bool = True  # False: accept any certificate (testing only)
+    server_name: str | None = None  # SNI and verified name; None = each backend's host
+    cert: str | None = None  # client certificate presented to backends (mTLS)
+    key: str | None = None
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    ciphers: str | None = None  # OpenSSL cipher string for TLS 1.2; None = OpenSSL's
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     """Backends from DNS: A/AAAA records of ``name`` on ``port``, or SRV records."""
 
@@ -133,6 +146,7 @@ class UpstreamConfig:
     service: str | None = None
     file: str | None = None  # backends listed in this file, re-read when it changes
     dns: DnsConfig | None = None  # backends from DNS, looked up every ``refresh``
+    tls: UpstreamTlsConfig | None = None  # None: defaults, for https:// backends
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +157,45 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM certificate chain file, leaf first
+    key: str  # PEM private key file
+    # SNI names it serves: "a.example.com" or "*.example.com"; () = the certificate's own
+    # subjectAltName DNS names (else its common name)
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsConfig:
+    """An HTTPS listener (config/tls.py)."""
+
+    certificates: tuple[CertificateConfig, ...]  # [0] is the default certificate
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    max_version: str = "1.3"
+    ciphers: str | None = None  # OpenSSL cipher string for TLS 1.2; None = OpenSSL's
+    client_ca: str | None = None  # CA bundle: verify client certificates (mTLS)
+    client_auth: str = "required"  # with client_ca: "required" | "optional"
+    client_subject_header: str | None = None  # send the verified subject in this header
+    strict: bool = False  # an expired certificate is an error, not a warning
+    reload_interval: float = 10.0  # seconds between checks of the files; 0 = no watching
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectConfig:
+    """A listener that only redirects to HTTPS."""
+
+    status: int = 301  # 301 | 302 | 307 | 308
+    port: int = 443  # the HTTPS port named in Location (443 is left out)
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     host: str  # "" = all interfaces, else "127.0.0.1", "::1", ...
     port: int
     routes: tuple[RouteConfig, ...]
+    tls: ListenerTlsConfig | None = None  # HTTPS when set
+    redirect: RedirectConfig | None = None  # set: no routes; every request -> https://
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,3 +287,5 @@ class Config:
     registry: RegistryConfig | None = None
     admin: AdminConfig | None = None  # None: no admin listener
     source: str | None = None  # file it was loaded from, for messages
+    # problems worth telling but not refusing (an expired certificate without strict)
+    warnings: tuple[str, ...] = ()

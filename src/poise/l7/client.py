@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
+    from poise.tls.contexts import ListenerTls
     from poise.upstream.limits import Admission
     from poise.upstream.pool import Pool
 
@@ -72,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_raw",
         "_head_size",
         "_headers",
+        "_kinds",
         "_n_headers",
         "_te",
         "_upgrade",
@@ -89,15 +91,20 @@ class ClientConnection(asyncio.Protocol):
         "peer",
         "queue",
         "send_deadline",
+        "tls",
+        "tls_fields",
         "transport",
         "trusted",
         "upgrading",
         "write_paused",
     )
 
-    def __init__(self, ctx: Context, listener: str) -> None:
+    def __init__(self, ctx: Context, listener: str, tls: ListenerTls | None = None) -> None:
         self.ctx = ctx
         self.listener = listener
+        self.tls = tls  # an HTTPS listener's TLS (the client-certificate subject header)
+        self.tls_fields = b""  # that header's line, when the client's certificate was verified
+        self._kinds = ctx.header_kinds
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -135,8 +142,16 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
         self.trusted = ctx.is_trusted(self.peer.decode("ascii"))
-        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request.
-        self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
+        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request
+        # (and so is a client certificate's subject: the handshake is over by now).
+        if self.tls is None:
+            self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
+        else:
+            self.tls_fields = self.tls.subject_field(transport)
+            self.forwarded = (
+                b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"
+                + self.tls_fields
+            )  # fmt: skip
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.now + ctx.client_header_timeout
         if ctx.draining:
@@ -260,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
         if self._n_headers > limits.max_headers or self._head_size > limits.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
         lname = name.lower()
-        kind = http.REQUEST_HEADER_KIND.get(lname)
+        kind = self._kinds.get(lname)
         if kind is None:
             self._headers += (name, b": ", value, CRLF)
             return
@@ -373,8 +388,8 @@ class ClientConnection(asyncio.Protocol):
             ex.head = b"".join(
                 (method, b" ", target, b" HTTP/1.1\r\n",
                  *forwarding_fields(ctx, ex, peer=self.peer, trusted=self.trusted, fwd=self._fwd,
-                                   host=host, headers=headers),
-                 framing, CRLF)
+                                   host=host, headers=headers, https=self.tls is not None),
+                 self.tls_fields, framing, CRLF)
             )  # fmt: skip
         elif host:
             ex.head = b"".join(
@@ -582,12 +597,16 @@ class ClientConnection(asyncio.Protocol):
         assert group is not None
         pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
+        t = ctx.tls_for(group.name) if backend.scheme == "https" else None
         try:
+            # upstream_connect bounds the TLS handshake too; a failed one sent nothing
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
                     lambda: UpstreamConnection(ctx, pool, backend, timeout),
                     backend.host,
                     backend.port,
+                    ssl=t.context if t is not None else None,
+                    server_hostname=t.name_for(backend.host) if t is not None else None,
                 ),
                 ctx.config.timeouts.upstream_connect,
             )

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from poise.accesslog import AccessLog
 from poise.config.model import Config
+from poise.l7 import http
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
+from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 
 if TYPE_CHECKING:
     from poise.health.passive import Outliers
@@ -56,6 +58,7 @@ class Stats:
     queue_timeouts: int = 0  # refused: no slot within the queue timeout
     tunnels: int = 0
     client_timeouts: int = 0
+    redirects: int = 0  # answered by a redirect_https listener
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -96,6 +99,7 @@ class Context:
         "date",
         "draining",
         "forwarded",
+        "header_kinds",
         "idempotency_keys",
         "inflight",
         "latency",
@@ -113,12 +117,20 @@ class Context:
         "tunnel_idle",
         "tunnels",
         "upstream_response_timeout",
+        "upstream_tls",
         "via",
         "x_forwarded",
         "x_forwarded_server",
     )
 
-    def __init__(self, config: Config, table: RoutingTable, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        config: Config,
+        table: RoutingTable,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        upstream_tls_: dict[str, ClientTls] | None = None,
+    ):
         self.loop = loop
         self.table = table  # replaced whole, by one assignment, on every change
         self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
@@ -139,12 +151,14 @@ class Context:
         # (the Outliers that ejected it, so a report from a group that has since changed
         # membership is recognised as stale)
         self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        self.upstream_tls: dict[str, ClientTls] = {} if upstream_tls_ is None else upstream_tls_
+        self.config = config  # what configure() compares a new config with
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Take the settings of ``config`` (at start, and on a reload: connections read them
         from here, so open ones follow the new values)."""
-        self.config = config
+        old, self.config = self.config, config
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
@@ -163,12 +177,44 @@ class Context:
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
+        # TLS to https:// backends, by group (the dict is shared with the server's health
+        # probes): kept for a group whose tls settings stay, dropped when they changed (a
+        # reload) and built again, lazily for groups that meet https backends later
+        tls = self.upstream_tls
+        for name in list(tls):
+            up, before = config.upstreams.get(name), old.upstreams.get(name)
+            if up is None or before is None or up.tls != before.tls:
+                del tls[name]
+        missing = {n: u for n, u in config.upstreams.items() if n not in tls}
+        tls.update(upstream_tls(missing))
+        # What the client protocol does with each request field. The headers that carry a
+        # verified client-certificate subject are dropped from every client's input, on
+        # every listener, so a backend can trust them.
+        self.header_kinds = http.REQUEST_HEADER_KIND
+        subject_fields = {
+            lc.tls.client_subject_header.lower().encode("ascii")
+            for lc in config.listeners
+            if lc.tls is not None and lc.tls.client_subject_header
+        }
+        if subject_fields:
+            self.header_kinds = {
+                **http.REQUEST_HEADER_KIND,
+                **dict.fromkeys(subject_fields, http.HOP),
+            }
         access = config.log.access
         if self.access is not None and (access is None or access != self.access.cfg):
             self.access.close()
             self.access = None
         if access is not None and self.access is None:
             self.access = AccessLog(access)
+
+    def tls_for(self, group: str) -> ClientTls:
+        """The TLS settings of ``group`` (built on first use for a group whose https
+        backends were discovered at run time)."""
+        tls = self.upstream_tls.get(group)
+        if tls is None:
+            tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+        return tls
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)

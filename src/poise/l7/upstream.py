@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
@@ -575,6 +576,10 @@ def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason for logs and passive health: "connect refused", "connect timeout"."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: {exc.verify_message or 'certificate verify failed'}"
+    if isinstance(exc, ssl.SSLError):
+        return f"tls: {(exc.reason or 'handshake failed').lower().replace('_', ' ')}"
     if isinstance(exc, TimeoutError):
         return "connect timeout"
     if isinstance(exc, ConnectionRefusedError):
