@@ -37,11 +37,13 @@ REPO = BENCH_DIR.parent
 sys.path[:0] = [str(REPO / "src"), str(BENCH_DIR)]
 
 from run import (  # noqa: E402
+    CLK_TCK,
     CPU_LOAD,
     CPU_PROXY,
     LOOPBACK,
     START_DEADLINE,
     BenchError,
+    cpu_ticks,
     free_port,
     log,
     machine_info,
@@ -152,7 +154,9 @@ end
 """
 
 
-def heartbeats(tmp: Path, api: Api, api_port: int, n: int, *, seconds: float, pin: bool) -> Any:
+def heartbeats(
+    tmp: Path, api: Api, api_port: int, n: int, *, seconds: float, pin: bool, poise_pid: int
+) -> Any:
     log(f"registering {n} instances")
     for i in range(n):
         body = {"host": LOOPBACK, "port": 10000 + i % 50000, "ttl": "300s"}
@@ -164,11 +168,15 @@ def heartbeats(tmp: Path, api: Api, api_port: int, n: int, *, seconds: float, pi
     argv.append(f"http://{LOOPBACK}:{api_port}")
     if pin:
         argv = ["taskset", "-c", CPU_LOAD, *argv]
+    before = sum(cpu_ticks([poise_pid]).values())
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    cpu_s = (sum(cpu_ticks([poise_pid]).values()) - before) / CLK_TCK
     if out.returncode != 0:
         raise BenchError(f"wrk failed: {out.stderr[-500:]}")
     w = parse_wrk(out.stdout)
     return {
+        "poise_cpu_share": round(cpu_s / max(w.duration_s, 1e-9), 3),
+        "cpu_us_per_heartbeat": round(cpu_s / max(w.requests, 1) * 1e6, 1),
         "rps": w.rps,
         "requests": w.requests,
         "errors": w.errors,
@@ -220,7 +228,9 @@ def markdown(
             "",
             f"Heartbeats over HTTP, {r['heartbeat_instances']:,} instances, wrk -c32 for "
             f"{args.duration:g}s: "
-            f"**{hb['rps']:,.0f}/s** ({hb['errors']} errors, {hb['non_2xx_3xx']} non-2xx; target "
+            f"**{hb['rps']:,.0f}/s** with poise at {hb['poise_cpu_share']:.0%} of a core, "
+            f"{hb['cpu_us_per_heartbeat']:.1f} CPU-µs per heartbeat ({hb['errors']} errors, "
+            f"{hb['non_2xx_3xx']} non-2xx; target "
             f"≥ 20,000/s). The store alone (no HTTP): memory {alone['memory_per_s']:,}/s, SQLite "
             f"{alone['sqlite_per_s']:,}/s.",
             "",
@@ -268,7 +278,7 @@ def main() -> int:
             # etcd: each registration is a lease and a transaction; 500 make the point
             n = min(args.instances, 500) if args.store == "etcd" else args.instances
             result["heartbeats"] = heartbeats(
-                tmp, api, api_port, n, seconds=args.duration, pin=procs.pin
+                tmp, api, api_port, n, seconds=args.duration, pin=procs.pin, poise_pid=poise.pid
             )
             result["heartbeat_instances"] = n
             if args.store != "etcd":

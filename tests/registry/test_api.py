@@ -168,3 +168,33 @@ async def test_pipelined_requests_and_openapi(api: tuple[str, MemoryStore, FakeC
     assert b'"status":"ok"' in rest and b"HTTP/1.1 200" in rest
     doc = json.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert doc["openapi"].startswith("3.") and "/v1/watch" in doc["paths"]
+
+
+async def test_the_heartbeat_shortcut_agrees_with_the_ordinary_way(
+    api: tuple[str, MemoryStore, FakeClock],
+) -> None:
+    url, store, clock = api
+    async with httpx.AsyncClient(base_url=url) as c:
+        body = {"host": "127.0.0.1", "port": 8001, "ttl": "10s"}
+        r = await c.put("/v1/services/users/instances/u%3A1", json=body, headers=AUTH)
+        assert r.json()["instance"]["id"] == "u:1"
+        beat = "/v1/services/users/instances/u%3A1/heartbeat"
+        r = await c.put(beat, headers=AUTH)  # the shortcut
+        assert r.status_code == 200
+        assert r.json() == {
+            "service": "users",
+            "id": "u:1",
+            "status": "passing",
+            "ttl": 10.0,
+            "revision": 1,
+        }
+        assert r.headers["x-poise-index"] == "1"
+        lower = {"Authorization": f"bearer {TOKEN}"}  # not the shortcut's spelling: still fine
+        assert (await c.put(beat, headers=lower)).status_code == 200
+        assert (await c.put(beat)).status_code == 401
+        assert (await c.put(beat, headers={"Authorization": "Bearer nope"})).status_code == 401
+        r = await c.put("/v1/services/users/instances/ghost/heartbeat", headers=AUTH)
+        assert r.status_code == 404 and r.json()["reregister"] is True
+        assert store.heartbeats == 2
+        clock.advance(9)  # the heartbeats renewed the TTL
+        assert await store.expire() == 0

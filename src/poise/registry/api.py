@@ -35,7 +35,7 @@ from urllib.parse import unquote
 from poise.config.model import RegistryConfig
 from poise.config.values import parse_duration
 from poise.errors import Compacted, InvalidInstance, NotRegistered, RegistryError
-from poise.httpd import HttpError, HttpServer, Reply, Request, Router, Stream
+from poise.httpd import HttpError, HttpServer, Reply, Request, Router, Stream, json_head
 from poise.registry.memory import MemoryStore
 from poise.registry.model import (
     STATUSES,
@@ -55,6 +55,7 @@ class RegistryApi:
     def __init__(self, store: Store, cfg: RegistryConfig) -> None:
         self.store = store
         self.cfg = cfg
+        self._bearer = None if cfg.token is None else f"Bearer {cfg.token}"
         router = Router()
         router.add("GET", "/v1/services", self.list_services)
         router.add("GET", "/v1/services/{service}", self.get_service)
@@ -91,25 +92,26 @@ class RegistryApi:
             raise HttpError(401, "missing or wrong bearer token")
 
     def fast_heartbeat(
-        self, method: bytes, target: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes, list[tuple[str, str]]] | None:
+        self, method: bytes, target: bytes, headers: dict[str, str], keep: bool
+    ) -> bytes | None:
         """``PUT /v1/services/{s}/instances/{i}/heartbeat`` without a body, authorised, of a
         registered instance: answered here at once. Anything else (an error included) returns
         None and takes the ordinary way, which answers it properly."""
         if method != b"PUT" or not target.endswith(b"/heartbeat"):
             return None
-        parts = target.split(b"/")
-        if len(parts) != 7 or parts[1:3] != [b"v1", b"services"] or parts[4] != b"instances":
+        if not target.startswith(b"/v1/services/"):
             return None
-        token = self.cfg.token
-        if token is not None:
-            scheme, _, value = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), token.encode()
-            ):
-                return None
-        service = unquote(parts[3].decode("latin-1"))
-        instance = unquote(parts[5].decode("latin-1"))
+        service_b, sep, instance_b = target[13:-10].partition(b"/instances/")
+        if not sep or b"/" in service_b or b"/" in instance_b:
+            return None
+        if self._bearer is not None and not hmac.compare_digest(
+            headers.get("authorization", ""), self._bearer
+        ):
+            return None  # (also a "bearer" spelled otherwise: the ordinary way decides)
+        service = service_b.decode("latin-1")
+        instance = instance_b.decode("latin-1")
+        if "%" in service or "%" in instance:
+            service, instance = unquote(service), unquote(instance)
         store = self.store
         assert isinstance(store, MemoryStore)
         try:
@@ -121,7 +123,8 @@ class RegistryApi:
             f'{{"service":{_q(service)},"id":{_q(instance)},"status":"{got.status}",'
             f'"ttl":{ttl},"revision":{got.revision}}}\n'
         ).encode()
-        return 200, body, [("X-Poise-Index", str(got.revision))]
+        index = f"X-Poise-Index: {got.revision}\r\n"
+        return json_head(len(body), index, close=not keep) + body
 
     # -- handlers ----------------------------------------------------------------------------
 
