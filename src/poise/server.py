@@ -20,6 +20,7 @@ from poise.config.model import Config
 from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker
 from poise.health.status import View
+from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
 from poise.routing import build_table, make_backends
@@ -36,6 +37,7 @@ class Server:
         backends = {name: make_backends(up) for name, up in config.upstreams.items()}
         self.board = HealthBoard(config.upstreams, backends, time.monotonic)
         self.table = build_table(config, self.rng, self.board.statuses)
+        self.l4 = L4(config, self.table, self.rng.random)  # the TCP listeners, if any
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
         self.listeners: list[asyncio.Server] = []
@@ -61,7 +63,7 @@ class Server:
         new = table.with_group(table.groups[group].with_view(view))
         if self.ctx is not None:
             self.ctx.table = new
-        self.table = new
+        self.table = self.l4.table = new
 
     async def _maintain(self) -> None:
         while True:
@@ -75,7 +77,7 @@ class Server:
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
         self.board.install = self._install
-        ctx.on_ejected = self.board.ejected
+        ctx.on_ejected = self.l4.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
         # after the first health round.
         await self._bind(loop, ctx)
@@ -84,6 +86,7 @@ class Server:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
+                tasks.append(tg.create_task(self.l4.run(), name="l4"))
                 for name, group in self.table.groups.items():
                     hc = group.config.health_check
                     if not hc.enabled:
@@ -106,12 +109,13 @@ class Server:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(limit):
                             await asyncio.gather(*waits)
-                for server, (name, (host, port)) in zip(
-                    self.listeners, self.addresses.items(), strict=True
+                await self.l4.ready.wait()
+                for server, lc, (name, (host, port)) in zip(
+                    self.listeners, self.config.listeners, self.addresses.items(), strict=True
                 ):
                     await server.start_serving()
                     shown = f"[{host}]" if ":" in host else host
-                    log.info("listening on http://%s:%d (%s)", shown, port, name)
+                    log.info("listening on %s://%s:%d (%s)", lc.protocol, shown, port, name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -126,9 +130,12 @@ class Server:
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:
             name = lc.name
+            tcp = self.l4.listeners.get(name) if lc.tcp is not None else None
             try:
                 server = await loop.create_server(
-                    lambda name=name: ClientConnection(ctx, name),
+                    tcp.factory
+                    if tcp is not None
+                    else lambda name=name: ClientConnection(ctx, name),
                     host=lc.host or None,
                     port=lc.port,
                     reuse_address=True,
@@ -152,14 +159,17 @@ class Server:
             server.close()
         ctx.draining = True
         ctx.close_idle_clients()
+        self.l4.draining = True  # TCP relays have no idle moment: they get the whole drain time
         deadline = asyncio.get_running_loop().time() + self.config.timeouts.drain
-        while ctx.clients and asyncio.get_running_loop().time() < deadline:
+        while (ctx.clients or self.l4.active()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
             ctx.close_idle_clients()
         if ctx.clients:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):
                 c.close()
+        if self.l4.active():
+            log.warning("drain timeout: closing %d TCP connections", self.l4.close_all())
         # Upgraded connections (WebSockets) have no end of their own to wait for.
         for tunnel in list(ctx.tunnels):
             tunnel.close()
@@ -172,6 +182,7 @@ class Server:
             "proxy": self.ctx.statistics() if self.ctx else {},
             "health": {c.group: c.statistics() for c in self.checkers},
             "backends": self.board.statistics(),
+            "l4": self.l4.statistics(),
         }
 
     def __repr__(self) -> str:

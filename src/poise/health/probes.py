@@ -68,9 +68,26 @@ async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
 
 
 async def _tcp(backend: Backend, hc: HealthCheckConfig) -> tuple[bool, str]:
-    _, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
-    writer.close()
-    return True, "connected"
+    """Connect; then, if configured, send ``hc.send`` and read until ``hc.expect`` appears in
+    the first ``BODY_LIMIT`` bytes (HAProxy's tcp-check send/expect string)."""
+    reader, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
+    try:
+        if hc.send:
+            writer.write(hc.send)
+        if hc.expect is None:
+            return True, "connected"
+        seen = b""
+        while hc.expect not in seen:
+            if len(seen) >= BODY_LIMIT:
+                return False, f"expected {hc.expect!r} not in the first {BODY_LIMIT} bytes"
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:
+                got = f", got {seen[:40]!r}" if seen else ""
+                return False, f"closed before {hc.expect!r}{got}"
+            seen += chunk
+        return True, f"got {hc.expect!r}"
+    finally:
+        writer.close()
 
 
 def _request(backend: Backend, hc: HealthCheckConfig) -> bytes:
