@@ -34,7 +34,7 @@ import contextlib
 import enum
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from poise.l4.listener import TcpListener
@@ -116,9 +116,8 @@ class Front(_End):
         super().__init__(Relay(listener, self), listener.hub.buf)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.listener.accepted(self.relay, transport)
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.listener.accepted(self.relay, t)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.lost(self, exc)
@@ -134,8 +133,7 @@ class Back(_End):
         self.backend = backend
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         relay = self.relay
         if relay.attempt is not self or relay.expired or relay.phase is not Phase.CONNECTING:
             transport.close()  # timed out, or the client went away meanwhile
