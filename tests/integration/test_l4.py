@@ -144,9 +144,12 @@ async def test_backend_half_close_reaches_the_client_while_it_still_sends() -> N
 
 
 async def test_backend_reset_reaches_the_client() -> None:
-    async with TcpEcho(reset_after=1) as echo, running_tcp(tcp_doc([echo.address])) as (
-        server,
-        addr,
+    async with (
+        TcpEcho(reset_after=1) as echo,
+        running_tcp(tcp_doc([echo.address])) as (
+            server,
+            addr,
+        ),
     ):
         reader, writer = await connect(addr)
         writer.write(b"x")
@@ -204,9 +207,12 @@ async def test_connect_timeout_moves_on_to_the_next_backend() -> None:
 
 
 async def test_idle_connections_are_closed_active_ones_are_not() -> None:
-    async with TcpEcho() as echo, running_tcp(tcp_doc([echo.address], idle_timeout="0.6s")) as (
-        server,
-        addr,
+    async with (
+        TcpEcho() as echo,
+        running_tcp(tcp_doc([echo.address], idle_timeout="0.6s")) as (
+            server,
+            addr,
+        ),
     ):
         idle_r, idle_w = await connect(addr)
         busy_r, busy_w = await connect(addr)
@@ -226,9 +232,12 @@ async def test_idle_connections_are_closed_active_ones_are_not() -> None:
 
 
 async def test_max_connections_refuses_the_one_too_many() -> None:
-    async with TcpEcho() as echo, running_tcp(tcp_doc([echo.address], max_connections=2)) as (
-        server,
-        addr,
+    async with (
+        TcpEcho() as echo,
+        running_tcp(tcp_doc([echo.address], max_connections=2)) as (
+            server,
+            addr,
+        ),
     ):
         conns = [await connect(addr) for _ in range(2)]
         for r, w in conns:
