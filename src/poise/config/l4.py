@@ -45,8 +45,13 @@ _BARE_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]+")
 _PROBE_BYTES_MAX = 4096
 
 
-def listener_protocol(c: Checker, obj: Mapping[str, object], path: str) -> str:
-    protocol = c.field(obj, "protocol", path, choice("http", "tcp"), "http")
+def listener_protocol(c: Checker, obj: Mapping[str, object], path: str) -> str | None:
+    """ "http" or "tcp"; None when invalid (reported), so nothing else is checked against a
+    guess."""
+    if "protocol" not in obj:
+        protocol: str | None = "http"
+    else:
+        protocol = c.check(obj["protocol"], key_path(path, "protocol"), choice("http", "tcp"))
     if protocol == "http":
         for key in _TCP_ONLY:
             if key in obj:

@@ -520,7 +520,7 @@ def _listeners(
         protocol = listener_protocol(c, obj, lpath)
         tcp = tcp_listener(c, obj, lpath, known) if protocol == "tcp" else None
         routes = _listener_routes(c, obj, lpath, known) if protocol == "http" else ()
-        if address is not None and (tcp is not None or protocol == "http"):
+        if address is not None and protocol is not None and (tcp or protocol == "http"):
             listener = ListenerConfig(name, address[0], address[1], routes, protocol, tcp)
             result.append((i, listener))
     _check_bind_conflicts(c, result, path)
