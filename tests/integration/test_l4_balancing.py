@@ -9,9 +9,16 @@ from collections import Counter
 import pytest
 
 from poise.l4.proxy_protocol import encode_v1, encode_v2
-from poise.testing import TcpEcho
-from tests.integration.l4support import connect, read_end, roundtrip, running_tcp, tcp_doc
-from tests.integration.support import eventually
+from poise.testing import HttpBackend, TcpEcho
+from tests.integration.l4support import (
+    connect,
+    dead_port,
+    read_end,
+    roundtrip,
+    running_tcp,
+    tcp_doc,
+)
+from tests.integration.support import eventually, running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,3 +203,46 @@ async def test_trusted_peer_without_a_valid_header_is_closed() -> None:
             await eventually(
                 lambda: server.statistics()["l4"]["listeners"]["t"]["proxy_errors"] == 2
             )
+
+
+async def test_one_upstream_behind_http_and_tcp_listeners() -> None:
+    async with HttpBackend(name="b") as backend:
+        doc = {
+            "listeners": [
+                {"name": "web", "listen": "127.0.0.1:0", "upstream": "app"},
+                {"name": "t", "listen": "127.0.0.1:0", "protocol": "tcp", "upstream": "app"},
+            ],
+            "upstreams": {"app": {"backends": [backend.url]}},
+        }
+        async with running(doc) as (server, _):
+            request = b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            for name in ("web", "t"):
+                answer = await roundtrip(server.addresses[name], request)
+                assert answer.startswith(b"HTTP/1.1 200"), (name, answer[:60])
+                assert answer.endswith(b"b\n")
+            # only the HTTP listener added forwarding headers: the TCP one relayed bytes
+            sent = [r for r in backend.requests if r.target == "/x"]  # not the health checks
+            assert [r.header("X-Forwarded-For") is not None for r in sent] == [True, False]
+
+
+async def test_operator_drain_and_passive_ejection_apply_to_tcp() -> None:
+    async with TcpEcho() as a, TcpEcho() as b:
+        dead = f"tcp://127.0.0.1:{dead_port()}"
+        doc = tcp_doc(
+            [a.address, b.address, dead],
+            upstream={"passive": {"consecutive_failures": 1}, "panic_threshold": 0},
+        )
+        async with running_tcp(doc) as (server, addr):
+            held_r, held_w = await connect(addr)  # to a (round robin starts there)
+            held_w.write(b"h")
+            assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"h"
+            server.set_backend_state("u", a.address, "drain")
+            for i in range(6):
+                assert await roundtrip(addr, b"%d" % i) == b"%d" % i
+            assert a.connections_accepted == 1  # draining: no new connections ...
+            held_w.write(b"still")  # ... but the open one goes on
+            assert await asyncio.wait_for(held_r.readexactly(5), 5) == b"still"
+            held_w.close()
+            stats = server.statistics()
+            assert stats["l4"]["listeners"]["t"]["connect_errors"] == 1  # then ejected
+            assert stats["backends"]["u"]["ejections"] == 1
