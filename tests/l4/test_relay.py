@@ -274,3 +274,32 @@ def test_choose_skips_down_tried_and_prefers_least_loaded() -> None:
     assert listener._choose(group, front.relay) == group.backends[2]
     down = group.with_view(View((True, True, False)))
     assert listener._choose(down, front.relay) == group.backends[0]
+
+
+def test_a_closed_side_still_flushing_lingers_until_the_idle_timeout() -> None:
+    l4 = hub(idle_timeout="10s")
+    listener = l4.listeners["t"]
+    front, client = accept(l4)
+    back, _server = connect(front)
+    front.eof_received()
+    client.buffered = 5  # the client has not taken everything yet
+    back.eof_received()  # both directions ended: close, flushing
+    assert client.closed and not client.aborted
+    assert list(listener.lingering) == [front] and l4.active() == 1
+    listener.sweep(l4.now + 5)
+    assert not client.aborted
+    listener.sweep(l4.now + 10.5)
+    assert client.aborted and not listener.lingering and l4.active() == 0
+
+
+def test_idle_timeout_does_not_wait_for_a_peer_that_takes_nothing() -> None:
+    l4 = hub(idle_timeout="10s")
+    listener = l4.listeners["t"]
+    front, client = accept(l4)
+    _back, server = connect(front)
+    client.buffered = 65536  # stuck: the client reads nothing
+    listener.sweep(1.0)
+    listener.sweep(11.5)
+    assert client.aborted  # not a close that would wait for a flush forever
+    assert server.closed and not server.aborted
+    assert not listener.lingering

@@ -36,7 +36,7 @@ from typing import Any
 
 from poise.config.model import Config, ListenerConfig, TcpListenerConfig
 from poise.l4 import proxy_protocol
-from poise.l4.relay import Back, Buffer, Front, Phase, Relay
+from poise.l4.relay import Back, Buffer, Front, Phase, Relay, End
 from poise.models import Backend
 from poise.routing import Group, RoutingTable
 
@@ -99,6 +99,7 @@ class TcpListener:
         "connect_timeout",
         "header_timeout",
         "hub",
+        "lingering",
         "name",
         "relays",
         "stats",
@@ -114,6 +115,8 @@ class TcpListener:
         self.header_timeout = timeouts.client_header
         self.trusted = tuple(ipaddress.ip_network(n) for n in cfg.accept_proxy)
         self.relays: set[Relay] = set()
+        # closed relays' sides still flushing, with the time by which they must be done
+        self.lingering: dict[End, float] = {}
         self.stats = ListenerStats()
 
     def factory(self) -> Front:
@@ -172,6 +175,9 @@ class TcpListener:
         if not version:
             return b""
         return proxy_protocol.encode(version, relay.client, relay.local)
+
+    def linger(self, end: End) -> None:
+        self.lingering[end] = self.hub.now + self.cfg.idle_timeout
 
     def connected(self, relay: Relay, backend: Backend) -> None:
         counters = self.hub.counters[self.cfg.upstream]
@@ -321,6 +327,10 @@ class TcpListener:
                     expired.append(relay)
             elif relay.deadline < now and not relay.expired:
                 expired.append(relay)
+        late = [end for end, deadline in self.lingering.items() if deadline < now]
+        for end in late:
+            del self.lingering[end]
+            end.transport.abort()  # a peer that takes nothing more: its bytes are lost anyway
         for relay in expired:
             if relay.phase is Phase.RELAYING:
                 self.stats.idle_timeouts += 1
@@ -389,12 +399,18 @@ class L4:
                 self._tg = None
 
     def active(self) -> int:
-        return sum(len(listener.relays) for listener in self.listeners.values())
+        """Open relays and closed ones still flushing: what a drain waits for."""
+        return sum(len(ln.relays) + len(ln.lingering) for ln in self.listeners.values())
 
     def close_all(self) -> int:
+        """End of a drain: close every relay and flush, now."""
         relays = [r for listener in self.listeners.values() for r in listener.relays]
         for relay in relays:
-            relay.close()
+            relay.close(stuck=True)
+        for listener in self.listeners.values():
+            for end in list(listener.lingering):
+                end.transport.abort()
+            listener.lingering.clear()
         return len(relays)
 
     def statistics(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A ``Relay`` joins two transports. Each side is an ``_End`` whose ``buffer_updated`` writes
+A ``Relay`` joins two transports. Each side is an ``End`` whose ``buffer_updated`` writes
 what was just read straight to the other side's transport (``out``):
 
 * **Zero copy when possible.** Every end of a worker reads into one shared buffer
@@ -66,7 +66,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class _End(asyncio.BufferedProtocol):
+class End(asyncio.BufferedProtocol):
     __slots__ = ("buf", "count", "eof", "out", "relay", "transport")
     transport: asyncio.Transport  # set by connection_made
 
@@ -97,6 +97,9 @@ class _End(asyncio.BufferedProtocol):
         self.relay.half_closed(self)
         return True  # keep our sending side open: the other direction may still flow
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.listener.lingering.pop(self, None)  # flushed, or gone
+
     def pause_writing(self) -> None:
         if self.out is not None:
             self.out.pause_reading()
@@ -106,7 +109,7 @@ class _End(asyncio.BufferedProtocol):
             self.out.resume_reading()
 
 
-class Front(_End):
+class Front(End):
     """The client's side. Built by the listener's protocol factory, one per connection."""
 
     __slots__ = ("listener",)
@@ -120,10 +123,11 @@ class Front(_End):
         self.listener.accepted(self.relay, t)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self.relay.lost(self, exc)
 
 
-class Back(_End):
+class Back(End):
     """The backend's side, one per connect attempt (a late attempt closes itself)."""
 
     __slots__ = ("backend",)
@@ -141,6 +145,7 @@ class Back(_End):
         relay.attach(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if self.relay.back is self:
             self.relay.lost(self, exc)
 
@@ -224,7 +229,7 @@ class Relay:
         front.transport.resume_reading()
         self.listener.connected(self, back.backend)
 
-    def half_closed(self, end: _End) -> None:
+    def half_closed(self, end: End) -> None:
         if self.phase is Phase.HEADER:
             self.listener.stats.proxy_errors += 1
             self.close()  # ended before its PROXY header did
@@ -237,7 +242,7 @@ class Relay:
         elif end.out is not None and not end.out.is_closing():
             end.out.write_eof()
 
-    def lost(self, end: _End, exc: Exception | None) -> None:
+    def lost(self, end: End, exc: Exception | None) -> None:
         if self.phase is Phase.CLOSED:
             return
         if exc is not None and end is self.back:
@@ -251,9 +256,12 @@ class Relay:
                 self.expired = True
                 self.task.cancel()
             return
-        self.close()
+        self.close(stuck=True)
 
-    def close(self, *, reset: bool = False) -> None:
+    def close(self, *, reset: bool = False, stuck: bool = False) -> None:
+        """Close both sides: with RST (``reset``); at once (``stuck``: a timeout, the bytes
+        still buffered will not be taken); or after flushing, each side that still has bytes
+        to send then lingering under the sweep's watch for up to ``idle_timeout``."""
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
@@ -268,8 +276,12 @@ class Relay:
             transport = end.transport
             if reset:
                 _reset(transport)
+            elif stuck and transport.get_write_buffer_size():
+                transport.abort()
             else:
                 transport.close()  # after what is still buffered for it has been sent
+                if transport.get_write_buffer_size():
+                    self.listener.linger(end)
         self.listener.finished(self)
 
     def __repr__(self) -> str:
