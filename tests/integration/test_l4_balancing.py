@@ -233,13 +233,14 @@ async def test_operator_drain_and_passive_ejection_apply_to_tcp() -> None:
             upstream={"passive": {"consecutive_failures": 1}, "panic_threshold": 0},
         )
         async with running_tcp(doc) as (server, addr):
-            held_r, held_w = await connect(addr)  # to a (round robin starts there)
+            held_r, held_w = await connect(addr)
             held_w.write(b"h")
             assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"h"
-            server.set_backend_state("u", a.address, "drain")
+            drained = a if a.open_connections else b  # round robin starts at random
+            server.set_backend_state("u", drained.address, "drain")
             for i in range(6):
                 assert await roundtrip(addr, b"%d" % i) == b"%d" % i
-            assert a.connections_accepted == 1  # draining: no new connections ...
+            assert drained.connections_accepted == 1  # draining: no new connections ...
             held_w.write(b"still")  # ... but the open one goes on
             assert await asyncio.wait_for(held_r.readexactly(5), 5) == b"still"
             held_w.close()

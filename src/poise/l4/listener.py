@@ -36,7 +36,7 @@ from typing import Any
 
 from poise.config.model import Config, ListenerConfig, TcpListenerConfig
 from poise.l4 import proxy_protocol
-from poise.l4.relay import Back, Buffer, Front, Phase, Relay, End
+from poise.l4.relay import Back, Buffer, End, Front, Phase, Relay
 from poise.models import Backend
 from poise.routing import Group, RoutingTable
 
@@ -168,6 +168,9 @@ class TcpListener:
 
     def _start(self, relay: Relay) -> None:
         relay.phase = Phase.CONNECTING
+        if self.hub.stopped:  # a PROXY header completed after shutdown began
+            relay.close()
+            return
         relay.task = self.hub.spawn(self._connect(relay))
 
     def proxy_header(self, relay: Relay) -> bytes:
@@ -367,6 +370,7 @@ class L4:
         self.buf = Buffer()
         self.now = 0.0
         self.draining = False
+        self.stopped = False  # run() has ended: no more connect tasks
         self.ready = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -379,7 +383,7 @@ class L4:
         return self._loop
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        assert self._tg is not None, "L4.run() has not started"
+        assert self._tg is not None, "L4.run() is not running"
         return self._tg.create_task(coro)
 
     async def run(self) -> None:
@@ -397,6 +401,7 @@ class L4:
                         listener.sweep(now)
             finally:
                 self._tg = None
+                self.stopped = True
 
     def active(self) -> int:
         """Open relays and closed ones still flushing: what a drain waits for."""
