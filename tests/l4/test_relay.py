@@ -3,6 +3,8 @@ relay does; the sweep is driven with explicit clock readings."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -12,6 +14,10 @@ from poise.l4 import L4
 from poise.l4.proxy_protocol import encode_v1
 from poise.l4.relay import HOLD_LIMIT, Back, Front, Phase
 from poise.routing import build_table
+from tests.integration.l4support import dead_port
+from tests.integration.support import eventually
+
+BACKENDS = ("tcp://10.0.0.1:1", "tcp://10.0.0.2:1", "tcp://10.0.0.3:1")  # never connected to
 
 
 class FakeTransport:
@@ -55,7 +61,7 @@ class FakeTransport:
         return self.extra.get(name, default)
 
 
-def hub(**listener: Any) -> L4:
+def hub(backends: tuple[str, ...] = BACKENDS, **listener: Any) -> L4:
     config = parse_config(
         {
             "listeners": [
@@ -63,7 +69,7 @@ def hub(**listener: Any) -> L4:
             ],
             "upstreams": {
                 "u": {
-                    "backends": ["tcp://10.0.0.1:1", "tcp://10.0.0.2:1", "tcp://10.0.0.3:1"],
+                    "backends": list(backends),
                     "policy": "least_conn",
                 }
             },
@@ -73,15 +79,30 @@ def hub(**listener: Any) -> L4:
     return l4
 
 
+class FakeTask:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class NoSpawn:
     """Stands in for L4.spawn: records the connect coroutines instead of running them."""
 
     def __init__(self) -> None:
         self.coros: list[Any] = []
 
-    def __call__(self, coro: Any) -> None:
+    def __call__(self, coro: Any) -> FakeTask:
         coro.close()
         self.coros.append(coro)
+        return FakeTask()
 
 
 def accept(l4: L4, peer: tuple[str, int] = ("192.0.2.7", 4000)) -> tuple[Front, FakeTransport]:
@@ -303,3 +324,39 @@ def test_idle_timeout_does_not_wait_for_a_peer_that_takes_nothing() -> None:
     assert client.aborted  # not a close that would wait for a flush forever
     assert server.closed and not server.aborted
     assert not listener.lingering
+
+
+async def test_a_sweep_before_the_connect_task_runs_does_not_expire_it() -> None:
+    """Regression: the connect deadline was set by the task itself, so a sweep between the
+    accept and the task's first step saw deadline 0, cancelled the task before it ran, and
+    the relay stayed in CONNECTING forever."""
+    l4 = hub((f"tcp://127.0.0.1:{dead_port()}",))
+    runner = asyncio.create_task(l4.run())
+    await l4.ready.wait()
+    listener = l4.listeners["t"]
+    front = listener.factory()
+    client = FakeTransport()
+    front.connection_made(client)  # type: ignore[arg-type]
+    listener.sweep(l4.now + 0.5)  # before the task's first step
+    assert not front.relay.expired
+    await eventually(lambda: client.closed)  # the refused connect closed it, as it should
+    assert listener.stats.connect_errors == 1
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+
+
+async def test_a_connect_task_ending_unresolved_closes_its_relay() -> None:
+    l4 = hub((f"tcp://127.0.0.1:{dead_port()}",))
+    runner = asyncio.create_task(l4.run())
+    await l4.ready.wait()
+    front = l4.listeners["t"].factory()
+    client = FakeTransport()
+    front.connection_made(client)  # type: ignore[arg-type]
+    assert front.relay.task is not None
+    front.relay.task.cancel()  # before its first step: its body never runs
+    await eventually(lambda: client.closed)
+    assert not l4.listeners["t"].relays
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner

@@ -168,10 +168,13 @@ class TcpListener:
 
     def _start(self, relay: Relay) -> None:
         relay.phase = Phase.CONNECTING
+        # The deadline is set now, not when the task first runs: a sweep may come first.
+        relay.deadline = self.hub.now + self.connect_timeout
         if self.hub.stopped:  # a PROXY header completed after shutdown began
             relay.close()
             return
-        relay.task = self.hub.spawn(self._connect(relay))
+        relay.task = task = self.hub.spawn(self._connect(relay))
+        task.add_done_callback(relay.connect_done)
 
     def proxy_header(self, relay: Relay) -> bytes:
         version = self.cfg.proxy_protocol

@@ -249,12 +249,17 @@ class Relay:
             self.listener.stats.backend_resets += 1
         self.close(reset=exc is not None)
 
+    def connect_done(self, task: asyncio.Task[None]) -> None:
+        """The connect task ended. Still connecting means it ended without resolving the
+        relay (cancelled before its first step, say): nothing will, so close it."""
+        if self.phase is Phase.CONNECTING:
+            self.close()
+
     def on_timeout(self) -> None:
         """Called by the sweep when ``deadline`` (header, connect) or the idle time passed."""
-        if self.phase is Phase.CONNECTING:
-            if self.task is not None and not self.task.done():
-                self.expired = True
-                self.task.cancel()
+        if self.phase is Phase.CONNECTING and self.task is not None and not self.task.done():
+            self.expired = True
+            self.task.cancel()  # the task goes on to the next backend
             return
         self.close(stuck=True)
 
