@@ -286,3 +286,48 @@ async def test_drain_timeout_closes_what_is_left() -> None:
             assert await read_end(reader, timeout=5) == b""
             assert time.monotonic() - started < 3
             writer.close()
+
+
+async def test_many_connections_at_once_all_finish() -> None:
+    """A burst of accepts (the connect tasks start late under it) and traffic on each: every
+    relay completes and none is left behind."""
+    async with TcpEcho() as a, TcpEcho() as b:
+        doc = tcp_doc([a.address, b.address])
+        async with running_tcp(doc) as (server, addr):
+
+            async def one(i: int) -> bytes:
+                reader, writer = await connect(addr)
+                try:
+                    data = b""
+                    for j in range(20):
+                        msg = b"%d.%d;" % (i, j)
+                        writer.write(msg)
+                        data += await asyncio.wait_for(reader.readexactly(len(msg)), 10)
+                    writer.write_eof()
+                    await read_end(reader)
+                    return data
+                finally:
+                    writer.close()
+
+            results = await asyncio.gather(*(one(i) for i in range(200)))
+            assert results == [b"".join(b"%d.%d;" % (i, j) for j in range(20)) for i in range(200)]
+            await eventually(lambda: server.l4.active() == 0)
+            stats = server.statistics()["l4"]["listeners"]["t"]
+            assert (stats["accepted"], stats["closed"], stats["no_backend"]) == (200, 200, 0)
+
+
+async def test_ipv6_client_and_backend() -> None:
+    async with TcpEcho(proxy_header=True, host="::1") as echo:
+        doc = tcp_doc([f"tcp://[::1]:{echo.port}"], proxy_protocol="v1")
+        doc["listeners"][0]["listen"] = "[::1]:0"
+        async with running(doc) as (server, _):
+            addr = server.addresses["t"]
+            assert addr[0] == "::1"
+            reader, writer = await connect(addr)
+            local = writer.get_extra_info("sockname")
+            writer.write(b"six")
+            writer.write_eof()
+            assert await read_end(reader) == b"six"
+            writer.close()
+            assert echo.headers[0].source == ("::1", local[1])
+            assert echo.headers[0].destination == ("::1", addr[1])
