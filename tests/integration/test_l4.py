@@ -318,7 +318,7 @@ async def test_many_connections_at_once_all_finish() -> None:
 
 async def test_ipv6_client_and_backend() -> None:
     async with TcpEcho(proxy_header=True, host="::1") as echo:
-        doc = tcp_doc([f"tcp://[::1]:{echo.port}"], proxy_protocol="v1")
+        doc = tcp_doc([echo.address], proxy_protocol="v1")
         doc["listeners"][0]["listen"] = "[::1]:0"
         async with running(doc) as (server, _):
             addr = server.addresses["t"]

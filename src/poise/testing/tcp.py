@@ -43,7 +43,8 @@ class TcpEcho(_TcpServer):
 
     @property
     def address(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
 
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection_id: int
