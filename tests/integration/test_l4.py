@@ -331,3 +331,19 @@ async def test_ipv6_client_and_backend() -> None:
             writer.close()
             assert echo.headers[0].source == ("::1", local[1])
             assert echo.headers[0].destination == ("::1", addr[1])
+
+
+async def test_upstream_limits_cap_open_connections_without_a_queue() -> None:
+    async with TcpEcho() as echo:
+        doc = tcp_doc([echo.address], upstream={"limits": {"max_requests_per_backend": 1}})
+        async with running_tcp(doc) as (server, addr):
+            reader, writer = await connect(addr)
+            writer.write(b"a")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"a"
+            r2, w2 = await connect(addr)  # the only backend is full: closed, not queued
+            assert await read_end(r2, timeout=3) == b""
+            w2.close()
+            writer.close()
+            await eventually(lambda: server.l4.active() == 0)
+            assert await roundtrip(addr, b"free again") == b"free again"
+            assert server.statistics()["l4"]["listeners"]["t"]["no_backend"] == 1
