@@ -62,14 +62,16 @@ class FakeTransport:
         pass
 
 
-async def main(n: int, policy: object = "round_robin") -> None:
+async def main(n: int, policy: object = "round_robin", access: str | None = None) -> None:
     backends = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
-    config = parse_config(
-        {
-            "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
-            "upstreams": {"u": {"backends": backends, "policy": policy}},
-        }
-    )
+    doc: dict[str, object] = {
+        "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
+        "upstreams": {"u": {"backends": backends, "policy": policy}},
+    }
+    if access is not None:
+        fmt, _, path = access.partition(":")
+        doc["log"] = {"access": {"format": fmt, "path": path or "/dev/null"}}
+    config = parse_config(doc)
     import random
 
     table = build_table(config, random.Random(1))
@@ -80,7 +82,7 @@ async def main(n: int, policy: object = "round_robin") -> None:
     ups = []
     for group in table.groups.values():
         for b in group.backends:
-            pool = ctx.pools[group.name][b.index]
+            pool = group.pools[b.index]
             up = UpstreamConnection(ctx, pool, b)
             up.connection_made(FakeTransport())  # type: ignore[arg-type]
             pool.put(up, 0.0)
@@ -105,6 +107,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--policy", default="round_robin", help="a name or JSON")
+    ap.add_argument(
+        "--access-log",
+        metavar="FORMAT[:PATH]",
+        help="with the access log on: json or combined, written to PATH (default /dev/null)",
+    )
     args = ap.parse_args()
     policy = json.loads(args.policy) if args.policy.startswith("{") else args.policy
-    asyncio.run(main(args.requests, policy))
+    asyncio.run(main(args.requests, policy, args.access_log))

@@ -130,6 +130,16 @@ def test_demo_prints_urls_serves_and_exits_on_ctrl_c() -> None:
         assert len(re.findall(r"backend:   http://127\.0\.0\.1:\d+", out)) == 3
         bodies = {get(f"http://127.0.0.1:{front}/", deadline)[1] for _ in range(6)}
         assert bodies == {b"demo-1\n", b"demo-2\n", b"demo-3\n"}
+        # /svc goes to the instances registered as "demo": the first backend, at start
+        assert get(f"http://127.0.0.1:{front}/svc", deadline)[1] == b"demo-1\n"
+        registry = re.search(r"registry:  (http://127\.0\.0\.1:\d+)/v1/services", out)
+        assert registry is not None
+        listed = json.loads(get(registry.group(1) + "/v1/services/demo", deadline)[1])
+        assert [i["id"] for i in listed["instances"]] == ["demo-1"]
+        # the dashboard URL carries the admin token; the page itself is served
+        dash = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/#token=(\S+)", out)
+        assert dash is not None
+        assert b"poise dashboard" in get(dash.group(1) + "/", deadline)[1]
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
         assert proc.returncode == 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from poise import __version__
-from poise.errors import ConfigError
+from poise.errors import ConfigError, RegistryError
 
 if TYPE_CHECKING:  # the CLI imports lazily, so `poise --help` starts fast
     from poise.config.model import ListenerConfig
@@ -21,6 +21,8 @@ examples:
   poise run --listen :8080 --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
   poise check -c poise.json                    validate a config file, list every problem
   poise simulate -c poise.json --latency 127.0.0.1:5002=50   see what a policy would do
+  poise status --admin http://127.0.0.1:9901   routes and backends of a running poise
+  poise register --service users --port 8001 -- python app.py   register while app.py runs
 """
 
 
@@ -49,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--health-interval", default="2s", help="health check interval without -c (default 2s)"
     )
+    run.add_argument(
+        "--watch-config", action="store_true", help="reload when the config file changes"
+    )
     logging_args(run)
 
     check = sub.add_parser("check", help="validate a config file")
@@ -68,11 +73,38 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.add_argument("--rate", type=float, default=1000.0, help="arrivals per second (1000)")
 
+    st = sub.add_parser("status", help="show routes and backends of a running poise")
+    st.add_argument(
+        "--admin", default="http://127.0.0.1:9901", help="admin API URL (default 127.0.0.1:9901)"
+    )
+    st.add_argument("--token", help="admin token (default: $POISE_ADMIN_TOKEN)")
+
     demo = sub.add_parser("demo", help="start 3 demo backends and a balancer in front of them")
     demo.add_argument(
         "--listen", default="127.0.0.1:8080", help="balancer address (default 127.0.0.1:8080)"
     )
     logging_args(demo)
+
+    reg = sub.add_parser(
+        "register", help="register a process in the registry and heartbeat for it (sidecar)",
+        usage="poise register --service NAME --port PORT [options] [-- command args...]",
+    )  # fmt: skip
+    reg.add_argument("--registry", default="http://127.0.0.1:8500", help="registry API URL")
+    reg.add_argument("--service", required=True, help="service name")
+    reg.add_argument("--port", required=True, type=int, help="the port the process serves on")
+    reg.add_argument("--host", default="127.0.0.1", help="address to register (127.0.0.1)")
+    reg.add_argument("--id", help="instance id (default: SERVICE-HOSTNAME-PORT)")
+    reg.add_argument("--ttl", default="10s", help="heartbeat TTL (default 10s)")
+    reg.add_argument("--token", help="bearer token (default: $POISE_REGISTRY_TOKEN)")
+    reg.add_argument(
+        "--health-url", help="heartbeat as passing only while this URL answers 2xx, else critical"
+    )
+    reg.add_argument("--interval", default="2s", help="health check interval (default 2s)")
+    reg.add_argument(
+        "command_args", metavar="command", nargs=argparse.REMAINDER,
+        help="after --: a command to run; deregistered when it exits (optional)",
+    )  # fmt: skip
+    logging_args(reg)
     return p
 
 
@@ -89,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, parser)
         if args.command == "simulate":
             return _simulate(args, parser)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "register":
+            return _register(args, parser)
         if args.command == "demo":
             from poise.demo import demo
 
@@ -96,10 +132,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"poise: {exc}", file=sys.stderr)
         return 1
+    except RegistryError as exc:
+        print(f"poise: registry: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    from poise.admin.status import StatusError, status
+
+    token = args.token or os.environ.get("POISE_ADMIN_TOKEN", "")
+    try:
+        print(status(args.admin, token), end="")
+    except StatusError as exc:
+        print(f"poise status: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check(path: str) -> int:
@@ -111,6 +164,8 @@ def _check(path: str) -> int:
         f"{path}: OK ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), "
         f"{n} backend(s))"
     )
+    for warning in config.warnings:
+        print(f"poise: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -165,13 +220,47 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     try:
-        return run(config)
+        return run(config, watch_config=args.watch_config)
     except OSError as exc:
         # e.g. the port is taken: say so plainly rather than with a traceback
         print(f"poise: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         asyncio.set_event_loop_policy(None)
+
+
+def _register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import os
+
+    from poise.config import parse_duration
+    from poise.errors import PoiseError
+    from poise.logs import setup_logging
+
+    try:
+        from poise.client.sidecar import SidecarConfig, sidecar
+    except ImportError as exc:
+        print(f"poise: {exc}", file=sys.stderr)
+        return 1
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    try:
+        ttl, interval = parse_duration(args.ttl), parse_duration(args.interval)
+    except ValueError as exc:
+        parser.error(f"--ttl/--interval: {exc}")
+    if interval <= 0:
+        parser.error("--interval must be above 0")
+    if args.health_url and not args.health_url.startswith(("http://", "https://")):
+        parser.error(f"--health-url: expected an http:// or https:// URL, got {args.health_url!r}")
+    cfg = SidecarConfig(
+        registry=args.registry, service=args.service, port=args.port, host=args.host,
+        id=args.id, ttl=ttl, token=args.token or os.environ.get("POISE_REGISTRY_TOKEN"),
+        health_url=args.health_url, interval=interval, command=tuple(command),
+    )  # fmt: skip
+    setup_logging(args.log_level or "info", args.log_format or "text")
+    try:
+        return sidecar(cfg)
+    except (PoiseError, OSError) as exc:
+        print(f"poise register: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from poise.balancing import KeySource, Load, Picker, StickyPick, build, new_load
 from poise.config.model import Config, UpstreamConfig
@@ -23,6 +24,7 @@ from poise.health.passive import Outliers
 from poise.health.status import GroupStatus, View
 from poise.models import Backend, authority_of
 from poise.upstream.limits import Admission
+from poise.upstream.pool import Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,9 @@ class Group:
     # dispatch must look beyond ``up`` (drain, slow start, limits): the slow path
     special: bool = False
     retry_statuses: frozenset[int] = frozenset()
+    # keep-alive pool per backend (by index). Pools live in the group, so a backend and its
+    # pool always come from the same table, however often membership changes.
+    pools: tuple[Pool[Any], ...] = ()
 
     def with_view(self, view: View) -> Group:
         special = view.sticky_ok is not None or view.ramp is not None or self.admission is not None
@@ -111,6 +116,59 @@ def _limited(up: UpstreamConfig) -> bool:
     return bool(up.limits.max_requests_per_backend or up.limits.max_requests)
 
 
+def new_pool(group: str, up: UpstreamConfig, backend: Backend) -> Pool[Any]:
+    return Pool(f"{group}/{backend.authority}", up.pool.max_idle, up.pool.idle_timeout)
+
+
+def build_group(
+    up: UpstreamConfig,
+    rng: random.Random,
+    status: GroupStatus,
+    *,
+    pools: tuple[Pool[Any], ...] | None = None,
+    admission: Admission | None = None,
+) -> Group:
+    """One group for ``up`` (its backends as configured, or as discovered), viewed through
+    ``status``. ``pools`` / ``admission`` carry state over from the group it replaces."""
+    backends = make_backends(up)
+    load = new_load(up.policy, len(backends))
+    if load is None and _limited(up):
+        load = Load(len(backends), latency=False)  # limits need the in-flight counts
+    picker = build(up.policy, backends, rng, load, time.monotonic)
+    key = KeySource.parse(up.policy.key) if up.policy.key else None
+    sticky = picker if isinstance(picker, StickyPick) else None
+    if _limited(up) and (admission is None or admission.cfg != up.limits):
+        admission = Admission(up.name, up.limits)
+    elif not _limited(up):
+        admission = None
+    if pools is None:
+        pools = tuple(new_pool(up.name, up, b) for b in backends)
+    group = Group(
+        up.name, up, backends, picker, (True,) * len(backends), load, key, sticky,
+        outliers=status.outliers if up.passive.enabled else None,
+        admission=admission,
+        retry_statuses=frozenset(up.retry.statuses),
+        pools=pools,
+    )  # fmt: skip
+    return group.with_view(status.view(time.monotonic()))
+
+
+def regroup(
+    old: Group, up: UpstreamConfig, rng: random.Random, status: GroupStatus
+) -> tuple[Group, list[Pool[Any]]]:
+    """``old`` with new membership (``up.backends``): backends that stay keep their pools
+    (and idle connections), new ones get fresh pools. Returns the group and the pools of the
+    backends that left, for the caller to retire. In-flight requests keep the old group
+    (and its load counters) until they end; new requests see the new one."""
+    kept = {b.id: old.pools[b.index] for b in old.backends if b.index < len(old.pools)}
+    pools = []
+    for b in make_backends(up):
+        pool = kept.pop(b.id, None)
+        pools.append(pool if pool is not None else new_pool(up.name, up, b))
+    group = build_group(up, rng, status, pools=tuple(pools), admission=old.admission)
+    return group, list(kept.values())
+
+
 def build_table(
     config: Config,
     rng: random.Random,
@@ -120,24 +178,13 @@ def build_table(
     everything is up."""
     groups: dict[str, Group] = {}
     for name, up in config.upstreams.items():
-        backends = make_backends(up)
-        load = new_load(up.policy, len(backends))
-        if load is None and _limited(up):
-            load = Load(len(backends), latency=False)  # limits need the in-flight counts
-        picker = build(up.policy, backends, rng, load, time.monotonic)
-        key = KeySource.parse(up.policy.key) if up.policy.key else None
-        sticky = picker if isinstance(picker, StickyPick) else None
         status = statuses[name] if statuses is not None else GroupStatus(up)
-        admission = None
-        if _limited(up):
-            admission = Admission(name, up.limits)
-        group = Group(
-            name, up, backends, picker, (True,) * len(backends), load, key, sticky,
-            outliers=status.outliers if up.passive.enabled else None,
-            admission=admission,
-            retry_statuses=frozenset(up.retry.statuses),
-        )  # fmt: skip
-        groups[name] = group.with_view(status.view(time.monotonic()))
+        groups[name] = build_group(up, rng, status)
+    return build_routes(config, groups)
+
+
+def build_routes(config: Config, groups: Mapping[str, Group]) -> RoutingTable:
+    """The table with ``groups`` and the routes of ``config``'s listeners."""
     routes: dict[str, tuple[Route, ...]] = {}
     catch_all: dict[str, str] = {}
     for listener in config.listeners:
@@ -154,5 +201,5 @@ def build_table(
         if len(rs) == 1 and not rs[0].hosts and rs[0].prefix == b"/":
             catch_all[listener.name] = rs[0].group
     return RoutingTable(
-        MappingProxyType(groups), MappingProxyType(routes), MappingProxyType(catch_all)
+        MappingProxyType(dict(groups)), MappingProxyType(routes), MappingProxyType(catch_all)
     )

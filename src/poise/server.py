@@ -9,21 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import random
+import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from poise.config.model import Config
+from poise.admin.api import AdminApi
+from poise.config.load import parse_backends
+from poise.config.model import BackendConfig, Config, HealthCheckConfig, UpstreamConfig
+from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
-from poise.health.checker import GroupChecker
-from poise.health.status import View
+from poise.health.checker import GroupChecker, Probe
+from poise.health.probes import probe as probe_backend
+from poise.health.state import HealthState, ProbeResult
+from poise.health.status import GroupStatus, View
 from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
-from poise.routing import build_table, make_backends
+from poise.l7.redirect import RedirectConnection
+from poise.models import Backend, authority_of
+from poise.registry.api import RegistryApi
+from poise.registry.discovery import backends_of
+from poise.registry.model import Instance
+from poise.registry.service import RegistryService
+from poise.registry.sources import DnsSource, FileSource, SourceError
+from poise.routing import RoutingTable, build_table, make_backends, regroup
+from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
@@ -31,19 +48,53 @@ log = logging.getLogger("poise.server")
 
 
 class Server:
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, *, rng: random.Random | None = None, watch_config: bool = False
+    ) -> None:
+        self.watch_config = watch_config  # reload when the config file changes
         self.config = config
         self.rng = rng or random.Random()
         backends = {name: make_backends(up) for name, up in config.upstreams.items()}
         self.board = HealthBoard(config.upstreams, backends, time.monotonic)
         self.table = build_table(config, self.rng, self.board.statuses)
-        self.l4 = L4(config, self.table, self.rng.random)  # the TCP listeners, if any
+        # the TCP listeners, if any; they read the current table, wherever it was swapped
+        self.l4 = L4(config, self._current_table, self.rng.random)
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
+        self._checker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._follow_task: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        # the service registry (opened by serve() when the config has one)
+        self.registry: RegistryService | None = None
+        self.registry_api: RegistryApi | None = None
+        self.registry_address: tuple[str, int] | None = None
+        self.admin: AdminApi | None = None
+        self.admin_address: tuple[str, int] | None = None
+        # backends from a watched file or DNS, by upstream name
+        self.sources: dict[str, FileSource | DnsSource] = {}
         self.listeners: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        # TLS contexts are built here, so a certificate that vanished or broke since the
+        # config was loaded stops the start, not the first handshake.
+        self.tls: dict[str, ListenerTls] = {}
+        problems = []
+        for i, lc in enumerate(config.listeners):
+            if lc.tls is None:
+                continue
+            header = (lc.tls.client_subject_header or "").encode("ascii")
+            try:
+                self.tls[lc.name] = ListenerTls(lc.name, lc.tls, subject_header=header)
+            except (ValueError, OSError) as exc:
+                problems.append(f"listeners[{i}].tls: {exc}")
+        try:
+            self.upstream_tls = upstream_tls(config.upstreams)
+        except (ValueError, OSError) as exc:
+            problems.append(f"upstreams: tls: {exc}")
+        if problems:
+            raise ConfigError(problems, config.source)
 
     def stop(self) -> None:
         self._stop.set()
@@ -57,13 +108,300 @@ class Server:
         "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
         self.board.set_state(group, backend, state)
 
+    def reload_certificates(self) -> dict[str, str]:
+        """Load every HTTPS listener's certificate files again, now. Per listener:
+        "reloaded", or "failed: <reason>" (the previous certificates then stay in use).
+        Connections already open keep the certificate they were handshaken with."""
+        return {name: tls.reload(force=True) for name, tls in self.tls.items()}
+
+    # -- runtime changes of static upstreams (the admin API) ----------------------------------
+
+    def _static(self, group: str) -> UpstreamConfig:
+        table = self.ctx.table if self.ctx is not None else self.table
+        if group not in table.groups:
+            raise KeyError(f"no upstream named {group!r}")
+        up = table.groups[group].config
+        if up.service or up.file or up.dns:
+            source = "the registry" if up.service else "its file" if up.file else "DNS"
+            raise ValueError(f"upstream {group!r} takes its backends from {source}")
+        return up
+
+    def _find(self, up: UpstreamConfig, backend: str) -> int:
+        for i, b in enumerate(up.backends):
+            if backend in (b.url, authority_of(b.host, b.port)):
+                return i
+        raise KeyError(f"no backend {backend!r} in upstream {up.name!r}")
+
+    def add_backend(self, group: str, url: str, weight: int = 1) -> BackendConfig:
+        """Add a backend to a static upstream (it starts healthy and is probed at once)."""
+        up = self._static(group)
+        added = parse_backends([{"url": url, "weight": weight}], "backend")[0]
+        if any((b.host, b.port) == (added.host, added.port) for b in up.backends):
+            raise ValueError(f"upstream {group!r} already has {added.url}")
+        self.set_members(group, (*up.backends, added))
+        return added
+
+    def remove_backend(self, group: str, backend: str) -> None:
+        """Remove a backend: no new requests; in-flight ones finish."""
+        up = self._static(group)
+        i = self._find(up, backend)
+        self.set_members(group, up.backends[:i] + up.backends[i + 1 :])
+
+    def set_backend_weight(self, group: str, backend: str, weight: int) -> None:
+        up = self._static(group)
+        i = self._find(up, backend)
+        changed = dataclasses.replace(up.backends[i], weight=weight)
+        self.set_members(group, (*up.backends[:i], changed, *up.backends[i + 1 :]))
+
+    def _current_table(self) -> RoutingTable:
+        return self.ctx.table if self.ctx is not None else self.table
+
     def _install(self, group: str, view: View) -> None:
         """Swap in a routing table with ``group``'s new view: one assignment."""
         table = self.ctx.table if self.ctx is not None else self.table
         new = table.with_group(table.groups[group].with_view(view))
         if self.ctx is not None:
             self.ctx.table = new
-        self.table = self.l4.table = new
+        self.table = new
+
+    # -- membership (service registry) -------------------------------------------------------
+
+    def set_members(
+        self,
+        group: str,
+        backends: tuple[BackendConfig, ...],
+        reported: list[bool] | None = None,
+        *,
+        initial: bool = False,
+    ) -> None:
+        """Replace ``group``'s backends (discovered instances come and go). Backends that stay
+        keep their health, ejections, operator state and pooled connections; newcomers start
+        healthy, ramp up under slow start (not when ``initial``), and get probed at once.
+        In-flight requests finish on the backends they are on, also on ones that left."""
+        table = self.ctx.table if self.ctx is not None else self.table
+        old = table.groups[group]
+        cfg = dataclasses.replace(old.config, backends=backends)
+        ok = reported if reported is not None else [True] * len(backends)
+        old_ids = [b.id for b in old.backends]
+        new_ids = [authority_of(b.host, b.port) for b in backends]
+        if initial:
+            status = GroupStatus(cfg, ok)
+        else:
+            status = self.board.statuses[group].successor(cfg, old_ids, new_ids, ok)
+        new, retired = regroup(old, cfg, self.rng, status)
+        self.board.replace(group, status, new.backends)
+        new_table = table.with_group(new)
+        if self.ctx is not None:
+            self.ctx.table = new_table
+            if new.admission is not None:
+                new.admission.set_scheduler(self.ctx.loop.call_soon)
+        self.table = new_table
+        self.board.refresh(group)  # the view (and panic, slow start) for the new membership
+        for pool in retired:
+            pool.max_idle = 0  # connections still busy are closed when they finish
+            pool.close_all()
+        added = sorted(set(new_ids) - set(old_ids))
+        removed = sorted(set(old_ids) - set(new_ids))
+        if added or removed:
+            log.info(
+                "upstream %s: %d backends (+%s -%s)",
+                group,
+                len(new_ids),
+                ",".join(added) or "0",
+                ",".join(removed) or "0",
+            )
+        self._restart_checker(group, old_ids, new_ids)
+
+    def _on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
+        backends, reported = backends_of(instances)
+        for name, up in self.config.upstreams.items():
+            if up.service == service:
+                self.set_members(name, backends, reported)
+
+    def _restart_checker(self, group: str, old_ids: list[str], new_ids: list[str]) -> None:
+        old = next((c for c in self.checkers if c.group == group), None)
+        if old is None or self._tg is None:
+            return  # no active checks for this group, or not serving yet
+        task = self._checker_tasks.pop(group, None)
+        if task is not None:
+            task.cancel()
+        self.checkers.remove(old)
+        by_id = dict(zip(old_ids, old.states, strict=True))
+        hc = old.hc
+        states = [
+            by_id.get(i) or HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history)
+            for i in new_ids
+        ]
+        self._start_checker(self._tg, group, states)
+
+    def _probe_for(self, group: str) -> Probe:
+        """The group's active-check probe: over TLS to its https:// backends."""
+
+        async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+            tls = None
+            if backend.scheme == "https":
+                tls = self.upstream_tls.get(group)
+                if tls is None:
+                    tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+            return await probe_backend(backend, hc, tls)
+
+        return probe
+
+    def _start_checker(
+        self, tg: asyncio.TaskGroup, name: str, states: list[HealthState] | None = None
+    ) -> GroupChecker:
+        group = self.table.groups[name]
+        checker = GroupChecker(
+            name,
+            group.backends,
+            group.config.health_check,
+            self.publish_health,
+            self.rng,
+            passed=self.board.probe_passed,
+            states=states,
+            probe=self._probe_for(name),
+        )
+        self.checkers.append(checker)
+        self._checker_tasks[name] = tg.create_task(checker.run(), name=f"health:{name}")
+        return checker
+
+    async def _open_sources(self) -> None:
+        """Read backends files (a bad one stops the start, like a bad config) and look DNS
+        names up (a failure leaves the group empty until a lookup succeeds)."""
+        problems = []
+        for name, up in self.config.upstreams.items():
+            source: FileSource | DnsSource
+            if up.file is not None:
+                source = FileSource(up.file)
+                try:
+                    self.set_members(name, source.read(), initial=True)
+                except SourceError as exc:
+                    problems.append(f"upstreams.{name}.file: {exc}")
+            elif up.dns is not None:
+                source = DnsSource(up.dns)
+                try:
+                    self.set_members(name, await source.resolve(), initial=True)
+                except SourceError as exc:
+                    source.error = str(exc)
+                    log.error("upstream %s: %s (no backends until a lookup succeeds)", name, exc)
+            else:
+                continue
+            self.sources[name] = source
+        if problems:
+            raise ConfigError(problems, self.config.source)
+        await self._open_registry()
+        await self._open_admin()
+
+    async def _open_admin(self) -> None:
+        cfg = self.config.admin
+        if cfg is None:
+            return
+        token = cfg.token
+        if token is None:
+            token = secrets.token_urlsafe(24)
+            log.warning("admin API token (generated; set admin.token to choose one): %s", token)
+        self.admin = AdminApi(self, token)
+        self.admin_address = host, port = await self.admin.start(*cfg.listen)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("admin API, metrics and dashboard on http://%s:%d/", shown, port)
+
+    def _source_changed(self, name: str) -> Callable[[tuple[BackendConfig, ...]], None]:
+        return lambda backends: self.set_members(name, backends)
+
+    def start_source(self, name: str, source: FileSource | DnsSource) -> None:
+        self.sources[name] = source
+        if self._tg is not None:
+            task = self._tg.create_task(source.follow(self._source_changed(name)))
+            self._source_tasks[name] = task
+
+    def stop_source(self, name: str) -> None:
+        self.sources.pop(name, None)
+        task = self._source_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def restart_registry_follow(self) -> None:
+        """(Re)start following the services the upstreams name."""
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        if self.registry is None or self._tg is None:
+            return
+        services = {u.service for u in self.config.upstreams.values() if u.service}
+        self.registry.revision = -1  # list every followed service again at once
+        follow = self.registry.follow(services, self._on_instances)
+        self._follow_task = self._tg.create_task(follow, name="registry:follow")
+
+    def request_reload(self) -> None:
+        """Reload the config file in the background (SIGHUP); the outcome is logged."""
+        if self._tg is not None:
+            self._tg.create_task(self._reload_logged(), name="reload")
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error(
+                "reload refused, the running configuration stays:\n%s",
+                "\n".join(f"  - {p}" for p in exc.problems),
+            )
+        except OSError as exc:
+            log.error("reload failed, the running configuration stays: %s", exc)
+
+    async def _watch_config(self) -> None:
+        """Reload when the config file's identity changes (checked every second)."""
+        path = self.config.source
+        if path is None:
+            return
+
+        def identity() -> tuple[int, int, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+        seen = identity()
+        while True:
+            await asyncio.sleep(1.0)
+            now = identity()
+            if now is not None and now != seen:
+                seen = now
+                await self._reload_logged()
+
+    async def reload(self, config: Config | None = None) -> dict[str, list[str]]:
+        """Apply ``config`` (or the config file again) while serving; raises ConfigError,
+        with nothing changed, when it cannot be applied. See ``poise.reload``."""
+        from poise import reload as reloading
+
+        if config is None:
+            return await reloading.reload_file(self)
+        return await reloading.apply(self, config)
+
+    async def _open_registry(self) -> None:
+        """Open the store and load the followed services' instances before serving."""
+        cfg = self.config.registry
+        if cfg is None:
+            return
+        self.registry = RegistryService(cfg)
+        if cfg.listen is not None:
+            self.registry_api = RegistryApi(self.registry.store, cfg)
+            self.registry_address = host, port = await self.registry_api.start(*cfg.listen)
+            shown = f"[{host}]" if ":" in host else host
+            log.info("registry API on http://%s:%d (store: %s)", shown, port, cfg.store)
+        services = {up.service for up in self.config.upstreams.values() if up.service}
+        try:
+            found = await self.registry.snapshot(services)
+        except RegistryError as exc:
+            # etcd down at start: serve what can be served; the follow loop retries and
+            # fills the services in when the store answers
+            log.error("registry store unreachable at start (%s): services start empty", exc)
+            self.registry.reachable, self.registry.last_error = False, str(exc)
+            found = {}
+        for name, up in self.config.upstreams.items():
+            if up.service:
+                backends, reported = backends_of(found.get(up.service, ()))
+                self.set_members(name, backends, reported, initial=True)
 
     async def _maintain(self) -> None:
         while True:
@@ -72,35 +410,38 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self.ctx = Context(self.config, self.table, loop)
+        ctx = self.ctx = Context(self.config, self.table, loop, upstream_tls_=self.upstream_tls)
+        for warning in self.config.warnings:
+            log.warning("configuration: %s", warning)
         for group in self.table.groups.values():
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
         self.board.install = self._install
         ctx.on_ejected = self.l4.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
-        # after the first health round.
+        # after the registry is read and the first health round.
         await self._bind(loop, ctx)
         ctx.start()
         tasks: list[asyncio.Task[None]] = []
         try:
+            await self._open_sources()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
                 tasks.append(tg.create_task(self.l4.run(), name="l4"))
+                for name, tls in self.tls.items():
+                    tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
+                if self.registry is not None:
+                    reg = self.registry
+                    tasks.append(tg.create_task(reg.expire_forever(), name="registry:expire"))
+                    self.restart_registry_follow()
+                for name, source in list(self.sources.items()):
+                    self.start_source(name, source)
+                if self.watch_config:
+                    tasks.append(tg.create_task(self._watch_config(), name="config:watch"))
                 for name, group in self.table.groups.items():
-                    hc = group.config.health_check
-                    if not hc.enabled:
-                        continue
-                    checker = GroupChecker(
-                        name,
-                        group.backends,
-                        hc,
-                        self.publish_health,
-                        self.rng,
-                        passed=self.board.probe_passed,
-                    )
-                    self.checkers.append(checker)
-                    tasks.append(tg.create_task(checker.run(), name=f"health:{name}"))
+                    if group.config.health_check.enabled:
+                        self._start_checker(tg, name)
                 # The first round of checks runs before we accept traffic, so a dead backend
                 # is known dead before the first request (bounded by the probe timeouts).
                 if self.checkers:
@@ -115,32 +456,53 @@ class Server:
                 ):
                     await server.start_serving()
                     shown = f"[{host}]" if ":" in host else host
-                    log.info("listening on %s://%s:%d (%s)", lc.protocol, shown, port, name)
+                    scheme = "https" if name in self.tls else lc.protocol
+                    log.info("listening on %s://%s:%d (%s)", scheme, shown, port, name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
-                for task in tasks:
+                background = [*self._checker_tasks.values(), *self._source_tasks.values()]
+                if self._follow_task is not None:
+                    background.append(self._follow_task)
+                for task in [*tasks, *background]:
                     task.cancel()  # the group then ends: cancelled children are not errors
         finally:
+            self._tg = None
+            for listener in self.listeners:
+                listener.close()  # (already closed after a drain; not when start-up failed)
             ctx.stop()
-            for pools in ctx.pools.values():
-                for pool in pools:
+            if self.admin is not None:
+                await self.admin.close()
+            if self.registry_api is not None:
+                await self.registry_api.close()
+            if self.registry is not None:
+                await self.registry.close()
+            for group in ctx.table.groups.values():
+                for pool in group.pools:
                     pool.close_all()
 
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:
             name = lc.name
-            tcp = self.l4.listeners.get(name) if lc.tcp is not None else None
+            tls = self.tls.get(name)
+            factory: Any
+            if lc.tcp is not None:
+                factory = self.l4.listeners[name].factory
+            elif lc.redirect is not None:
+                factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
+            else:
+                factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
             try:
                 server = await loop.create_server(
-                    tcp.factory
-                    if tcp is not None
-                    else lambda name=name: ClientConnection(ctx, name),
+                    factory,
                     host=lc.host or None,
                     port=lc.port,
                     reuse_address=True,
                     backlog=2048,
                     start_serving=False,
+                    ssl=tls.context if tls is not None else None,
+                    # a client must finish its handshake as fast as its request head
+                    ssl_handshake_timeout=ctx.client_header_timeout if tls is not None else None,
                 )
             except OSError:
                 for bound in self.listeners:
@@ -182,6 +544,9 @@ class Server:
             "proxy": self.ctx.statistics() if self.ctx else {},
             "health": {c.group: c.statistics() for c in self.checkers},
             "backends": self.board.statistics(),
+            "registry": self.registry.statistics() if self.registry is not None else None,
+            "sources": {name: src.statistics() for name, src in self.sources.items()},
+            "tls": {name: tls.statistics() for name, tls in self.tls.items()},
             "l4": self.l4.statistics(),
         }
 
@@ -197,15 +562,16 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(config: Config) -> int:
-    """Run a Server until SIGTERM/SIGINT; return the process exit code."""
+def run(config: Config, *, watch_config: bool = False) -> int:
+    """Run a Server until SIGTERM/SIGINT (SIGHUP reloads); return the process exit code."""
     install_uvloop()
 
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, watch_config=watch_config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(signal.SIGHUP, server.request_reload)
         await server.serve()
 
     asyncio.run(main())

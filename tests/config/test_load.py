@@ -249,7 +249,7 @@ def test_seed_problems_have_paths_and_hints() -> None:
     assert problems_of(data) == [
         "healthcheckinterval: unknown key (did you mean 'healthCheckInterval'?)",
         "port: invalid port 'http' in listen address 'localhost:http'",
-        "servers[1]: unsupported scheme 'ftp' in 'ftp://b' (only 'http')",
+        "servers[1]: unsupported scheme 'ftp' in 'ftp://b' (only 'http', 'https')",
     ]
 
 
@@ -388,6 +388,8 @@ def test_parse_duration_invalid(value: object, message: str) -> None:
         ("HTTP://127.0.0.1:8000", ("http", "127.0.0.1", 8000)),
         ("http://[::1]:5001", ("http", "::1", 5001)),
         ("http://my_service:80", ("http", "my_service", 80)),
+        ("https://localhost", ("https", "localhost", 443)),
+        ("HTTPS://a.example:8443/", ("https", "a.example", 8443)),
     ],
 )
 def test_parse_backend_url_valid(url: str, expected: tuple[str, str, int]) -> None:
@@ -397,7 +399,6 @@ def test_parse_backend_url_valid(url: str, expected: tuple[str, str, int]) -> No
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("https://localhost:5001", "https backends are not supported yet"),
         ("http://localhost:5001/api", "backend URL must not have a path"),
         ("http://user:pw@localhost:5001", "must not contain user info"),
         ("http://", "backend URL has no host"),
@@ -584,7 +585,8 @@ def test_unknown_key_hint_ignores_case_and_separators() -> None:
         "upstreams.api.healthCheck: unknown key (did you mean 'health_check'?)"
     ]
     assert problems_of({**minimal(), "colour": 1}) == [
-        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, log)"
+        "colour: unknown key (expected one of: listeners, upstreams, timeouts, proxy, limits, "
+        "log, registry, admin)"
     ]
 
 
@@ -596,16 +598,16 @@ def test_unknown_upstream_reference_lists_known_names() -> None:
 
 def test_broken_upstream_still_counts_as_known_for_references() -> None:
     data = full()
-    data["upstreams"]["web"]["backends"] = ["https://x"]
+    data["upstreams"]["web"]["backends"] = ["ftp://x"]
     assert problems_of(data) == [
-        "upstreams.web.backends[0]: https backends are not supported yet: 'https://x'"
+        "upstreams.web.backends[0]: unsupported scheme 'ftp' in 'ftp://x' (only 'http', 'https')"
     ]
 
 
 def test_bad_backend_urls_are_reported_at_their_paths() -> None:
     data = minimal()
     data["upstreams"]["api"]["backends"] = [
-        "https://a:1",
+        "gopher://a:1",
         "http://a:2/path",
         {"url": "http://me@a:3"},
         "http://",
@@ -616,7 +618,8 @@ def test_bad_backend_urls_are_reported_at_their_paths() -> None:
         {"url": "http://a:5", "weight": 1001},
     ]
     assert problems_of(data) == [
-        "upstreams.api.backends[0]: https backends are not supported yet: 'https://a:1'",
+        "upstreams.api.backends[0]: unsupported scheme 'gopher' in 'gopher://a:1' "
+        "(only 'http', 'https')",
         "upstreams.api.backends[1]: backend URL must not have a path: 'http://a:2/path'",
         "upstreams.api.backends[2].url: backend URL must not contain user info (user@): "
         "'http://me@a:3'",

@@ -178,7 +178,9 @@ async def test_case21_early_417_leaves_nothing_to_parse() -> None:
             rest = await reader.read()
         writer.close()
         assert server.ctx is not None
-        assert server.ctx.pools["app"][0].idle == []  # that backend connection is not reused
+        assert (
+            server.ctx.table.groups["app"].pools[0].idle == []
+        )  # that backend connection is not reused
     assert rest == b""
     assert b"/smuggled" not in b"".join(backend.received)
 

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from poise.config import ConfigError, parse_config
 from poise.l4.proxy_protocol import encode_v1, encode_v2
 from poise.testing import HttpBackend, TcpEcho
 from tests.integration.l4support import (
@@ -247,3 +248,45 @@ async def test_operator_drain_and_passive_ejection_apply_to_tcp() -> None:
             stats = server.statistics()
             assert stats["l4"]["listeners"]["t"]["connect_errors"] == 1  # then ejected
             assert stats["backends"]["u"]["ejections"] == 1
+
+
+async def test_membership_changes_reach_tcp_listeners() -> None:
+    """Backends added and removed at run time (admin API, registry, files) are used by new
+    TCP connections; a relay open on a removed backend finishes and releases its load."""
+    async with TcpEcho() as a, TcpEcho() as b:
+        doc = tcp_doc([f"http://127.0.0.1:{a.port}"], policy="least_conn")
+        async with running_tcp(doc) as (server, addr):
+            held_r, held_w = await connect(addr)  # on a
+            held_w.write(b"1")
+            assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"1"
+            server.add_backend("u", f"http://127.0.0.1:{b.port}")
+            assert await roundtrip(addr, b"new") == b"new"
+            assert b.connections_accepted == 1  # least_conn: a still has the open one
+            server.remove_backend("u", f"http://127.0.0.1:{a.port}")
+            held_w.write(b"2")  # the relay on the removed backend goes on
+            assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"2"
+            held_w.close()
+            await eventually(lambda: server.l4.active() == 0)
+            for i in range(3):
+                assert await roundtrip(addr, b"%d" % i) == b"%d" % i
+            assert (a.connections_accepted, b.connections_accepted) == (1, 4)
+            backends = server.statistics()["l4"]["backends"]["u"]
+            assert list(backends) == [f"http://127.0.0.1:{b.port}"]
+            assert backends[f"http://127.0.0.1:{b.port}"]["connections"] == 4
+            assert backends[f"http://127.0.0.1:{b.port}"]["active"] == 0
+
+
+async def test_reload_keeps_tcp_listeners_and_refuses_to_change_them() -> None:
+    async with TcpEcho() as a, TcpEcho() as b:
+        doc = tcp_doc([a.address])
+        async with running_tcp(doc) as (server, addr):
+            changed = tcp_doc([a.address], idle_timeout="5s")
+            changed["listeners"][0]["listen"] = f"127.0.0.1:{addr[1]}"
+            with pytest.raises(ConfigError) as e:
+                await server.reload(parse_config(changed))
+            assert e.value.problems == ["listeners.t: changing a TCP listener needs a restart"]
+            moved = tcp_doc([b.address])  # the upstream may change in place
+            moved["listeners"][0]["listen"] = f"127.0.0.1:{addr[1]}"
+            await server.reload(parse_config(moved))
+            assert await roundtrip(addr, b"to b") == b"to b"
+            assert (a.connections_accepted, b.connections_accepted) == (0, 1)

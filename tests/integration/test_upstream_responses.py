@@ -130,7 +130,7 @@ async def test_malformed_backend_response_gives_502_and_drops_connection(raw: by
             assert r.status_code == 502
             assert r.text == "Bad Gateway\n"
             assert server.ctx is not None
-            pool = server.ctx.pools["app"][0]
+            pool = server.ctx.table.groups["app"].pools[0]
             assert pool.idle == []
 
 

@@ -75,7 +75,8 @@ def hub(backends: tuple[str, ...] = BACKENDS, **listener: Any) -> L4:
             },
         }
     )
-    l4 = L4(config, build_table(config, random.Random(1)), random.Random(1).random)
+    table = build_table(config, random.Random(1))
+    l4 = L4(config, lambda: table, random.Random(1).random)
     return l4
 
 
@@ -190,8 +191,7 @@ def test_backend_reset_resets_the_client_and_releases_the_load() -> None:
     listener = l4.listeners["t"]
     group = l4.table.groups["u"]
     backend = group.backends[0]
-    listener._take(group, backend)
-    front.relay.backend = backend
+    listener._take(group, front.relay, backend)
     assert group.load is not None and group.load.active[0] == 1
     back, server = connect(front)
     back.connection_lost(ConnectionResetError())

@@ -189,9 +189,13 @@ class Checker:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.warnings: list[str] = []  # told, not refused (an expired certificate, say)
 
     def error(self, path: str, message: str) -> None:
         self.problems.append(f"{path or 'top level'}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path or 'top level'}: {message}")
 
     def mapping(self, value: object, path: str, allowed: Sequence[str]) -> dict[str, object] | None:
         """The object's known keys, after reporting wrong type and unknown keys."""

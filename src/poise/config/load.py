@@ -7,6 +7,7 @@ Loading only reads the file: no sockets, no logging setup.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -51,6 +52,7 @@ from poise.config.l4 import (
     tcp_listener,
 )
 from poise.config.model import (
+    AccessLogConfig,
     BackendConfig,
     Config,
     HealthCheckConfig,
@@ -60,10 +62,12 @@ from poise.config.model import (
     PolicyConfig,
     PoolConfig,
     ProxyConfig,
+    RegistryConfig,
     RouteConfig,
     TimeoutConfig,
     UpstreamConfig,
 )
+from poise.config.registry import admin, dns_source, registry
 from poise.config.resilience import (
     check_backend_state,
     check_fraction,
@@ -75,6 +79,7 @@ from poise.config.resilience import (
     retry,
     upstream_limits,
 )
+from poise.config.tls import listener_tls, redirect_https, upstream_tls
 from poise.config.values import (
     describe_type,
     normalize_route_host,
@@ -83,7 +88,8 @@ from poise.config.values import (
     parse_listen,
     parse_status_range,
 )
-from poise.errors import ConfigError
+from poise.errors import ConfigError, InvalidInstance
+from poise.registry.model import check_service
 
 __all__ = [
     "load_config",
@@ -95,11 +101,22 @@ __all__ = [
 
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
-_SHARED_KEYS = ("timeouts", "proxy", "limits", "log")
-_LISTENER_KEYS = ("name", "listen", "routes", "upstream", *TCP_LISTENER_KEYS)
+_SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry", "admin")
+_LISTENER_KEYS = (
+    "name",
+    "listen",
+    "routes",
+    "upstream",
+    "tls",
+    "redirect_https",
+    *TCP_LISTENER_KEYS,
+)
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
+    "service",
+    "file",
+    "dns",
     "policy",
     "health_check",
     "pool",
@@ -108,6 +125,7 @@ _UPSTREAM_KEYS = (
     "limits",
     "panic_threshold",
     "slow_start",
+    "tls",
 )
 _BACKEND_KEYS = ("url", "weight", "state")
 _HEALTH_KEYS = (
@@ -150,7 +168,8 @@ _LIMIT_KEYS = (
     "max_connections",
     "min_body_rate",
 )
-_LOG_KEYS = ("level", "format")
+_LOG_KEYS = ("level", "format", "access")
+_ACCESS_KEYS = ("path", "format", "sample")
 
 _POLICY_KEYS = (
     "name",
@@ -179,6 +198,8 @@ def parse_config(data: object, *, source: str | None = None) -> Config:
     config = _document(c, data, source)
     if c.problems or config is None:
         raise ConfigError(c.problems or ["top level: invalid configuration"], source)
+    if c.warnings:
+        config = dataclasses.replace(config, warnings=tuple(c.warnings))
     return config
 
 
@@ -213,8 +234,26 @@ def _document(c: Checker, data: object, source: str | None) -> Config | None:
         proxy=_proxy(c, doc.get("proxy"), "proxy"),
         limits=_limits(c, doc.get("limits"), "limits"),
         log=_log(c, doc.get("log"), "log"),
+        registry=_registry_section(c, doc, upstreams),
+        admin=admin(c, doc["admin"], "admin") if "admin" in doc else None,
         source=source,
     )
+
+
+def _registry_section(
+    c: Checker, doc: Mapping[str, object], upstreams: Mapping[str, UpstreamConfig]
+) -> RegistryConfig | None:
+    """The registry, when configured or needed (an upstream names a service)."""
+    if "registry" in doc or any(u.service for u in upstreams.values()):
+        return registry(c, doc.get("registry"), "registry")
+    return None
+
+
+def check_service_name(value: object) -> str:
+    try:
+        return check_service(value, "service")
+    except InvalidInstance as exc:
+        raise ValueError(exc.problems[0].split(": ", 1)[1]) from exc
 
 
 def _seed(
@@ -283,13 +322,26 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     if obj is None:
         return None
     backends: tuple[BackendConfig, ...] = ()
+    service = file = dns = None
+    sources = [k for k in ("backends", "service", "file", "dns") if k in obj]
+    if len(sources) > 1:
+        c.error(path, f"give one of backends, service, file or dns, not {' and '.join(sources)}")
+    if "service" in obj:
+        service = c.check(obj["service"], key_path(path, "service"), check_service_name)
+    if "file" in obj:
+        file = c.check(obj["file"], key_path(path, "file"), check_str)
+    if "dns" in obj:
+        dns = dns_source(c, obj["dns"], key_path(path, "dns"))
     if "backends" in obj:
         backends = _backends(c, obj["backends"], key_path(path, "backends"), tcp=True)
-    else:
-        c.error(key_path(path, "backends"), "required but missing")
+    elif not sources:
+        c.error(key_path(path, "backends"), "required but missing (or a service, file or dns)")
     # an upstream of tcp:// backends is checked by connecting, unless told otherwise
     check_type = "tcp" if backends and all(b.scheme == "tcp" for b in backends) else "http"
     return UpstreamConfig(
+        service=service,
+        file=file,
+        dns=dns,
         name=name,
         backends=backends,
         policy=_policy(c, obj["policy"], key_path(path, "policy"))
@@ -304,6 +356,7 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         limits=upstream_limits(c, obj.get("limits"), key_path(path, "limits")),
         panic_threshold=c.field(obj, "panic_threshold", path, check_percent, 50),
         slow_start=c.field(obj, "slow_start", path, non_negative_duration, 0.0),
+        tls=upstream_tls(c, obj["tls"], key_path(path, "tls"), backends) if "tls" in obj else None,
     )
 
 
@@ -519,9 +572,27 @@ def _listeners(
         address = c.required(obj, "listen", lpath, parse_listen)
         protocol = listener_protocol(c, obj, lpath)
         tcp = tcp_listener(c, obj, lpath, known) if protocol == "tcp" else None
-        routes = _listener_routes(c, obj, lpath, known) if protocol == "http" else ()
+        tls = redirect = None
+        routes: tuple[RouteConfig, ...] = ()
+        if tcp is not None:
+            for key in ("tls", "redirect_https"):
+                if key in obj:
+                    c.error(key_path(lpath, key), "applies only to HTTP listeners, not 'tcp'")
+        elif protocol == "http":
+            tls = listener_tls(c, obj["tls"], key_path(lpath, "tls")) if "tls" in obj else None
+            if "redirect_https" in obj:
+                redirect = redirect_https(
+                    c, obj["redirect_https"], key_path(lpath, "redirect_https")
+                )
+                for key in ("routes", "upstream", "tls"):
+                    if key in obj:
+                        c.error(key_path(lpath, key), "a redirect_https listener only redirects")
+            else:
+                routes = _listener_routes(c, obj, lpath, known)
         if address is not None and protocol is not None and (tcp or protocol == "http"):
-            listener = ListenerConfig(name, address[0], address[1], routes, protocol, tcp)
+            listener = ListenerConfig(
+                name, address[0], address[1], routes, tls, redirect, protocol, tcp
+            )
             result.append((i, listener))
     _check_bind_conflicts(c, result, path)
     return tuple(listener for _, listener in result)
@@ -660,6 +731,29 @@ def _log(c: Checker, value: object, path: str) -> LogConfig:
     return LogConfig(
         level=c.field(obj, "level", path, choice("debug", "info", "warning", "error"), "info"),
         format=c.field(obj, "format", path, choice("text", "json"), "text"),
+        access=_access_log(c, obj["access"], key_path(path, "access")) if "access" in obj else None,
+    )
+
+
+def _sample(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"expected a share above 0 and at most 1, got {value!r}")
+    return float(value)
+
+
+def _access_log(c: Checker, value: object, path: str) -> AccessLogConfig | None:
+    """``true`` (JSON lines to standard output), ``false``, or an object."""
+    if value is False:
+        return None
+    if value is True:
+        return AccessLogConfig()
+    obj = c.mapping(value, path, _ACCESS_KEYS)
+    if obj is None:
+        return None
+    return AccessLogConfig(
+        path=c.field(obj, "path", path, check_str, "-"),
+        format=c.field(obj, "format", path, choice("json", "combined"), "json"),
+        sample=c.field(obj, "sample", path, _sample, 1.0),
     )
 
 
@@ -711,3 +805,13 @@ def _decode_yaml(text: str, source: str) -> object:
         reason = getattr(exc, "problem", None) or str(exc)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"invalid YAML{where}: {reason}"], source) from exc
+
+
+def parse_backends(value: object, path: str) -> tuple[BackendConfig, ...]:
+    """A backends list as in the config (URL strings or objects), for backend files.
+    Raises ConfigError listing every problem."""
+    c = Checker()
+    result = _backends(c, value, path)
+    if c.problems:
+        raise ConfigError(c.problems, path)
+    return result

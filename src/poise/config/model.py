@@ -13,9 +13,9 @@ from types import MappingProxyType
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str  # as written by the user, e.g. "http://localhost:5001"
-    scheme: str  # "http"
+    scheme: str  # "http" | "https"
     host: str  # "localhost" (IPv6 without brackets)
-    port: int  # 5001 (default 80 for http)
+    port: int  # 5001 (default 80 for http, 443 for https)
     weight: int = 1
     # operator state, separate from health: enabled | drain (no new requests but sticky
     # ones; in-flight ones finish) | maint (no requests at all)
@@ -105,6 +105,31 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """TLS towards the https:// backends of an upstream (config/tls.py)."""
+
+    ca: str | None = None  # CA bundle to verify backends with; None = the system store
+    verify: bool = True  # False: accept any certificate (testing only)
+    server_name: str | None = None  # SNI and verified name; None = each backend's host
+    cert: str | None = None  # client certificate presented to backends (mTLS)
+    key: str | None = None
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    ciphers: str | None = None  # OpenSSL cipher string for TLS 1.2; None = OpenSSL's
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """Backends from DNS: A/AAAA records of ``name`` on ``port``, or SRV records."""
+
+    name: str
+    type: str = "A"  # A (A and AAAA) | SRV
+    port: int = 80  # for A; SRV records carry their own
+    scheme: str = "http"
+    refresh: float = 10.0  # seconds between lookups
+    nameserver: tuple[str, int] | None = None  # None = the system resolver
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -118,6 +143,12 @@ class UpstreamConfig:
     # than overload the few (Envoy's panic mode); 0 = never
     panic_threshold: int = 50
     slow_start: float = 0.0  # seconds over which a (re)joining backend ramps up; 0 = off
+    # backends discovered in the service registry under this name (``backends`` is then
+    # the current set of instances, replaced as they come and go)
+    service: str | None = None
+    file: str | None = None  # backends listed in this file, re-read when it changes
+    dns: DnsConfig | None = None  # backends from DNS, looked up every ``refresh``
+    tls: UpstreamTlsConfig | None = None  # None: defaults, for https:// backends
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +171,45 @@ class TcpListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM certificate chain file, leaf first
+    key: str  # PEM private key file
+    # SNI names it serves: "a.example.com" or "*.example.com"; () = the certificate's own
+    # subjectAltName DNS names (else its common name)
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsConfig:
+    """An HTTPS listener (config/tls.py)."""
+
+    certificates: tuple[CertificateConfig, ...]  # [0] is the default certificate
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    max_version: str = "1.3"
+    ciphers: str | None = None  # OpenSSL cipher string for TLS 1.2; None = OpenSSL's
+    client_ca: str | None = None  # CA bundle: verify client certificates (mTLS)
+    client_auth: str = "required"  # with client_ca: "required" | "optional"
+    client_subject_header: str | None = None  # send the verified subject in this header
+    strict: bool = False  # an expired certificate is an error, not a warning
+    reload_interval: float = 10.0  # seconds between checks of the files; 0 = no watching
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectConfig:
+    """A listener that only redirects to HTTPS."""
+
+    status: int = 301  # 301 | 302 | 307 | 308
+    port: int = 443  # the HTTPS port named in Location (443 is left out)
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     host: str  # "" = all interfaces, else "127.0.0.1", "::1", ...
     port: int
-    routes: tuple[RouteConfig, ...]  # empty for TCP listeners
+    routes: tuple[RouteConfig, ...]  # empty for TCP and redirect listeners
+    tls: ListenerTlsConfig | None = None  # HTTPS when set
+    redirect: RedirectConfig | None = None  # set: no routes; every request -> https://
     protocol: str = "http"  # "http" | "tcp"
     tcp: TcpListenerConfig | None = None  # set exactly when protocol == "tcp"
 
@@ -185,13 +250,45 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    path: str = "-"  # a file (appended to), or "-" for standard output
+    format: str = "json"  # json | combined
+    sample: float = 1.0  # share of requests logged
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     format: str = "text"  # text | json
+    access: AccessLogConfig | None = None  # None: no access log
 
 
 def _empty_upstreams() -> Mapping[str, UpstreamConfig]:
     return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """The service registry poise embeds (or shares, with etcd)."""
+
+    store: str = "sqlite"  # memory | sqlite | etcd
+    path: str = "poise-registry.db"  # sqlite: the database file
+    durable: bool = False  # sqlite: fsync every change (survives power loss, not just kill -9)
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)  # etcd
+    prefix: str = "/poise"  # etcd: key prefix, so several registries can share one etcd
+    listen: tuple[str, int] | None = ("127.0.0.1", 8500)  # the registry API; None = off
+    # bearer token for writes (register, heartbeat, deregister); None = writes are open
+    token: str | None = None
+    read_token: bool = False  # also require the token to read
+    history: int = 10_000  # events kept for watchers that resume
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin API, metrics and dashboard: their own listener, never the data plane's."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 9901)
+    token: str | None = None  # bearer token; None = a random one, logged at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,4 +299,9 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # None: no registry (no upstream names a service, and no "registry" section)
+    registry: RegistryConfig | None = None
+    admin: AdminConfig | None = None  # None: no admin listener
     source: str | None = None  # file it was loaded from, for messages
+    # problems worth telling but not refusing (an expired certificate without strict)
+    warnings: tuple[str, ...] = ()

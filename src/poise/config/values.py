@@ -186,17 +186,15 @@ _URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)", re.D
 
 
 def parse_backend_url(value: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)`` of a backend URL; only ``http://host[:port][/]`` for now."""
+    """``(scheme, host, port)`` of a backend URL: ``http://`` or ``https://host[:port][/]``."""
     if not isinstance(value, str):
         raise ValueError(f"expected a URL string, got {describe_type(value)}")
     m = _URL_RE.fullmatch(value)
     if m is None or any(c.isspace() for c in value):
         raise ValueError(f"not a URL: {value!r} (expected e.g. 'http://127.0.0.1:5001')")
     scheme = m["scheme"].lower()
-    if scheme == "https":
-        raise ValueError(f"https backends are not supported yet: {value!r}")
-    if scheme != "http":
-        raise ValueError(f"unsupported scheme {scheme!r} in {value!r} (only 'http')")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported scheme {scheme!r} in {value!r} (only 'http', 'https')")
     rest = m["rest"]
     cut = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
     authority, tail = rest[:cut], rest[cut:]
@@ -213,7 +211,7 @@ def parse_backend_url(value: str) -> tuple[str, str, int]:
     if host == "":
         raise ValueError(f"backend URL has no host: {value!r}")
     if port is None:
-        return scheme, host.lower(), 80
+        return scheme, host.lower(), 443 if scheme == "https" else 80
     return scheme, host.lower(), _parse_port(port, what=what, minimum=1)
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from poise.config.model import UpstreamConfig
+from poise.health.passive import Outliers
 from poise.health.status import GroupStatus, View
 from poise.models import Backend
 
@@ -57,9 +58,12 @@ class HealthBoard:
                      self.backends[group][index].url, group)  # fmt: skip
             self.refresh(group)
 
-    def ejected(self, group: str, index: int) -> None:
-        """The proxy ejected a backend (passive health): log it and route around it."""
+    def ejected(self, group: str, index: int, outliers: Outliers | None = None) -> None:
+        """The proxy ejected a backend (passive health): log it and route around it. A report
+        from before a membership change (other ``outliers``) no longer applies: ignored."""
         status = self.statuses[group]
+        if outliers is not None and outliers is not status.outliers:
+            return
         log.warning(
             "backend %s in %s %s",
             self.backends[group][index].url,
@@ -81,6 +85,20 @@ class HealthBoard:
                 return
         raise KeyError(f"no backend {backend!r} in upstream {group!r}")
 
+    def replace(self, group: str, status: GroupStatus, backends: tuple[Backend, ...]) -> None:
+        """New membership for ``group`` (the server built ``status`` as a successor), or a
+        new group (a reload)."""
+        self.statuses[group] = status
+        self.backends[group] = backends
+        self._panic.setdefault(group, False)
+
+    def remove(self, group: str) -> None:
+        """A group that a reload removed."""
+        self.statuses.pop(group, None)
+        self.backends.pop(group, None)
+        self._panic.pop(group, None)
+        self._ramping.discard(group)
+
     # -- views -----------------------------------------------------------------------------
 
     def view(self, group: str) -> View:
@@ -95,7 +113,9 @@ class HealthBoard:
                           "all of them", group)  # fmt: skip
             else:
                 log.warning("upstream %s left panic mode", group)
-        if not any(view.up) and not any(self.statuses[group].usable):
+        if not view.up:
+            log.warning("upstream %s has no backends (requests get 503)", group)
+        elif not any(view.up) and not any(self.statuses[group].usable):
             log.error("upstream %s has no healthy backend", group)
         if view.ramp is not None:
             self._ramping.add(group)

@@ -64,6 +64,7 @@ class GroupChecker:
         sleep: Sleep = asyncio.sleep,
         probe: Probe = probe_backend,
         passed: Passed | None = None,
+        states: list[HealthState] | None = None,
     ) -> None:
         self.group = group
         self.backends = backends
@@ -73,10 +74,18 @@ class GroupChecker:
         self.sleep = sleep  # injectable, so tests can drive the schedule without waiting
         self.probe = probe
         self.passed = passed
-        self.states = [
-            HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history) for _ in backends
-        ]
+        # ``states`` carries health over when a group's membership changes (one per backend)
+        self.states = (
+            states
+            if states is not None
+            else [
+                HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history) for _ in backends
+            ]
+        )
+        if len(self.states) != len(backends):
+            raise ValueError(f"{len(self.states)} health states for {len(backends)} backends")
         self.probes = [0] * len(backends)  # probes done, by backend index
+        self.failed = [0] * len(backends)  # of which failed
         self.rounds = 0  # start-up rounds (check_once calls) done
         self.first_round = asyncio.Event()
 
@@ -109,6 +118,8 @@ class GroupChecker:
     def _observe(self, i: int, result: ProbeResult, started: float) -> bool:
         """Fold backend ``i``'s result in; True when its health changed (then logged)."""
         self.probes[i] += 1
+        if not result.ok:
+            self.failed[i] += 1
         new = self.states[i].observe(result)
         if result.ok and self.passed is not None:
             self.passed(self.group, i, started)

@@ -142,6 +142,25 @@ class Outliers:
             self.returned[i] = now
             self.reasons[i] = ""
 
+    def remap(self, cfg: PassiveConfig, sources: list[int | None]) -> Outliers:
+        """A successor for new membership: backend ``k`` of the new group takes the state of
+        old backend ``sources[k]`` (None: a newcomer, clean)."""
+        new = Outliers(len(sources), cfg)
+        for k, j in enumerate(sources):
+            if j is None:
+                continue
+            new.streak[k] = self.streak[j]
+            new.ejected[k] = self.ejected[j]
+            new.until[k] = self.until[j]
+            new.since[k] = self.since[j]
+            new.liftable[k] = self.liftable[j]
+            new.count[k] = self.count[j]
+            new.returned[k] = self.returned[j]
+            new.reasons[k] = self.reasons[j]
+        new.any_streak = any(new.streak)
+        new.ejections = self.ejections
+        return new
+
     def next_expiry(self) -> float | None:
         due = [u for u in self.until if u > 0]
         return min(due) if due else None

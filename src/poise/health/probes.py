@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 
 import httptools
@@ -28,6 +29,7 @@ import httptools
 from poise.config.model import HealthCheckConfig
 from poise.health.state import ProbeResult
 from poise.models import Backend
+from poise.tls.contexts import ClientTls
 
 BODY_LIMIT = 64 * 1024  # body bytes searched by a body check
 _READ_SIZE = 64 * 1024
@@ -44,6 +46,10 @@ def probe_method(hc: HealthCheckConfig) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: {exc.verify_message or 'certificate verify failed'}"
+    if isinstance(exc, ssl.SSLError):
+        return f"tls: {(exc.reason or 'handshake failed').lower().replace('_', ' ')}"
     if isinstance(exc, ConnectionRefusedError):
         return "connect refused"
     if isinstance(exc, ConnectionResetError):
@@ -53,11 +59,18 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
+async def probe(
+    backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None = None
+) -> ProbeResult:
+    """Probe ``backend`` once; with ``tls`` (an https:// backend) over TLS, the handshake
+    included, so a certificate the proxy would refuse fails the check too."""
     started = time.monotonic()
     try:
         async with asyncio.timeout(hc.timeout):
-            ok, reason = await (_http(backend, hc) if hc.type == "http" else _tcp(backend, hc))
+            if hc.type == "http":
+                ok, reason = await _http(backend, hc, tls)
+            else:
+                ok, reason = await _tcp(backend, hc, tls)
     except TimeoutError:
         ok, reason = False, f"timeout {hc.timeout:g}s"
     except OSError as exc:
@@ -67,15 +80,28 @@ async def probe(backend: Backend, hc: HealthCheckConfig) -> ProbeResult:
     return ProbeResult(ok=ok, reason=reason, latency=latency, at=time.time())
 
 
-async def _tcp(backend: Backend, hc: HealthCheckConfig) -> tuple[bool, str]:
+async def _open(
+    backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tls is None:
+        return await asyncio.open_connection(backend.host, hc.port or backend.port)
+    return await asyncio.open_connection(
+        backend.host,
+        hc.port or backend.port,
+        ssl=tls.context,
+        server_hostname=tls.name_for(backend.host),
+    )
+
+
+async def _tcp(backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None) -> tuple[bool, str]:
     """Connect; then, if configured, send ``hc.send`` and read until ``hc.expect`` appears in
     the first ``BODY_LIMIT`` bytes (HAProxy's tcp-check send/expect string)."""
-    reader, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
+    reader, writer = await _open(backend, hc, tls)
     try:
         if hc.send:
             writer.write(hc.send)
         if hc.expect is None:
-            return True, "connected"
+            return True, "connected" if tls is None else "connected (tls)"
         seen = b""
         while hc.expect not in seen:
             if len(seen) >= BODY_LIMIT:
@@ -101,8 +127,8 @@ def _request(backend: Backend, hc: HealthCheckConfig) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _http(backend: Backend, hc: HealthCheckConfig) -> tuple[bool, str]:
-    reader, writer = await asyncio.open_connection(backend.host, hc.port or backend.port)
+async def _http(backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None) -> tuple[bool, str]:
+    reader, writer = await _open(backend, hc, tls)
     try:
         writer.write(_request(backend, hc))
         response = _Response()

@@ -10,9 +10,17 @@ Four independent facts per backend:
 * ``admin``: the operator's state, separate from health (pingora's ``set_enable``):
   ``enabled``; ``drain`` (no new requests, but clients pinned by a sticky cookie still reach
   it and in-flight requests finish); ``maint`` (no requests at all);
-* ``since``: when it last became usable, for slow start.
+* ``since``: when it last became usable, for slow start;
+* ``reported``: what the service registry says (False when the instance reports itself
+  ``critical``); always True for backends from the config file.
 
-A backend is *usable* when enabled, healthy and not ejected. The view a routing table carries:
+A backend is *usable* when enabled, healthy, reported fine and not ejected.
+
+Membership changes (instances registering and leaving) make a *successor* status: a backend
+that stays keeps every fact (an ejection, a drain, its health), a newcomer starts healthy
+(it has just registered, and its first probe follows at once) and ramps up under slow start.
+
+The view a routing table carries:
 
 * ``up[i]``: backend i may take a new request. Normally that is "usable". In **panic mode**
   (the usable share of the enabled backends is above 0 but below ``panic_threshold``
@@ -50,19 +58,47 @@ class View:
 
 
 class GroupStatus:
-    __slots__ = ("admin", "cfg", "healthy", "n", "outliers", "since", "usable")
+    __slots__ = ("admin", "cfg", "healthy", "n", "outliers", "reported", "since", "usable")
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    def __init__(self, cfg: UpstreamConfig, reported: list[bool] | None = None) -> None:
         self.cfg = cfg
         self.n = n = len(cfg.backends)
         self.healthy = [True] * n
         self.admin = [b.state for b in cfg.backends]
+        self.reported = list(reported) if reported is not None else [True] * n
         self.outliers = Outliers(n, cfg.passive)
         self.usable = [self._usable(i) for i in range(n)]
         self.since = [_NEVER] * n  # usable from the start: no slow start
 
     def _usable(self, i: int) -> bool:
-        return self.admin[i] == ENABLED and self.healthy[i] and not self.outliers.ejected[i]
+        return (
+            self.admin[i] == ENABLED
+            and self.healthy[i]
+            and self.reported[i]
+            and not self.outliers.ejected[i]
+        )
+
+    def successor(
+        self, cfg: UpstreamConfig, ids: list[str], new_ids: list[str], reported: list[bool]
+    ) -> GroupStatus:
+        """The status for new membership ``new_ids`` (``ids`` are this status's backends, by
+        index): staying backends keep their facts; newcomers are healthy, not yet usable (so
+        the next view starts their slow start)."""
+        old = {backend_id: i for i, backend_id in enumerate(ids)}
+        sources = [old.get(backend_id) for backend_id in new_ids]
+        new = GroupStatus(cfg, reported)
+        new.outliers = self.outliers.remap(cfg.passive, sources)
+        for k, j in enumerate(sources):
+            if j is None:
+                new.usable[k] = False
+                continue
+            new.healthy[k] = self.healthy[j]
+            if cfg.backends[k].state == self.cfg.backends[j].state:
+                new.admin[k] = self.admin[j]  # the operator's current state outlives a change
+            # else the source changed it (an instance's weight went to or from 0): it wins
+            new.since[k] = self.since[j]
+            new.usable[k] = self.usable[j]
+        return new
 
     def set_health(self, up: tuple[bool, ...], now: float) -> None:
         for i, ok in enumerate(up):
@@ -95,7 +131,9 @@ class GroupStatus:
         if DRAIN in self.admin:
             sticky_ok = tuple(
                 self.admin[i] != MAINT
-                and (panic or (self.healthy[i] and not self.outliers.ejected[i]))
+                and (
+                    panic or (self.healthy[i] and self.reported[i] and not self.outliers.ejected[i])
+                )
                 for i in range(n)
             )
         return View(up, sticky_ok, self._ramp(now, usable), panic)
@@ -114,6 +152,7 @@ class GroupStatus:
         return {
             "state": self.admin[i],
             "healthy": self.healthy[i],
+            "reported": self.reported[i],
             "usable": self.usable[i],
             **self.outliers.describe(i, now),
         }

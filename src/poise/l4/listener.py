@@ -30,6 +30,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import Any
@@ -67,16 +68,17 @@ class ListenerStats:
 
 
 class BackendCounters:
-    """Per-backend counters of one group, by backend index."""
+    """Per-backend counters of one group, by backend id ("host:port"): membership may change
+    (registry, files, DNS, the admin API) and the counters follow the backend, not its index."""
 
     __slots__ = ("active", "bytes_in", "bytes_out", "connections", "failures")
 
-    def __init__(self, n: int) -> None:
-        self.active = [0] * n
-        self.connections = [0] * n
-        self.failures = [0] * n
-        self.bytes_in = [0] * n
-        self.bytes_out = [0] * n
+    def __init__(self) -> None:
+        self.active: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()
 
 
 def _describe(exc: BaseException) -> str:
@@ -186,8 +188,7 @@ class TcpListener:
         self.lingering[end] = self.hub.now + self.cfg.idle_timeout
 
     def connected(self, relay: Relay, backend: Backend) -> None:
-        counters = self.hub.counters[self.cfg.upstream]
-        counters.connections[backend.index] += 1
+        self.hub.counters(self.cfg.upstream).connections[backend.id] += 1
 
     def finished(self, relay: Relay) -> None:
         """The relay closed: fold its counters in, take it out of its backend's load."""
@@ -198,13 +199,11 @@ class TcpListener:
         back = relay.back
         if back is not None:
             stats.bytes_out += back.count
-            i = back.backend.index
-            counters = self.hub.counters[self.cfg.upstream]
-            counters.bytes_in[i] += relay.front.count
-            counters.bytes_out[i] += back.count
+            counters = self.hub.counters(self.cfg.upstream)
+            counters.bytes_in[back.backend.id] += relay.front.count
+            counters.bytes_out[back.backend.id] += back.count
         if relay.backend is not None:
-            self._release(relay.backend, ok=True, latency=relay.connect_time)
-            relay.backend = None
+            self._release(relay, ok=True, latency=relay.connect_time)
 
     # -- choosing and connecting ---------------------------------------------------------
 
@@ -233,27 +232,33 @@ class TcpListener:
             return backend
         return skipped
 
-    def _take(self, group: Group, backend: Backend) -> None:
-        i = backend.index
-        self.hub.counters[group.name].active[i] += 1
+    def _take(self, group: Group, relay: Relay, backend: Backend) -> None:
+        """Count ``relay`` in ``backend``'s load: in the Load and Admission of the group as it
+        is now, which ``_release`` uses again even if membership changes meanwhile."""
+        relay.backend = backend
+        self.hub.counters(group.name).active[backend.id] += 1
+        relay.load, relay.admission = group.load, group.admission
         if group.load is not None:
-            group.load.active[i] += 1
+            group.load.active[backend.index] += 1
             if group.admission is not None:
                 group.admission.active += 1
 
-    def _release(self, backend: Backend, *, ok: bool, latency: float) -> None:
-        group = self._group()
+    def _release(self, relay: Relay, *, ok: bool, latency: float) -> None:
+        backend = relay.backend
+        if backend is None:
+            return
+        relay.backend = None
+        self.hub.counters(self.cfg.upstream).active[backend.id] -= 1
         i = backend.index
-        counters = self.hub.counters[group.name]
-        counters.active[i] -= 1
-        load = group.load
+        load, adm = relay.load, relay.admission
+        relay.load = relay.admission = None
         if load is not None:
             if load.latency:
                 load.finished(i, latency, ok, time.monotonic())
             elif load.active[i] > 0:
                 load.active[i] -= 1
-            if group.admission is not None:
-                group.admission.released()
+            if adm is not None:
+                adm.released()
 
     async def _connect(self, relay: Relay) -> None:
         try:
@@ -278,8 +283,7 @@ class TcpListener:
             if relay.tried:
                 stats.retries += 1
             relay.tried = (*relay.tried, backend)
-            self._take(group, backend)
-            relay.backend = backend
+            self._take(group, relay, backend)
             back = Back(relay, backend, hub.buf)
             relay.attempt, relay.expired = back, False
             relay.deadline = hub.now + self.connect_timeout
@@ -299,8 +303,7 @@ class TcpListener:
                     if group.outliers is not None and group.outliers.any_streak:
                         group.outliers.success(backend.index)
                 return
-            relay.backend = None
-            self._release(backend, ok=False, latency=loop.time() - started)
+            self._release(relay, ok=False, latency=loop.time() - started)
             self._failed(group, backend, reason)
             if len(relay.tried) >= attempts:
                 break
@@ -312,7 +315,7 @@ class TcpListener:
     def _failed(self, group: Group, backend: Backend, reason: str) -> None:
         self.stats.connect_errors += 1
         hub = self.hub
-        hub.counters[group.name].failures[backend.index] += 1
+        hub.counters(group.name).failures[backend.id] += 1
         log.debug("%s: connect to %s failed: %s", self.name, backend.authority, reason)
         outliers = group.outliers
         if outliers is not None and outliers.failure(backend.index, hub.loop.time(), reason):
@@ -360,16 +363,18 @@ class TcpListener:
 class L4:
     """One worker's TCP listeners, their connect tasks and the sweep."""
 
-    def __init__(self, config: Config, table: RoutingTable, rng: Callable[[], float]) -> None:
+    def __init__(
+        self, config: Config, current: Callable[[], RoutingTable], rng: Callable[[], float]
+    ) -> None:
         self.config = config
-        self.table = table  # replaced whole by the server on every health change
+        # the server's current routing table (swapped whole on every health or membership
+        # change): read per connection, never cached
+        self._current = current
         self.rng = rng
         self.listeners = {
             lc.name: TcpListener(self, lc, lc.tcp) for lc in config.listeners if lc.tcp is not None
         }
-        self.counters = {
-            name: BackendCounters(len(group.backends)) for name, group in table.groups.items()
-        }
+        self._counters: dict[str, BackendCounters] = {}
         self.buf = Buffer()
         self.now = 0.0
         self.draining = False
@@ -379,6 +384,16 @@ class L4:
         self._loop: asyncio.AbstractEventLoop | None = None
         # passive health ejected a backend (group, index): the server re-routes around it
         self.on_ejected: Callable[[str, int], None] = lambda group, index: None
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._current()
+
+    def counters(self, group: str) -> BackendCounters:
+        c = self._counters.get(group)
+        if c is None:
+            c = self._counters[group] = BackendCounters()
+        return c
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -424,26 +439,27 @@ class L4:
     def statistics(self) -> dict[str, Any]:
         backends: dict[str, Any] = {}
         used = {listener.cfg.upstream for listener in self.listeners.values()}
+        table = self.table
         for name in sorted(used):
-            c = self.counters[name]
-            live_in = [0] * len(c.active)
-            live_out = [0] * len(c.active)
+            c = self.counters(name)
+            live_in: Counter[str] = Counter()
+            live_out: Counter[str] = Counter()
             for listener in self.listeners.values():
                 if listener.cfg.upstream != name:
                     continue
                 for relay in listener.relays:
                     if relay.back is not None:
-                        live_in[relay.back.backend.index] += relay.front.count
-                        live_out[relay.back.backend.index] += relay.back.count
+                        live_in[relay.back.backend.id] += relay.front.count
+                        live_out[relay.back.backend.id] += relay.back.count
             backends[name] = {
                 b.url: {
-                    "active": c.active[b.index],
-                    "connections": c.connections[b.index],
-                    "connect_failures": c.failures[b.index],
-                    "bytes_in": c.bytes_in[b.index] + live_in[b.index],
-                    "bytes_out": c.bytes_out[b.index] + live_out[b.index],
+                    "active": c.active[b.id],
+                    "connections": c.connections[b.id],
+                    "connect_failures": c.failures[b.id],
+                    "bytes_in": c.bytes_in[b.id] + live_in[b.id],
+                    "bytes_out": c.bytes_out[b.id] + live_out[b.id],
                 }
-                for b in self.table.groups[name].backends
+                for b in table.groups[name].backends
             }
         return {
             "listeners": {name: ln.statistics() for name, ln in self.listeners.items()},

@@ -37,8 +37,10 @@ import struct
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
+    from poise.balancing import Load
     from poise.l4.listener import TcpListener
     from poise.models import Backend
+    from poise.upstream.limits import Admission
 
 READ_SIZE = 64 * 1024
 HOLD_LIMIT = 64 * 1024  # client bytes held while the backend connects; beyond, reading pauses
@@ -161,6 +163,7 @@ def _reset(transport: asyncio.Transport) -> None:
 
 class Relay:
     __slots__ = (
+        "admission",
         "attempt",
         "back",
         "backend",
@@ -171,6 +174,7 @@ class Relay:
         "front",
         "last",
         "listener",
+        "load",
         "local",
         "pending",
         "phase",
@@ -184,7 +188,9 @@ class Relay:
         self.front = front
         self.back: Back | None = None  # the connected backend side
         self.attempt: Back | None = None  # the connect in progress
-        self.backend: Backend | None = None  # whose load this relay counts in
+        self.backend: Backend | None = None  # whose load this relay counts in ...
+        self.load: Load | None = None  # ... in these figures (the group's when it was chosen)
+        self.admission: Admission | None = None
         self.tried: tuple[Backend, ...] = ()
         self.phase = Phase.CONNECTING
         self.pending = bytearray()  # client bytes read before the backend was connected

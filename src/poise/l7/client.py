@@ -50,7 +50,9 @@ if TYPE_CHECKING:
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
+    from poise.tls.contexts import ListenerTls
     from poise.upstream.limits import Admission
+    from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
 
@@ -71,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_raw",
         "_head_size",
         "_headers",
+        "_kinds",
         "_n_headers",
         "_te",
         "_upgrade",
@@ -88,15 +91,20 @@ class ClientConnection(asyncio.Protocol):
         "peer",
         "queue",
         "send_deadline",
+        "tls",
+        "tls_fields",
         "transport",
         "trusted",
         "upgrading",
         "write_paused",
     )
 
-    def __init__(self, ctx: Context, listener: str) -> None:
+    def __init__(self, ctx: Context, listener: str, tls: ListenerTls | None = None) -> None:
         self.ctx = ctx
         self.listener = listener
+        self.tls = tls  # an HTTPS listener's TLS (the client-certificate subject header)
+        self.tls_fields = b""  # that header's line, when the client's certificate was verified
+        self._kinds = ctx.header_kinds
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -134,8 +142,16 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
         self.trusted = ctx.is_trusted(self.peer.decode("ascii"))
-        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request.
-        self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
+        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request
+        # (and so is a client certificate's subject: the handshake is over by now).
+        if self.tls is None:
+            self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
+        else:
+            self.tls_fields = self.tls.subject_field(transport)
+            self.forwarded = (
+                b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"
+                + self.tls_fields
+            )  # fmt: skip
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.now + ctx.client_header_timeout
         if ctx.draining:
@@ -232,7 +248,8 @@ class ClientConnection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.cur = Exchange()
+        self.cur = ex = Exchange()
+        ex.t0 = time.monotonic()
         self._headers = []
         self._n_headers = 0
         self._head_size = 0
@@ -258,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
         if self._n_headers > limits.max_headers or self._head_size > limits.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
         lname = name.lower()
-        kind = http.REQUEST_HEADER_KIND.get(lname)
+        kind = self._kinds.get(lname)
         if kind is None:
             self._headers += (name, b": ", value, CRLF)
             return
@@ -371,8 +388,8 @@ class ClientConnection(asyncio.Protocol):
             ex.head = b"".join(
                 (method, b" ", target, b" HTTP/1.1\r\n",
                  *forwarding_fields(ctx, ex, peer=self.peer, trusted=self.trusted, fwd=self._fwd,
-                                   host=host, headers=headers),
-                 framing, CRLF)
+                                   host=host, headers=headers, https=self.tls is not None),
+                 self.tls_fields, framing, CRLF)
             )  # fmt: skip
         elif host:
             ex.head = b"".join(
@@ -484,6 +501,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         ex.tried = (*tried, backend)
         ex.backend = backend
+        ex.group = group  # the table this backend (its index, pool, load) comes from
         load = group.load
         if load is not None:
             load.active[backend.index] += 1
@@ -494,7 +512,7 @@ class ClientConnection(asyncio.Protocol):
             if adm is not None:
                 adm.active += 1
                 ex.admission = adm
-        pool = self.ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
         while conn is not None and conn.closed:
@@ -577,14 +595,18 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         group = ex.group
         assert group is not None
-        pool = ctx.pools[group.name][backend.index]
+        pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
+        t = ctx.tls_for(group.name) if backend.scheme == "https" else None
         try:
+            # upstream_connect bounds the TLS handshake too; a failed one sent nothing
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
                     lambda: UpstreamConnection(ctx, pool, backend, timeout),
                     backend.host,
                     backend.port,
+                    ssl=t.context if t is not None else None,
+                    server_hostname=t.name_for(backend.host) if t is not None else None,
                 ),
                 ctx.config.timeouts.upstream_connect,
             )
@@ -638,7 +660,7 @@ class ClientConnection(asyncio.Protocol):
             backend.index, ctx.loop.time(), reason, connection=connection
         ):
             ctx.stats.ejections += 1
-            ctx.on_ejected(group.name, backend.index)
+            ctx.on_ejected(group.name, backend.index, outliers)
 
     def may_retry(self, ex: Exchange, condition: str | int) -> bool:
         """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",
@@ -734,6 +756,13 @@ class ClientConnection(asyncio.Protocol):
             ex.retrying = False
             ctx.retries_active -= 1
         ctx.stats.responses += 1
+        t0 = ex.t0
+        if t0:
+            ex.t0 = 0.0  # counted once
+            now = time.monotonic()
+            ctx.latency.observe(now - t0)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, now - t0, "ok")
         if ex.request_done:
             # _finish, inlined for the common case: nothing queued behind, keep-alive
             queue = self.queue
@@ -777,6 +806,14 @@ class ClientConnection(asyncio.Protocol):
             tunnel.close()
 
     def _finish(self, ex: Exchange) -> None:
+        t0 = ex.t0
+        if t0:  # an exchange that did not end in response_complete (an error, say)
+            ex.t0 = 0.0  # counted once
+            ctx = self.ctx
+            elapsed = time.monotonic() - t0
+            ctx.latency.observe(elapsed)
+            if ctx.access is not None:
+                ctx.access.record(ex, self.peer, elapsed, "local" if ex.local else "ok")
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -810,6 +847,8 @@ class ClientConnection(asyncio.Protocol):
     def _send_error(self, ex: Exchange, response: bytes, *, close: bool) -> None:
         ex.response_done = True
         ex.response_started = True
+        ex.local = True
+        ex.status = int(response[9:12])  # "HTTP/1.1 503 ...": what the client got
         if ex.retrying:
             ex.retrying = False
             self.ctx.retries_active -= 1

@@ -12,16 +12,20 @@ import asyncio
 import ipaddress
 import logging
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from poise.accesslog import AccessLog
 from poise.config.model import Config
+from poise.l7 import http
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
-from poise.upstream.pool import Pool
+from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 
 if TYPE_CHECKING:
+    from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
@@ -54,14 +58,38 @@ class Stats:
     queue_timeouts: int = 0  # refused: no slot within the queue timeout
     tunnels: int = 0
     client_timeouts: int = 0
+    redirects: int = 0  # answered by a redirect_https listener
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# request duration buckets (seconds), Prometheus' defaults
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Request durations: counts per bucket (not cumulative; the exporter sums them), the
+    sum and the count. ``observe`` is one bisect and three additions."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
 class Context:
     __slots__ = (
         "_ticker",
+        "access",
         "client_body_timeout",
         "client_header_timeout",
         "client_idle_timeout",
@@ -71,13 +99,14 @@ class Context:
         "date",
         "draining",
         "forwarded",
+        "header_kinds",
         "idempotency_keys",
         "inflight",
+        "latency",
         "limits",
         "loop",
         "now",
         "on_ejected",
-        "pools",
         "retries_active",
         "retry_body_max",
         "rng",
@@ -88,15 +117,48 @@ class Context:
         "tunnel_idle",
         "tunnels",
         "upstream_response_timeout",
+        "upstream_tls",
         "via",
         "x_forwarded",
         "x_forwarded_server",
     )
 
-    def __init__(self, config: Config, table: RoutingTable, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        config: Config,
+        table: RoutingTable,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        upstream_tls_: dict[str, ClientTls] | None = None,
+    ):
         self.loop = loop
-        self.config = config
         self.table = table  # replaced whole, by one assignment, on every change
+        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = Stats()
+        self.latency = Histogram()  # from the request's first byte to the response's last
+        self.access: AccessLog | None = None
+        self.date = DateCache()
+        self.now = loop.time()
+        self.draining = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self.rng = random.Random()
+        # retry budget: retries in flight against requests in flight (sampled every tick)
+        self.retries_active = 0
+        self.inflight = 0
+        # passive health ejected a backend (group, index): the server re-routes around it
+        # (the Outliers that ejected it, so a report from a group that has since changed
+        # membership is recognised as stale)
+        self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
+        self.upstream_tls: dict[str, ClientTls] = {} if upstream_tls_ is None else upstream_tls_
+        self.config = config  # what configure() compares a new config with
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take the settings of ``config`` (at start, and on a reload: connections read them
+        from here, so open ones follow the new values)."""
+        old, self.config = self.config, config
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
@@ -107,39 +169,52 @@ class Context:
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
         self.tunnel_idle = t.tunnel_idle
-        self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
-        self.pools: dict[str, list[Pool[UpstreamConnection]]] = {
-            name: [
-                Pool(
-                    f"{name}/{b.authority}",
-                    group.config.pool.max_idle,
-                    group.config.pool.idle_timeout,
-                )
-                for b in group.backends
-            ]
-            for name, group in table.groups.items()
-        }
-        self.clients: set[ClientConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.stats = Stats()
-        self.date = DateCache()
-        self.now = loop.time()
-        self.draining = False
-        self._ticker: asyncio.TimerHandle | None = None
-        self.rng = random.Random()
-        # retry budget: retries in flight against requests in flight (sampled every tick)
-        self.retries_active = 0
-        self.inflight = 0
         ups = config.upstreams.values()
         self.retry_body_max = max(
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
         )
         self.idempotency_keys = any(u.retry.idempotency_key for u in ups)
-        # passive health ejected a backend (group, index): the server re-routes around it
-        self.on_ejected: Callable[[str, int], None] = lambda group, index: None
+        # TLS to https:// backends, by group (the dict is shared with the server's health
+        # probes): kept for a group whose tls settings stay, dropped when they changed (a
+        # reload) and built again, lazily for groups that meet https backends later
+        tls = self.upstream_tls
+        for name in list(tls):
+            up, before = config.upstreams.get(name), old.upstreams.get(name)
+            if up is None or before is None or up.tls != before.tls:
+                del tls[name]
+        missing = {n: u for n, u in config.upstreams.items() if n not in tls}
+        tls.update(upstream_tls(missing))
+        # What the client protocol does with each request field. The headers that carry a
+        # verified client-certificate subject are dropped from every client's input, on
+        # every listener, so a backend can trust them.
+        self.header_kinds = http.REQUEST_HEADER_KIND
+        subject_fields = {
+            lc.tls.client_subject_header.lower().encode("ascii")
+            for lc in config.listeners
+            if lc.tls is not None and lc.tls.client_subject_header
+        }
+        if subject_fields:
+            self.header_kinds = {
+                **http.REQUEST_HEADER_KIND,
+                **dict.fromkeys(subject_fields, http.HOP),
+            }
+        access = config.log.access
+        if self.access is not None and (access is None or access != self.access.cfg):
+            self.access.close()
+            self.access = None
+        if access is not None and self.access is None:
+            self.access = AccessLog(access)
+
+    def tls_for(self, group: str) -> ClientTls:
+        """The TLS settings of ``group`` (built on first use for a group whose https
+        backends were discovered at run time)."""
+        tls = self.upstream_tls.get(group)
+        if tls is None:
+            tls = self.upstream_tls[group] = group_tls(self.config.upstreams[group])
+        return tls
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -148,6 +223,8 @@ class Context:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.access is not None:
+            self.access.close()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection-scoped coroutine (an upstream connect). Tracked, so shutdown can
@@ -164,6 +241,8 @@ class Context:
     def _tick(self) -> None:
         self.now = now = self.loop.time()
         self.date.refresh()
+        if self.access is not None:
+            self.access.flush()
         try:
             expired: list[ClientConnection | UpstreamConnection | Tunnel] = []
             min_rate = self.limits.min_body_rate
@@ -192,8 +271,7 @@ class Context:
             for group in self.table.groups.values():
                 if group.admission is not None and group.admission.waiting:
                     group.admission.expire(now)
-            for pools in self.pools.values():
-                for pool in pools:
+                for pool in group.pools:
                     if pool.idle:
                         pool.expire(now)
         finally:
@@ -223,7 +301,10 @@ class Context:
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
             "tunnels": len(self.tunnels),
-            "pools": {name: [p.statistics() for p in pools] for name, pools in self.pools.items()},
+            "pools": {
+                name: [p.statistics() for p in group.pools]
+                for name, group in self.table.groups.items()
+            },
         }
 
     def __repr__(self) -> str:

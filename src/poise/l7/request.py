@@ -53,6 +53,9 @@ class Exchange:
     pending_bytes = 0
     body_bytes = 0  # request body bytes received so far
     body_started = 0.0  # clock reading when the head was complete, if there is a body
+    t0 = 0.0  # time.monotonic() at the request's first byte (request duration metric)
+    local = False  # poise answered itself (an error), the backend did not
+    body_out: int | None = None  # response body bytes by Content-Length (access log)
     request_done = False
     response_done = False
     response_started = False
@@ -89,13 +92,15 @@ def forwarding_fields(
     fwd: list[tuple[bytes, bytes, bytes]] | None,
     host: bytes,
     headers: list[bytes],
+    https: bool = False,
 ) -> list[bytes]:
     """Host, the client's fields, then the forwarding fields (the general path).
 
     From an untrusted peer X-Forwarded-* and Forwarded are replaced; from a trusted proxy
     (``proxy.trusted_proxies``) X-Forwarded-For and Forwarded are appended to, and
     X-Forwarded-Proto/-Host kept. With ``x_forwarded`` off the client's X-Forwarded-* pass
-    through untouched (someone else owns them)."""
+    through untouched (someone else owns them). ``https``: the client came over TLS."""
+    proto = b"https" if https else b"http"
     out = [b"Host: ", host, CRLF] if host else []
     out += headers
     got: dict[bytes, bytes] = {}
@@ -116,13 +121,13 @@ def forwarding_fields(
     if ctx.x_forwarded:
         xff = got.get(b"x-forwarded-for")
         out += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, CRLF)
-        out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", b"http"), CRLF)
+        out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", proto), CRLF)
         fhost = got.get(b"x-forwarded-host", host)
         if fhost:
             out += (b"X-Forwarded-Host: ", fhost, CRLF)
     if ctx.forwarded:
         node = b'"[' + peer + b']"' if b":" in peer else peer
-        element = b"for=" + node + b";proto=http"
+        element = b"for=" + node + b";proto=" + proto
         if host:
             element += b';host="' + host + b'"'
         prior = got.get(b"forwarded")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
@@ -354,6 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         ex.status = status
+        self.pool.responses[status // 100 if status < 600 else 5] += 1
         group = ex.group
         assert group is not None
         if (
@@ -361,6 +363,8 @@ class UpstreamConnection(asyncio.Protocol):
         ) and self._judge(ex, client, group, status, low):
             raise _RetryStatus
         no_body = ex.is_head or status in (204, 304)
+        if has_cl and self.ctx.access is not None:
+            ex.body_out = _content_length(low)
         if has_cl or no_body:
             self._low_head = low  # Content-Length is read from it only if the body is long
             self.mode = _NONE if no_body else _RAW
@@ -421,7 +425,7 @@ class UpstreamConnection(asyncio.Protocol):
                 ctx = self.ctx
                 if seconds is not None and o.retry_after(i, ctx.now, seconds):
                     ctx.stats.ejections += 1
-                    ctx.on_ejected(group.name, i)
+                    ctx.on_ejected(group.name, i, o)
             elif o.streak[i]:
                 o.success(i)
         return status in group.retry_statuses and not self.out and client.may_retry(ex, status)
@@ -572,6 +576,10 @@ def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason for logs and passive health: "connect refused", "connect timeout"."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: {exc.verify_message or 'certificate verify failed'}"
+    if isinstance(exc, ssl.SSLError):
+        return f"tls: {(exc.reason or 'handshake failed').lower().replace('_', ' ')}"
     if isinstance(exc, TimeoutError):
         return "connect timeout"
     if isinstance(exc, ConnectionRefusedError):

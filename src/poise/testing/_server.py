@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import ssl
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -18,10 +19,13 @@ from typing import Self
 class _TcpServer:
     """A restartable 127.0.0.1 TCP server that runs `_handle()` per connection."""
 
-    def __init__(self, name: str, host: str, port: int) -> None:
+    def __init__(
+        self, name: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.name = name
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # serve TLS (an https:// backend) when set
         self.connections_accepted = 0
         self.open_connections = 0
         self.errors: list[BaseException] = []
@@ -40,7 +44,8 @@ class _TcpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         """Start listening. After `stop()` this rebinds the port used before."""
@@ -49,8 +54,9 @@ class _TcpServer:
         self._generation += 1
         callback = functools.partial(self._accept, self._generation)
         self._server = await asyncio.start_server(
-            callback, self.host, self.port, limit=1 << 20, reuse_address=True
-        )
+            callback, self.host, self.port, limit=1 << 20, reuse_address=True,
+            ssl=self.ssl_context,
+        )  # fmt: skip
         self.port = self._server.sockets[0].getsockname()[1]
         self._notify()
 

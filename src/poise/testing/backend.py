@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import http
 import json
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -162,8 +163,9 @@ class HttpBackend(_TcpServer):
         handler: Handler | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(name, host, port)
+        super().__init__(name, host, port, ssl_context)
         self.handler: Handler = handler if handler is not None else self._default_handler
         self.requests: list[RecordedRequest] = []
         self.bad_requests = 0

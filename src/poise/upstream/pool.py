@@ -25,7 +25,16 @@ C = TypeVar("C", bound=Poolable)
 
 
 class Pool(Generic[C]):
-    __slots__ = ("connects", "idle", "idle_timeout", "label", "max_idle", "open", "reuses")
+    __slots__ = (
+        "connects",
+        "idle",
+        "idle_timeout",
+        "label",
+        "max_idle",
+        "open",
+        "responses",
+        "reuses",
+    )
 
     def __init__(self, label: str, max_idle: int, idle_timeout: float) -> None:
         self.label = label
@@ -35,6 +44,9 @@ class Pool(Generic[C]):
         self.open = 0  # connections alive (idle or busy); maintained by the connections
         self.connects = 0
         self.reuses = 0
+        # responses from this backend by status class (index 1-5: 1xx..5xx), for metrics;
+        # the pool is the one per-backend object that survives membership changes
+        self.responses = [0] * 6
 
     def take(self) -> C | None:
         idle = self.idle

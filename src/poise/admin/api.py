@@ -1,0 +1,376 @@
+"""The admin API: what poise is doing and why, and the operator's levers. Its own listener
+(``admin.listen``, 127.0.0.1:9901 by default), never the data plane's: no Host header or path
+encoding on a proxy listener can reach it. Every call needs ``Authorization: Bearer <token>``.
+
+::
+
+    GET    /v1/status                                     version, uptime, listeners, registry
+    GET    /v1/routes                                     routes per listener
+    GET    /v1/upstreams                                  every upstream, backends summarised
+    GET    /v1/upstreams/{upstream}                       backends: state, health and why,
+                                                          ejection, in flight, last checks
+    PUT    /v1/upstreams/{upstream}/backends/{backend}/state   {"state": "drain"}
+    PUT    /v1/upstreams/{upstream}/backends/{backend}/weight  {"weight": 3}
+    POST   /v1/upstreams/{upstream}/backends                   {"url": ..., "weight": 1}
+    DELETE /v1/upstreams/{upstream}/backends/{backend}
+    GET    /v1/registry                                   the registry as poise sees it
+    GET    /v1/config                                     the config in force (secrets hidden)
+    POST   /v1/reload                                     reload the config file
+    GET    /metrics                                       Prometheus text format
+    GET    /openapi.json
+    GET    /  (or /dashboard)                             the live dashboard page (no token:
+                                                          it holds no data; open it as
+                                                          /#token=... and its calls send it)
+
+``{backend}`` is ``host:port`` (or the URL, percent-encoded). Writes take JSON, are validated
+before anything changes, and change nothing when they fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import time
+from collections.abc import Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from poise import __version__
+from poise.admin import metrics
+from poise.config.checks import check_weight
+from poise.health.status import STATES
+from poise.httpd import HttpError, HttpServer, Reply, Request, Router
+
+if TYPE_CHECKING:
+    from poise.server import Server
+
+SECRET_FIELDS = ("token", "secret")
+PUBLIC = ("/", "/dashboard")
+# the page loads nothing from elsewhere (works offline, no CDN) and may only call its origin
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class AdminApi:
+    def __init__(self, server: Server, token: str) -> None:
+        self.server = server
+        self.token = token
+        self.started = time.time()
+        r = Router()
+        r.add("GET", "/v1/status", self.status)
+        r.add("GET", "/v1/routes", self.routes)
+        r.add("GET", "/v1/upstreams", self.upstreams)
+        r.add("GET", "/v1/upstreams/{upstream}", self.upstream)
+        r.add("POST", "/v1/upstreams/{upstream}/backends", self.add_backend)
+        r.add("DELETE", "/v1/upstreams/{upstream}/backends/{backend}", self.remove_backend)
+        r.add("PUT", "/v1/upstreams/{upstream}/backends/{backend}/state", self.set_state)
+        r.add("PUT", "/v1/upstreams/{upstream}/backends/{backend}/weight", self.set_weight)
+        r.add("GET", "/v1/registry", self.registry)
+        r.add("GET", "/v1/config", self.config)
+        r.add("POST", "/v1/reload", self.reload)
+        r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/openapi.json", self.openapi)
+        r.add("GET", "/", self.dashboard)
+        r.add("GET", "/dashboard", self.dashboard)
+        self.http = HttpServer(r, name="admin", guard=self.check_token)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        return await self.http.start(host, port)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    def check_token(self, request: Request) -> None:
+        if request.path in PUBLIC and request.method in ("GET", "HEAD"):
+            return  # the dashboard page itself holds no data; its calls carry the token
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        ):
+            raise HttpError(401, "missing or wrong bearer token")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Reply:
+        s = self.server
+        ctx = s.ctx
+        return Reply(
+            data={
+                "version": __version__,
+                "uptime_s": round(time.time() - self.started, 3),
+                "config": s.config.source,
+                "listeners": {k: f"{h}:{p}" for k, (h, p) in s.addresses.items()},
+                "upstreams": len(s.table.groups),
+                "clients": len(ctx.clients) if ctx is not None else 0,
+                "requests": ctx.stats.requests if ctx is not None else 0,
+                "registry": None
+                if s.registry is None
+                else {
+                    "store": s.registry.store.name,
+                    "reachable": s.registry.reachable,
+                    "api": None
+                    if s.registry_address is None
+                    else f"{s.registry_address[0]}:{s.registry_address[1]}",
+                },
+            }
+        )
+
+    async def routes(self, request: Request) -> Reply:
+        return Reply(
+            data={
+                lc.name: [
+                    {"hosts": list(r.hosts), "path": r.path_prefix, "upstream": r.upstream}
+                    for r in lc.routes
+                ]
+                for lc in self.server.config.listeners
+            }
+        )
+
+    async def upstreams(self, request: Request) -> Reply:
+        return Reply(
+            data={name: self._upstream(name, detail=True) for name in self._table().groups}
+        )
+
+    async def upstream(self, request: Request, upstream: str) -> Reply:
+        if upstream not in self._table().groups:
+            raise HttpError(404, f"no upstream named {upstream!r}")
+        return Reply(data=self._upstream(upstream, detail=True))
+
+    async def registry(self, request: Request) -> Reply:
+        reg = self.server.registry
+        if reg is None:
+            raise HttpError(404, "no registry is configured")
+        services, rev = await reg.store.services()
+        return Reply(data={**reg.statistics(), "services": services, "store_revision": rev})
+
+    async def config(self, request: Request) -> Reply:
+        return Reply(data=_redact(_plain(self.server.config)))
+
+    async def metrics(self, request: Request) -> Reply:
+        body = metrics.render(self.server).encode()
+        return Reply(body=body, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(self, request: Request) -> Reply:
+        return Reply(data=openapi_document())
+
+    async def dashboard(self, request: Request) -> Reply:
+        page = resources.files("poise.admin").joinpath("dashboard.html").read_bytes()
+        return Reply(
+            body=page,
+            content_type="text/html; charset=utf-8",
+            headers=[("Content-Security-Policy", CSP)],
+        )
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def set_state(self, request: Request, upstream: str, backend: str) -> Reply:
+        state = _field(request, "state")
+        if state not in STATES:
+            raise HttpError(400, f"state: {state!r} is not one of {', '.join(STATES)}")
+        self._do(self.server.set_backend_state, upstream, backend, state)
+        return Reply(data=self._upstream(upstream, detail=True))
+
+    async def set_weight(self, request: Request, upstream: str, backend: str) -> Reply:
+        weight = _checked(check_weight, _field(request, "weight"), "weight")
+        self._do(self.server.set_backend_weight, upstream, backend, weight)
+        return Reply(data=self._upstream(upstream, detail=True))
+
+    async def add_backend(self, request: Request, upstream: str) -> Reply:
+        body = request.json()
+        if not isinstance(body, dict) or "url" not in body or set(body) - {"url", "weight"}:
+            raise HttpError(400, 'body: expected {"url": ..., "weight": n}')
+        weight = _checked(check_weight, body.get("weight", 1), "weight")
+        self._do(self.server.add_backend, upstream, body["url"], weight)
+        return Reply(201, self._upstream(upstream, detail=True))
+
+    async def reload(self, request: Request) -> Reply:
+        """Reload the config file (validated first; refused with every reason, or applied)."""
+        from poise.errors import ConfigError
+
+        try:
+            changed = await self.server.reload()
+        except ConfigError as exc:
+            raise HttpError(
+                400, "reload refused; the running configuration stays", problems=exc.problems
+            ) from exc
+        except OSError as exc:
+            raise HttpError(400, f"reload failed: {exc}") from exc
+        return Reply(data={"reloaded": True, **changed})
+
+    async def remove_backend(self, request: Request, upstream: str, backend: str) -> Reply:
+        self._do(self.server.remove_backend, upstream, backend)
+        return Reply(data=self._upstream(upstream, detail=True))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _table(self) -> Any:
+        s = self.server
+        return s.ctx.table if s.ctx is not None else s.table
+
+    def _do(self, action: Any, *args: Any) -> None:
+        from poise.errors import ConfigError
+
+        try:
+            action(*args)
+        except KeyError as exc:
+            raise HttpError(404, str(exc.args[0])) from exc
+        except ConfigError as exc:
+            raise HttpError(400, "; ".join(exc.problems), problems=exc.problems) from exc
+        except ValueError as exc:
+            raise HttpError(409, str(exc)) from exc
+
+    def _upstream(self, name: str, *, detail: bool = False) -> dict[str, Any]:
+        s = self.server
+        group = self._table().groups[name]
+        up = group.config
+        board = s.board.statistics().get(name, {})
+        facts = board.get("backends", {}) if isinstance(board, dict) else {}
+        checker = next((c for c in s.checkers if c.group == name), None)
+        checks: dict[str, Any] = {}
+        if checker is not None:
+            for b, st in zip(checker.backends, checker.states, strict=True):
+                checks[b.url] = {
+                    "health": st.health.value,
+                    "reason": st.reason,
+                    "history": st.history_dicts() if detail else None,
+                }
+        source = (
+            {"service": up.service}
+            if up.service
+            else {"file": up.file}
+            if up.file
+            else {"dns": f"{up.dns.type} {up.dns.name}"}
+            if up.dns
+            else {"static": True}
+        )
+        backends = []
+        for b in group.backends:
+            pool = group.pools[b.index]
+            entry: dict[str, Any] = {
+                "url": b.url,
+                "weight": b.weight,
+                "up": group.up[b.index],
+                **facts.get(b.url, {}),
+                "in_flight": group.load.active[b.index] if group.load is not None else None,
+                "connections": {"idle": len(pool.idle), "open": pool.open},
+                "responses": {f"{c}xx": pool.responses[c] for c in range(1, 6)},
+            }
+            if b.url in checks:
+                entry["check"] = {k: v for k, v in checks[b.url].items() if v is not None}
+            backends.append(entry)
+        return {
+            "policy": up.policy.name,
+            "source": source,
+            "panic": bool(board.get("panic", False)) if isinstance(board, dict) else False,
+            "backends": backends,
+        }
+
+
+def _field(request: Request, name: str) -> Any:
+    body = request.json()
+    if not isinstance(body, dict) or set(body) != {name}:
+        raise HttpError(400, f'body: expected {{"{name}": ...}}')
+    return body[name]
+
+
+def _checked(check: Any, value: object, name: str) -> Any:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise HttpError(400, f"{name}: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """A frozen config as JSON-ready data (``dataclasses.asdict`` cannot copy mapping
+    proxies)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            k: ("<hidden>" if k in SECRET_FIELDS and v is not None else _redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def openapi_document() -> dict[str, Any]:
+    ok = {"description": "ok"}
+    err = {"description": "error (JSON: error, problems)"}
+    up = {"name": "upstream", "in": "path", "required": True, "schema": {"type": "string"}}
+    be = {
+        "name": "backend",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "host:port",
+    }
+
+    def op(
+        summary: str, params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "responses": {"200": ok, "400": err, "401": err, "404": err},
+        }
+        if params:
+            out["parameters"] = params
+        if body:
+            out["requestBody"] = {"content": {"application/json": {"schema": body}}}
+        return out
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "poise admin API", "version": __version__},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/status": {"get": op("version, uptime, listeners, registry")},
+            "/v1/routes": {"get": op("routes per listener")},
+            "/v1/upstreams": {"get": op("every upstream")},
+            "/v1/upstreams/{upstream}": {"get": op("one upstream's backends", [up])},
+            "/v1/upstreams/{upstream}/backends": {
+                "post": op(
+                    "add a backend (static upstreams)",
+                    [up],
+                    {
+                        "type": "object",
+                        "required": ["url"],
+                        "properties": {"url": {"type": "string"}, "weight": {"type": "integer"}},
+                    },
+                )
+            },
+            "/v1/upstreams/{upstream}/backends/{backend}": {
+                "delete": op("remove a backend (in-flight requests finish)", [up, be])
+            },
+            "/v1/upstreams/{upstream}/backends/{backend}/state": {
+                "put": op(
+                    "operator state",
+                    [up, be],
+                    {"type": "object", "properties": {"state": {"enum": list(STATES)}}},
+                )
+            },
+            "/v1/upstreams/{upstream}/backends/{backend}/weight": {
+                "put": op(
+                    "weight",
+                    [up, be],
+                    {"type": "object", "properties": {"weight": {"type": "integer"}}},
+                )
+            },
+            "/v1/registry": {"get": op("the service registry as poise sees it")},
+            "/v1/config": {"get": op("the config in force, secrets hidden")},
+            "/v1/reload": {"post": op("reload the config file (refused with every reason)")},
+            "/metrics": {"get": op("Prometheus text format")},
+        },
+    }

@@ -1,0 +1,164 @@
+"""Prometheus text exposition (format 0.0.4) of a running Server, built on scrape.
+
+The hot path only bumps plain integers (``Stats``, each pool's ``responses`` by status
+class); everything is read and formatted here, when ``/metrics`` is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from poise.server import Server
+
+_ERRORS = {
+    "no_healthy_backend": "no_healthy_backend",
+    "no_route": "no_route",
+    "bad_requests": "bad_request",
+    "upstream_connect_errors": "upstream_connect",
+    "upstream_timeouts": "upstream_timeout",
+    "upstream_errors": "upstream_error",
+    "client_timeouts": "client_timeout",
+    "queue_full": "queue_full",
+    "queue_timeouts": "queue_timeout",
+    "connections_refused": "connection_refused",
+}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: str) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        text = repr(float(value)) if isinstance(value, float) else str(value)
+        self.lines.append(f"{name}{_labels(**labels)} {text}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render(server: Server) -> str:
+    out = _Out()
+    ctx = server.ctx
+    stats = ctx.stats.as_dict() if ctx is not None else {}
+    out.family("poise_requests_total", "counter", "Requests received on HTTP listeners.")
+    out.sample("poise_requests_total", stats.get("requests", 0))
+    out.family("poise_connections_total", "counter", "Client connections accepted.")
+    out.sample("poise_connections_total", stats.get("connections_accepted", 0))
+    out.family("poise_client_connections", "gauge", "Client connections open now.")
+    out.sample("poise_client_connections", len(ctx.clients) if ctx is not None else 0)
+    out.family("poise_errors_total", "counter", "Requests poise answered with an error, by kind.")
+    for key, kind in _ERRORS.items():
+        out.sample("poise_errors_total", stats.get(key, 0), kind=kind)
+    if ctx is not None:
+        h = ctx.latency
+        name = "poise_request_duration_seconds"
+        out.family(name, "histogram", "From a request's first byte to its response's last.")
+        total = 0
+        for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
+            total += n
+            out.sample(f"{name}_bucket", total, le="+Inf" if bound == float("inf") else repr(bound))
+        out.sample(f"{name}_sum", h.sum)
+        out.sample(f"{name}_count", h.count)
+    out.family("poise_retries_total", "counter", "Requests sent again to another backend.")
+    out.sample("poise_retries_total", stats.get("retries", 0))
+    out.family("poise_retries_over_budget_total", "counter", "Retries the budget refused.")
+    out.sample("poise_retries_over_budget_total", stats.get("retries_over_budget", 0))
+    out.family("poise_ejections_total", "counter", "Backends ejected by passive health checks.")
+    out.sample("poise_ejections_total", stats.get("ejections", 0))
+
+    table = ctx.table if ctx is not None else server.table
+    board: dict[str, Any] = server.board.statistics()
+    responses = _Out()
+    responses.family(
+        "poise_backend_responses_total", "counter", "Responses from backends by status class."
+    )
+    gauges = {
+        "poise_backend_up": "1 when the backend takes new requests.",
+        "poise_backend_healthy": "1 when the active checks pass.",
+        "poise_backend_ejected": "1 while ejected by passive health.",
+        "poise_backend_in_flight": "Requests in flight (load-aware policies and limits).",
+        "poise_backend_connections_idle": "Idle keep-alive connections in the pool.",
+        "poise_backend_connections_open": "Open connections to the backend.",
+        "poise_backend_weight": "Configured weight.",
+    }
+    samples: dict[str, list[tuple[float, dict[str, str]]]] = {k: [] for k in gauges}
+    for name, group in table.groups.items():
+        facts: dict[str, Any] = board.get(name, {}).get("backends", {})
+        for b in group.backends:
+            labels = {"upstream": name, "backend": b.authority}
+            pool = group.pools[b.index]
+            for cls in range(1, 6):
+                responses.sample(
+                    "poise_backend_responses_total", pool.responses[cls], code=f"{cls}xx", **labels
+                )
+            fact = facts.get(b.url, {})
+            active = group.load.active[b.index] if group.load is not None else 0
+            values: dict[str, float] = {
+                "poise_backend_up": int(group.up[b.index]),
+                "poise_backend_healthy": int(bool(fact.get("healthy", True))),
+                "poise_backend_ejected": int(bool(fact.get("ejected", False))),
+                "poise_backend_in_flight": active,
+                "poise_backend_connections_idle": len(pool.idle),
+                "poise_backend_connections_open": pool.open,
+                "poise_backend_weight": b.weight,
+            }
+            for key, value in values.items():
+                samples[key].append((value, labels))
+    out.lines += responses.lines
+    for key, help_text in gauges.items():
+        out.family(key, "gauge", help_text)
+        for value, labels in samples[key]:
+            out.sample(key, value, **labels)
+
+    out.family("poise_health_checks_total", "counter", "Active health probes by result.")
+    for checker in server.checkers:
+        for b, n, failed in zip(checker.backends, checker.probes, checker.failed, strict=True):
+            labels = {"upstream": checker.group, "backend": b.authority}
+            out.sample("poise_health_checks_total", n - failed, result="ok", **labels)
+            out.sample("poise_health_checks_total", failed, result="fail", **labels)
+
+    if server.tls:
+        out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
+        for name, tls in server.tls.items():
+            out.sample("poise_tls_handshakes_total", tls.handshakes, listener=name)
+        out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
+        for name, tls in server.tls.items():
+            out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")
+            out.sample("poise_tls_reloads_total", tls.reload_failures, listener=name, result="fail")
+        expiry = "poise_tls_certificate_not_after_seconds"
+        out.family(expiry, "gauge", "When each served certificate expires (Unix time).")
+        for name, tls in server.tls.items():
+            for cert, info in zip(tls.cfg.certificates, tls.certs.infos, strict=True):
+                out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
+
+    if server.registry is not None:
+        reg = server.registry
+        out.family("poise_registry_instances", "gauge", "Instances of the followed services.")
+        for service, instances in sorted(reg.reported.items()):
+            out.sample("poise_registry_instances", len(instances), service=service)
+        out.family("poise_registry_reachable", "gauge", "1 when the registry store answers.")
+        out.sample("poise_registry_reachable", int(reg.reachable), store=reg.store.name)
+        out.family("poise_registry_revision", "gauge", "The registry revision last listed.")
+        out.sample("poise_registry_revision", reg.revision)
+    return out.text()
+
+
+def names(text: str) -> Iterable[str]:
+    """The metric family names in an exposition (for tests and docs)."""
+    return [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -1,0 +1,391 @@
+"""``ssl.SSLContext``s built from the TLS config: listeners (certificates chosen by SNI,
+reloaded on change) and connections to backends.
+
+Theory of operation
+-------------------
+A listener's socket is given one *front* context whose ``sni_callback`` runs during every
+ClientHello (RFC 6066 §3), with or without a server name, and switches the connection to the
+context of the matching certificate (``ssl_object.context = ...``; OpenSSL's
+``SSL_set_SSL_CTX``). Matching: the exact name first, then a wildcard for the name minus its
+first label (``*.example.com`` covers ``a.example.com``, not ``example.com`` nor
+``a.b.example.com``: RFC 6125 §6.4.3), else the default certificate.
+
+The certificates live in a ``CertSet``: an immutable value, rebuilt from the files and
+swapped by one assignment on reload. Connections already established keep the context they
+were handshaken with, so a reload drops nothing; the next handshake sees the new set.
+
+Every context of a listener gets the same settings (versions, ciphers, ALPN, client
+verification), because after the switch OpenSSL verifies the client's certificate with the
+*new* context's trust store. Protocol versions and ciphers are fixed when the connection is
+created from the front context, so they are not reloadable (a restart changes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from poise.config.model import (
+    CertificateConfig,
+    ListenerTlsConfig,
+    UpstreamConfig,
+    UpstreamTlsConfig,
+)
+from poise.tls.certs import CertInfo, read_pem_certificate
+
+__all__ = [
+    "ALPN",
+    "CertSet",
+    "ClientTls",
+    "ListenerTls",
+    "build_cert_set",
+    "check_ca_bundle",
+    "check_ciphers",
+    "check_pair",
+    "client_context",
+    "format_subject",
+    "group_tls",
+    "reloadable",
+    "upstream_tls",
+]
+
+log = logging.getLogger("poise.tls")
+
+ALPN = ["http/1.1"]
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason from an OSError or ssl.SSLError, for config problems and logs."""
+    if isinstance(exc, ssl.SSLError):
+        # set_ciphers raises an SSLError without the reason attribute
+        reason = getattr(exc, "reason", None) or ""
+        text = str(exc)
+        if reason == "KEY_VALUES_MISMATCH":
+            return "the certificate and the key do not match"
+        if reason in ("PEM_LIB", "NO_START_LINE", "BAD_BASE64_DECODE") or "PEM lib" in text:
+            return "not a PEM certificate and key"
+        if reason == "NO_CIPHER_MATCH" or "No cipher can be selected" in text:
+            return "no cipher matches"
+        return reason.lower().replace("_", " ") if reason else text
+    if isinstance(exc, OSError) and exc.strerror:
+        name = f" {exc.filename}" if exc.filename else ""
+        return f"cannot read{name}: {exc.strerror}"
+    return str(exc)
+
+
+def check_pair(cert: str, key: str) -> CertInfo:
+    """Load a certificate chain and its key as a server would; ``ValueError`` with a plain
+    reason when a file is unreadable, not PEM, or the key does not belong to the cert."""
+    try:
+        pem = Path(cert).read_bytes()
+    except OSError as exc:
+        raise ValueError(_reason(exc)) from None
+    info = read_pem_certificate(pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and not exc.filename:
+            exc.filename = key  # load_cert_chain does not say which file it could not read
+        raise ValueError(_reason(exc)) from None
+    return info
+
+
+def check_ca_bundle(path: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except OSError as exc:
+        if not isinstance(exc, ssl.SSLError) and not exc.filename:
+            exc.filename = path
+        raise ValueError(_reason(exc)) from None
+    if not ctx.get_ca_certs():
+        raise ValueError(f"no CA certificate in {path}")
+
+
+def check_ciphers(ciphers: str) -> str:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{_reason(exc)}: {ciphers!r}") from None
+    return ciphers
+
+
+# -- listeners ---------------------------------------------------------------------------
+
+
+def server_context(cfg: ListenerTlsConfig, cert: CertificateConfig | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = VERSIONS[cfg.min_version]
+    ctx.maximum_version = VERSIONS[cfg.max_version]
+    if cfg.ciphers:
+        ctx.set_ciphers(cfg.ciphers)
+    ctx.set_alpn_protocols(ALPN)
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert, cert.key)
+    if cfg.client_ca:
+        ctx.load_verify_locations(cafile=cfg.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if cfg.client_auth == "required" else ssl.CERT_OPTIONAL
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class CertSet:
+    """A listener's certificates at one moment: replaced whole on reload."""
+
+    default: ssl.SSLContext
+    exact: dict[str, ssl.SSLContext]
+    wildcard: dict[str, ssl.SSLContext]  # "example.com" for a certificate of "*.example.com"
+    infos: tuple[CertInfo, ...]  # by certificate index ([0] the default)
+
+    def select(self, server_name: str | None) -> ssl.SSLContext:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            ctx = self.exact.get(name)
+            if ctx is not None:
+                return ctx
+            dot = name.find(".")
+            if dot > 0:
+                ctx = self.wildcard.get(name[dot + 1 :])
+                if ctx is not None:
+                    return ctx
+        return self.default
+
+
+def build_cert_set(cfg: ListenerTlsConfig) -> CertSet:
+    """Load every certificate of ``cfg``; raises ValueError (with the file's reason)."""
+    exact: dict[str, ssl.SSLContext] = {}
+    wildcard: dict[str, ssl.SSLContext] = {}
+    infos = []
+    contexts = []
+    for cert in cfg.certificates:
+        info = check_pair(cert.cert, cert.key)
+        infos.append(info)
+        ctx = server_context(cfg, cert)
+        contexts.append(ctx)
+        for name in cert.names or info.names:
+            if name.startswith("*."):
+                wildcard.setdefault(name[2:], ctx)
+            else:
+                exact.setdefault(name, ctx)
+    return CertSet(contexts[0], exact, wildcard, tuple(infos))
+
+
+def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...] | None:
+    """What changes when a file is replaced or rewritten; None while one is missing."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def _paths(cfg: ListenerTlsConfig) -> tuple[str, ...]:
+    files = [p for c in cfg.certificates for p in (c.cert, c.key)]
+    return tuple(dict.fromkeys(files + ([cfg.client_ca] if cfg.client_ca else [])))
+
+
+def reloadable(old: ListenerTlsConfig, new: ListenerTlsConfig) -> bool:
+    """Whether a config reload can take ``new`` in place: certificates, their names,
+    ``strict`` and ``reload_interval`` may change; versions, ciphers and client verification
+    live in the front context each connection starts from (a restart changes them)."""
+    a = dataclasses.replace(old, certificates=(), strict=False, reload_interval=0.0)
+    return a == dataclasses.replace(new, certificates=(), strict=False, reload_interval=0.0)
+
+
+class ListenerTls:
+    """One HTTPS listener's TLS: the front context handed to ``create_server`` and the
+    current certificates, reloaded when their files change (``watch``) or on demand."""
+
+    def __init__(self, name: str, cfg: ListenerTlsConfig, *, subject_header: bytes = b"") -> None:
+        self.name = name
+        self.cfg = cfg
+        self.certs = build_cert_set(cfg)
+        self.context = server_context(cfg, cfg.certificates[0])
+        self.context.sni_callback = self._sni
+        self.subject_header = subject_header  # b"X-Client-Subject" or b"" (none)
+        self.paths = _paths(cfg)
+        self._seen = _signature(self.paths)
+        self.reloads = 0
+        self.reload_failures = 0
+        self.handshakes = 0  # ClientHellos seen (each runs the SNI callback once)
+        self.last_error: str | None = None
+
+    def _sni(self, ssl_object: Any, server_name: str | None, _front: ssl.SSLContext) -> None:
+        self.handshakes += 1
+        ssl_object.context = self.certs.select(server_name)
+
+    def reload(self, *, force: bool = False) -> str:
+        """Load the certificate files again when they changed (always with ``force``).
+        Returns "reloaded", "unchanged" or "failed: <reason>"; on failure the previous
+        certificates stay in service."""
+        sig = _signature(self.paths)
+        if not force and (sig is None or sig == self._seen):
+            return "unchanged"
+        self._seen = sig  # a broken new file is reported once, not on every poll
+        try:
+            certs = build_cert_set(self.cfg)
+            now = dt.datetime.now(dt.UTC)
+            for cert, info in zip(self.cfg.certificates, certs.infos, strict=True):
+                if info.expired(now):
+                    when = info.not_after.strftime("%Y-%m-%d %H:%M UTC")
+                    if self.cfg.strict:
+                        raise ValueError(f"{cert.cert}: certificate expired on {when}")
+                    log.warning("listener %s: %s expired on %s", self.name, cert.cert, when)
+        except (ValueError, OSError) as exc:
+            self.reload_failures += 1
+            self.last_error = _reason(exc)
+            log.error(
+                "listener %s: certificate reload failed (%s); still serving the previous "
+                "certificates",
+                self.name,
+                self.last_error,
+            )
+            return f"failed: {self.last_error}"
+        self.certs = certs  # one assignment: the next handshake sees the new set
+        self.reloads += 1
+        self.last_error = None
+        log.info("listener %s: certificates reloaded", self.name)
+        return "reloaded"
+
+    async def watch(self) -> None:
+        """Poll the files' modification times every ``reload_interval`` until cancelled
+        (0: not at all, but a config reload may set an interval later)."""
+        while True:
+            interval = self.cfg.reload_interval
+            await asyncio.sleep(interval or 1.0)
+            if interval:
+                self.reload()
+
+    def install(self, cfg: ListenerTlsConfig, certs: CertSet) -> None:
+        """Take a reloaded config's certificates (``build_cert_set(cfg)``, made beforehand
+        so a failure changes nothing). Only what ``reloadable`` allows may differ."""
+        self.cfg = cfg
+        self.certs = certs
+        self.paths = _paths(cfg)
+        self._seen = _signature(self.paths)
+
+    def subject_field(self, transport: asyncio.BaseTransport) -> bytes:
+        """The ``<header>: <subject>\\r\\n`` line for a verified client certificate, or b""."""
+        if not self.subject_header:
+            return b""
+        peer = transport.get_extra_info("peercert")
+        if not peer:
+            return b""
+        return self.subject_header + b": " + format_subject(peer.get("subject", ())) + b"\r\n"
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            "certificates": [
+                {
+                    "cert": c.cert,
+                    "names": list(c.names or i.names),
+                    "not_after": i.not_after.isoformat(),
+                }
+                for c, i in zip(self.cfg.certificates, self.certs.infos, strict=True)
+            ],
+            "handshakes": self.handshakes,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "last_error": self.last_error,
+        }
+
+    def __repr__(self) -> str:
+        return f"ListenerTls({self.name}, {len(self.cfg.certificates)} certificates)"
+
+
+_SHORT = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _escape(value: str) -> str:
+    """RFC 4514 §2.4 escaping; every byte outside printable ASCII becomes \\XX, so the
+    result is always a safe header value (no CR, LF or NUL can get through)."""
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;=' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.extend(f"\\{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def format_subject(subject: Any) -> bytes:
+    """``getpeercert()["subject"]`` as an RFC 4514 string, most specific first, as nginx's
+    ``$ssl_client_s_dn``: ``CN=alice,OU=eng,O=Example``."""
+    rdns = []
+    for rdn in reversed(tuple(subject)):
+        rdns.append("+".join(f"{_SHORT.get(k, k)}={_escape(str(v))}" for k, v in rdn))
+    return ",".join(rdns).encode("ascii")
+
+
+# -- backends ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """How a group speaks TLS to its https:// backends: one context for all of them, and
+    the name to send (SNI) and verify, unless each backend's own host is meant."""
+
+    context: ssl.SSLContext
+    server_name: str | None = None
+
+    def name_for(self, backend_host: str) -> str:
+        return self.server_name or backend_host
+
+
+def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
+    # create_default_context: CERT_REQUIRED, check_hostname, the system store unless a CA
+    # bundle is given (then only that bundle is trusted).
+    ctx = ssl.create_default_context(cafile=cfg.ca)
+    if not cfg.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = VERSIONS[cfg.min_version]
+    if cfg.ciphers:
+        ctx.set_ciphers(cfg.ciphers)
+    ctx.set_alpn_protocols(ALPN)
+    if cfg.cert and cfg.key:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    return ctx
+
+
+def group_tls(up: UpstreamConfig) -> ClientTls:
+    cfg = up.tls or UpstreamTlsConfig()
+    return ClientTls(client_context(cfg), cfg.server_name)
+
+
+def upstream_tls(upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ClientTls]:
+    """TLS for each group that is known to reach https:// backends (listed ones, a ``tls``
+    section, or DNS discovery with scheme https). Groups whose https backends appear only
+    later (from the registry) get theirs when first needed (``Context.tls_for``)."""
+    return {
+        name: group_tls(up)
+        for name, up in upstreams.items()
+        if up.tls is not None
+        or any(b.scheme == "https" for b in up.backends)
+        or (up.dns is not None and up.dns.scheme == "https")
+    }

@@ -1,0 +1,70 @@
+"""Registration parsing and validation (registry/model.py): every problem named by field."""
+
+from __future__ import annotations
+
+import pytest
+
+from poise.errors import InvalidInstance
+from poise.registry.model import Event, Instance, parse_instance, parse_ttl
+
+
+def test_a_full_registration() -> None:
+    i = parse_instance(
+        "users",
+        "users-1",
+        {"host": "10.0.0.5", "port": 8001, "weight": 3, "tags": ["v2"], "meta": {"a": "b"},
+         "zone": "eu-1", "ttl": "10s", "scheme": "http"},
+    )  # fmt: skip
+    assert (i.service, i.id, i.host, i.port, i.weight, i.ttl) == (
+        "users", "users-1", "10.0.0.5", 8001, 3, 10.0,
+    )  # fmt: skip
+    assert i.tags == ("v2",) and dict(i.meta) == {"a": "b"} and i.zone == "eu-1"
+    assert i.url == "http://10.0.0.5:8001"
+    assert Instance.from_json(i.to_json()) == i
+
+
+def test_defaults_and_address_alias_and_ipv6() -> None:
+    i = parse_instance("users", "u", {"address": "::1", "port": 9000})
+    assert (i.host, i.scheme, i.weight, i.ttl, i.status) == ("::1", "http", 1, None, "passing")
+    assert i.url == "http://[::1]:9000"
+    assert parse_instance("web", "w", {"host": "h", "scheme": "https"}).port == 443
+
+
+def test_every_problem_is_listed_with_its_field() -> None:
+    with pytest.raises(InvalidInstance) as e:
+        parse_instance(
+            "Users!", "",
+            {"host": "a b", "port": 70000, "weight": -1, "tags": "x", "meta": {"a": 1},
+             "ttl": "soon", "status": "fine", "colour": "red"},
+        )  # fmt: skip
+    fields = [p.split(":", 1)[0] for p in e.value.problems]
+    assert fields == [
+        "service", "id", "colour", "host", "port", "weight", "tags", "meta", "ttl", "status",
+    ]  # fmt: skip
+    assert "colour: unknown field" in e.value.problems[2]
+
+
+def test_body_must_be_an_object() -> None:
+    with pytest.raises(InvalidInstance, match="body: expected a JSON object"):
+        parse_instance("users", "u", ["host"])
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(10, 10.0), ("10s", 10.0), ("500ms", 0.5), ("2m", 120.0), (None, None)]
+)
+def test_ttl_forms(value: object, seconds: float | None) -> None:
+    assert parse_ttl(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["0s", "2d", True, "nan", -1, 1e9])
+def test_bad_ttls(value: object) -> None:
+    with pytest.raises(InvalidInstance, match="ttl"):
+        parse_ttl(value)
+
+
+def test_event_json() -> None:
+    i = parse_instance("users", "u", {"host": "h", "port": 1})
+    assert Event(7, "put", "users", "u", i).to_json()["instance"]["host"] == "h"
+    assert Event(8, "delete", "users", "u", reason="expired").to_json() == {
+        "revision": 8, "type": "delete", "service": "users", "id": "u", "reason": "expired",
+    }  # fmt: skip
