@@ -290,3 +290,18 @@ async def test_reload_keeps_tcp_listeners_and_refuses_to_change_them() -> None:
             await server.reload(parse_config(moved))
             assert await roundtrip(addr, b"to b") == b"to b"
             assert (a.connections_accepted, b.connections_accepted) == (0, 1)
+
+
+async def test_tcp_counters_in_prometheus_metrics() -> None:
+    from poise.admin.metrics import names, render
+
+    async with TcpEcho() as echo, running_tcp(tcp_doc([echo.address])) as (server, addr):
+        assert await roundtrip(addr, b"12345") == b"12345"
+        await eventually(lambda: server.l4.active() == 0)
+        text = render(server)
+        assert 'poise_tcp_connections_total{listener="t"} 1' in text
+        assert 'poise_tcp_bytes_total{listener="t",direction="in"} 5' in text
+        assert 'poise_tcp_bytes_total{listener="t",direction="out"} 5' in text
+        backend = echo.address.split("://")[1]
+        assert f'poise_tcp_backend_connections_total{{upstream="u",backend="{backend}"}} 1' in text
+        assert "poise_tcp_errors_total" in names(text)
