@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from poise import __version__
 from poise.errors import ConfigError, RegistryError
+
+if TYPE_CHECKING:  # the CLI imports lazily, so `poise --help` starts fast
+    from poise.config.model import ListenerConfig
 
 EXAMPLES = """\
 examples:
@@ -172,7 +176,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = load_config(args.config)
     name = args.route or (
         next(iter(config.upstreams)) if len(config.upstreams) == 1
-        else config.listeners[0].routes[0].upstream
+        else _first_upstream(config.listeners[0])
     )  # fmt: skip
     if name not in config.upstreams:
         parser.error(f"no upstream {name!r} (have: {', '.join(config.upstreams)})")
@@ -261,3 +265,7 @@ def _register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _first_upstream(listener: ListenerConfig) -> str:
+    return listener.tcp.upstream if listener.tcp is not None else listener.routes[0].upstream

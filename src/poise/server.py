@@ -29,6 +29,7 @@ from poise.health.checker import GroupChecker, Probe
 from poise.health.probes import probe as probe_backend
 from poise.health.state import HealthState, ProbeResult
 from poise.health.status import GroupStatus, View
+from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
 from poise.l7.redirect import RedirectConnection
@@ -38,7 +39,7 @@ from poise.registry.discovery import backends_of
 from poise.registry.model import Instance
 from poise.registry.service import RegistryService
 from poise.registry.sources import DnsSource, FileSource, SourceError
-from poise.routing import build_table, make_backends, regroup
+from poise.routing import RoutingTable, build_table, make_backends, regroup
 from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
@@ -56,6 +57,8 @@ class Server:
         backends = {name: make_backends(up) for name, up in config.upstreams.items()}
         self.board = HealthBoard(config.upstreams, backends, time.monotonic)
         self.table = build_table(config, self.rng, self.board.statuses)
+        # the TCP listeners, if any; they read the current table, wherever it was swapped
+        self.l4 = L4(config, self._current_table, self.rng.random)
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
@@ -149,6 +152,9 @@ class Server:
         i = self._find(up, backend)
         changed = dataclasses.replace(up.backends[i], weight=weight)
         self.set_members(group, (*up.backends[:i], changed, *up.backends[i + 1 :]))
+
+    def _current_table(self) -> RoutingTable:
+        return self.ctx.table if self.ctx is not None else self.table
 
     def _install(self, group: str, view: View) -> None:
         """Swap in a routing table with ``group``'s new view: one assignment."""
@@ -411,7 +417,7 @@ class Server:
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
         self.board.install = self._install
-        ctx.on_ejected = self.board.ejected
+        ctx.on_ejected = self.l4.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
         # after the registry is read and the first health round.
         await self._bind(loop, ctx)
@@ -422,6 +428,7 @@ class Server:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
+                tasks.append(tg.create_task(self.l4.run(), name="l4"))
                 for name, tls in self.tls.items():
                     tasks.append(tg.create_task(tls.watch(), name=f"tls:{name}"))
                 if self.registry is not None:
@@ -443,12 +450,13 @@ class Server:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(limit):
                             await asyncio.gather(*waits)
-                for server, (name, (host, port)) in zip(
-                    self.listeners, self.addresses.items(), strict=True
+                await self.l4.ready.wait()
+                for server, lc, (name, (host, port)) in zip(
+                    self.listeners, self.config.listeners, self.addresses.items(), strict=True
                 ):
                     await server.start_serving()
                     shown = f"[{host}]" if ":" in host else host
-                    scheme = "https" if name in self.tls else "http"
+                    scheme = "https" if name in self.tls else lc.protocol
                     log.info("listening on %s://%s:%d (%s)", scheme, shown, port, name)
                 self.started.set()
                 await self._stop.wait()
@@ -478,7 +486,9 @@ class Server:
             name = lc.name
             tls = self.tls.get(name)
             factory: Any
-            if lc.redirect is not None:
+            if lc.tcp is not None:
+                factory = self.l4.listeners[name].factory
+            elif lc.redirect is not None:
                 factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
             else:
                 factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
@@ -511,14 +521,17 @@ class Server:
             server.close()
         ctx.draining = True
         ctx.close_idle_clients()
+        self.l4.draining = True  # TCP relays have no idle moment: they get the whole drain time
         deadline = asyncio.get_running_loop().time() + self.config.timeouts.drain
-        while ctx.clients and asyncio.get_running_loop().time() < deadline:
+        while (ctx.clients or self.l4.active()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
             ctx.close_idle_clients()
         if ctx.clients:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):
                 c.close()
+        if self.l4.active():
+            log.warning("drain timeout: closing %d TCP connections", self.l4.close_all())
         # Upgraded connections (WebSockets) have no end of their own to wait for.
         for tunnel in list(ctx.tunnels):
             tunnel.close()
@@ -534,6 +547,7 @@ class Server:
             "registry": self.registry.statistics() if self.registry is not None else None,
             "sources": {name: src.statistics() for name, src in self.sources.items()},
             "tls": {name: tls.statistics() for name, tls in self.tls.items()},
+            "l4": self.l4.statistics(),
         }
 
     def __repr__(self) -> str:

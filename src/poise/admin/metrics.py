@@ -147,6 +147,9 @@ def render(server: Server) -> str:
             for cert, info in zip(tls.cfg.certificates, tls.certs.infos, strict=True):
                 out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
 
+    if server.l4.listeners:
+        _l4(out, server.l4.statistics())
+
     if server.registry is not None:
         reg = server.registry
         out.family("poise_registry_instances", "gauge", "Instances of the followed services.")
@@ -157,6 +160,48 @@ def render(server: Server) -> str:
         out.family("poise_registry_revision", "gauge", "The registry revision last listed.")
         out.sample("poise_registry_revision", reg.revision)
     return out.text()
+
+
+_L4_ERRORS = {
+    "refused": "refused",
+    "connect_errors": "connect",
+    "connect_timeouts": "connect_timeout",
+    "no_backend": "no_backend",
+    "idle_timeouts": "idle_timeout",
+    "proxy_errors": "proxy_header",
+    "backend_resets": "backend_reset",
+}
+
+
+def _l4(out: _Out, l4: dict[str, Any]) -> None:
+    """TCP listeners and their backends (``L4.statistics()``)."""
+    listeners: dict[str, dict[str, int]] = l4["listeners"]
+    out.family("poise_tcp_connections_total", "counter", "TCP connections accepted.")
+    for name, st in listeners.items():
+        out.sample("poise_tcp_connections_total", st["accepted"], listener=name)
+    out.family("poise_tcp_connections", "gauge", "TCP connections open now.")
+    for name, st in listeners.items():
+        out.sample("poise_tcp_connections", st["active"], listener=name)
+    out.family("poise_tcp_bytes_total", "counter", "Bytes relayed (in: client to backend).")
+    for name, st in listeners.items():
+        out.sample("poise_tcp_bytes_total", st["bytes_in"], listener=name, direction="in")
+        out.sample("poise_tcp_bytes_total", st["bytes_out"], listener=name, direction="out")
+    out.family("poise_tcp_errors_total", "counter", "TCP connection problems, by kind.")
+    for name, st in listeners.items():
+        for key, kind in _L4_ERRORS.items():
+            out.sample("poise_tcp_errors_total", st[key], listener=name, kind=kind)
+    backends: dict[str, dict[str, dict[str, int]]] = l4["backends"]
+    out.family("poise_tcp_backend_connections_total", "counter", "TCP relays per backend.")
+    for upstream, by_url in backends.items():
+        for url, st in by_url.items():
+            labels = {"upstream": upstream, "backend": url.split("://", 1)[-1]}
+            out.sample("poise_tcp_backend_connections_total", st["connections"], **labels)
+    out.family("poise_tcp_backend_bytes_total", "counter", "Bytes relayed per backend.")
+    for upstream, by_url in backends.items():
+        for url, st in by_url.items():
+            labels = {"upstream": upstream, "backend": url.split("://", 1)[-1]}
+            out.sample("poise_tcp_backend_bytes_total", st["bytes_in"], direction="in", **labels)
+            out.sample("poise_tcp_backend_bytes_total", st["bytes_out"], direction="out", **labels)
 
 
 def names(text: str) -> Iterable[str]:

@@ -43,6 +43,14 @@ from poise.config.checks import (
     key_path,
     positive_duration,
 )
+from poise.config.l4 import (
+    TCP_LISTENER_KEYS,
+    check_listener_upstreams,
+    check_probe_bytes,
+    listener_protocol,
+    parse_any_backend,
+    tcp_listener,
+)
 from poise.config.model import (
     AccessLogConfig,
     BackendConfig,
@@ -94,7 +102,15 @@ __all__ = [
 _SEED_KEYS = ("port", "servers", "healthCheckInterval")
 _FULL_KEYS = ("listeners", "upstreams")
 _SHARED_KEYS = ("timeouts", "proxy", "limits", "log", "registry", "admin")
-_LISTENER_KEYS = ("name", "listen", "routes", "upstream", "tls", "redirect_https")
+_LISTENER_KEYS = (
+    "name",
+    "listen",
+    "routes",
+    "upstream",
+    "tls",
+    "redirect_https",
+    *TCP_LISTENER_KEYS,
+)
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
     "backends",
@@ -129,6 +145,8 @@ _HEALTH_KEYS = (
     "jitter",
     "unhealthy_interval",
     "history",
+    "send",
+    "expect",
 )
 _POOL_KEYS = ("max_idle", "idle_timeout")
 _TIMEOUT_KEYS = (
@@ -272,6 +290,7 @@ def _full(
     for key in _FULL_KEYS:
         if key not in doc:
             c.error(key, "required but missing")
+    check_listener_upstreams(c, doc.get("listeners"), listeners, upstreams)
     return listeners, upstreams
 
 
@@ -314,9 +333,11 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     if "dns" in obj:
         dns = dns_source(c, obj["dns"], key_path(path, "dns"))
     if "backends" in obj:
-        backends = _backends(c, obj["backends"], key_path(path, "backends"))
+        backends = _backends(c, obj["backends"], key_path(path, "backends"), tcp=True)
     elif not sources:
         c.error(key_path(path, "backends"), "required but missing (or a service, file or dns)")
+    # an upstream of tcp:// backends is checked by connecting, unless told otherwise
+    check_type = "tcp" if backends and all(b.scheme == "tcp" for b in backends) else "http"
     return UpstreamConfig(
         service=service,
         file=file,
@@ -326,7 +347,9 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         policy=_policy(c, obj["policy"], key_path(path, "policy"))
         if "policy" in obj
         else PolicyConfig(),
-        health_check=_health_check(c, obj.get("health_check"), key_path(path, "health_check")),
+        health_check=_health_check(
+            c, obj.get("health_check"), key_path(path, "health_check"), check_type
+        ),
         pool=_pool(c, obj.get("pool"), key_path(path, "pool")),
         passive=passive(c, obj.get("passive"), key_path(path, "passive")),
         retry=retry(c, obj.get("retry"), key_path(path, "retry")),
@@ -337,7 +360,9 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
     )
 
 
-def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]:
+def _backends(
+    c: Checker, value: object, path: str, *, tcp: bool = False
+) -> tuple[BackendConfig, ...]:
     result: list[BackendConfig] = []
     seen: dict[tuple[str, str, int], int] = {}
     for i, item in enumerate(c.items(value, path)):
@@ -360,7 +385,7 @@ def _backends(c: Checker, value: object, path: str) -> tuple[BackendConfig, ...]
             continue
         if url is None:
             continue
-        parsed = c.check(url, url_path, parse_backend_url)
+        parsed = c.check(url, url_path, parse_any_backend if tcp else parse_backend_url)
         if parsed is None:
             continue
         if parsed in seen:
@@ -459,8 +484,10 @@ def _expected_status(c: Checker, value: object, path: str) -> tuple[tuple[int, i
     return tuple(r for r in ranges if r is not None)
 
 
-def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
-    default = HealthCheckConfig()
+def _health_check(
+    c: Checker, value: object, path: str, check_type: str = "http"
+) -> HealthCheckConfig:
+    default = HealthCheckConfig(type=check_type)
     if value is None:
         return default
     obj = c.mapping(value, path, _HEALTH_KEYS)
@@ -472,6 +499,10 @@ def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
         for key in ("method", "path", "host", "expected_status", "headers", "body"):
             if key in obj:
                 c.error(key_path(path, key), "applies only to http checks, not to type 'tcp'")
+    else:
+        for key in ("send", "expect"):
+            if key in obj:
+                c.error(key_path(path, key), "applies only to tcp checks, not to type 'http'")
     method = c.field(obj, "method", path, check_method, default.method)
     url_path = c.field(obj, "path", path, check_url_path, default.path)
     host = c.field(obj, "host", path, check_host_header, None)
@@ -505,6 +536,8 @@ def _health_check(c: Checker, value: object, path: str) -> HealthCheckConfig:
         jitter=c.field(obj, "jitter", path, check_fraction, default.jitter),
         unhealthy_interval=c.field(obj, "unhealthy_interval", path, positive_duration, None),
         history=c.field(obj, "history", path, int_in(1, 1000), default.history),
+        send=c.field(obj, "send", path, check_probe_bytes, None),
+        expect=c.field(obj, "expect", path, check_probe_bytes, None),
     )
 
 
@@ -537,18 +570,29 @@ def _listeners(
             )
         names.setdefault(name, i)
         address = c.required(obj, "listen", lpath, parse_listen)
-        tls = listener_tls(c, obj["tls"], key_path(lpath, "tls")) if "tls" in obj else None
-        redirect = None
-        if "redirect_https" in obj:
-            redirect = redirect_https(c, obj["redirect_https"], key_path(lpath, "redirect_https"))
-            for key in ("routes", "upstream", "tls"):
+        protocol = listener_protocol(c, obj, lpath)
+        tcp = tcp_listener(c, obj, lpath, known) if protocol == "tcp" else None
+        tls = redirect = None
+        routes: tuple[RouteConfig, ...] = ()
+        if tcp is not None:
+            for key in ("tls", "redirect_https"):
                 if key in obj:
-                    c.error(key_path(lpath, key), "a redirect_https listener only redirects")
-            routes: tuple[RouteConfig, ...] = ()
-        else:
-            routes = _listener_routes(c, obj, lpath, known)
-        if address is not None:
-            listener = ListenerConfig(name, address[0], address[1], routes, tls, redirect)
+                    c.error(key_path(lpath, key), "applies only to HTTP listeners, not 'tcp'")
+        elif protocol == "http":
+            tls = listener_tls(c, obj["tls"], key_path(lpath, "tls")) if "tls" in obj else None
+            if "redirect_https" in obj:
+                redirect = redirect_https(
+                    c, obj["redirect_https"], key_path(lpath, "redirect_https")
+                )
+                for key in ("routes", "upstream", "tls"):
+                    if key in obj:
+                        c.error(key_path(lpath, key), "a redirect_https listener only redirects")
+            else:
+                routes = _listener_routes(c, obj, lpath, known)
+        if address is not None and protocol is not None and (tcp or protocol == "http"):
+            listener = ListenerConfig(
+                name, address[0], address[1], routes, tls, redirect, protocol, tcp
+            )
             result.append((i, listener))
     _check_bind_conflicts(c, result, path)
     return tuple(listener for _, listener in result)

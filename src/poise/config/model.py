@@ -41,6 +41,8 @@ class HealthCheckConfig:
     jitter: float = 0.1  # each wait is interval ± this fraction of it
     unhealthy_interval: float | None = None  # probe DOWN backends this often; None = interval
     history: int = 10  # probe results kept per backend (for the admin API and dashboard)
+    send: bytes | None = None  # tcp: bytes written once connected
+    expect: bytes | None = None  # tcp: bytes the backend must answer with (a substring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,18 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpListenerConfig:
+    """A TCP (L4) listener: every connection is relayed to a backend of ``upstream``."""
+
+    upstream: str
+    idle_timeout: float = 3600.0  # no byte either way for this long -> both sides closed
+    max_connections: int = 10000  # open connections on this listener; 0 = no limit
+    connect_timeout: float | None = None  # per backend tried; None = timeouts.upstream_connect
+    proxy_protocol: int = 0  # PROXY header sent to backends: 0 = none, 1 = v1, 2 = v2
+    accept_proxy: tuple[str, ...] = ()  # CIDRs of peers that must open with a PROXY header
+
+
+@dataclass(frozen=True, slots=True)
 class CertificateConfig:
     cert: str  # PEM certificate chain file, leaf first
     key: str  # PEM private key file
@@ -193,9 +207,11 @@ class ListenerConfig:
     name: str
     host: str  # "" = all interfaces, else "127.0.0.1", "::1", ...
     port: int
-    routes: tuple[RouteConfig, ...]
+    routes: tuple[RouteConfig, ...]  # empty for TCP and redirect listeners
     tls: ListenerTlsConfig | None = None  # HTTPS when set
     redirect: RedirectConfig | None = None  # set: no routes; every request -> https://
+    protocol: str = "http"  # "http" | "tcp"
+    tcp: TcpListenerConfig | None = None  # set exactly when protocol == "tcp"
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,9 +94,26 @@ async def _open(
 
 
 async def _tcp(backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None) -> tuple[bool, str]:
-    _, writer = await _open(backend, hc, tls)
-    writer.close()
-    return True, "connected" if tls is None else "connected (tls)"
+    """Connect; then, if configured, send ``hc.send`` and read until ``hc.expect`` appears in
+    the first ``BODY_LIMIT`` bytes (HAProxy's tcp-check send/expect string)."""
+    reader, writer = await _open(backend, hc, tls)
+    try:
+        if hc.send:
+            writer.write(hc.send)
+        if hc.expect is None:
+            return True, "connected" if tls is None else "connected (tls)"
+        seen = b""
+        while hc.expect not in seen:
+            if len(seen) >= BODY_LIMIT:
+                return False, f"expected {hc.expect!r} not in the first {BODY_LIMIT} bytes"
+            chunk = await reader.read(_READ_SIZE)
+            if not chunk:
+                got = f", got {seen[:40]!r}" if seen else ""
+                return False, f"closed before {hc.expect!r}{got}"
+            seen += chunk
+        return True, f"got {hc.expect!r}"
+    finally:
+        writer.close()
 
 
 def _request(backend: Backend, hc: HealthCheckConfig) -> bytes:

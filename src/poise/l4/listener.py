@@ -1,0 +1,471 @@
+"""TCP (L4) listeners: accept, choose a backend with the group's policy, connect, relay.
+
+Theory of operation
+-------------------
+``L4`` is one worker's TCP side; it holds a ``TcpListener`` per configured TCP listener, the
+current routing table (the same ``Group``s, pickers, health view and load figures the HTTP
+side uses: a group may serve both), the shared read buffer, and the one coarse sweep.
+
+Per accepted connection: a ``Relay`` is made by the protocol factory; over
+``max_connections`` the client is closed at once. From a trusted peer (``accept_proxy``)
+the connection must open with a PROXY header (v1 or v2, ``proxy_protocol``); its addresses
+then stand for the client. Then a connect task (in ``L4.run``'s TaskGroup) walks the policy's
+candidates (``Picker.candidates(key)``, the key being the client address for hashing
+policies), skipping backends that are down, already tried, at their limits or passed over
+by slow start, and connects. A refused, failed or timed-out connect (nothing has been relayed
+yet, so trying elsewhere is always safe) counts against the backend's passive health and
+moves on to another backend, up to the group's ``retry.attempts`` when ``connect`` is among
+``retry.on``; when none is left the client is closed. A relay counts in its backend's load
+(``least_conn``, ``p2c``) from the connect until it closes.
+
+Timeouts without timers: every ``TICK`` the sweep compares each relay with its deadline
+(PROXY header: ``timeouts.client_header``; connect: ``connect_timeout``, cancelling the
+connect task, which goes on to the next backend) or, while relaying, the bytes it has moved
+with the count at the previous sweep (``idle_timeout``). The hot path never reads a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, fields
+from typing import Any
+
+from poise.config.model import Config, ListenerConfig, TcpListenerConfig
+from poise.l4 import proxy_protocol
+from poise.l4.relay import Back, Buffer, End, Front, Phase, Relay
+from poise.models import Backend
+from poise.routing import Group, RoutingTable
+
+log = logging.getLogger("poise.l4")
+
+TICK = 0.25
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    """Plain integer counters, read on demand."""
+
+    accepted: int = 0
+    refused: int = 0  # over max_connections
+    closed: int = 0
+    connect_errors: int = 0  # failed connect attempts, timeouts included
+    connect_timeouts: int = 0
+    retries: int = 0  # connects to a further backend after a failure
+    no_backend: int = 0  # clients closed: no usable backend, or every try failed
+    idle_timeouts: int = 0
+    proxy_errors: int = 0  # missing, malformed or late PROXY headers from trusted peers
+    backend_resets: int = 0
+    bytes_in: int = 0  # client -> backend, of closed relays (live ones are added on read)
+    bytes_out: int = 0  # backend -> client
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class BackendCounters:
+    """Per-backend counters of one group, by backend id ("host:port"): membership may change
+    (registry, files, DNS, the admin API) and the counters follow the backend, not its index."""
+
+    __slots__ = ("active", "bytes_in", "bytes_out", "connections", "failures")
+
+    def __init__(self) -> None:
+        self.active: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connect refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+def _address(value: object) -> tuple[str, int]:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return str(value[0]), int(value[1])
+    return ("", 0)
+
+
+class TcpListener:
+    __slots__ = (
+        "cfg",
+        "connect_timeout",
+        "header_timeout",
+        "hub",
+        "lingering",
+        "name",
+        "relays",
+        "stats",
+        "trusted",
+    )
+
+    def __init__(self, hub: L4, lc: ListenerConfig, cfg: TcpListenerConfig) -> None:
+        self.hub = hub
+        self.name = lc.name
+        self.cfg = cfg
+        timeouts = hub.config.timeouts
+        self.connect_timeout = cfg.connect_timeout or timeouts.upstream_connect
+        self.header_timeout = timeouts.client_header
+        self.trusted = tuple(ipaddress.ip_network(n) for n in cfg.accept_proxy)
+        self.relays: set[Relay] = set()
+        # closed relays' sides still flushing, with the time by which they must be done
+        self.lingering: dict[End, float] = {}
+        self.stats = ListenerStats()
+
+    def factory(self) -> Front:
+        return Front(self)
+
+    # -- called by the relay -----------------------------------------------------------
+
+    def accepted(self, relay: Relay, transport: asyncio.Transport) -> None:
+        stats = self.stats
+        limit = self.cfg.max_connections
+        if self.hub.draining or (limit and len(self.relays) >= limit):
+            stats.refused += 1
+            relay.phase = Phase.CLOSED
+            transport.abort()
+            return
+        stats.accepted += 1
+        self.relays.add(relay)
+        relay.client = _address(transport.get_extra_info("peername"))
+        relay.local = _address(transport.get_extra_info("sockname"))
+        relay.last = self.hub.now
+        if self.trusted and self._is_trusted(relay.client[0]):
+            relay.phase = Phase.HEADER
+            relay.deadline = self.hub.now + self.header_timeout
+            return
+        self._start(relay)
+
+    def _is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)
+
+    def header_data(self, relay: Relay) -> None:
+        """Bytes from a trusted peer that owes us a PROXY header."""
+        try:
+            header = proxy_protocol.decode(relay.pending)
+        except proxy_protocol.ProxyProtocolError as exc:
+            self.stats.proxy_errors += 1
+            log.debug("%s: bad PROXY header from %s: %s", self.name, relay.client[0], exc)
+            relay.close()
+            return
+        if header is None:
+            return
+        del relay.pending[: header.length]
+        if header.source is not None and header.destination is not None:
+            relay.client, relay.local = header.source, header.destination
+        self._start(relay)
+
+    def _start(self, relay: Relay) -> None:
+        relay.phase = Phase.CONNECTING
+        # The deadline is set now, not when the task first runs: a sweep may come first.
+        relay.deadline = self.hub.now + self.connect_timeout
+        if self.hub.stopped:  # a PROXY header completed after shutdown began
+            relay.close()
+            return
+        relay.task = task = self.hub.spawn(self._connect(relay))
+        task.add_done_callback(relay.connect_done)
+
+    def proxy_header(self, relay: Relay) -> bytes:
+        version = self.cfg.proxy_protocol
+        if not version:
+            return b""
+        return proxy_protocol.encode(version, relay.client, relay.local)
+
+    def linger(self, end: End) -> None:
+        self.lingering[end] = self.hub.now + self.cfg.idle_timeout
+
+    def connected(self, relay: Relay, backend: Backend) -> None:
+        self.hub.counters(self.cfg.upstream).connections[backend.id] += 1
+
+    def finished(self, relay: Relay) -> None:
+        """The relay closed: fold its counters in, take it out of its backend's load."""
+        self.relays.discard(relay)
+        stats = self.stats
+        stats.closed += 1
+        stats.bytes_in += relay.front.count
+        back = relay.back
+        if back is not None:
+            stats.bytes_out += back.count
+            counters = self.hub.counters(self.cfg.upstream)
+            counters.bytes_in[back.backend.id] += relay.front.count
+            counters.bytes_out[back.backend.id] += back.count
+        if relay.backend is not None:
+            self._release(relay, ok=True, latency=relay.connect_time)
+
+    # -- choosing and connecting ---------------------------------------------------------
+
+    def _group(self) -> Group:
+        return self.hub.table.groups[self.cfg.upstream]
+
+    def _choose(self, group: Group, relay: Relay) -> Backend | None:
+        """The first candidate that is up, untried and not at a limit; slow start passes a
+        ramping backend over with probability 1 - ramp (taken if nothing else is left)."""
+        up, ramp, adm, load = group.up, group.ramp, group.admission, group.load
+        key = relay.client[0].encode() if group.key is not None else None
+        skipped: Backend | None = None
+        for backend in group.picker.candidates(key):
+            i = backend.index
+            if not up[i] or backend in relay.tried:
+                continue
+            if (
+                adm is not None
+                and load is not None
+                and (adm.group_full() or adm.backend_full(load.active[i]))
+            ):
+                continue
+            if ramp is not None and ramp[i] < 1.0 and self.hub.rng() >= ramp[i]:
+                skipped = skipped or backend
+                continue
+            return backend
+        return skipped
+
+    def _take(self, group: Group, relay: Relay, backend: Backend) -> None:
+        """Count ``relay`` in ``backend``'s load: in the Load and Admission of the group as it
+        is now, which ``_release`` uses again even if membership changes meanwhile."""
+        relay.backend = backend
+        self.hub.counters(group.name).active[backend.id] += 1
+        relay.load, relay.admission = group.load, group.admission
+        if group.load is not None:
+            group.load.active[backend.index] += 1
+            if group.admission is not None:
+                group.admission.active += 1
+
+    def _release(self, relay: Relay, *, ok: bool, latency: float) -> None:
+        backend = relay.backend
+        if backend is None:
+            return
+        relay.backend = None
+        self.hub.counters(self.cfg.upstream).active[backend.id] -= 1
+        i = backend.index
+        load, adm = relay.load, relay.admission
+        relay.load = relay.admission = None
+        if load is not None:
+            if load.latency:
+                load.finished(i, latency, ok, time.monotonic())
+            elif load.active[i] > 0:
+                load.active[i] -= 1
+            if adm is not None:
+                adm.released()
+
+    async def _connect(self, relay: Relay) -> None:
+        try:
+            await self._connect_loop(relay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug, not a backend failure: keep serving, and say so loudly
+            log.exception("%s: internal error while connecting %r", self.name, relay)
+            relay.close(reset=True)
+
+    async def _connect_loop(self, relay: Relay) -> None:
+        hub, stats = self.hub, self.stats
+        loop = hub.loop
+        task = asyncio.current_task()
+        group = self._group()
+        retry = group.config.retry
+        attempts = retry.attempts if "connect" in retry.on else 1
+        while not relay.closed:
+            backend = self._choose(group, relay)
+            if backend is None:
+                break
+            if relay.tried:
+                stats.retries += 1
+            relay.tried = (*relay.tried, backend)
+            self._take(group, relay, backend)
+            back = Back(relay, backend, hub.buf)
+            relay.attempt, relay.expired = back, False
+            relay.deadline = hub.now + self.connect_timeout
+            started = loop.time()
+            try:
+                await loop.create_connection(lambda b=back: b, backend.host, backend.port)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                if not relay.expired or task is None or task.uncancel() > 0:
+                    raise  # shutdown, or the client went away: finished() releases the load
+                reason = f"connect timeout {self.connect_timeout:g}s"
+                stats.connect_timeouts += 1
+            except OSError as exc:
+                reason = _describe(exc)
+            else:
+                if relay.back is back:
+                    relay.connect_time = loop.time() - started
+                    if group.outliers is not None and group.outliers.any_streak:
+                        group.outliers.success(backend.index)
+                return
+            self._release(relay, ok=False, latency=loop.time() - started)
+            self._failed(group, backend, reason)
+            if len(relay.tried) >= attempts:
+                break
+            group = hub.table.groups.get(group.name, group)  # health may have changed
+        if not relay.closed:
+            stats.no_backend += 1
+            relay.close()
+
+    def _failed(self, group: Group, backend: Backend, reason: str) -> None:
+        self.stats.connect_errors += 1
+        hub = self.hub
+        hub.counters(group.name).failures[backend.id] += 1
+        log.debug("%s: connect to %s failed: %s", self.name, backend.authority, reason)
+        outliers = group.outliers
+        if outliers is not None and outliers.failure(backend.index, hub.loop.time(), reason):
+            hub.on_ejected(group.name, backend.index)
+
+    # -- the sweep -------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        idle = self.cfg.idle_timeout
+        expired: list[Relay] = []
+        for relay in self.relays:
+            if relay.phase is Phase.RELAYING:
+                back = relay.back
+                moved = relay.front.count + (back.count if back is not None else 0)
+                if moved != relay.seen:
+                    relay.seen, relay.last = moved, now
+                elif now - relay.last >= idle:
+                    expired.append(relay)
+            elif relay.deadline < now and not relay.expired:
+                expired.append(relay)
+        late = [end for end, deadline in self.lingering.items() if deadline < now]
+        for end in late:
+            del self.lingering[end]
+            end.transport.abort()  # a peer that takes nothing more: its bytes are lost anyway
+        for relay in expired:
+            if relay.phase is Phase.RELAYING:
+                self.stats.idle_timeouts += 1
+            elif relay.phase is Phase.HEADER:
+                self.stats.proxy_errors += 1
+            relay.on_timeout()
+
+    def statistics(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        for relay in self.relays:  # live relays' bytes, so long connections show progress
+            out["bytes_in"] += relay.front.count
+            if relay.back is not None:
+                out["bytes_out"] += relay.back.count
+        out["active"] = len(self.relays)
+        return out
+
+    def __repr__(self) -> str:
+        return f"TcpListener({self.name} -> {self.cfg.upstream}, {len(self.relays)} relays)"
+
+
+class L4:
+    """One worker's TCP listeners, their connect tasks and the sweep."""
+
+    def __init__(
+        self, config: Config, current: Callable[[], RoutingTable], rng: Callable[[], float]
+    ) -> None:
+        self.config = config
+        # the server's current routing table (swapped whole on every health or membership
+        # change): read per connection, never cached
+        self._current = current
+        self.rng = rng
+        self.listeners = {
+            lc.name: TcpListener(self, lc, lc.tcp) for lc in config.listeners if lc.tcp is not None
+        }
+        self._counters: dict[str, BackendCounters] = {}
+        self.buf = Buffer()
+        self.now = 0.0
+        self.draining = False
+        self.stopped = False  # run() has ended: no more connect tasks
+        self.ready = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # passive health ejected a backend (group, index): the server re-routes around it
+        self.on_ejected: Callable[[str, int], None] = lambda group, index: None
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._current()
+
+    def counters(self, group: str) -> BackendCounters:
+        c = self._counters.get(group)
+        if c is None:
+            c = self._counters[group] = BackendCounters()
+        return c
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "L4.run() has not started"
+        return self._loop
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        assert self._tg is not None, "L4.run() is not running"
+        return self._tg.create_task(coro)
+
+    async def run(self) -> None:
+        """The sweep and every connect task; cancelling it cancels them all."""
+        self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time()
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            self.ready.set()
+            try:
+                while True:
+                    await asyncio.sleep(TICK)
+                    self.now = now = self._loop.time()
+                    for listener in self.listeners.values():
+                        listener.sweep(now)
+            finally:
+                self._tg = None
+                self.stopped = True
+
+    def active(self) -> int:
+        """Open relays and closed ones still flushing: what a drain waits for."""
+        return sum(len(ln.relays) + len(ln.lingering) for ln in self.listeners.values())
+
+    def close_all(self) -> int:
+        """End of a drain: close every relay and flush, now."""
+        relays = [r for listener in self.listeners.values() for r in listener.relays]
+        for relay in relays:
+            relay.close(stuck=True)
+        for listener in self.listeners.values():
+            for end in list(listener.lingering):
+                end.transport.abort()
+            listener.lingering.clear()
+        return len(relays)
+
+    def statistics(self) -> dict[str, Any]:
+        backends: dict[str, Any] = {}
+        used = {listener.cfg.upstream for listener in self.listeners.values()}
+        table = self.table
+        for name in sorted(used):
+            c = self.counters(name)
+            live_in: Counter[str] = Counter()
+            live_out: Counter[str] = Counter()
+            for listener in self.listeners.values():
+                if listener.cfg.upstream != name:
+                    continue
+                for relay in listener.relays:
+                    if relay.back is not None:
+                        live_in[relay.back.backend.id] += relay.front.count
+                        live_out[relay.back.backend.id] += relay.back.count
+            backends[name] = {
+                b.url: {
+                    "active": c.active[b.id],
+                    "connections": c.connections[b.id],
+                    "connect_failures": c.failures[b.id],
+                    "bytes_in": c.bytes_in[b.id] + live_in[b.id],
+                    "bytes_out": c.bytes_out[b.id] + live_out[b.id],
+                }
+                for b in table.groups[name].backends
+            }
+        return {
+            "listeners": {name: ln.statistics() for name, ln in self.listeners.items()},
+            "backends": backends,
+            "buffer_renewals": self.buf.renewals,
+        }
+
+    def __repr__(self) -> str:
+        return f"L4({len(self.listeners)} listeners, {self.active()} relays)"

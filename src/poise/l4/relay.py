@@ -1,0 +1,301 @@
+"""One relayed TCP connection: a client end and a backend end, both ``BufferedProtocol``.
+
+Theory of operation
+-------------------
+A ``Relay`` joins two transports. Each side is an ``End`` whose ``buffer_updated`` writes
+what was just read straight to the other side's transport (``out``):
+
+* **Zero copy when possible.** Every end of a worker reads into one shared buffer
+  (``Buffer``). When the write to ``out`` goes through at once (its buffer was empty and the
+  socket took it all) nothing keeps a reference and the next read may reuse the memory.
+  When the transport kept part of it (a partial send), the shared buffer now belongs to that
+  transport and ``Buffer.renew`` starts a fresh one. When ``out`` already holds unsent
+  bytes, the new bytes are copied, so one stalled peer pins at most one buffer.
+* **Backpressure both ways.** A side whose write buffer passes its high-water mark gets
+  ``pause_writing`` and pauses reading on the *other* side; ``resume_writing`` at the
+  low-water mark resumes it. Memory per relay stays bounded whatever the speeds.
+* **Half-close** (RFC 9293 §3.6: a FIN closes one direction only). ``eof_received`` on one
+  side becomes ``write_eof`` (shutdown SHUT_WR) on the other, after its pending bytes, and
+  returns True so the transport stays open for the reverse direction. Once both directions
+  have seen EOF the relay closes.
+* **Reset.** A side lost with an error (ECONNRESET, EPIPE) aborts the other side with
+  SO_LINGER 0, so the peer sees a reset too rather than a clean end it could mistake for
+  a complete stream. A side closed cleanly closes the other after flushing.
+
+Before the backend is connected the client's bytes (and, from a trusted peer, its PROXY
+header) are held in ``pending``, up to ``HOLD_LIMIT`` before client reading pauses. The
+listener (``l4.listener``) chooses backends and connects; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+import struct
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from poise.balancing import Load
+    from poise.l4.listener import TcpListener
+    from poise.models import Backend
+    from poise.upstream.limits import Admission
+
+READ_SIZE = 64 * 1024
+HOLD_LIMIT = 64 * 1024  # client bytes held while the backend connects; beyond, reading pauses
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Buffer:
+    """The read buffer shared by every relay end of one worker (see the module docstring)."""
+
+    __slots__ = ("renewals", "view")
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+        self.renewals = 0  # buffers handed over to a transport that kept a view of them
+
+    def renew(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+        self.renewals += 1
+
+
+class Phase(enum.Enum):
+    HEADER = "header"  # reading a PROXY header from a trusted peer
+    CONNECTING = "connecting"  # trying backends
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+class End(asyncio.BufferedProtocol):
+    __slots__ = ("buf", "count", "eof", "out", "relay", "transport")
+    transport: asyncio.Transport  # set by connection_made
+
+    def __init__(self, relay: Relay, buf: Buffer) -> None:
+        self.relay = relay
+        self.buf = buf
+        self.out: asyncio.Transport | None = None  # the other side's transport
+        self.count = 0  # bytes read on this side
+        self.eof = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buf.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.count += nbytes
+        out = self.out
+        if out is None:
+            self.relay.hold(self.buf.view[:nbytes])
+        elif out.get_write_buffer_size():
+            out.write(self.buf.view[:nbytes].tobytes())
+        else:
+            out.write(self.buf.view[:nbytes])
+            if out.get_write_buffer_size():
+                self.buf.renew()  # the transport kept a view of the unsent tail
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_closed(self)
+        return True  # keep our sending side open: the other direction may still flow
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.listener.lingering.pop(self, None)  # flushed, or gone
+
+    def pause_writing(self) -> None:
+        if self.out is not None:
+            self.out.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.out is not None:
+            self.out.resume_reading()
+
+
+class Front(End):
+    """The client's side. Built by the listener's protocol factory, one per connection."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        super().__init__(Relay(listener, self), listener.hub.buf)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.listener.accepted(self.relay, t)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.relay.lost(self, exc)
+
+
+class Back(End):
+    """The backend's side, one per connect attempt (a late attempt closes itself)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, relay: Relay, backend: Backend, buf: Buffer) -> None:
+        super().__init__(relay, buf)
+        self.backend = backend
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        relay = self.relay
+        if relay.attempt is not self or relay.expired or relay.phase is not Phase.CONNECTING:
+            transport.close()  # timed out, or the client went away meanwhile
+            return
+        relay.attach(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.relay.back is self:
+            self.relay.lost(self, exc)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with RST (SO_LINGER 0), so the peer learns the stream did not end cleanly."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone: abort() is all that is left
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+class Relay:
+    __slots__ = (
+        "admission",
+        "attempt",
+        "back",
+        "backend",
+        "client",
+        "connect_time",
+        "deadline",
+        "expired",
+        "front",
+        "last",
+        "listener",
+        "load",
+        "local",
+        "pending",
+        "phase",
+        "seen",
+        "task",
+        "tried",
+    )
+
+    def __init__(self, listener: TcpListener, front: Front) -> None:
+        self.listener = listener
+        self.front = front
+        self.back: Back | None = None  # the connected backend side
+        self.attempt: Back | None = None  # the connect in progress
+        self.backend: Backend | None = None  # whose load this relay counts in ...
+        self.load: Load | None = None  # ... in these figures (the group's when it was chosen)
+        self.admission: Admission | None = None
+        self.tried: tuple[Backend, ...] = ()
+        self.phase = Phase.CONNECTING
+        self.pending = bytearray()  # client bytes read before the backend was connected
+        self.client: tuple[str, int] = ("", 0)  # the client (from a PROXY header if trusted)
+        self.local: tuple[str, int] = ("", 0)  # the address it connected to
+        self.deadline = 0.0  # header or connect deadline, on the sweep's clock
+        self.expired = False  # the sweep timed out the connect in progress
+        self.task: asyncio.Task[None] | None = None
+        self.seen = 0  # bytes moved as of the last sweep, and when that changed:
+        self.last = 0.0  # the idle timeout reads these, never the hot path
+        self.connect_time = 0.0
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def hold(self, data: memoryview) -> None:
+        """Client bytes before the backend is connected (or while reading a PROXY header)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.pending += data
+        if self.phase is Phase.HEADER:
+            self.listener.header_data(self)
+        elif len(self.pending) > HOLD_LIMIT:
+            self.front.transport.pause_reading()  # resumed by attach()
+
+    def attach(self, back: Back) -> None:
+        """The backend is connected: send the PROXY header and what the client sent so far,
+        then relay both ways."""
+        front = self.front
+        self.back = back
+        self.phase = Phase.RELAYING
+        transport = back.transport
+        back.out = front.transport
+        header = self.listener.proxy_header(self)
+        if header or self.pending:
+            transport.write(header + self.pending)
+            self.pending = bytearray()
+        front.out = transport
+        if front.eof:
+            transport.write_eof()
+        front.transport.resume_reading()
+        self.listener.connected(self, back.backend)
+
+    def half_closed(self, end: End) -> None:
+        if self.phase is Phase.HEADER:
+            self.listener.stats.proxy_errors += 1
+            self.close()  # ended before its PROXY header did
+            return
+        other = self.back if end is self.front else self.front
+        if other is None:
+            return  # the client's EOF before the backend is connected: attach() passes it on
+        if other.eof:
+            self.close()  # both directions are done
+        elif end.out is not None and not end.out.is_closing():
+            end.out.write_eof()
+
+    def lost(self, end: End, exc: Exception | None) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if exc is not None and end is self.back:
+            self.listener.stats.backend_resets += 1
+        self.close(reset=exc is not None)
+
+    def connect_done(self, task: asyncio.Task[None]) -> None:
+        """The connect task ended. Still connecting means it ended without resolving the
+        relay (cancelled before its first step, say): nothing will, so close it."""
+        if self.phase is Phase.CONNECTING:
+            self.close()
+
+    def on_timeout(self) -> None:
+        """Called by the sweep when ``deadline`` (header, connect) or the idle time passed."""
+        if self.phase is Phase.CONNECTING and self.task is not None and not self.task.done():
+            self.expired = True
+            self.task.cancel()  # the task goes on to the next backend
+            return
+        self.close(stuck=True)
+
+    def close(self, *, reset: bool = False, stuck: bool = False) -> None:
+        """Close both sides: with RST (``reset``); at once (``stuck``: a timeout, the bytes
+        still buffered will not be taken); or after flushing, each side that still has bytes
+        to send then lingering under the sweep's watch for up to ``idle_timeout``."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        front, back = self.front, self.back
+        front.out = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        for end in (front, back):
+            if end is None:
+                continue
+            end.out = None
+            transport = end.transport
+            if reset:
+                _reset(transport)
+            elif stuck and transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()  # after what is still buffered for it has been sent
+                if transport.get_write_buffer_size():
+                    self.listener.linger(end)
+        self.listener.finished(self)
+
+    def __repr__(self) -> str:
+        who = f"{self.client[0]}:{self.client[1]}"
+        to = self.backend.authority if self.backend is not None else "-"
+        return f"Relay({who} -> {to}, {self.phase.value})"
