@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from poise.admin.metrics import render
 from poise.l4.relay import Phase
 from poise.server import Server
 from poise.testing import TcpEcho
@@ -214,6 +215,11 @@ async def test_each_name_reaches_its_backend_with_the_backends_own_certificate(c
         assert [v["connections"] for v in backends["b"].values()] == [1]
         assert [v["connections"] for v in backends["d"].values()] == [3]
         assert all(v["active"] == 0 for up in backends.values() for v in up.values())
+        text = render(server)
+        for upstream, n in (("a", 2), ("b", 1), ("d", 3)):
+            assert f'poise_tcp_sni_routes_total{{listener="t",upstream="{upstream}"}} {n}' in text
+        backend = b.address.split("://")[1]
+        assert f'poise_tcp_backend_connections_total{{upstream="b",backend="{backend}"}} 1' in text
 
 
 async def test_no_sni_goes_to_the_default(ca: CA) -> None:
