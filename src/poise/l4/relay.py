@@ -221,7 +221,7 @@ class Relay:
             self.listener.header_data(self)
         elif self.phase is Phase.PEEK:
             self.listener.peek_data(self)
-        elif len(self.pending) > HOLD_LIMIT:
+        if self.phase is Phase.CONNECTING and len(self.pending) > HOLD_LIMIT:
             self.front.transport.pause_reading()  # resumed by attach()
 
     def attach(self, back: Back) -> None:
