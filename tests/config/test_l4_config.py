@@ -8,7 +8,7 @@ import pytest
 
 from poise.config import ConfigError, parse_config
 from poise.config.l4 import parse_any_backend
-from poise.config.model import TcpListenerConfig
+from poise.config.model import SniRouteConfig, TcpListenerConfig
 
 
 def doc(listener: dict[str, Any] | None = None, **upstream: Any) -> dict[str, Any]:
@@ -204,3 +204,94 @@ def test_tcp_listeners_hash_only_on_the_client_address(policy: Any, problem: str
 def test_source_ip_hash_is_fine() -> None:
     config = parse_config(doc(policy="ip_hash"))
     assert config.upstreams["db"].policy.key == "ip"
+
+
+def sni_doc(sni: object, **extra: dict[str, Any]) -> dict[str, Any]:
+    document = doc({"sni": sni})
+    document["upstreams"].update(
+        {
+            "a": {"backends": ["tcp://127.0.0.1:8443"]},
+            "b": {"backends": ["tcp://127.0.0.1:9443"]},
+            **extra,
+        }
+    )
+    return document
+
+
+def test_sni_routes() -> None:
+    config = parse_config(
+        sni_doc(
+            [
+                {"names": ["A.Example.Test.", "*.b.example.test"], "upstream": "a"},
+                {"names": "c.example.test", "upstream": "b"},
+            ]
+        )
+    )
+    tcp = config.listeners[0].tcp
+    assert tcp is not None
+    assert tcp.upstream == "db"  # the default: no SNI, no match, not TLS
+    assert tcp.sni == (
+        SniRouteConfig(("a.example.test", "*.b.example.test"), "a"),
+        SniRouteConfig(("c.example.test",), "b"),
+    )
+    assert parse_config(doc()).listeners[0].tcp.sni == ()  # type: ignore[union-attr]
+
+
+def test_sni_problems_are_reported_with_their_paths() -> None:
+    document = sni_doc(
+        [
+            {"names": ["a.example.test"], "upstream": "y"},
+            {"names": ["*.*.example.test", "a.b", 5], "upstream": "a"},
+            {"names": [], "upstream": 3},
+            {"names": ["A.example.test", "x.test"], "upstream": "b", "tls": True},
+            {"upstream": "a"},
+            "b",
+        ]
+    )
+    document["listeners"].append(
+        {"name": "web", "listen": ":80", "upstream": "db", "sni": [{"names": "x", "upstream": "a"}]}
+    )
+    assert problems(document) == [
+        "listeners[0].sni[0].upstream: unknown upstream 'y' (known: a, b, db)",
+        "listeners[0].sni[1].names: not a host name or '*.' wildcard: '*.*.example.test'",
+        "listeners[0].sni[2].names: expected a host name or a non-empty list of them",
+        "listeners[0].sni[2].upstream: expected a string, got integer",
+        "listeners[0].sni[3].tls: unknown key (expected one of: names, upstream)",
+        "listeners[0].sni[3].names: 'a.example.test' is already routed by listeners[0].sni[0]",
+        "listeners[0].sni[4].names: required but missing",
+        "listeners[0].sni[5]: expected an object, got string",
+        "listeners[1].sni: applies only to listeners with protocol 'tcp'",
+        "upstreams.db.backends[0]: 'tcp://127.0.0.1:5432' is a TCP backend, but HTTP listener "
+        "'web' routes here (listeners[1]); HTTP routes need http:// backends",
+    ]
+
+
+def test_sni_routes_must_not_be_empty() -> None:
+    assert problems(sni_doc([])) == ["listeners[0].sni: must not be empty"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "problem"),
+    [
+        (
+            "sticky",
+            "upstreams.a.policy: sticky needs HTTP cookies; listeners[0].sni[1] routes TCP "
+            "listener 'pg' here (use consistent_hash or hash on the client address)",
+        ),
+        (
+            {"name": "consistent_hash", "key": "cookie:id"},
+            "upstreams.a.policy.key: 'cookie:id' cannot be read from a TCP connection "
+            "(listeners[0].sni[1]: TCP listener 'pg' routes here); use 'ip'",
+        ),
+    ],
+)
+def test_sni_upstreams_hash_only_on_the_client_address(policy: Any, problem: str) -> None:
+    document = sni_doc(
+        [
+            {"names": ["b.example.test"], "upstream": "b"},
+            {"names": ["a.example.test"], "upstream": "a"},
+            {"names": ["c.example.test"], "upstream": "a"},  # reported once
+        ]
+    )
+    document["upstreams"]["a"]["policy"] = policy
+    assert problems(document) == [problem]

@@ -170,12 +170,13 @@ _L4_ERRORS = {
     "idle_timeouts": "idle_timeout",
     "proxy_errors": "proxy_header",
     "backend_resets": "backend_reset",
+    "sni_timeouts": "sni_timeout",
 }
 
 
 def _l4(out: _Out, l4: dict[str, Any]) -> None:
     """TCP listeners and their backends (``L4.statistics()``)."""
-    listeners: dict[str, dict[str, int]] = l4["listeners"]
+    listeners: dict[str, dict[str, Any]] = l4["listeners"]
     out.family("poise_tcp_connections_total", "counter", "TCP connections accepted.")
     for name, st in listeners.items():
         out.sample("poise_tcp_connections_total", st["accepted"], listener=name)
@@ -190,6 +191,14 @@ def _l4(out: _Out, l4: dict[str, Any]) -> None:
     for name, st in listeners.items():
         for key, kind in _L4_ERRORS.items():
             out.sample("poise_tcp_errors_total", st[key], listener=name, kind=kind)
+    routed = {name: st["sni_routes"] for name, st in listeners.items() if "sni_routes" in st}
+    if routed:
+        out.family(
+            "poise_tcp_sni_routes_total", "counter", "TLS connections by the upstream SNI chose."
+        )
+        for name, by_upstream in routed.items():
+            for upstream, n in sorted(by_upstream.items()):
+                out.sample("poise_tcp_sni_routes_total", n, listener=name, upstream=upstream)
     backends: dict[str, dict[str, dict[str, int]]] = l4["backends"]
     out.family("poise_tcp_backend_connections_total", "counter", "TCP relays per backend.")
     for upstream, by_url in backends.items():

@@ -3,7 +3,8 @@
 ``load`` calls in here for listeners with ``"protocol": "tcp"``, for backend addresses
 (``tcp://host:port`` and bare ``host:port`` are TCP backends) and, once everything is parsed,
 for the cross-checks: HTTP routes need http:// backends; a TCP listener can only hash on the
-client address, so its upstream's policy must not need a header, cookie or URI.
+client address, so its upstreams' policies (its own and its ``sni`` routes') must not need a
+header, cookie or URI.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from poise.config.checks import (
     key_path,
     positive_duration,
 )
-from poise.config.model import ListenerConfig, TcpListenerConfig, UpstreamConfig
+from poise.config.model import ListenerConfig, SniRouteConfig, TcpListenerConfig, UpstreamConfig
+from poise.config.tls import check_sni_names
 from poise.config.values import describe_type, parse_backend_url
 
 __all__ = [
@@ -39,7 +41,9 @@ TCP_LISTENER_KEYS = (
     "connect_timeout",
     "proxy_protocol",
     "accept_proxy",
+    "sni",
 )
+_SNI_ROUTE_KEYS = ("names", "upstream")
 _TCP_ONLY = TCP_LISTENER_KEYS[1:]
 _BARE_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]+")
 _PROBE_BYTES_MAX = 4096
@@ -81,10 +85,7 @@ def tcp_listener(
     upstream = c.check(obj["upstream"], upath, check_str)
     if upstream is None:
         return None
-    if known is not None and upstream not in known:
-        c.error(
-            upath, f"unknown upstream {upstream!r} (known: {', '.join(sorted(known)) or 'none'})"
-        )
+    if not _check_known(c, upstream, upath, known):
         return None
     default = TcpListenerConfig(upstream)
     return TcpListenerConfig(
@@ -94,7 +95,45 @@ def tcp_listener(
         connect_timeout=c.field(obj, "connect_timeout", path, positive_duration, None),
         proxy_protocol=c.field(obj, "proxy_protocol", path, _proxy_version, 0),
         accept_proxy=c.field(obj, "accept_proxy", path, check_cidrs, ()),
+        sni=_sni_routes(c, obj["sni"], key_path(path, "sni"), known) if "sni" in obj else (),
     )
+
+
+def _check_known(c: Checker, upstream: str, path: str, known: Sequence[str] | None) -> bool:
+    if known is not None and upstream not in known:
+        c.error(
+            path, f"unknown upstream {upstream!r} (known: {', '.join(sorted(known)) or 'none'})"
+        )
+        return False
+    return True
+
+
+def _sni_routes(
+    c: Checker, value: object, path: str, known: Sequence[str] | None
+) -> tuple[SniRouteConfig, ...]:
+    """``[{"names": [...], "upstream": "x"}, ...]``: each name (exact or ``*.suffix``) routed
+    once, to an upstream that exists."""
+    routes: list[SniRouteConfig] = []
+    seen: dict[str, int] = {}
+    for j, item in enumerate(c.items(value, path)):
+        rpath = f"{path}[{j}]"
+        obj = c.mapping(item, rpath, _SNI_ROUTE_KEYS)
+        if obj is None:
+            continue
+        names = c.required(obj, "names", rpath, check_sni_names)
+        upath = key_path(rpath, "upstream")
+        upstream = c.required(obj, "upstream", rpath, check_str)
+        if upstream is not None and not _check_known(c, upstream, upath, known):
+            upstream = None
+        for name in names or ():
+            if name in seen:
+                c.error(
+                    key_path(rpath, "names"), f"{name!r} is already routed by {path}[{seen[name]}]"
+                )
+            seen.setdefault(name, j)
+        if names is not None and upstream is not None:
+            routes.append(SniRouteConfig(names, upstream))
+    return tuple(routes)
 
 
 def parse_any_backend(value: str) -> tuple[str, str, int]:
@@ -137,6 +176,23 @@ def _raw_index(raw: object, name: str) -> int | None:
     return None
 
 
+def _check_tcp_policy(c: Checker, up: UpstreamConfig, why: tuple[str, str]) -> None:
+    """A TCP listener relays to ``up``: its policy can hash on the client address only.
+    ``why`` says which listener, in the words of each message."""
+    ppath = f"upstreams.{up.name}.policy"
+    if up.policy.name == "sticky":
+        c.error(
+            ppath,
+            f"sticky needs HTTP cookies; {why[0]} (use consistent_hash or hash on the client "
+            "address)",
+        )
+    elif up.policy.key not in (None, "ip"):
+        c.error(
+            key_path(ppath, "key"),
+            f"{up.policy.key!r} cannot be read from a TCP connection ({why[1]}); use 'ip'",
+        )
+
+
 def check_listener_upstreams(
     c: Checker,
     raw_listeners: object,
@@ -149,22 +205,25 @@ def check_listener_upstreams(
         i = _raw_index(raw_listeners, lc.name)
         lpath = f"listeners[{i}]" if i is not None else f"listeners.{lc.name}"
         if lc.tcp is not None:
-            up = upstreams.get(lc.tcp.upstream)
-            if up is None:
-                continue
-            ppath = f"upstreams.{up.name}.policy"
-            if up.policy.name == "sticky":
-                c.error(
-                    ppath,
-                    f"sticky needs HTTP cookies; {lpath} ({lc.name!r}) is a TCP listener "
-                    "(use consistent_hash or hash on the client address)",
+            via = {
+                lc.tcp.upstream: (
+                    f"{lpath} ({lc.name!r}) is a TCP listener",
+                    f"{lpath}, {lc.name!r}, is a TCP listener",
                 )
-            elif up.policy.key not in (None, "ip"):
-                c.error(
-                    key_path(ppath, "key"),
-                    f"{up.policy.key!r} cannot be read from a TCP connection ({lpath}, "
-                    f"{lc.name!r}, is a TCP listener); use 'ip'",
+            }
+            for j, sni in enumerate(lc.tcp.sni):
+                where = f"{lpath}.sni[{j}]"
+                via.setdefault(
+                    sni.upstream,
+                    (
+                        f"{where} routes TCP listener {lc.name!r} here",
+                        f"{where}: TCP listener {lc.name!r} routes here",
+                    ),
                 )
+            for name, why in via.items():
+                up = upstreams.get(name)
+                if up is not None:
+                    _check_tcp_policy(c, up, why)
             continue
         for j, route in enumerate(lc.routes):
             up = upstreams.get(route.upstream)

@@ -159,8 +159,18 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SniRouteConfig:
+    """TLS passthrough: connections whose ClientHello names one of ``names`` (exact, or
+    ``*.suffix``: one label) go to ``upstream`` (config/l4.py, l4/sni.py)."""
+
+    names: tuple[str, ...]  # lower-case, no trailing dot
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
 class TcpListenerConfig:
-    """A TCP (L4) listener: every connection is relayed to a backend of ``upstream``."""
+    """A TCP (L4) listener: every connection is relayed to a backend of ``upstream`` (or, with
+    ``sni`` routes, of the upstream its TLS ClientHello's server name picks)."""
 
     upstream: str
     idle_timeout: float = 3600.0  # no byte either way for this long -> both sides closed
@@ -168,6 +178,7 @@ class TcpListenerConfig:
     connect_timeout: float | None = None  # per backend tried; None = timeouts.upstream_connect
     proxy_protocol: int = 0  # PROXY header sent to backends: 0 = none, 1 = v1, 2 = v2
     accept_proxy: tuple[str, ...] = ()  # CIDRs of peers that must open with a PROXY header
+    sni: tuple[SniRouteConfig, ...] = ()  # routes by TLS server name; () = no peeking
 
 
 @dataclass(frozen=True, slots=True)

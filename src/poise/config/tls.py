@@ -33,7 +33,7 @@ from poise.config.values import describe_type, parse_duration
 from poise.tls.certs import CertInfo, read_pem_certificate
 from poise.tls.contexts import check_ca_bundle, check_ciphers, check_pair
 
-__all__ = ["listener_tls", "redirect_https", "upstream_tls"]
+__all__ = ["check_sni_names", "listener_tls", "redirect_https", "upstream_tls"]
 
 LISTENER_TLS_KEYS = (
     "cert",
@@ -113,7 +113,7 @@ def _pair(
     return cert, key, info
 
 
-def _sni_names(value: object) -> tuple[str, ...]:
+def check_sni_names(value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise ValueError("expected a host name or a non-empty list of them")
@@ -140,7 +140,7 @@ def _subject_header(value: object) -> str:
 def _certificate(
     c: Checker, obj: Mapping[str, object], path: str, strict: bool
 ) -> CertificateConfig | None:
-    names: tuple[str, ...] = c.field(obj, "names", path, _sni_names, ())
+    names: tuple[str, ...] = c.field(obj, "names", path, check_sni_names, ())
     pair = _pair(c, obj, path, strict=strict, what="certificate")
     if pair is None:
         return None

@@ -9,7 +9,10 @@ side uses: a group may serve both), the shared read buffer, and the one coarse s
 Per accepted connection: a ``Relay`` is made by the protocol factory; over
 ``max_connections`` the client is closed at once. From a trusted peer (``accept_proxy``)
 the connection must open with a PROXY header (v1 or v2, ``proxy_protocol``); its addresses
-then stand for the client. Then a connect task (in ``L4.run``'s TaskGroup) walks the policy's
+then stand for the client. A listener with ``sni`` routes then peeks at the TLS ClientHello
+(``l4.sni``) to choose the relay's upstream (``relay.group``; else the listener's own
+``upstream``): one listener may feed several groups, so everything per group follows the
+relay's. Then a connect task (in ``L4.run``'s TaskGroup) walks the policy's
 candidates (``Picker.candidates(key)``, the key being the client address for hashing
 policies), skipping backends that are down, already tried, at their limits or passed over
 by slow start, and connects. A refused, failed or timed-out connect (nothing has been relayed
@@ -19,9 +22,10 @@ moves on to another backend, up to the group's ``retry.attempts`` when ``connect
 (``least_conn``, ``p2c``) from the connect until it closes.
 
 Timeouts without timers: every ``TICK`` the sweep compares each relay with its deadline
-(PROXY header: ``timeouts.client_header``; connect: ``connect_timeout``, cancelling the
-connect task, which goes on to the next backend) or, while relaying, the bytes it has moved
-with the count at the previous sweep (``idle_timeout``). The hot path never reads a clock.
+(PROXY header and ClientHello, together: ``timeouts.client_header``; connect:
+``connect_timeout``, cancelling the connect task, which goes on to the next backend) or, while
+relaying, the bytes it has moved with the count at the previous sweep (``idle_timeout``). The
+hot path never reads a clock.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from poise.config.model import Config, ListenerConfig, TcpListenerConfig
 from poise.l4 import proxy_protocol
 from poise.l4.relay import Back, Buffer, End, Front, Phase, Relay
+from poise.l4.sni import SniRouter
 from poise.models import Backend
 from poise.routing import Group, RoutingTable
 
@@ -59,6 +64,8 @@ class ListenerStats:
     no_backend: int = 0  # clients closed: no usable backend, or every try failed
     idle_timeouts: int = 0
     proxy_errors: int = 0  # missing, malformed or late PROXY headers from trusted peers
+    sni_timeouts: int = 0  # clients closed: no complete ClientHello by client_header
+    sni_unreadable: int = 0  # not a TLS ClientHello (or cut short): the default upstream
     backend_resets: int = 0
     bytes_in: int = 0  # client -> backend, of closed relays (live ones are added on read)
     bytes_out: int = 0  # backend -> client
@@ -104,6 +111,8 @@ class TcpListener:
         "lingering",
         "name",
         "relays",
+        "sni",
+        "sni_routes",
         "stats",
         "trusted",
     )
@@ -120,6 +129,8 @@ class TcpListener:
         # closed relays' sides still flushing, with the time by which they must be done
         self.lingering: dict[End, float] = {}
         self.stats = ListenerStats()
+        self.sni = SniRouter(cfg.upstream, cfg.sni) if cfg.sni else None
+        self.sni_routes: Counter[str] = Counter()  # peeked connections, by upstream chosen
 
     def factory(self) -> Front:
         return Front(self)
@@ -139,11 +150,12 @@ class TcpListener:
         relay.client = _address(transport.get_extra_info("peername"))
         relay.local = _address(transport.get_extra_info("sockname"))
         relay.last = self.hub.now
+        # one deadline for what the client owes before a backend is chosen: header, hello
+        relay.deadline = self.hub.now + self.header_timeout
         if self.trusted and self._is_trusted(relay.client[0]):
             relay.phase = Phase.HEADER
-            relay.deadline = self.hub.now + self.header_timeout
             return
-        self._start(relay)
+        self._begin(relay)
 
     def _is_trusted(self, ip: str) -> bool:
         try:
@@ -166,6 +178,28 @@ class TcpListener:
         del relay.pending[: header.length]
         if header.source is not None and header.destination is not None:
             relay.client, relay.local = header.source, header.destination
+        self._begin(relay)
+
+    def _begin(self, relay: Relay) -> None:
+        """Accepted (and past its PROXY header): peek at the ClientHello, or connect."""
+        if self.sni is None:
+            self._start(relay)
+            return
+        relay.phase = Phase.PEEK
+        if relay.pending or relay.front.eof:  # bytes that came with the PROXY header
+            self.peek_data(relay)
+
+    def peek_data(self, relay: Relay) -> None:
+        """More bytes (or the client's EOF) while peeking: route once the ClientHello has
+        been read, or found not to be one."""
+        assert self.sni is not None
+        found = self.sni.peek(bytes(relay.pending), eof=relay.front.eof)
+        if found is None:
+            return
+        relay.group, readable = found
+        if not readable:
+            self.stats.sni_unreadable += 1
+        self.sni_routes[relay.group] += 1
         self._start(relay)
 
     def _start(self, relay: Relay) -> None:
@@ -188,7 +222,7 @@ class TcpListener:
         self.lingering[end] = self.hub.now + self.cfg.idle_timeout
 
     def connected(self, relay: Relay, backend: Backend) -> None:
-        self.hub.counters(self.cfg.upstream).connections[backend.id] += 1
+        self.hub.counters(relay.group).connections[backend.id] += 1
 
     def finished(self, relay: Relay) -> None:
         """The relay closed: fold its counters in, take it out of its backend's load."""
@@ -199,16 +233,13 @@ class TcpListener:
         back = relay.back
         if back is not None:
             stats.bytes_out += back.count
-            counters = self.hub.counters(self.cfg.upstream)
+            counters = self.hub.counters(relay.group)
             counters.bytes_in[back.backend.id] += relay.front.count
             counters.bytes_out[back.backend.id] += back.count
         if relay.backend is not None:
             self._release(relay, ok=True, latency=relay.connect_time)
 
     # -- choosing and connecting ---------------------------------------------------------
-
-    def _group(self) -> Group:
-        return self.hub.table.groups[self.cfg.upstream]
 
     def _choose(self, group: Group, relay: Relay) -> Backend | None:
         """The first candidate that is up, untried and not at a limit; slow start passes a
@@ -248,7 +279,7 @@ class TcpListener:
         if backend is None:
             return
         relay.backend = None
-        self.hub.counters(self.cfg.upstream).active[backend.id] -= 1
+        self.hub.counters(relay.group).active[backend.id] -= 1
         i = backend.index
         load, adm = relay.load, relay.admission
         relay.load = relay.admission = None
@@ -273,7 +304,7 @@ class TcpListener:
         hub, stats = self.hub, self.stats
         loop = hub.loop
         task = asyncio.current_task()
-        group = self._group()
+        group = hub.table.groups[relay.group]
         retry = group.config.retry
         attempts = retry.attempts if "connect" in retry.on else 1
         while not relay.closed:
@@ -345,15 +376,19 @@ class TcpListener:
                 self.stats.idle_timeouts += 1
             elif relay.phase is Phase.HEADER:
                 self.stats.proxy_errors += 1
+            elif relay.phase is Phase.PEEK:
+                self.stats.sni_timeouts += 1
             relay.on_timeout()
 
     def statistics(self) -> dict[str, Any]:
-        out = self.stats.as_dict()
+        out: dict[str, Any] = self.stats.as_dict()
         for relay in self.relays:  # live relays' bytes, so long connections show progress
             out["bytes_in"] += relay.front.count
             if relay.back is not None:
                 out["bytes_out"] += relay.back.count
         out["active"] = len(self.relays)
+        if self.sni is not None:
+            out["sni_routes"] = dict(self.sni_routes)
         return out
 
     def __repr__(self) -> str:
@@ -438,26 +473,30 @@ class L4:
 
     def statistics(self) -> dict[str, Any]:
         backends: dict[str, Any] = {}
-        used = {listener.cfg.upstream for listener in self.listeners.values()}
+        used: set[str] = set()
+        live_in: dict[str, Counter[str]] = {}
+        live_out: dict[str, Counter[str]] = {}
+        for listener in self.listeners.values():
+            used.add(listener.cfg.upstream)
+            used.update(route.upstream for route in listener.cfg.sni)
+            for relay in listener.relays:
+                back = relay.back
+                if back is not None:
+                    bid = back.backend.id
+                    live_in.setdefault(relay.group, Counter())[bid] += relay.front.count
+                    live_out.setdefault(relay.group, Counter())[bid] += back.count
         table = self.table
+        empty: Counter[str] = Counter()
         for name in sorted(used):
             c = self.counters(name)
-            live_in: Counter[str] = Counter()
-            live_out: Counter[str] = Counter()
-            for listener in self.listeners.values():
-                if listener.cfg.upstream != name:
-                    continue
-                for relay in listener.relays:
-                    if relay.back is not None:
-                        live_in[relay.back.backend.id] += relay.front.count
-                        live_out[relay.back.backend.id] += relay.back.count
+            ins, outs = live_in.get(name, empty), live_out.get(name, empty)
             backends[name] = {
                 b.url: {
                     "active": c.active[b.id],
                     "connections": c.connections[b.id],
                     "connect_failures": c.failures[b.id],
-                    "bytes_in": c.bytes_in[b.id] + live_in[b.id],
-                    "bytes_out": c.bytes_out[b.id] + live_out[b.id],
+                    "bytes_in": c.bytes_in[b.id] + ins[b.id],
+                    "bytes_out": c.bytes_out[b.id] + outs[b.id],
                 }
                 for b in table.groups[name].backends
             }

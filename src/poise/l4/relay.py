@@ -23,7 +23,8 @@ what was just read straight to the other side's transport (``out``):
   a complete stream. A side closed cleanly closes the other after flushing.
 
 Before the backend is connected the client's bytes (and, from a trusted peer, its PROXY
-header) are held in ``pending``, up to ``HOLD_LIMIT`` before client reading pauses. The
+header; on a listener with SNI routes, its TLS ClientHello, ``l4.sni``) are held in
+``pending``, up to ``HOLD_LIMIT`` before client reading pauses. The
 listener (``l4.listener``) chooses backends and connects; this module only moves bytes.
 """
 
@@ -63,6 +64,7 @@ class Buffer:
 
 class Phase(enum.Enum):
     HEADER = "header"  # reading a PROXY header from a trusted peer
+    PEEK = "peek"  # reading a TLS ClientHello's server name (listeners with SNI routes)
     CONNECTING = "connecting"  # trying backends
     RELAYING = "relaying"
     CLOSED = "closed"
@@ -172,6 +174,7 @@ class Relay:
         "deadline",
         "expired",
         "front",
+        "group",
         "last",
         "listener",
         "load",
@@ -192,6 +195,7 @@ class Relay:
         self.load: Load | None = None  # ... in these figures (the group's when it was chosen)
         self.admission: Admission | None = None
         self.tried: tuple[Backend, ...] = ()
+        self.group = listener.cfg.upstream  # the upstream relayed to (SNI may choose another)
         self.phase = Phase.CONNECTING
         self.pending = bytearray()  # client bytes read before the backend was connected
         self.client: tuple[str, int] = ("", 0)  # the client (from a PROXY header if trusted)
@@ -208,13 +212,16 @@ class Relay:
         return self.phase is Phase.CLOSED
 
     def hold(self, data: memoryview) -> None:
-        """Client bytes before the backend is connected (or while reading a PROXY header)."""
+        """Client bytes before the backend is connected (or while reading a PROXY header or
+        peeking at a ClientHello)."""
         if self.phase is Phase.CLOSED:
             return
         self.pending += data
         if self.phase is Phase.HEADER:
             self.listener.header_data(self)
-        elif len(self.pending) > HOLD_LIMIT:
+        elif self.phase is Phase.PEEK:
+            self.listener.peek_data(self)
+        if self.phase is Phase.CONNECTING and len(self.pending) > HOLD_LIMIT:
             self.front.transport.pause_reading()  # resumed by attach()
 
     def attach(self, back: Back) -> None:
@@ -240,6 +247,8 @@ class Relay:
             self.listener.stats.proxy_errors += 1
             self.close()  # ended before its PROXY header did
             return
+        if self.phase is Phase.PEEK:
+            self.listener.peek_data(self)  # decides now: front.eof is set
         other = self.back if end is self.front else self.front
         if other is None:
             return  # the client's EOF before the backend is connected: attach() passes it on
