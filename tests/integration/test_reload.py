@@ -204,3 +204,28 @@ def test_reload_triggers_on_a_running_process(tmp_path: Path, trigger: str) -> N
         loop.call_soon_threadsafe(loop.stop)
         backends_thread.join(10)
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+async def test_a_websocket_tunnel_survives_a_reload_that_removes_its_backend() -> None:
+    from tests.integration.test_upgrade import HANDSHAKE, accept
+
+    async with (
+        HttpBackend("ws", handler=accept) as ws,
+        HttpBackend("b") as b,
+        running(doc([ws.url], health_check={"enabled": False})) as (server, url),
+    ):
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HANDSHAKE)
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        await server.reload(parse_config(same_listener(doc([b.url]), port)))
+        async with asyncio.timeout(5):  # the echoing tunnel goes on after the reload
+            for i in range(3):
+                frame = b"frame %d|" % i
+                writer.write(frame)
+                assert await reader.readexactly(len(frame)) == frame
+        assert server.ctx is not None and len(server.ctx.tunnels) == 1
+        writer.close()
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(url)).text == "b\n"  # new requests: the new config
