@@ -156,6 +156,9 @@ async def test_metrics_in_prometheus_format() -> None:
         )
         assert f'poise_backend_up{{upstream="app",backend="{backend}"}} 1' in text
         assert "poise_requests_total 3" in text
+        # every response is timed once, the keep-alive fast path included
+        assert "poise_request_duration_seconds_count 3" in text
+        assert 'poise_request_duration_seconds_bucket{le="+Inf"} 3' in text
 
 
 async def test_poise_status_prints_routes_and_backends() -> None:
