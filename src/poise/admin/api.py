@@ -29,7 +29,6 @@ before anything changes, and change nothing when they fail.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -39,7 +38,7 @@ from poise import __version__
 from poise.admin import metrics
 from poise.config.checks import check_weight
 from poise.health.status import STATES
-from poise.httpd import HttpError, HttpServer, Reply, Request, Router
+from poise.httpd import HttpError, HttpServer, Reply, Request, Router, require_bearer
 
 if TYPE_CHECKING:
     from poise.server import Server
@@ -85,11 +84,7 @@ class AdminApi:
     def check_token(self, request: Request) -> None:
         if request.path in PUBLIC and request.method in ("GET", "HEAD"):
             return  # the dashboard page itself holds no data; its calls carry the token
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), self.token.encode()
-        ):
-            raise HttpError(401, "missing or wrong bearer token")
+        require_bearer(request, self.token)
 
     # -- reads -----------------------------------------------------------------------------
 

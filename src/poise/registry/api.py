@@ -35,7 +35,16 @@ from urllib.parse import unquote
 from poise.config.model import RegistryConfig
 from poise.config.values import parse_duration
 from poise.errors import Compacted, InvalidInstance, NotRegistered, RegistryError
-from poise.httpd import HttpError, HttpServer, Reply, Request, Router, Stream, json_head
+from poise.httpd import (
+    HttpError,
+    HttpServer,
+    Reply,
+    Request,
+    Router,
+    Stream,
+    json_head,
+    require_bearer,
+)
 from poise.registry.memory import MemoryStore
 from poise.registry.model import (
     STATUSES,
@@ -82,14 +91,8 @@ class RegistryApi:
 
     def _auth(self, request: Request, write: bool) -> None:
         token = self.cfg.token
-        if token is None or not (write or self.cfg.read_token):
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            raise HttpError(401, "missing or wrong bearer token")
+        if token is not None and (write or self.cfg.read_token):
+            require_bearer(request, token)
 
     def fast_heartbeat(
         self, method: bytes, target: bytes, headers: dict[str, str], keep: bool
