@@ -65,6 +65,14 @@ def test_run_without_backends_is_a_usage_error(capsys: pytest.CaptureFixture[str
     assert "--backend" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "many", "257"])
+def test_run_refuses_a_bad_workers_count(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--backend", "http://127.0.0.1:9", "--workers", value])
+    assert exc.value.code == 2
+    assert "--workers: expected a number from 1 to 256 or 'auto'" in capsys.readouterr().err
+
+
 def test_run_with_backend_flags_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     backend_port, front = free_port(), free_port()
     backend = subprocess.Popen(

@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--watch-config", action="store_true", help="reload when the config file changes"
     )
+    run.add_argument(
+        "--workers", default="1", metavar="N",
+        help="worker processes sharing the ports (SO_REUSEPORT), or 'auto' for one per CPU; "
+        "health checks, registry and admin API run once, in a supervisor (default 1)",
+    )  # fmt: skip
     logging_args(run)
 
     check = sub.add_parser("check", help="validate a config file")
@@ -199,10 +204,18 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import os
+
     from poise.config import load_config, parse_config
     from poise.logs import setup_logging
     from poise.server import run
 
+    if args.workers == "auto":
+        workers = len(os.sched_getaffinity(0))
+    elif args.workers.isdigit() and 1 <= int(args.workers) <= 256:
+        workers = int(args.workers)
+    else:
+        parser.error(f"--workers: expected a number from 1 to 256 or 'auto', got {args.workers!r}")
     if args.config:
         if args.listen or args.backend:
             parser.error("use either -c FILE or --listen/--backend, not both")
@@ -220,7 +233,14 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     try:
+        if workers > 1:
+            from poise.workers import run as run_workers
+
+            return run_workers(config, workers, watch_config=args.watch_config)
         return run(config, watch_config=args.watch_config)
+    except RuntimeError as exc:  # workers that would not start
+        print(f"poise: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         # e.g. the port is taken: say so plainly rather than with a traceback
         print(f"poise: {exc.strerror or exc}", file=sys.stderr)

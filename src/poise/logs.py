@@ -28,14 +28,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+class _Worker(logging.Filter):
+    """Marks a worker process's records (``--workers N``): JSON gets ``"worker": n``."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(level: str = "info", fmt: str = "text", *, worker: int | None = None) -> None:
+    """Log to stderr; ``worker``: this is worker process n of ``--workers N``."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
+        who = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {who}: %(message)s", "%H:%M:%S")
         )
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -104,6 +104,11 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
         before = old.upstreams.get(name)
         if before is not None and _source(before) == _source(up):
             continue
+        if not server.controls:
+            # a worker: its control process has read the source and filled the backends in
+            if _dynamic(up):
+                found[name] = up.backends
+            continue
         if up.file is not None:
             sources[name] = file_source = FileSource(up.file)
             try:
@@ -233,7 +238,7 @@ def _restart_background(
                 for b in group.backends
             ]
         server._start_checker(tg, name, states)
-    if tg is not None:
+    if tg is not None and server.controls:
         for name, group in server.table.groups.items():
             if name not in server._checker_tasks and group.config.health_check.enabled:
                 server._start_checker(tg, name)

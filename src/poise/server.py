@@ -1,8 +1,17 @@
 """Composition root: builds everything from a Config, owns the background tasks, drains.
 
-One ``Server`` is one worker: its listeners, its routing table, its pools, its health
+One ``Server`` is one process's part: its listeners, its routing table, its pools, its health
 checkers. ``serve()`` runs until ``stop()``; then it stops accepting, lets in-flight requests
 finish for up to ``timeouts.drain``, and closes what is left.
+
+Its ``role`` says which part (``poise.workers`` explains the multi-process layout):
+
+* ``single`` (one process, the default): everything;
+* ``control`` (the supervisor of ``--workers N``): health checks, registry, sources, admin
+  API and config reload, but no data-plane listeners; every change of shared state it makes
+  (health verdicts, membership, operator states, a reload) goes to ``replicate``;
+* ``worker``: the data-plane listeners on sockets it inherits, and the state the control
+  process sends it; no checks, registry, sources or admin of its own.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from poise.admin.api import AdminApi
 from poise.config.load import parse_backends
 from poise.config.model import BackendConfig, Config, HealthCheckConfig, UpstreamConfig
+from poise.dataplane import Snapshot, snapshot
 from poise.errors import ConfigError, RegistryError
 from poise.health.board import HealthBoard
 from poise.health.checker import GroupChecker, Probe
@@ -46,17 +56,39 @@ BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being 
 
 log = logging.getLogger("poise.server")
 
+Role = Literal["single", "control", "worker"]
+# a change of shared state, for the workers (see poise.workers for the kinds)
+Replicate = Callable[[tuple[Any, ...]], None]
+
 
 class Server:
     def __init__(
-        self, config: Config, *, rng: random.Random | None = None, watch_config: bool = False
+        self,
+        config: Config,
+        *,
+        rng: random.Random | None = None,
+        watch_config: bool = False,
+        role: Role = "single",
+        sockets: dict[str, list[socket.socket]] | None = None,
     ) -> None:
         self.watch_config = watch_config  # reload when the config file changes
+        self.role: Role = role
+        # a worker runs no checks, registry, sources or admin API: its control process does
+        self.controls = role != "worker"
+        # a worker's listening sockets, by listener name (created by its control process)
+        self.sockets = sockets or {}
+        self.replicate: Replicate | None = None
+        # the data plane's numbers: this process's own, or (control) the workers' sum
+        self.dataplane: Callable[[], Snapshot] = lambda: snapshot(self)
+        # the workers' status and a rolling restart of them, for the admin API (control only)
+        self.workers: Callable[[], list[dict[str, Any]]] | None = None
+        self.restart_workers: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.config = config
         self.rng = rng or random.Random()
         backends = {name: make_backends(up) for name, up in config.upstreams.items()}
         self.board = HealthBoard(config.upstreams, backends, time.monotonic)
         self.table = build_table(config, self.rng, self.board.statuses)
+        self.board.install = self._install
         # the TCP listeners, if any; they read the current table, wherever it was swapped
         self.l4 = L4(config, self._current_table, self.rng.random)
         self.ctx: Context | None = None
@@ -102,11 +134,21 @@ class Server:
     def publish_health(self, group: str, up: tuple[bool, ...]) -> None:
         """The active checks' verdicts for ``group`` (called by its GroupChecker)."""
         self.board.active(group, up)
+        if self.replicate is not None:
+            self.replicate(("health", group, up))
+
+    def probe_passed(self, group: str, index: int, started: float) -> None:
+        """A probe passed (the checker's ``passed``): it may end a passive ejection."""
+        self.board.probe_passed(group, index, started)
+        if self.replicate is not None:
+            self.replicate(("passed", group, index, started))
 
     def set_backend_state(self, group: str, backend: str, state: str) -> None:
         """Operator state of a backend ("http://host:port" or "host:port"): "enabled",
         "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
         self.board.set_state(group, backend, state)
+        if self.replicate is not None:
+            self.replicate(("state", group, backend, state))
 
     def reload_certificates(self) -> dict[str, str]:
         """Load every HTTPS listener's certificate files again, now. Per listener:
@@ -211,6 +253,8 @@ class Server:
                 ",".join(removed) or "0",
             )
         self._restart_checker(group, old_ids, new_ids)
+        if self.replicate is not None:
+            self.replicate(("members", group, backends, reported, initial))
 
     def _on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
         backends, reported = backends_of(instances)
@@ -257,7 +301,7 @@ class Server:
             group.config.health_check,
             self.publish_health,
             self.rng,
-            passed=self.board.probe_passed,
+            passed=self.probe_passed,
             states=states,
             probe=self._probe_for(name),
         )
@@ -375,8 +419,12 @@ class Server:
         from poise import reload as reloading
 
         if config is None:
-            return await reloading.reload_file(self)
-        return await reloading.apply(self, config)
+            changed = await reloading.reload_file(self)
+        else:
+            changed = await reloading.apply(self, config)
+        if self.replicate is not None:
+            self.replicate(("reload", self.config))
+        return changed
 
     async def _open_registry(self) -> None:
         """Open the store and load the followed services' instances before serving."""
@@ -416,15 +464,16 @@ class Server:
         for group in self.table.groups.values():
             if group.admission is not None:
                 group.admission.set_scheduler(loop.call_soon)
-        self.board.install = self._install
         ctx.on_ejected = self.l4.on_ejected = self.board.ejected
         # Bind first, so a taken port fails plainly before anything else starts; accept only
         # after the registry is read and the first health round.
-        await self._bind(loop, ctx)
+        if self.role != "control":
+            await self._bind(loop, ctx)
         ctx.start()
         tasks: list[asyncio.Task[None]] = []
         try:
-            await self._open_sources()
+            if self.controls:
+                await self._open_sources()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tasks.append(tg.create_task(self._maintain(), name="health:board"))
@@ -437,10 +486,10 @@ class Server:
                     self.restart_registry_follow()
                 for name, source in list(self.sources.items()):
                     self.start_source(name, source)
-                if self.watch_config:
+                if self.watch_config and self.controls:
                     tasks.append(tg.create_task(self._watch_config(), name="config:watch"))
                 for name, group in self.table.groups.items():
-                    if group.config.health_check.enabled:
+                    if group.config.health_check.enabled and self.controls:
                         self._start_checker(tg, name)
                 # The first round of checks runs before we accept traffic, so a dead backend
                 # is known dead before the first request (bounded by the probe timeouts).
@@ -451,13 +500,14 @@ class Server:
                         async with asyncio.timeout(limit):
                             await asyncio.gather(*waits)
                 await self.l4.ready.wait()
-                for server, lc, (name, (host, port)) in zip(
-                    self.listeners, self.config.listeners, self.addresses.items(), strict=True
-                ):
+                for server in self.listeners:
                     await server.start_serving()
-                    shown = f"[{host}]" if ":" in host else host
-                    scheme = "https" if name in self.tls else lc.protocol
-                    log.info("listening on %s://%s:%d (%s)", scheme, shown, port, name)
+                if self.role == "single":
+                    for lc in self.config.listeners:
+                        host, port = self.addresses[lc.name]
+                        shown = f"[{host}]" if ":" in host else host
+                        scheme = "https" if lc.name in self.tls else lc.protocol
+                        log.info("listening on %s://%s:%d (%s)", scheme, shown, port, lc.name)
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -492,28 +542,44 @@ class Server:
                 factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
             else:
                 factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
+            ssl = tls.context if tls is not None else None
+            # a client must finish its handshake as fast as its request head
+            handshake = ctx.client_header_timeout if tls is not None else None
             try:
-                server = await loop.create_server(
-                    factory,
-                    host=lc.host or None,
-                    port=lc.port,
-                    reuse_address=True,
-                    backlog=2048,
-                    start_serving=False,
-                    ssl=tls.context if tls is not None else None,
-                    # a client must finish its handshake as fast as its request head
-                    ssl_handshake_timeout=ctx.client_header_timeout if tls is not None else None,
-                )
+                if self.role == "worker":  # sockets from the control process, bound already
+                    servers = [
+                        await loop.create_server(
+                            factory,
+                            sock=sock,
+                            start_serving=False,
+                            ssl=ssl,
+                            ssl_handshake_timeout=handshake,
+                        )
+                        for sock in self.sockets[name]
+                    ]
+                else:
+                    servers = [
+                        await loop.create_server(
+                            factory,
+                            host=lc.host or None,
+                            port=lc.port,
+                            reuse_address=True,
+                            backlog=2048,
+                            start_serving=False,
+                            ssl=ssl,
+                            ssl_handshake_timeout=handshake,
+                        )
+                    ]
             except OSError:
                 for bound in self.listeners:
                     bound.close()
                 raise
-            self.listeners.append(server)
-            sock = server.sockets[0]
-            addr = sock.getsockname()
+            for server in servers:
+                self.listeners.append(server)
+                for s in server.sockets:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            addr = servers[0].sockets[0].getsockname()
             self.addresses[name] = (str(addr[0]), int(addr[1]))
-            for s in server.sockets:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def _drain(self, ctx: Context) -> None:
         log.info("shutting down: no new connections, draining in-flight requests")

@@ -16,6 +16,8 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
     GET    /v1/registry                                   the registry as poise sees it
     GET    /v1/config                                     the config in force (secrets hidden)
     POST   /v1/reload                                     reload the config file
+    GET    /v1/workers                                    worker processes (--workers N)
+    POST   /v1/workers/restart                            rolling restart of the workers
     GET    /metrics                                       Prometheus text format
     GET    /openapi.json
     GET    /  (or /dashboard)                             the live dashboard page (no token:
@@ -69,6 +71,8 @@ class AdminApi:
         r.add("GET", "/v1/registry", self.registry)
         r.add("GET", "/v1/config", self.config)
         r.add("POST", "/v1/reload", self.reload)
+        r.add("GET", "/v1/workers", self.workers)
+        r.add("POST", "/v1/workers/restart", self.restart_workers)
         r.add("GET", "/metrics", self.metrics)
         r.add("GET", "/openapi.json", self.openapi)
         r.add("GET", "/", self.dashboard)
@@ -90,7 +94,7 @@ class AdminApi:
 
     async def status(self, request: Request) -> Reply:
         s = self.server
-        ctx = s.ctx
+        dp = s.dataplane()
         return Reply(
             data={
                 "version": __version__,
@@ -98,8 +102,9 @@ class AdminApi:
                 "config": s.config.source,
                 "listeners": {k: f"{h}:{p}" for k, (h, p) in s.addresses.items()},
                 "upstreams": len(s.table.groups),
-                "clients": len(ctx.clients) if ctx is not None else 0,
-                "requests": ctx.stats.requests if ctx is not None else 0,
+                "clients": dp["clients"],
+                "requests": dp["stats"].get("requests", 0),
+                "workers": s.workers() if s.workers is not None else None,
                 "registry": None
                 if s.registry is None
                 else {
@@ -194,6 +199,21 @@ class AdminApi:
             raise HttpError(400, f"reload failed: {exc}") from exc
         return Reply(data={"reloaded": True, **changed})
 
+    async def workers(self, request: Request) -> Reply:
+        if self.server.workers is None:
+            raise HttpError(404, "poise runs as one process (no --workers)")
+        return Reply(data={"workers": self.server.workers()})
+
+    async def restart_workers(self, request: Request) -> Reply:
+        """Replace the workers one at a time; answers when the last new one serves."""
+        if self.server.restart_workers is None:
+            raise HttpError(404, "poise runs as one process (no --workers)")
+        try:
+            done = await self.server.restart_workers()
+        except (RuntimeError, OSError) as exc:
+            raise HttpError(500, f"rolling restart stopped: {exc}") from exc
+        return Reply(data=done)
+
     async def remove_backend(self, request: Request, upstream: str, backend: str) -> Reply:
         self._do(self.server.remove_backend, upstream, backend)
         return Reply(data=self._upstream(upstream, detail=True))
@@ -240,18 +260,21 @@ class AdminApi:
             if up.dns
             else {"static": True}
         )
+        traffic: dict[str, Any] = s.dataplane()["backends"].get(name, {})
         backends = []
         for b in group.backends:
-            pool = group.pools[b.index]
+            seen = traffic.get(b.authority, metrics.NO_TRAFFIC)
             entry: dict[str, Any] = {
                 "url": b.url,
                 "weight": b.weight,
                 "up": group.up[b.index],
                 **facts.get(b.url, {}),
-                "in_flight": group.load.active[b.index] if group.load is not None else None,
-                "connections": {"idle": len(pool.idle), "open": pool.open},
-                "responses": {f"{c}xx": pool.responses[c] for c in range(1, 6)},
+                "in_flight": seen["in_flight"] if group.load is not None else None,
+                "connections": {"idle": seen["idle"], "open": seen["open"]},
+                "responses": {f"{c}xx": seen["responses"][c] for c in range(1, 6)},
             }
+            if seen["ejected"] and s.workers is not None:
+                entry["ejected_in_workers"] = seen["ejected"]
             if b.url in checks:
                 entry["check"] = {k: v for k, v in checks[b.url].items() if v is not None}
             backends.append(entry)
@@ -366,6 +389,10 @@ def openapi_document() -> dict[str, Any]:
             "/v1/registry": {"get": op("the service registry as poise sees it")},
             "/v1/config": {"get": op("the config in force, secrets hidden")},
             "/v1/reload": {"post": op("reload the config file (refused with every reason)")},
+            "/v1/workers": {"get": op("worker processes (with --workers N)")},
+            "/v1/workers/restart": {
+                "post": op("rolling restart: each new worker serves before the old one drains")
+            },
             "/metrics": {"get": op("Prometheus text format")},
         },
     }

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from poise.l7.context import BUCKETS
+
 if TYPE_CHECKING:
     from poise.server import Server
 
@@ -24,6 +26,12 @@ _ERRORS = {
     "queue_timeouts": "queue_timeout",
     "connections_refused": "connection_refused",
 }
+
+
+# a backend no process has reported on yet
+NO_TRAFFIC: dict[str, Any] = {
+    "responses": [0] * 6, "in_flight": 0, "idle": 0, "open": 0, "ejected": 0
+}  # fmt: skip
 
 
 def _escape(value: str) -> str:
@@ -54,35 +62,36 @@ class _Out:
 
 def render(server: Server) -> str:
     out = _Out()
-    ctx = server.ctx
-    stats = ctx.stats.as_dict() if ctx is not None else {}
+    # traffic numbers: this process's, or the sum of the workers' (``poise.dataplane``)
+    dp = server.dataplane()
+    stats: dict[str, int] = dp["stats"]
     out.family("poise_requests_total", "counter", "Requests received on HTTP listeners.")
     out.sample("poise_requests_total", stats.get("requests", 0))
     out.family("poise_connections_total", "counter", "Client connections accepted.")
     out.sample("poise_connections_total", stats.get("connections_accepted", 0))
     out.family("poise_client_connections", "gauge", "Client connections open now.")
-    out.sample("poise_client_connections", len(ctx.clients) if ctx is not None else 0)
+    out.sample("poise_client_connections", dp["clients"])
     out.family("poise_errors_total", "counter", "Requests poise answered with an error, by kind.")
     for key, kind in _ERRORS.items():
         out.sample("poise_errors_total", stats.get(key, 0), kind=kind)
-    if ctx is not None:
-        h = ctx.latency
-        name = "poise_request_duration_seconds"
-        out.family(name, "histogram", "From a request's first byte to its response's last.")
-        total = 0
-        for bound, n in zip((*h.bounds, float("inf")), h.counts, strict=True):
-            total += n
-            out.sample(f"{name}_bucket", total, le="+Inf" if bound == float("inf") else repr(bound))
-        out.sample(f"{name}_sum", h.sum)
-        out.sample(f"{name}_count", h.count)
+    name = "poise_request_duration_seconds"
+    out.family(name, "histogram", "From a request's first byte to its response's last.")
+    latency = dp["latency"]
+    counts = latency["counts"] or [0] * (len(BUCKETS) + 1)
+    total = 0
+    for bound, n in zip((*BUCKETS, float("inf")), counts, strict=True):
+        total += n
+        out.sample(f"{name}_bucket", total, le="+Inf" if bound == float("inf") else repr(bound))
+    out.sample(f"{name}_sum", float(latency["sum"]))
+    out.sample(f"{name}_count", latency["count"])
     out.family("poise_retries_total", "counter", "Requests sent again to another backend.")
     out.sample("poise_retries_total", stats.get("retries", 0))
     out.family("poise_retries_over_budget_total", "counter", "Retries the budget refused.")
     out.sample("poise_retries_over_budget_total", stats.get("retries_over_budget", 0))
-    out.family("poise_ejections_total", "counter", "Backends ejected by passive health checks.")
+    out.family("poise_ejections_total", "counter", "Backends ejected by passive health.")
     out.sample("poise_ejections_total", stats.get("ejections", 0))
 
-    table = ctx.table if ctx is not None else server.table
+    table = server.ctx.table if server.ctx is not None else server.table
     board: dict[str, Any] = server.board.statistics()
     responses = _Out()
     responses.family(
@@ -91,7 +100,7 @@ def render(server: Server) -> str:
     gauges = {
         "poise_backend_up": "1 when the backend takes new requests.",
         "poise_backend_healthy": "1 when the active checks pass.",
-        "poise_backend_ejected": "1 while ejected by passive health.",
+        "poise_backend_ejected": "1 while ejected by passive health (in any worker).",
         "poise_backend_in_flight": "Requests in flight (load-aware policies and limits).",
         "poise_backend_connections_idle": "Idle keep-alive connections in the pool.",
         "poise_backend_connections_open": "Open connections to the backend.",
@@ -100,22 +109,23 @@ def render(server: Server) -> str:
     samples: dict[str, list[tuple[float, dict[str, str]]]] = {k: [] for k in gauges}
     for name, group in table.groups.items():
         facts: dict[str, Any] = board.get(name, {}).get("backends", {})
+        traffic: dict[str, Any] = dp["backends"].get(name, {})
         for b in group.backends:
             labels = {"upstream": name, "backend": b.authority}
-            pool = group.pools[b.index]
+            seen = traffic.get(b.authority, NO_TRAFFIC)
             for cls in range(1, 6):
                 responses.sample(
-                    "poise_backend_responses_total", pool.responses[cls], code=f"{cls}xx", **labels
-                )
+                    "poise_backend_responses_total", seen["responses"][cls], code=f"{cls}xx",
+                    **labels,
+                )  # fmt: skip
             fact = facts.get(b.url, {})
-            active = group.load.active[b.index] if group.load is not None else 0
             values: dict[str, float] = {
                 "poise_backend_up": int(group.up[b.index]),
                 "poise_backend_healthy": int(bool(fact.get("healthy", True))),
-                "poise_backend_ejected": int(bool(fact.get("ejected", False))),
-                "poise_backend_in_flight": active,
-                "poise_backend_connections_idle": len(pool.idle),
-                "poise_backend_connections_open": pool.open,
+                "poise_backend_ejected": int(bool(fact.get("ejected", False) or seen["ejected"])),
+                "poise_backend_in_flight": seen["in_flight"],
+                "poise_backend_connections_idle": seen["idle"],
+                "poise_backend_connections_open": seen["open"],
                 "poise_backend_weight": b.weight,
             }
             for key, value in values.items():
@@ -148,7 +158,12 @@ def render(server: Server) -> str:
                 out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
 
     if server.l4.listeners:
-        _l4(out, server.l4.statistics())
+        _l4(out, dp["l4"])
+
+    if server.workers is not None:
+        workers = server.workers()
+        out.family("poise_workers", "gauge", "Worker processes serving (--workers N).")
+        out.sample("poise_workers", sum(1 for w in workers if w["state"] == "serving"))
 
     if server.registry is not None:
         reg = server.registry
