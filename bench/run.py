@@ -408,6 +408,26 @@ def haproxy_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
 
 
 POISE_POLICY: object = "round_robin"  # set from --poise-policy
+POISE_SRC = REPO / "src"  # what poise runs from: this tree, or its compiled copy (--poise-build)
+
+
+def build_compiled(tmp: Path) -> Path:
+    """The tree as ``pip install .`` installs it: a copy with the hot path compiled by
+    setup.py (mypyc). Returns the copy's src directory."""
+    tree = tmp / "poise-tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tree / name)
+    shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "POISE_PURE_PYTHON"}
+    log("compiling poise's hot path (setup.py build_ext, about a minute)")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 or not list((tree / "src/poise/l7").glob("client.*.so")):
+        raise BenchError(f"compiling failed: {(done.stderr or done.stdout)[-2000:]}")
+    return tree / "src"
 
 
 def poise_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
@@ -556,7 +576,7 @@ def start_system(env: Env, system: str, logname: str) -> subprocess.Popen[bytes]
     if system == "poise":
         conf = poise_conf(tmp, port, backends)
         penv = dict(os.environ)
-        src = str(REPO / "src")
+        src = str(POISE_SRC)
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, CPU_PROXY, cwd=REPO, env=penv)
@@ -858,6 +878,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="round_robin",
         help='poise\'s balancing policy: a name or JSON, e.g. \'{"name": "p2c"}\'',
     )
+    p.add_argument(
+        "--poise-build",
+        choices=("compiled", "pure"),
+        default="compiled",
+        help="poise as `pip install .` builds it (hot path compiled with mypyc: the default) "
+        "or the pure-Python source tree",
+    )
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results directory")
     p.add_argument(
         "--backend",
@@ -878,7 +905,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global POISE_POLICY
+    global POISE_POLICY, POISE_SRC
     args = parse_args(argv)
     policy = args.poise_policy.strip()
     POISE_POLICY = json.loads(policy) if policy.startswith("{") else policy
@@ -900,6 +927,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with workspace() as (tmp, procs):
             env = Env(tmp, procs, free_port(), [free_port() for _ in range(3)])
+            info["poise_build"] = args.poise_build
+            if args.poise_build == "compiled" and "poise" in args.system_list:
+                POISE_SRC = build_compiled(tmp)
             if not procs.pin:
                 log("WARNING: cannot pin to cpu0/cpu1 (taskset missing or < 2 CPUs); unpinned")
             kind = start_backends(env, args.backend)
@@ -934,7 +964,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"warm-up {args.warmup:g}s, measured {args.duration:g}s, {args.rounds} round(s) with "
         "the systems in rotating order, medians shown; "
         f"proxy on cpu{CPU_PROXY}, backends + wrk on cpu{CPU_LOAD}; "
-        f"poise policy {json.dumps(POISE_POLICY)}" + ("" if procs.pin else " (NOT pinned)"),
+        f"poise policy {json.dumps(POISE_POLICY)}, {args.poise_build} build"
+        + ("" if procs.pin else " (NOT pinned)"),
         "",
     ]
     for name in args.scenario_list:
@@ -956,6 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "backend": args.backend,
             "rounds": args.rounds,
             "poise_policy": POISE_POLICY,
+            "poise_build": args.poise_build,
         },
         "machine": info,
         "scenarios": {name: asdict(SCENARIOS[name]) for name in args.scenario_list},

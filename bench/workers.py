@@ -34,7 +34,7 @@ def start_system(env: run.Env, system: str, logname: str) -> subprocess.Popen[by
     if kind == "poise":
         conf = run.poise_conf(env.tmp, env.front_port, env.backend_ports)
         penv = dict(os.environ)
-        src = str(run.REPO / "src")
+        src = str(run.POISE_SRC)
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf), "--workers", workers]
         return env.procs.start(logname, argv, None, cwd=run.REPO, env=penv)
@@ -62,6 +62,8 @@ def main() -> int:
     with run.workspace() as (tmp, procs):
         procs.pin = False
         env = run.Env(tmp, procs, run.free_port(), [run.free_port() for _ in range(3)])
+        run.POISE_SRC = run.build_compiled(tmp)
+        info["poise_build"] = "compiled"
         info["backend"] = run.start_backends(env, "nginx")
         order = list(SYSTEMS)
         for rnd in range(args.rounds):

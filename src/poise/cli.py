@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from poise import __version__
+from poise import __version__, build
 from poise.errors import ConfigError, RegistryError
 
 if TYPE_CHECKING:  # the CLI imports lazily, so `poise --help` starts fast
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"poise {__version__}")
+    p.add_argument("--version", action="version", version=f"poise {__version__} ({build()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def logging_args(sp: argparse.ArgumentParser) -> None:
@@ -204,6 +204,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import logging
     import os
 
     from poise.config import load_config, parse_config
@@ -232,6 +233,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             source="command line",
         )
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    logging.getLogger("poise").info("poise %s, hot path: %s", __version__, build())
     try:
         if workers > 1:
             from poise.workers import run as run_workers
