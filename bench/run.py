@@ -48,12 +48,13 @@ CPU_PROXY = "1"  # the system under test
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEMS = ("poise", "nginx", "haproxy")
 # optional: the minimal unhardened Python proxy, a ceiling for what Python costs (not default)
-EXTRA_SYSTEMS = ("ceiling",)
+EXTRA_SYSTEMS = ("ceiling", "poise-pure")
 SYSTEM_LABELS = {
     "poise": "poise",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "ceiling": "ceiling (minimal Python proxy)",
+    "poise-pure": "poise, pure Python",
 }
 
 
@@ -573,10 +574,10 @@ class Env:
 
 def start_system(env: Env, system: str, logname: str) -> subprocess.Popen[bytes]:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
-    if system == "poise":
+    if system in ("poise", "poise-pure"):
         conf = poise_conf(tmp, port, backends)
         penv = dict(os.environ)
-        src = str(POISE_SRC)
+        src = str(POISE_SRC if system == "poise" else REPO / "src")
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, CPU_PROXY, cwd=REPO, env=penv)
