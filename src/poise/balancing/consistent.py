@@ -27,9 +27,10 @@ machines, unlike Python's ``hash()``), all honouring backend weights:
     score. Weighted exactly and minimally disruptive (only the keys of a removed backend
     move), but O(n) per pick.
 
-A call without a key (``key=None``) hashes a key drawn from ``rng`` instead, so keyless
-requests spread over the backends like random picks rather than piling onto one backend.
-(The policy wrapper normally substitutes ``default_key`` or a fallback policy first.)
+A call without a key (``key=None``) uses ``default_key`` when given, else the ``fallback``
+policy when given (``build`` passes both from the config), else hashes a key drawn from
+``rng``, so keyless requests spread over the backends like random picks rather than piling
+onto one backend.
 
 Bounded load ("consistent hashing with bounded loads", Mirrokni, Thorup and Zadimoghaddam):
 given a ``load`` and a ``balance_factor`` c, a backend already holding
@@ -45,11 +46,12 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from hashlib import blake2b
 from itertools import chain
 from typing import Protocol
 
+from poise.balancing.base import Picker, Policy, first_usable
 from poise.models import Backend
 
 POINTS_PER_WEIGHT = 160  # ketama's virtual nodes per unit of weight
@@ -81,10 +83,15 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 33)
 
 
-class _Consistent:
-    """What the three share: the backends, the keyless rule and bounded load."""
+class _Consistent(Policy):
+    """What the three share: the backends, the missing-key rule, the key hash cache and
+    bounded load. An algorithm gives ``_first(h)``, the backend owning key hash ``h``, and
+    ``_split(h)``: that backend and the others in preference order, lazily (the caller
+    usually stops at the first)."""
 
-    __slots__ = ("_backends", "_factor", "_hash_cache", "_load", "_n", "_rng")
+    __slots__ = (
+        "_backends", "_default", "_factor", "_fallback", "_hash_cache", "_load", "_n", "_rng",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -92,6 +99,9 @@ class _Consistent:
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
         self._backends = tuple(backends)
         self._n = len(self._backends)
@@ -99,6 +109,45 @@ class _Consistent:
         self._load = load if balance_factor is not None else None
         self._factor = float(balance_factor or 0.0)
         self._hash_cache: dict[bytes, int] = {}
+        self._default = default_key
+        self._fallback = fallback
+
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+        if key is None:
+            key = self._default
+            if key is None and self._fallback is not None:
+                return self._fallback.candidates(None)
+        if not self._n:
+            return ()
+        return self._order(*self._split(self._key_hash(key)))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        if key is None:
+            key = self._default
+            if key is None and self._fallback is not None:
+                return self._fallback.pick(None, up, tried)
+        if not self._n:
+            return None
+        h = self._hash_cache.get(key)  # type: ignore[arg-type]  # _key_hash's cache, inline
+        if h is None:  # (None is never cached: a keyless call draws its hash in _key_hash)
+            h = self._key_hash(key)
+        first = self._first(h)
+        if up[first.index] and first not in tried:
+            load = self._load
+            if load is None:
+                return first
+            active = load.active
+            if active[first.index] < self._bound(active):
+                return first
+        return first_usable(self._order(*self._split(h)), up, tried)
+
+    def _first(self, h: int) -> Backend:
+        raise NotImplementedError
+
+    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
+        raise NotImplementedError
 
     def _key_hash(self, key: bytes | None) -> int:
         if key is None:
@@ -113,13 +162,16 @@ class _Consistent:
             cache[key] = h
         return h
 
+    def _bound(self, active: list[int]) -> int:
+        return math.ceil(self._factor * (sum(active) + 1) / self._n)
+
     def _order(self, first: Backend, rest: Iterable[Backend]) -> Iterable[Backend]:
         """``first`` then ``rest``, with bounded load applied when configured."""
         load = self._load
         if load is None:
             return chain((first,), rest)
         active = load.active
-        bound = math.ceil(self._factor * (sum(active) + 1) / self._n)
+        bound = self._bound(active)
         if active[first.index] < bound:  # the usual case: the fallbacks stay lazy
             return chain((first,), _deferring(rest, active, bound))
         return _deferring(chain((first,), rest), active, bound)
@@ -145,8 +197,13 @@ class KetamaRing(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         # a point is (hash << 32 | position in id order): sorting ints is quick, and ties
         # (practically never) go by id, so the ring does not depend on backend order
         by_id = sorted(self._backends, key=lambda b: b.id)
@@ -158,15 +215,16 @@ class KetamaRing(_Consistent):
         self._hashes = [p >> 32 for p in points]
         self._owners = [by_id[p & 0xFFFFFFFF] for p in points]
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        hashes = self._hashes
-        if not hashes:
-            return ()
-        i = bisect_left(hashes, self._key_hash(key))
-        if i == len(hashes):
+    def _first(self, h: int) -> Backend:
+        i = bisect_left(self._hashes, h)
+        return self._owners[i if i < len(self._owners) else 0]
+
+    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
+        i = bisect_left(self._hashes, h)
+        if i == len(self._hashes):
             i = 0
         first = self._owners[i]
-        return self._order(first, self._walk(i, first))
+        return first, self._walk(i, first)
 
     def _walk(self, i: int, first: Backend) -> Iterator[Backend]:
         """The other backends, clockwise from point ``i`` (lazily: usually never run)."""
@@ -194,8 +252,13 @@ class Maglev(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         by_id = sorted(self._backends, key=lambda b: b.id)
         slots = _maglev_slots(
             [hash64(b.id.encode(), b"maglev-offset") for b in by_id],
@@ -204,13 +267,13 @@ class Maglev(_Consistent):
         )
         self._table = [by_id[s] for s in slots]
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        if not self._n:
-            return ()
-        h = self._key_hash(key)
+    def _first(self, h: int) -> Backend:
+        return self._table[h % MAGLEV_SIZE]
+
+    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
         slot = h % MAGLEV_SIZE
         first = self._table[slot]
-        return self._order(first, self._scan(slot, first, h))
+        return first, self._scan(slot, first, h)
 
     def _scan(self, slot: int, first: Backend, h: int) -> Iterator[Backend]:
         """New backends from the slots after ``slot``, then the rest in a key-derived
@@ -276,18 +339,32 @@ class Rendezvous(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         self._ids = [hash64(b.id.encode(), b"rendezvous") for b in self._backends]
         weights = [float(max(b.weight, 1)) for b in self._backends]
         # equal weights: -w / ln(u) grows with u, so the raw hash orders the same
         self._weights = weights if len(set(weights)) > 1 else None
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def _first(self, h: int) -> Backend:
+        # the first of _split's order without sorting (max keeps the first of equal scores,
+        # as the stable descending sort does)
+        scores = self._scores(h)
+        return self._backends[max(range(self._n), key=scores.__getitem__)]
+
+    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
         bs = self._backends
-        if not bs:
-            return ()
-        kh = self._key_hash(key)
+        scores = self._scores(h)
+        order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
+        return bs[order[0]], [bs[k] for k in order[1:]]
+
+    def _scores(self, kh: int) -> list[float] | list[int]:
+        """Each backend's score for key hash ``kh``: the higher, the more preferred."""
         mixed = [_mix64(kh ^ ih) for ih in self._ids]  # a hash of (key, backend id)
         weights = self._weights
         if weights is None:
@@ -297,8 +374,7 @@ class Rendezvous(_Consistent):
             scores = [
                 -w / log(((x >> 11) + 0.5) * _TO_UNIT) for w, x in zip(weights, mixed, strict=True)
             ]
-        order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
-        return self._order(bs[order[0]], [bs[k] for k in order[1:]])
+        return scores
 
     def __repr__(self) -> str:
         return f"Rendezvous({self._n} backends)"

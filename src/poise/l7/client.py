@@ -493,12 +493,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             backend = chosen
         else:
-            for backend in group.picker.candidates(key):
-                if up[backend.index] and backend not in tried:
-                    break
-            else:
+            # the first candidate that is up and not tried (Picker.pick: without building
+            # the candidate order when, as usual, the first one will do)
+            picked = group.picker.pick(key, up, tried)
+            if picked is None:
                 self._none_left(ex)
                 return
+            backend = picked
         ex.tried = (*tried, backend)
         ex.backend = backend
         ex.group = group  # the table this backend (its index, pool, load) comes from
