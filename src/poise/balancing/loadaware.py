@@ -70,15 +70,20 @@ class PowerOfTwo(Policy):
     weights: fewer in flight). Never picks the worse of its two; the rest follow as
     fallbacks in ring order."""
 
-    __slots__ = ("_backends", "_bias", "_load", "_rng")
+    __slots__ = ("_backends", "_bias", "_bits", "_equal", "_load", "_rng", "_weights")
 
     def __init__(
         self, backends: Sequence[Backend], rng: random.Random, load: Load, bias: float = 1.0
     ) -> None:
         self._backends = tuple(backends)
         self._rng = rng
+        self._bits = rng.getrandbits
         self._load = load
         self._bias = bias
+        self._weights = tuple(b.weight for b in self._backends)
+        # equal weights (and a positive bias, as config requires): the better is simply the
+        # one with fewer in flight
+        self._equal = len(set(self._weights)) <= 1 and bias > 0
 
     def score(self, i: int) -> float:
         return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
@@ -98,14 +103,18 @@ class PowerOfTwo(Policy):
         if n < 2:
             return first_usable(b, up, tried)
         # _two(), inlined: this is the proxy's per-request call
-        rnd = self._rng.random
-        i = int(rnd() * n)
-        j = int(rnd() * (n - 1))
+        bits = self._bits
+        i = bits(32) * n >> 32
+        j = bits(32) * (n - 1) >> 32
         if j >= i:
             j += 1
-        if self._bias == 1.0:
-            active = self._load.active
-            if b[j].weight * (active[i] + 1) > b[i].weight * (active[j] + 1):
+        active = self._load.active
+        if self._equal:
+            if active[j] < active[i]:
+                i, j = j, i
+        elif self._bias == 1.0:
+            w = self._weights
+            if w[j] * (active[i] + 1) > w[i] * (active[j] + 1):
                 i, j = j, i
         elif self.score(j) > self.score(i):
             i, j = j, i
@@ -116,11 +125,14 @@ class PowerOfTwo(Policy):
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the better first."""
-        b = self._backends
-        i, j = _two(self._rng.random, len(b))
-        if self._bias == 1.0:
-            active = self._load.active  # weight/(active+1), compared without dividing
-            if b[j].weight * (active[i] + 1) > b[i].weight * (active[j] + 1):
+        i, j = _two(self._bits, len(self._backends))
+        active = self._load.active
+        if self._equal:
+            if active[j] < active[i]:
+                i, j = j, i
+        elif self._bias == 1.0:
+            w = self._weights  # weight/(active+1), compared without dividing
+            if w[j] * (active[i] + 1) > w[i] * (active[j] + 1):
                 i, j = j, i
         elif self.score(j) > self.score(i):
             i, j = j, i
@@ -134,7 +146,7 @@ class PeakEwma(Policy):
     """Power of two choices over peak-EWMA latency x (in flight + 1): latency-aware, and a
     backend slowed down gets clearly less traffic while still being probed."""
 
-    __slots__ = ("_backends", "_load", "_now", "_rng")
+    __slots__ = ("_backends", "_bits", "_load", "_now", "_rng")
 
     def __init__(
         self,
@@ -145,6 +157,7 @@ class PeakEwma(Policy):
     ) -> None:
         self._backends = tuple(backends)
         self._rng = rng
+        self._bits = rng.getrandbits
         self._load = load
         self._now = now
 
@@ -174,7 +187,7 @@ class PeakEwma(Policy):
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the cheaper first."""
-        i, j = _two(self._rng.random, len(self._backends))
+        i, j = _two(self._bits, len(self._backends))
         now = self._now()
         if self.cost(j, now) < self.cost(i, now):
             i, j = j, i
@@ -184,10 +197,12 @@ class PeakEwma(Policy):
         return f"PeakEwma({self._load.active})"
 
 
-def _two(random: Callable[[], float], n: int) -> tuple[int, int]:
-    """Two distinct indexes in range(n), uniformly (cheaper than Random.sample)."""
-    i = int(random() * n)
-    j = int(random() * (n - 1))
+def _two(bits: Callable[[int], int], n: int) -> tuple[int, int]:
+    """Two distinct indexes in range(n), uniformly (cheaper than Random.sample; ``bits`` is
+    ``Random.getrandbits``: scaling 32 random bits is cheaper than ``int(random() * n)``,
+    and off uniform by under n / 2**32)."""
+    i = bits(32) * n >> 32
+    j = bits(32) * (n - 1) >> 32
     return i, (j + 1 if j >= i else j)
 
 
