@@ -66,7 +66,7 @@ class LoadView(Protocol):
     active: list[int]
 
 
-KEY_CACHE_SIZE = 4096  # key hashes remembered per picker
+KEY_CACHE_SIZE = 4096  # keys whose place and first backend a picker remembers
 
 
 def hash64(data: bytes, person: bytes = b"") -> int:
@@ -85,12 +85,14 @@ def _mix64(x: int) -> int:
 
 class _Consistent(Policy):
     """What the three share: the backends, the missing-key rule, the key hash cache and
-    bounded load. An algorithm gives ``_first(h)``, the backend owning key hash ``h``, and
-    ``_split(h)``: that backend and the others in preference order, lazily (the caller
-    usually stops at the first)."""
+    bounded load. An algorithm gives ``_place(h)``, where key hash ``h`` lands (a ring
+    point, or ``h`` itself), ``_first(place)``, the backend owning it, and
+    ``_rest(place, first)``, the others in preference order, lazily (the caller usually
+    stops at the first). A key's place and first backend are remembered: the same keys
+    come back (users, sessions), and then a pick is a dict lookup."""
 
     __slots__ = (
-        "_backends", "_default", "_factor", "_fallback", "_hash_cache", "_load", "_n", "_rng",
+        "_backends", "_cache", "_default", "_factor", "_fallback", "_load", "_n", "_rng",
     )  # fmt: skip
 
     def __init__(
@@ -108,7 +110,7 @@ class _Consistent(Policy):
         self._rng = rng
         self._load = load if balance_factor is not None else None
         self._factor = float(balance_factor or 0.0)
-        self._hash_cache: dict[bytes, int] = {}
+        self._cache: dict[bytes, tuple[int, Backend]] = {}
         self._default = default_key
         self._fallback = fallback
 
@@ -119,7 +121,8 @@ class _Consistent(Policy):
                 return self._fallback.candidates(None)
         if not self._n:
             return ()
-        return self._order(*self._split(self._key_hash(key)))
+        place, first = self._lookup(key)
+        return self._order(first, self._rest(place, first))
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -130,10 +133,10 @@ class _Consistent(Policy):
                 return self._fallback.pick(None, up, tried)
         if not self._n:
             return None
-        h = self._hash_cache.get(key)  # type: ignore[arg-type]  # _key_hash's cache, inline
-        if h is None:  # (None is never cached: a keyless call draws its hash in _key_hash)
-            h = self._key_hash(key)
-        first = self._first(h)
+        hit = self._cache.get(key)  # type: ignore[arg-type]  # _lookup's cache, inline
+        if hit is None:  # (None is never cached: a keyless call draws a hash in _lookup)
+            hit = self._lookup(key)
+        place, first = hit
         if up[first.index] and first not in tried:
             load = self._load
             if load is None:
@@ -141,26 +144,31 @@ class _Consistent(Policy):
             active = load.active
             if active[first.index] < self._bound(active):
                 return first
-        return first_usable(self._order(*self._split(h)), up, tried)
+        return first_usable(self._order(first, self._rest(place, first)), up, tried)
 
-    def _first(self, h: int) -> Backend:
-        raise NotImplementedError
-
-    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
-        raise NotImplementedError
-
-    def _key_hash(self, key: bytes | None) -> int:
-        if key is None:
-            return self._rng.getrandbits(64)
-        # The same keys come back (users, sessions): remember their hashes, bounded.
-        cache = self._hash_cache
-        h = cache.get(key)
-        if h is None:
-            h = hash64(key)
-            if len(cache) >= KEY_CACHE_SIZE:
-                cache.clear()
-            cache[key] = h
+    def _place(self, h: int) -> int:
         return h
+
+    def _first(self, place: int) -> Backend:
+        raise NotImplementedError
+
+    def _rest(self, place: int, first: Backend) -> Iterable[Backend]:
+        raise NotImplementedError
+
+    def _lookup(self, key: bytes | None) -> tuple[int, Backend]:
+        """The key's place and first backend; a keyless call hashes a random key."""
+        if key is None:
+            place = self._place(self._rng.getrandbits(64))
+            return place, self._first(place)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is None:
+            place = self._place(hash64(key))
+            hit = (place, self._first(place))
+            if len(cache) >= KEY_CACHE_SIZE:  # bounded: a flood of new keys starts it over
+                cache.clear()
+            cache[key] = hit
+        return hit
 
     def _bound(self, active: list[int]) -> int:
         return math.ceil(self._factor * (sum(active) + 1) / self._n)
@@ -215,23 +223,20 @@ class KetamaRing(_Consistent):
         self._hashes = [p >> 32 for p in points]
         self._owners = [by_id[p & 0xFFFFFFFF] for p in points]
 
-    def _first(self, h: int) -> Backend:
+    def _place(self, h: int) -> int:
+        """The first point at or after ``h``, round the circle."""
         i = bisect_left(self._hashes, h)
-        return self._owners[i if i < len(self._owners) else 0]
+        return i if i < len(self._hashes) else 0
 
-    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
-        i = bisect_left(self._hashes, h)
-        if i == len(self._hashes):
-            i = 0
-        first = self._owners[i]
-        return first, self._walk(i, first)
+    def _first(self, place: int) -> Backend:
+        return self._owners[place]
 
-    def _walk(self, i: int, first: Backend) -> Iterator[Backend]:
-        """The other backends, clockwise from point ``i`` (lazily: usually never run)."""
+    def _rest(self, place: int, first: Backend) -> Iterator[Backend]:
+        """The other backends, clockwise from point ``place`` (lazily: usually never run)."""
         owners = self._owners
         n = self._n
         seen = {first.id}
-        for j in chain(range(i + 1, len(owners)), range(i)):
+        for j in chain(range(place + 1, len(owners)), range(place)):
             b = owners[j]
             if b.id not in seen:
                 seen.add(b.id)
@@ -267,17 +272,15 @@ class Maglev(_Consistent):
         )
         self._table = [by_id[s] for s in slots]
 
-    def _first(self, h: int) -> Backend:
-        return self._table[h % MAGLEV_SIZE]
+    def _first(self, place: int) -> Backend:
+        return self._table[place % MAGLEV_SIZE]
 
-    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
+    def _rest(self, place: int, first: Backend) -> Iterator[Backend]:
+        """New backends from the slots after the key's, then the rest in a key-derived
+        rotation (a bounded scan: a light backend may own very few slots). ``place`` is the
+        key hash."""
+        h = place
         slot = h % MAGLEV_SIZE
-        first = self._table[slot]
-        return first, self._scan(slot, first, h)
-
-    def _scan(self, slot: int, first: Backend, h: int) -> Iterator[Backend]:
-        """New backends from the slots after ``slot``, then the rest in a key-derived
-        rotation (a bounded scan: a light backend may own very few slots)."""
         table = self._table
         n = self._n
         seen = {first.id}
@@ -351,17 +354,17 @@ class Rendezvous(_Consistent):
         # equal weights: -w / ln(u) grows with u, so the raw hash orders the same
         self._weights = weights if len(set(weights)) > 1 else None
 
-    def _first(self, h: int) -> Backend:
-        # the first of _split's order without sorting (max keeps the first of equal scores,
-        # as the stable descending sort does)
-        scores = self._scores(h)
+    def _first(self, place: int) -> Backend:
+        # the best score, without sorting them all: max keeps the first of equal scores, as
+        # the stable descending sort in _rest does, so the two agree
+        scores = self._scores(place)
         return self._backends[max(range(self._n), key=scores.__getitem__)]
 
-    def _split(self, h: int) -> tuple[Backend, Iterable[Backend]]:
+    def _rest(self, place: int, first: Backend) -> Iterable[Backend]:
         bs = self._backends
-        scores = self._scores(h)
+        scores = self._scores(place)
         order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
-        return bs[order[0]], [bs[k] for k in order[1:]]
+        return [bs[k] for k in order[1:]]  # (order[0] is first)
 
     def _scores(self, kh: int) -> list[float] | list[int]:
         """Each backend's score for key hash ``kh``: the higher, the more preferred."""
