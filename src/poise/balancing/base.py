@@ -41,6 +41,12 @@ def first_usable(
     return None
 
 
+def ring_from(twice: tuple[Backend, ...], start: int) -> Iterable[Backend]:
+    """The ring order from position ``start``, given the backends laid out twice: lazy, and
+    the same cost at any start (``islice(b, start, None)`` steps over ``start`` backends)."""
+    return map(twice.__getitem__, range(start, start + len(twice) // 2))
+
+
 class Policy:
     """Base of the policies: ``pick`` by filtering ``candidates`` (overridden where a
     policy can answer for its first candidate without building the rest)."""

@@ -10,7 +10,7 @@ import random
 import zlib
 from collections.abc import Container, Iterable, Sequence
 
-from poise.balancing.base import Picker, Policy, first_usable
+from poise.balancing.base import Picker, Policy, first_usable, ring_from
 from poise.balancing.round_robin import RoundRobin
 from poise.models import Backend
 
@@ -38,7 +38,7 @@ class HashPick(Policy):
         b = self._backends
         if not b:
             return ()
-        return self._ring_from(zlib.crc32(key) % len(b))
+        return ring_from(self._twice, zlib.crc32(key) % len(b))
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -54,11 +54,7 @@ class HashPick(Policy):
         x = b[start]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(self._ring_from(start), up, tried)
-
-    def _ring_from(self, start: int) -> Iterable[Backend]:
-        # lazy, and the same cost at any start (islice(b, start, None) steps over ``start``)
-        return map(self._twice.__getitem__, range(start, start + len(self._backends)))
+        return first_usable(ring_from(self._twice, start), up, tried)
 
     def __repr__(self) -> str:
         return f"HashPick({len(self._backends)} backends)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Container, Iterable, Sequence
 
-from poise.balancing.base import Policy, first_usable
+from poise.balancing.base import Policy, first_usable, ring_from
 from poise.models import Backend
 
 PRECOMPUTED = 64
@@ -41,8 +41,7 @@ class RoundRobin(Policy):
     def _order(self, start: int) -> Iterable[Backend]:
         if self._rotations:
             return self._rotations[start]
-        # islice(b, start, None) would step over the first ``start`` backends one by one
-        return map(self._twice.__getitem__, range(start, start + self._n))
+        return ring_from(self._twice, start)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]

@@ -10,7 +10,7 @@ import itertools
 import random
 from collections.abc import Container, Iterable, Iterator, Sequence
 
-from poise.balancing.base import Policy, first_usable
+from poise.balancing.base import Policy, first_usable, ring_from
 from poise.models import Backend
 
 
@@ -80,12 +80,6 @@ class _ByCurrent:
         return iter([self._b[i] for i in rest])
 
 
-def _ring_from(twice: tuple[Backend, ...], start: int) -> Iterable[Backend]:
-    """The ring order from position ``start``, given the backends laid out twice (lazy, and
-    the same cost at any start: ``islice(b, start, None)`` steps over ``start`` backends)."""
-    return map(twice.__getitem__, range(start, start + len(twice) // 2))
-
-
 class RandomPick(Policy):
     """Uniform random first choice; then the ring order from it."""
 
@@ -100,7 +94,7 @@ class RandomPick(Policy):
         b = self._backends
         if not b:
             return ()
-        return _ring_from(self._twice, self._rng.randrange(len(b)))
+        return ring_from(self._twice, self._rng.randrange(len(b)))
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -112,7 +106,7 @@ class RandomPick(Policy):
         x = b[start]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(_ring_from(self._twice, start), up, tried)
+        return first_usable(ring_from(self._twice, start), up, tried)
 
     def __repr__(self) -> str:
         return f"RandomPick({len(self._backends)} backends)"
@@ -133,7 +127,7 @@ class WeightedRandom(Policy):
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         if not self._backends:
             return ()
-        return _ring_from(self._twice, self._start())
+        return ring_from(self._twice, self._start())
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -144,7 +138,7 @@ class WeightedRandom(Policy):
         x = self._backends[start]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(_ring_from(self._twice, start), up, tried)
+        return first_usable(ring_from(self._twice, start), up, tried)
 
     def _start(self) -> int:
         start = bisect.bisect_right(self._cumulative, self._rng.random() * self._total)
