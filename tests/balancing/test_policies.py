@@ -192,6 +192,14 @@ def test_key_extraction(spec: str, target: bytes, expected: bytes | None) -> Non
     assert extract(KeySource.parse(spec), b"10.0.0.1", target, HEADERS) == expected
 
 
+def test_key_extraction_of_repeated_fields() -> None:
+    headers = [b"x-user", b": ", b"a", b"\r\n", b"Cookie", b": ", b"x=1", b"\r\n", b"X-USER",
+               b": ", b"b", b"\r\n", b"cookie", b": ", b"sid=2; sid=3", b"\r\n"]  # fmt: skip
+    assert extract(KeySource.parse("header:X-User"), b"", b"/", headers) == b"a,b"
+    assert extract(KeySource.parse("cookie:sid"), b"", b"/", headers) == b"2"
+    assert extract(KeySource.parse("cookie:x"), b"", b"/", headers) == b"1"
+
+
 @pytest.mark.parametrize("spec", ["", "nope", "header", "header:", "ip:x", "cookie: "])
 def test_bad_key_sources(spec: str) -> None:
     with pytest.raises(ValueError):

@@ -6,6 +6,7 @@ the group's :class:`Load`::
     picker = build(policy_config, backends, rng, load, now)
     for backend in picker.candidates(key):   # preference order, each backend at most once
         if usable(backend): break            # the caller filters healthy / enabled / tried
+    backend = picker.pick(key, up, tried)    # the same for the usual filter, made cheap
 
 Keeping health out of the policy means a retry simply takes the next candidate, and a
 health change never rebuilds (or resets) a picker.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from poise.balancing.base import Picker
@@ -100,27 +101,7 @@ def build(
     if name == "hash":
         return HashPick(backends, rng, default, fallback)
     if name == "consistent_hash":
-        picker = ALGORITHMS[policy.algorithm](backends, rng, load, policy.balance_factor)
-        return _Keyed(picker, default, fallback)
+        return ALGORITHMS[policy.algorithm](
+            backends, rng, load, policy.balance_factor, default_key=default, fallback=fallback
+        )
     raise ValueError(f"unknown policy {name!r}")  # config validation prevents this
-
-
-class _Keyed:
-    """A key-based picker with the missing-key rule: ``default_key``, else the fallback."""
-
-    __slots__ = ("_default", "_fallback", "_picker")
-
-    def __init__(self, picker: Picker, default: bytes | None, fallback: Picker) -> None:
-        self._picker = picker
-        self._default = default
-        self._fallback = fallback
-
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        if key is None:
-            if self._default is None:
-                return self._fallback.candidates(None)
-            key = self._default
-        return self._picker.candidates(key)
-
-    def __repr__(self) -> str:
-        return f"Keyed({self._picker!r})"

@@ -27,9 +27,10 @@ machines, unlike Python's ``hash()``), all honouring backend weights:
     score. Weighted exactly and minimally disruptive (only the keys of a removed backend
     move), but O(n) per pick.
 
-A call without a key (``key=None``) hashes a key drawn from ``rng`` instead, so keyless
-requests spread over the backends like random picks rather than piling onto one backend.
-(The policy wrapper normally substitutes ``default_key`` or a fallback policy first.)
+A call without a key (``key=None``) uses ``default_key`` when given, else the ``fallback``
+policy when given (``build`` passes both from the config), else hashes a key drawn from
+``rng``, so keyless requests spread over the backends like random picks rather than piling
+onto one backend.
 
 Bounded load ("consistent hashing with bounded loads", Mirrokni, Thorup and Zadimoghaddam):
 given a ``load`` and a ``balance_factor`` c, a backend already holding
@@ -45,11 +46,12 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from hashlib import blake2b
 from itertools import chain
 from typing import Protocol
 
+from poise.balancing.base import Picker, Policy, first_usable
 from poise.models import Backend
 
 POINTS_PER_WEIGHT = 160  # ketama's virtual nodes per unit of weight
@@ -64,7 +66,7 @@ class LoadView(Protocol):
     active: list[int]
 
 
-KEY_CACHE_SIZE = 4096  # key hashes remembered per picker
+KEY_CACHE_SIZE = 4096  # keys whose place and first backend a picker remembers
 
 
 def hash64(data: bytes, person: bytes = b"") -> int:
@@ -81,10 +83,17 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 33)
 
 
-class _Consistent:
-    """What the three share: the backends, the keyless rule and bounded load."""
+class _Consistent(Policy):
+    """What the three share: the backends, the missing-key rule, the key hash cache and
+    bounded load. An algorithm gives ``_place(h)``, where key hash ``h`` lands (a ring
+    point, or ``h`` itself), ``_first(place)``, the backend owning it, and
+    ``_rest(place, first)``, the others in preference order, lazily (the caller usually
+    stops at the first). A key's place and first backend are remembered: the same keys
+    come back (users, sessions), and then a pick is a dict lookup."""
 
-    __slots__ = ("_backends", "_factor", "_hash_cache", "_load", "_n", "_rng")
+    __slots__ = (
+        "_backends", "_cache", "_default", "_factor", "_fallback", "_load", "_n", "_rng",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -92,26 +101,77 @@ class _Consistent:
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
         self._backends = tuple(backends)
         self._n = len(self._backends)
         self._rng = rng
         self._load = load if balance_factor is not None else None
         self._factor = float(balance_factor or 0.0)
-        self._hash_cache: dict[bytes, int] = {}
+        self._cache: dict[bytes, tuple[int, Backend]] = {}
+        self._default = default_key
+        self._fallback = fallback
 
-    def _key_hash(self, key: bytes | None) -> int:
+    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         if key is None:
-            return self._rng.getrandbits(64)
-        # The same keys come back (users, sessions): remember their hashes, bounded.
-        cache = self._hash_cache
-        h = cache.get(key)
-        if h is None:
-            h = hash64(key)
-            if len(cache) >= KEY_CACHE_SIZE:
-                cache.clear()
-            cache[key] = h
+            key = self._default
+            if key is None and self._fallback is not None:
+                return self._fallback.candidates(None)
+        if not self._n:
+            return ()
+        place, first = self._lookup(key)
+        return self._order(first, self._rest(place, first))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        if key is None:
+            key = self._default
+            if key is None and self._fallback is not None:
+                return self._fallback.pick(None, up, tried)
+        if not self._n:
+            return None
+        hit = self._cache.get(key)  # type: ignore[arg-type]  # _lookup's cache, inline
+        if hit is None:  # (None is never cached: a keyless call draws a hash in _lookup)
+            hit = self._lookup(key)
+        place, first = hit
+        if up[first.index] and first not in tried:
+            load = self._load
+            if load is None:
+                return first
+            active = load.active
+            if active[first.index] < self._bound(active):
+                return first
+        return first_usable(self._order(first, self._rest(place, first)), up, tried)
+
+    def _place(self, h: int) -> int:
         return h
+
+    def _first(self, place: int) -> Backend:
+        raise NotImplementedError
+
+    def _rest(self, place: int, first: Backend) -> Iterable[Backend]:
+        raise NotImplementedError
+
+    def _lookup(self, key: bytes | None) -> tuple[int, Backend]:
+        """The key's place and first backend; a keyless call hashes a random key."""
+        if key is None:
+            place = self._place(self._rng.getrandbits(64))
+            return place, self._first(place)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is None:
+            place = self._place(hash64(key))
+            hit = (place, self._first(place))
+            if len(cache) >= KEY_CACHE_SIZE:  # bounded: a flood of new keys starts it over
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _bound(self, active: list[int]) -> int:
+        return math.ceil(self._factor * (sum(active) + 1) / self._n)
 
     def _order(self, first: Backend, rest: Iterable[Backend]) -> Iterable[Backend]:
         """``first`` then ``rest``, with bounded load applied when configured."""
@@ -119,7 +179,7 @@ class _Consistent:
         if load is None:
             return chain((first,), rest)
         active = load.active
-        bound = math.ceil(self._factor * (sum(active) + 1) / self._n)
+        bound = self._bound(active)
         if active[first.index] < bound:  # the usual case: the fallbacks stay lazy
             return chain((first,), _deferring(rest, active, bound))
         return _deferring(chain((first,), rest), active, bound)
@@ -145,8 +205,13 @@ class KetamaRing(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         # a point is (hash << 32 | position in id order): sorting ints is quick, and ties
         # (practically never) go by id, so the ring does not depend on backend order
         by_id = sorted(self._backends, key=lambda b: b.id)
@@ -158,22 +223,20 @@ class KetamaRing(_Consistent):
         self._hashes = [p >> 32 for p in points]
         self._owners = [by_id[p & 0xFFFFFFFF] for p in points]
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        hashes = self._hashes
-        if not hashes:
-            return ()
-        i = bisect_left(hashes, self._key_hash(key))
-        if i == len(hashes):
-            i = 0
-        first = self._owners[i]
-        return self._order(first, self._walk(i, first))
+    def _place(self, h: int) -> int:
+        """The first point at or after ``h``, round the circle."""
+        i = bisect_left(self._hashes, h)
+        return i if i < len(self._hashes) else 0
 
-    def _walk(self, i: int, first: Backend) -> Iterator[Backend]:
-        """The other backends, clockwise from point ``i`` (lazily: usually never run)."""
+    def _first(self, place: int) -> Backend:
+        return self._owners[place]
+
+    def _rest(self, place: int, first: Backend) -> Iterator[Backend]:
+        """The other backends, clockwise from point ``place`` (lazily: usually never run)."""
         owners = self._owners
         n = self._n
         seen = {first.id}
-        for j in chain(range(i + 1, len(owners)), range(i)):
+        for j in chain(range(place + 1, len(owners)), range(place)):
             b = owners[j]
             if b.id not in seen:
                 seen.add(b.id)
@@ -194,8 +257,13 @@ class Maglev(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         by_id = sorted(self._backends, key=lambda b: b.id)
         slots = _maglev_slots(
             [hash64(b.id.encode(), b"maglev-offset") for b in by_id],
@@ -204,17 +272,15 @@ class Maglev(_Consistent):
         )
         self._table = [by_id[s] for s in slots]
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        if not self._n:
-            return ()
-        h = self._key_hash(key)
-        slot = h % MAGLEV_SIZE
-        first = self._table[slot]
-        return self._order(first, self._scan(slot, first, h))
+    def _first(self, place: int) -> Backend:
+        return self._table[place % MAGLEV_SIZE]
 
-    def _scan(self, slot: int, first: Backend, h: int) -> Iterator[Backend]:
-        """New backends from the slots after ``slot``, then the rest in a key-derived
-        rotation (a bounded scan: a light backend may own very few slots)."""
+    def _rest(self, place: int, first: Backend) -> Iterator[Backend]:
+        """New backends from the slots after the key's, then the rest in a key-derived
+        rotation (a bounded scan: a light backend may own very few slots). ``place`` is the
+        key hash."""
+        h = place
+        slot = h % MAGLEV_SIZE
         table = self._table
         n = self._n
         seen = {first.id}
@@ -276,18 +342,32 @@ class Rendezvous(_Consistent):
         rng: random.Random,
         load: LoadView | None = None,
         balance_factor: float | None = None,
+        *,
+        default_key: bytes | None = None,
+        fallback: Picker | None = None,
     ) -> None:
-        super().__init__(backends, rng, load, balance_factor)
+        super().__init__(
+            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
+        )
         self._ids = [hash64(b.id.encode(), b"rendezvous") for b in self._backends]
         weights = [float(max(b.weight, 1)) for b in self._backends]
         # equal weights: -w / ln(u) grows with u, so the raw hash orders the same
         self._weights = weights if len(set(weights)) > 1 else None
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def _first(self, place: int) -> Backend:
+        # the best score, without sorting them all: max keeps the first of equal scores, as
+        # the stable descending sort in _rest does, so the two agree
+        scores = self._scores(place)
+        return self._backends[max(range(self._n), key=scores.__getitem__)]
+
+    def _rest(self, place: int, first: Backend) -> Iterable[Backend]:
         bs = self._backends
-        if not bs:
-            return ()
-        kh = self._key_hash(key)
+        scores = self._scores(place)
+        order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
+        return [bs[k] for k in order[1:]]  # (order[0] is first)
+
+    def _scores(self, kh: int) -> list[float] | list[int]:
+        """Each backend's score for key hash ``kh``: the higher, the more preferred."""
         mixed = [_mix64(kh ^ ih) for ih in self._ids]  # a hash of (key, backend id)
         weights = self._weights
         if weights is None:
@@ -297,8 +377,7 @@ class Rendezvous(_Consistent):
             scores = [
                 -w / log(((x >> 11) + 0.5) * _TO_UNIT) for w, x in zip(weights, mixed, strict=True)
             ]
-        order = sorted(range(len(bs)), key=scores.__getitem__, reverse=True)
-        return self._order(bs[order[0]], [bs[k] for k in order[1:]])
+        return scores
 
     def __repr__(self) -> str:
         return f"Rendezvous({self._n} backends)"

@@ -6,18 +6,17 @@ it does)."""
 
 from __future__ import annotations
 
-import itertools
 import random
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
-from poise.balancing.base import Picker
+from poise.balancing.base import Picker, Policy, first_usable, ring_from
 from poise.balancing.round_robin import RoundRobin
 from poise.models import Backend
 
 
-class HashPick:
-    __slots__ = ("_backends", "_default", "_fallback")
+class HashPick(Policy):
+    __slots__ = ("_backends", "_default", "_fallback", "_twice")
 
     def __init__(
         self,
@@ -27,6 +26,7 @@ class HashPick:
         fallback: Picker | None = None,
     ) -> None:
         self._backends = tuple(backends)
+        self._twice = self._backends * 2
         self._default = default_key
         self._fallback: Picker = fallback if fallback is not None else RoundRobin(backends, rng)
 
@@ -38,8 +38,23 @@ class HashPick:
         b = self._backends
         if not b:
             return ()
+        return ring_from(self._twice, zlib.crc32(key) % len(b))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        if key is None:
+            key = self._default
+            if key is None:
+                return self._fallback.pick(None, up, tried)
+        b = self._backends
+        if not b:
+            return None
         start = zlib.crc32(key) % len(b)
-        return itertools.chain(itertools.islice(b, start, None), itertools.islice(b, start))
+        x = b[start]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(ring_from(self._twice, start), up, tried)
 
     def __repr__(self) -> str:
         return f"HashPick({len(self._backends)} backends)"

@@ -38,8 +38,17 @@ class KeySource:
 
 def extract(source: KeySource, peer: bytes, target: bytes, headers: list[bytes]) -> bytes | None:
     """The key for one request, or None when the request does not carry it. ``headers`` is
-    the proxy's flat list: name, b": ", value, b"\\r\\n", repeated."""
+    the proxy's flat list: name, b": ", value, b"\r\n", repeated. Runs per request: plain
+    loops, no per-call lists or comprehensions (each of those is a function call in 3.11)."""
     kind = source.kind
+    if kind == "header":  # the usual one first
+        wanted = source.name
+        found = None
+        for i in range(0, len(headers), 4):
+            if headers[i].lower() == wanted:
+                # repeated fields: their values joined with commas (RFC 9110 5.3)
+                found = headers[i + 2] if found is None else found + b"," + headers[i + 2]
+        return found
     if kind == "ip":
         return peer
     if kind == "uri":
@@ -53,15 +62,10 @@ def extract(source: KeySource, peer: bytes, target: bytes, headers: list[bytes])
             if unquote_to_bytes(name) == source.name:
                 return unquote_to_bytes(value) if eq else b""
         return None
-    wanted = source.name if kind == "header" else b"cookie"
-    values = [headers[i + 2] for i in range(0, len(headers), 4) if headers[i].lower() == wanted]
-    if not values:
-        return None
-    if kind == "header":
-        return b",".join(values)
-    for cookie_header in values:
-        for part in cookie_header.split(b";"):
-            name, eq, value = part.strip().partition(b"=")
-            if eq and name == source.name:
-                return value
+    for i in range(0, len(headers), 4):  # cookie: the first pair of that name
+        if headers[i].lower() == b"cookie":
+            for part in headers[i + 2].split(b";"):
+                name, eq, value = part.strip().partition(b"=")
+                if eq and name == source.name:
+                    return value
     return None

@@ -7,14 +7,15 @@ from ``now`` (a callable returning the proxy's coarse clock), so the policies st
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from itertools import chain
 
+from poise.balancing.base import Policy, first_usable
 from poise.balancing.load import Load
 from poise.models import Backend
 
 
-class LeastConn:
+class LeastConn(Policy):
     """Fewest requests in flight relative to weight (active / weight); ties go round robin,
     so idle backends share the work instead of the first one taking it all."""
 
@@ -27,9 +28,27 @@ class LeastConn:
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         b = self._backends
-        n = len(b)
-        if n == 0:
+        if not b:
             return ()
+        start, best = self._choose()
+        return chain((b[best],), _ByLoad(b, self._load.active, best, start))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        b = self._backends
+        if not b:
+            return None
+        start, best = self._choose()
+        x = b[best]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(_ByLoad(b, self._load.active, best, start), up, tried)
+
+    def _choose(self) -> tuple[int, int]:
+        """(this call's ring start, the least loaded backend's position); moves the start."""
+        b = self._backends
+        n = len(b)
         start = self._next
         self._next = (start + 1) % n
         active = self._load.active
@@ -39,58 +58,95 @@ class LeastConn:
             cost = active[i] / b[i].weight
             if cost < best_cost:
                 best, best_cost = i, cost
-        return chain((b[best],), _ByLoad(b, active, best, start))
+        return start, best
 
     def __repr__(self) -> str:
         return f"LeastConn({self._load.active})"
 
 
-class PowerOfTwo:
+class PowerOfTwo(Policy):
     """Power of two choices, least request: sample two distinct backends at random and
     prefer the one with the better score ``weight / (active + 1) ** bias`` (with equal
     weights: fewer in flight). Never picks the worse of its two; the rest follow as
     fallbacks in ring order."""
 
-    __slots__ = ("_backends", "_bias", "_load", "_rng")
+    __slots__ = ("_backends", "_bias", "_bits", "_equal", "_load", "_rng", "_weights")
 
     def __init__(
         self, backends: Sequence[Backend], rng: random.Random, load: Load, bias: float = 1.0
     ) -> None:
         self._backends = tuple(backends)
         self._rng = rng
+        self._bits = rng.getrandbits
         self._load = load
         self._bias = bias
+        self._weights = tuple(b.weight for b in self._backends)
+        # equal weights (and a positive bias, as config requires): the better is simply the
+        # one with fewer in flight
+        self._equal = len(set(self._weights)) <= 1 and bias > 0
 
     def score(self, i: int) -> float:
         return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         b = self._backends
+        if len(b) < 2:
+            return b
+        i, j = self._two()
+        return chain((b[i], b[j]), _Others(b, i, j))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        b = self._backends
         n = len(b)
         if n < 2:
-            return b
-        rnd = self._rng.random  # _two(), inlined: p2c is meant to cost under a microsecond
-        i = int(rnd() * n)
-        j = int(rnd() * (n - 1))
+            return first_usable(b, up, tried)
+        # _two(), inlined: this is the proxy's per-request call
+        bits = self._bits
+        i = bits(32) * n >> 32
+        j = bits(32) * (n - 1) >> 32
         if j >= i:
             j += 1
-        if self._bias == 1.0:
-            active = self._load.active  # weight/(active+1), compared without dividing
-            if b[j].weight * (active[i] + 1) > b[i].weight * (active[j] + 1):
+        active = self._load.active
+        if self._equal:
+            if active[j] < active[i]:
+                i, j = j, i
+        elif self._bias == 1.0:
+            w = self._weights
+            if w[j] * (active[i] + 1) > w[i] * (active[j] + 1):
                 i, j = j, i
         elif self.score(j) > self.score(i):
             i, j = j, i
-        return chain((b[i], b[j]), _Others(b, i, j))
+        x = b[i]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
+
+    def _two(self) -> tuple[int, int]:
+        """The two sampled positions, the better first."""
+        i, j = _two(self._bits, len(self._backends))
+        active = self._load.active
+        if self._equal:
+            if active[j] < active[i]:
+                i, j = j, i
+        elif self._bias == 1.0:
+            w = self._weights  # weight/(active+1), compared without dividing
+            if w[j] * (active[i] + 1) > w[i] * (active[j] + 1):
+                i, j = j, i
+        elif self.score(j) > self.score(i):
+            i, j = j, i
+        return i, j
 
     def __repr__(self) -> str:
         return f"PowerOfTwo({self._load.active})"
 
 
-class PeakEwma:
+class PeakEwma(Policy):
     """Power of two choices over peak-EWMA latency x (in flight + 1): latency-aware, and a
     backend slowed down gets clearly less traffic while still being probed."""
 
-    __slots__ = ("_backends", "_load", "_now", "_rng")
+    __slots__ = ("_backends", "_bits", "_load", "_now", "_rng")
 
     def __init__(
         self,
@@ -101,6 +157,7 @@ class PeakEwma:
     ) -> None:
         self._backends = tuple(backends)
         self._rng = rng
+        self._bits = rng.getrandbits
         self._load = load
         self._now = now
 
@@ -111,23 +168,41 @@ class PeakEwma:
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         b = self._backends
-        n = len(b)
-        if n < 2:
+        if len(b) < 2:
             return b
-        i, j = _two(self._rng.random, n)
+        i, j = self._two()
+        return chain((b[i], b[j]), _Others(b, i, j))
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        b = self._backends
+        if len(b) < 2:
+            return first_usable(b, up, tried)
+        i, j = self._two()
+        x = b[i]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
+
+    def _two(self) -> tuple[int, int]:
+        """The two sampled positions, the cheaper first."""
+        i, j = _two(self._bits, len(self._backends))
         now = self._now()
         if self.cost(j, now) < self.cost(i, now):
             i, j = j, i
-        return chain((b[i], b[j]), _Others(b, i, j))
+        return i, j
 
     def __repr__(self) -> str:
         return f"PeakEwma({self._load.active})"
 
 
-def _two(random: Callable[[], float], n: int) -> tuple[int, int]:
-    """Two distinct indexes in range(n), uniformly (cheaper than Random.sample)."""
-    i = int(random() * n)
-    j = int(random() * (n - 1))
+def _two(bits: Callable[[int], int], n: int) -> tuple[int, int]:
+    """Two distinct indexes in range(n), uniformly (cheaper than Random.sample; ``bits`` is
+    ``Random.getrandbits``: scaling 32 random bits is cheaper than ``int(random() * n)``,
+    and off uniform by under n / 2**32)."""
+    i = bits(32) * n >> 32
+    j = bits(32) * (n - 1) >> 32
     return i, (j + 1 if j >= i else j)
 
 

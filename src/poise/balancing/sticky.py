@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
-from poise.balancing.base import Picker
+from poise.balancing.base import Picker, Policy, first_usable
 from poise.models import Backend
 
 
-class StickyPick:
+class StickyPick(Policy):
     __slots__ = ("_backends", "_by_value", "_fallback", "cookie", "values")
 
     def __init__(
@@ -46,6 +46,15 @@ class StickyPick:
             return self._fallback.candidates(None)
         rest = [b for b in self._fallback.candidates(None) if b is not pinned]
         return [pinned, *rest]
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        if key is None or key not in self._by_value:
+            return self._fallback.pick(None, up, tried)
+        # pinned: through candidates(), which also takes the fallback's turn (a shortcut
+        # here would change what the next unpinned client gets)
+        return first_usable(self.candidates(key), up, tried)
 
     def set_cookie(self, backend: Backend) -> bytes:
         """The Set-Cookie field value that pins a client to ``backend``."""

@@ -493,12 +493,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             backend = chosen
         else:
-            for backend in group.picker.candidates(key):
-                if up[backend.index] and backend not in tried:
-                    break
-            else:
+            # the first candidate that is up and not tried (Picker.pick: without building
+            # the candidate order when, as usual, the first one will do)
+            picked = group.picker.pick(key, up, tried)
+            if picked is None:
                 self._none_left(ex)
                 return
+            backend = picked
         ex.tried = (*tried, backend)
         ex.backend = backend
         ex.group = group  # the table this backend (its index, pool, load) comes from
@@ -749,8 +750,16 @@ class ClientConnection(asyncio.Protocol):
         """The whole response of ``ex`` has been written to the transport."""
         ex.response_done = True
         ex.upstream = None
-        if ex.load is not None:
-            settle(ex, ok=ex.status < 500 and ex.status != 429)
+        load = ex.load
+        if load is not None:
+            backend = ex.backend
+            if load.latency or ex.admission is not None or backend is None:
+                settle(ex, ok=ex.status < 500 and ex.status != 429)
+            else:  # settle, inlined for the usual load-aware case (p2c, least_conn): a count
+                ex.load = None
+                active = load.active
+                if active[backend.index] > 0:
+                    active[backend.index] -= 1
         ctx = self.ctx
         if ex.retrying:
             ex.retrying = False
