@@ -409,6 +409,7 @@ def haproxy_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
 
 
 POISE_POLICY: object = "round_robin"  # set from --poise-policy
+WRK_HEADERS: list[str] = []  # --header: sent with every request (a hashing policy's key)
 POISE_SRC = REPO / "src"  # what poise runs from: this tree, or its compiled copy (--poise-build)
 
 
@@ -517,6 +518,7 @@ def run_wrk(
         f"-c{scenario.connections}",
         f"-d{max(1, round(seconds))}s",
         "--latency",
+        *(arg for header in WRK_HEADERS for arg in ("-H", header)),
         f"http://{LOOPBACK}:{port}{scenario.path}",
     ]
     if procs.pin:
@@ -880,6 +882,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='poise\'s balancing policy: a name or JSON, e.g. \'{"name": "p2c"}\'',
     )
     p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header wrk sends with every request, e.g. the key of a hashing policy (repeat)",
+    )
+    p.add_argument(
         "--poise-build",
         choices=("compiled", "pure"),
         default="compiled",
@@ -906,10 +915,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global POISE_POLICY, POISE_SRC
+    global POISE_POLICY, POISE_SRC, WRK_HEADERS
     args = parse_args(argv)
     policy = args.poise_policy.strip()
     POISE_POLICY = json.loads(policy) if policy.startswith("{") else policy
+    WRK_HEADERS = list(args.header)
     if not shutil.which("wrk"):
         print("wrk is not installed: apt-get install -y nginx-light haproxy wrk", file=sys.stderr)
         return 2
@@ -989,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rounds": args.rounds,
             "poise_policy": POISE_POLICY,
             "poise_build": args.poise_build,
+            "headers": args.header,
         },
         "machine": info,
         "scenarios": {name: asdict(SCENARIOS[name]) for name in args.scenario_list},
