@@ -104,6 +104,12 @@ async def test_workers_share_the_port_and_their_numbers_are_summed() -> None:
         text = metrics.render(sup.server)
         assert "poise_requests_total 60\n" in text
         assert "poise_workers 2\n" in text
+        from poise.admin.status import render
+
+        status = {"version": "x", "uptime_s": 1.0, "requests": 60, "clients": 0}
+        status["workers"] = sup.describe()
+        first = render(status, {}, {}).splitlines()[0]
+        assert first.endswith("60 requests, 0 clients, 2/2 workers serving"), first
 
 
 async def test_health_is_checked_once_and_every_worker_follows_it() -> None:

@@ -51,9 +51,13 @@ def state_of(b: dict[str, Any]) -> tuple[str, str]:
 
 
 def render(status: dict[str, Any], routes: dict[str, Any], upstreams: dict[str, Any]) -> str:
+    workers = status.get("workers")  # with --workers N
+    serving = "" if workers is None else (
+        f", {sum(1 for w in workers if w['state'] == 'serving')}/{len(workers)} workers serving"
+    )  # fmt: skip
     out = [
         f"poise {status['version']}, up {status['uptime_s']:.0f} s, "
-        f"{status['requests']} requests, {status['clients']} clients"
+        f"{status['requests']} requests, {status['clients']} clients{serving}"
     ]
     rows = [["LISTENER", "HOST", "PATH", "UPSTREAM"]]
     for listener, rs in routes.items():
