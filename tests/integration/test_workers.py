@@ -27,8 +27,10 @@ import pytest
 from poise.config import parse_config
 from poise.testing import HttpBackend, RecordedRequest, Response
 from poise.testing.procs import free_port
+from poise.testing.tcp import TcpEcho
 from poise.workers import Supervisor
-from tests.integration.support import eventually, full
+from tests.integration.l4support import roundtrip, tcp_doc
+from tests.integration.support import address, eventually, full
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +50,7 @@ async def supervised(
         started.cancel()
         task.result()
     assert started in done, "workers did not start within 60 s"
-    host, port = sup.addresses["web"]
+    host, port = next(iter(sup.addresses.values()))
     try:
         yield sup, f"http://{host}:{port}"
     finally:
@@ -247,6 +249,17 @@ async def test_registry_instances_reach_every_worker() -> None:
         await routes_to(url, {"u1", "u2"})
         assert (await client.delete(f"{api}/u1")).status_code in (200, 204)
         await routes_to(url, {"u2"})
+
+
+async def test_tcp_listeners_run_in_the_workers_too() -> None:
+    async with TcpEcho() as echo, supervised(tcp_doc([echo.address])) as (sup, url):
+        host, port = address(url)
+        for i in range(12):  # fresh connections: on either worker
+            data = f"message {i}".encode() * 100
+            assert await roundtrip((host, port), data) == data
+        await eventually(
+            lambda: sup.dataplane()["l4"]["listeners"]["t"].get("accepted") == 12, timeout=10
+        )
 
 
 def test_poise_run_workers_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
