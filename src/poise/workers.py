@@ -59,6 +59,7 @@ from typing import Any, cast
 
 from poise.config.model import Config
 from poise.dataplane import Snapshot, counters_only, merge, snapshot
+from poise.logs import JsonFormatter
 from poise.server import Server, install_uvloop
 
 log = logging.getLogger("poise.workers")
@@ -299,7 +300,7 @@ class Supervisor:
         worker = Worker(slot, process, link, time.time())
         holder.append(worker)
         root = logging.getLogger()
-        json_logs = any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers)
+        json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
         level = logging.getLevelName(root.level).lower()
         link.send(
             ("init", slot, self._resolved(), fds, level, "json" if json_logs else "text",

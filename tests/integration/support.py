@@ -35,18 +35,23 @@ async def running(doc: dict[str, Any]) -> AsyncIterator[tuple[Server, str]]:
     """Start a Server for ``doc``; yield it and its base URL; stop it and wait for the end."""
     server = Server(parse_config(doc))
     task = asyncio.create_task(server.serve())
-    started = asyncio.create_task(server.started.wait())
-    done, _ = await asyncio.wait({task, started}, timeout=10, return_when="FIRST_COMPLETED")
-    if task in done:
-        started.cancel()
-        task.result()
-    assert started in done, "server did not start within 10 s"
+    await until_started(task, server.started, 10)
     host, port = next(iter(server.addresses.values()))
     try:
         yield server, f"http://{host}:{port}"
     finally:
         server.stop()
         await asyncio.wait_for(task, 40)
+
+
+async def until_started(task: asyncio.Task[None], started: asyncio.Event, limit: float) -> None:
+    """Wait until ``started`` is set; raise what ended ``task`` if it ended first."""
+    waiting = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({task, waiting}, timeout=limit, return_when="FIRST_COMPLETED")
+    if task in done:
+        waiting.cancel()
+        task.result()
+    assert waiting in done, f"did not start within {limit:.0f} s"
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

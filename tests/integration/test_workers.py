@@ -30,7 +30,7 @@ from poise.testing.procs import free_port
 from poise.testing.tcp import TcpEcho
 from poise.workers import Supervisor
 from tests.integration.l4support import roundtrip, tcp_doc
-from tests.integration.support import address, eventually, full
+from tests.integration.support import address, eventually, full, until_started
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,12 +44,7 @@ async def supervised(
 ) -> AsyncIterator[tuple[Supervisor, str]]:
     sup = Supervisor(parse_config(doc), workers)
     task = asyncio.create_task(sup.serve())
-    started = asyncio.create_task(sup.started.wait())
-    done, _ = await asyncio.wait({task, started}, timeout=60, return_when="FIRST_COMPLETED")
-    if task in done:
-        started.cancel()
-        task.result()
-    assert started in done, "workers did not start within 60 s"
+    await until_started(task, sup.started, 60)
     host, port = next(iter(sup.addresses.values()))
     try:
         yield sup, f"http://{host}:{port}"

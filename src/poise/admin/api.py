@@ -130,7 +130,11 @@ class AdminApi:
 
     async def upstreams(self, request: Request) -> Reply:
         return Reply(
-            data={name: self._upstream(name, detail=True) for name in self._table().groups}
+            data={
+                name: self._upstream(name, detail=True, dp=dp)
+                for dp in (self.server.dataplane(),)  # summed over workers once, not per upstream
+                for name in self._table().groups
+            }
         )
 
     async def upstream(self, request: Request, upstream: str) -> Reply:
@@ -236,7 +240,9 @@ class AdminApi:
         except ValueError as exc:
             raise HttpError(409, str(exc)) from exc
 
-    def _upstream(self, name: str, *, detail: bool = False) -> dict[str, Any]:
+    def _upstream(
+        self, name: str, *, detail: bool = False, dp: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         s = self.server
         group = self._table().groups[name]
         up = group.config
@@ -260,7 +266,7 @@ class AdminApi:
             if up.dns
             else {"static": True}
         )
-        traffic: dict[str, Any] = s.dataplane()["backends"].get(name, {})
+        traffic: dict[str, Any] = (dp or s.dataplane())["backends"].get(name, {})
         backends = []
         for b in group.backends:
             seen = traffic.get(b.authority, metrics.NO_TRAFFIC)

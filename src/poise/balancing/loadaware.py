@@ -99,29 +99,10 @@ class PowerOfTwo(Policy):
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
         b = self._backends
-        n = len(b)
-        if n < 2:
+        if len(b) < 2:
             return first_usable(b, up, tried)
-        # _two(), inlined: this is the proxy's per-request call
-        bits = self._bits
-        i = bits(32) * n >> 32
-        j = bits(32) * (n - 1) >> 32
-        if j >= i:
-            j += 1
-        active = self._load.active
-        if self._equal:
-            if active[j] < active[i]:
-                i, j = j, i
-        elif self._bias == 1.0:
-            w = self._weights
-            if w[j] * (active[i] + 1) > w[i] * (active[j] + 1):
-                i, j = j, i
-        elif self.score(j) > self.score(i):
-            i, j = j, i
-        x = b[i]
-        if up[x.index] and x not in tried:
-            return x
-        return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
+        i, j = self._two()
+        return _better_of_two(b, i, j, up, tried)
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the better first."""
@@ -180,10 +161,7 @@ class PeakEwma(Policy):
         if len(b) < 2:
             return first_usable(b, up, tried)
         i, j = self._two()
-        x = b[i]
-        if up[x.index] and x not in tried:
-            return x
-        return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
+        return _better_of_two(b, i, j, up, tried)
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the cheaper first."""
@@ -195,6 +173,17 @@ class PeakEwma(Policy):
 
     def __repr__(self) -> str:
         return f"PeakEwma({self._load.active})"
+
+
+def _better_of_two(
+    b: tuple[Backend, ...], i: int, j: int, up: Sequence[bool], tried: Container[Backend]
+) -> Backend | None:
+    """``pick`` for a sampled pair, the better (i) first: i if usable, else the first usable
+    of j and then the rest."""
+    x = b[i]
+    if up[x.index] and x not in tried:
+        return x
+    return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
 
 
 def _two(bits: Callable[[int], int], n: int) -> tuple[int, int]:
