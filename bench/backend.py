@@ -7,6 +7,7 @@ Routes (anything else is 404, methods other than GET/HEAD are 405):
 
 * ``GET /``   -> 200, 16-byte body ``0123456789abcdef``
 * ``GET /1m`` -> 200, 1 MiB body (1048576 bytes)
+* ``GET /vary`` -> as ``/``, plus an ``X-Request-Id`` field that differs in every response
 * ``HEAD`` of either -> the same head, no body (the load balancer health-checks ``HEAD /``)
 
 Every response carries Content-Length. Requests may arrive split across reads or pipelined;
@@ -63,6 +64,19 @@ _BAD_REQUEST = _response("400 Bad Request", b"bad request\n", keep_alive=False)[
 _TOO_LARGE = _response("431 Request Header Fields Too Large", b"too large\n", keep_alive=False)[0]
 _NOT_ALLOWED = _response("405 Method Not Allowed", b"method not allowed\n", keep_alive=False)[0]
 _NOT_IMPLEMENTED = _response("501 Not Implemented", b"not implemented\n", keep_alive=False)[0]
+
+
+_ROUTES[b"/vary"], _ROUTES_CLOSE[b"/vary"] = _ROUTES[b"/"], _ROUTES_CLOSE[b"/"]
+_served = 0
+
+
+def _varied(resp: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """``resp`` with a request id of its own (as nginx's ``add_header ... $request_id``)."""
+    global _served
+    _served += 1
+    field = b"\r\nX-Request-Id: %032x" % _served
+    i = resp[1].index(b"\r\n")
+    return resp[0][:i] + field + resp[0][i:], resp[1][:i] + field + resp[1][i:]
 
 
 def _header(headers: bytes, name: bytes) -> bytes | None:
@@ -158,6 +172,8 @@ class BackendProtocol(asyncio.Protocol):
                 target = target[:q]
             routes = _ROUTES if keep_alive else _ROUTES_CLOSE
             resp = routes.get(target) or (_NOT_FOUND if keep_alive else _NOT_FOUND_CLOSE)
+            if target == b"/vary":
+                resp = _varied(resp)
             if method == b"GET":
                 out.append(resp[0])
             elif method == b"HEAD":

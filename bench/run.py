@@ -64,11 +64,15 @@ class Scenario:
     path: str
     connections: int
     body_size: int
+    # every request and every response head differs (a counter in the query; the backend adds
+    # a request id): nothing a proxy remembers from one head applies to the next
+    varied: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
     "small": Scenario("small", "/", 64, len(SMALL_BODY)),
     "large": Scenario("large", "/1m", 16, LARGE_SIZE),
+    "varied": Scenario("varied", "/vary", 64, len(SMALL_BODY), varied=True),
 }
 
 
@@ -304,6 +308,7 @@ def nginx_backend_conf(tmp: Path, ports: Sequence[int]) -> Path:
         f"        listen {LOOPBACK}:{port} reuseport backlog=4096;\n"
         f"        root {www};\n"
         "        location = / { try_files /small =404; }\n"
+        "        location = /vary { add_header X-Request-Id $request_id; try_files /small =404; }\n"
         "        location = /1m { }\n"
         "    }\n"
         for port in ports
@@ -521,6 +526,8 @@ def run_wrk(
         *(arg for header in WRK_HEADERS for arg in ("-H", header)),
         f"http://{LOOPBACK}:{port}{scenario.path}",
     ]
+    if scenario.varied:
+        argv[-1:-1] = ["-s", str(BENCH_DIR / "varied.lua")]
     if procs.pin:
         argv = ["taskset", "-c", CPU_LOAD, *argv]
     try:
@@ -799,7 +806,9 @@ def table(scenario: Scenario, rows: list[Measurement]) -> str:
     by = {r.system: r for r in rows if r.ok}
     ref = {k: by[k].rps if k in by else None for k in ("nginx", "haproxy")}
     out = [
-        f"### {scenario.name}: GET {scenario.path} ({scenario.body_size} B body), "
+        f"### {scenario.name}: GET {scenario.path}"
+        + ("?n=COUNTER, the backend adding a request id" if scenario.varied else "")
+        + f" ({scenario.body_size} B body), "
         f"wrk -t1 -c{scenario.connections}",
         "",
         "| system | rps | ×nginx | ×HAProxy | p50 | p99 | CPU-µs/req "  # noqa: RUF001
@@ -865,7 +874,7 @@ def workspace() -> Iterator[tuple[Path, Processes]]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="poise vs nginx vs HAProxy (see bench/README.md)")
-    p.add_argument("--scenarios", default="small,large", help="comma list of: small, large")
+    p.add_argument("--scenarios", default="small,large", help="comma list of: small, large, varied")
     p.add_argument("--duration", type=float, default=8, help="measured seconds (default 8)")
     p.add_argument("--warmup", type=float, default=2, help="warm-up seconds, 0 = none (default 2)")
     p.add_argument(

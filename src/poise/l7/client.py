@@ -39,6 +39,7 @@ from poise.l7 import http, retry
 from poise.l7.request import (
     Exchange,
     Reject,
+    RequestMemo,
     forwarding_fields,
     origin_form,
     settle,
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("poise.proxy")
 
 CRLF = b"\r\n"
+EOH = b"\r\n\r\n"  # the end of a head
+MEMO_MAX = 1024  # bytes: a longer request head is not remembered (memory per connection)
 LINGER = 2.0  # seconds to drain a client after an error response before closing
 QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF = float("inf")
@@ -67,6 +70,7 @@ _PAUSE_QUEUE = 2  # client reading paused: too much held for queued requests
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_begun",
         "_cl",
         "_conn_tokens",
         "_fwd",
@@ -74,6 +78,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_size",
         "_headers",
         "_kinds",
+        "_memo",
         "_n_headers",
         "_te",
         "_upgrade",
@@ -130,6 +135,8 @@ class ClientConnection(asyncio.Protocol):
         self._upgrade: bytes | None = None
         self.upgrading = False  # an upgrade request is waiting for the backend's answer
         self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
+        self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
+        self._begun = 0  # requests whose parsing began (on_message_begin)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -201,6 +208,16 @@ class ClientConnection(asyncio.Protocol):
                 up.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        memo = self._memo
+        if (
+            memo is not None
+            and data == memo.raw
+            and self.cur is None
+            and self.parser is not None
+            and memo.generation == self.ctx.generation
+        ):
+            self._repeat(memo)
+            return
         parser = self.parser
         if parser is None:
             if self.upgrading:
@@ -215,6 +232,8 @@ class ClientConnection(asyncio.Protocol):
             if self._head_raw > self.ctx.limits.max_header_bytes and b"\r\n\r\n" not in data:
                 self._reject(431, "Request Header Fields Too Large")
                 return
+        fresh = self.cur is None  # the parser is between requests
+        begun = self._begun
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -241,13 +260,52 @@ class ClientConnection(asyncio.Protocol):
                     return
         except httptools.HttpParserError:
             self._reject(400, "Bad Request")
+        else:
+            if (
+                fresh
+                and self._begun == begun + 1
+                and self.cur is None
+                and len(data) <= MEMO_MAX
+                and data[-4:] == EOH
+            ):
+                self._remember(data)
         queue = self.queue
         if queue and not queue[0].started and not self.closed:
+            self._start(queue[0])
+
+    def _remember(self, data: bytes) -> None:
+        """``data`` was one whole request head, parsed: keep what poise made of it for when
+        the same bytes come again (see _repeat), if the request is plain enough."""
+        ex = self.queue[-1] if self.queue else None
+        if (
+            ex is not None
+            and not ex.has_body
+            and not ex.http10
+            and ex.upgrade is None
+            and ex.error is None
+            and self.parser is not None
+        ):
+            self._memo = RequestMemo(data, self.ctx.generation, ex)
+
+    def _repeat(self, memo: RequestMemo) -> None:
+        """The same bodiless request head as before, in one read: what the parser callbacks
+        would do for it, without parsing and rebuilding it again."""
+        ex = memo.exchange()
+        ex.t0 = time.monotonic()
+        ctx = self.ctx
+        ctx.stats.requests += 1
+        self.deadline = _INF
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) > 32:
+            self._pause(_PAUSE_QUEUE)
+        if not queue[0].started and not self.closed:
             self._start(queue[0])
 
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self.cur = ex = Exchange()
         ex.t0 = time.monotonic()
         self._headers = []

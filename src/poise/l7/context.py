@@ -99,6 +99,7 @@ class Context:
         "date",
         "draining",
         "forwarded",
+        "generation",
         "header_kinds",
         "idempotency_keys",
         "inflight",
@@ -153,12 +154,16 @@ class Context:
         self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
         self.upstream_tls: dict[str, ClientTls] = {} if upstream_tls_ is None else upstream_tls_
         self.config = config  # what configure() compares a new config with
+        # counts configure() calls: what a connection derived from the settings (a request
+        # head it rebuilt, see client.RequestMemo) is valid for one generation only
+        self.generation = 0
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Take the settings of ``config`` (at start, and on a reload: connections read them
         from here, so open ones follow the new values)."""
         old, self.config = self.config, config
+        self.generation += 1
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle

@@ -83,6 +83,45 @@ class Exchange:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"
 
 
+class RequestMemo:
+    """A bodiless request head as the client sent it (``raw``, one whole read) and what poise
+    made of it. A keep-alive client that sends the very same head again (a poller, a
+    health checker, a load generator) gets it from here instead of parsing and rebuilding it
+    again: the same bytes, under the same settings (``generation``) and on the same
+    connection (its peer and TLS fields are the same), give the same result."""
+
+    __slots__ = (
+        "client", "generation", "head", "headers", "host", "is_head", "keep_alive", "method",
+        "raw", "target",
+    )  # fmt: skip
+
+    def __init__(self, raw: bytes, generation: int, ex: Exchange) -> None:
+        self.raw = raw
+        self.generation = generation
+        self.method = ex.method
+        self.target = ex.target
+        self.host = ex.host
+        self.head = ex.head
+        self.keep_alive = ex.keep_alive
+        self.is_head = ex.is_head
+        self.headers = ex.headers
+        self.client = ex.client
+
+    def exchange(self) -> Exchange:
+        """A new Exchange for the request, complete (it has no body)."""
+        ex = Exchange()
+        ex.method = self.method
+        ex.target = self.target
+        ex.host = self.host
+        ex.head = self.head
+        ex.keep_alive = self.keep_alive
+        ex.is_head = self.is_head
+        ex.headers = self.headers
+        ex.client = self.client
+        ex.request_done = True
+        return ex
+
+
 def forwarding_fields(
     ctx: Context,
     ex: Exchange,

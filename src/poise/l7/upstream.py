@@ -48,6 +48,7 @@ log = logging.getLogger("poise.proxy")
 CRLF = b"\r\n"
 _INF = float("inf")
 COUNT_FROM = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
+MEMO_MAX = 2048  # bytes: a longer response head is not remembered (memory per connection)
 
 # how a response body travels to the client
 _NONE = 0
@@ -74,6 +75,24 @@ def _content_length(low_block: bytes) -> int:
     return int(low_block[i + 17 : j if j >= 0 else len(low_block)].strip(b" \t"))
 
 
+class ResponseMemo:
+    """A response head a backend sent (``head``, raw) and what poise made of it: its status,
+    the rewritten status line and fields (without what poise adds per request, see
+    UpstreamConnection._tail) and its Content-Length. When the same head comes again on the
+    connection (a backend answering the same request the same way within the second of its
+    Date field), it is taken from here instead of parsed and rewritten again: the same bytes
+    give the same result. Only plain responses are kept: a status below 500 with a
+    Content-Length body, keep-alive."""
+
+    __slots__ = ("head", "length", "rewritten", "status")
+
+    def __init__(self, head: bytes, status: int, rewritten: bytes, length: int) -> None:
+        self.head = head
+        self.status = status
+        self.rewritten = rewritten
+        self.length = length
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_body_from",
@@ -81,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_start",
         "_headbuf",
         "_low_head",
+        "_memo",
         "_received",
         "backend",
         "client",
@@ -126,6 +146,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.out: list[bytes | memoryview] = []
+        self._memo: ResponseMemo | None = None  # the last plain response head, see _replay
         self._reset()
 
     def _reset(self) -> None:
@@ -188,6 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from an idle backend belong to no request; the connection is unusable.
             self.close()
             return
+        first = not self.got_bytes  # the first read of this response
         self.got_bytes = True
         ctx = self.ctx
         self.deadline = ctx.now + self.timeout
@@ -196,9 +218,20 @@ class UpstreamConnection(asyncio.Protocol):
         client = self.client
         assert client is not None
         stray = False
+        memo = self._memo
+        counting = self.remaining >= 0
         try:
-            if self.remaining >= 0:
+            if counting:
                 pass  # a Content-Length body being counted: see _count
+            elif (
+                first
+                and memo is not None
+                and data.startswith(memo.head)
+                and not ex.is_head
+                and ex.group is not None
+                and memo.status not in ex.group.retry_statuses
+            ):
+                stray = self._replay(ex, client, memo, data, out)
             elif not self.head_done:
                 # The head is processed from raw bytes (see on_headers_complete): keep them
                 # until it is complete. Usually the whole head is in the first read.
@@ -244,7 +277,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._body_src = b""
             stray = self._count(body, out)
         else:
-            if self.remaining >= 0:
+            if counting:
                 stray = self._count(data, out)
         if out and not client.closed:
             _send(client.transport, out)  # type: ignore[arg-type]
@@ -255,6 +288,43 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp, which would copy every chunk into a new bytes object for on_body.
             self.remaining = _content_length(self._low_head) - self._received
             self.parser = httptools.HttpResponseParser(self)  # the old one expects the body
+
+    def _replay(
+        self,
+        ex: Exchange,
+        client: ClientConnection,
+        memo: ResponseMemo,
+        data: bytes,
+        out: list[bytes | memoryview],
+    ) -> bool:
+        """``data`` starts with the same response head as ``memo``'s: what on_headers_complete
+        would make of it, without parsing and rewriting it again; the body is counted. True
+        when bytes beyond the body arrived."""
+        status = memo.status
+        ex.status = status
+        self.pool.responses[status // 100] += 1
+        group = ex.group
+        assert group is not None
+        o = group.outliers
+        if o is not None and o.any_streak:
+            self._judge(ex, client, group, status, b"")  # not a retried status: see caller
+        length = memo.length
+        if self.ctx.access is not None:
+            ex.body_out = length
+        self.mode = _RAW
+        out.append(memo.rewritten + self._tail(ex, client, b""))
+        self.keep = True
+        self.head_done = True
+        ex.response_started = True
+        start = len(memo.head)
+        if length == 0:
+            self.complete = True
+            return len(data) > start
+        self.remaining = length
+        n = len(data) - start
+        if n == 0:
+            return False
+        return self._count(data[start:] if n < COUNT_FROM else memoryview(data)[start:], out)
 
     def _count(self, data: bytes | memoryview, out: list[bytes | memoryview]) -> bool:
         """Forward counted body bytes; True when bytes beyond the body arrived."""
@@ -382,6 +452,33 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.mode = _CHUNK
                 tail = b"\r\nTransfer-Encoding: chunked"
+        self.out.append(line + block + self._tail(ex, client, tail))
+        self.keep = keep = self.parser.should_keep_alive()
+        self.head_done = True
+        ex.response_started = True
+        self._headbuf = b""  # do not pin a large first read for the whole response
+        if (
+            keep
+            and has_cl
+            and self.mode == _RAW
+            and status < 500
+            and not ex.is_head
+            and end - start < MEMO_MAX
+        ):
+            self._memo = ResponseMemo(
+                buf[start : end + 4], status, line + block, _content_length(low)
+            )
+        if self.mode == _RAW and len(buf) - end > COUNT_FROM:
+            # Much body follows in this very read: stop llhttp here so it does not copy it
+            # into a new bytes object for on_body (data_received continues from end + 4).
+            self.remaining = _content_length(low)
+            self._body_src = buf
+            self._body_from = end + 4
+            raise _CountBody
+
+    def _tail(self, ex: Exchange, client: ClientConnection, tail: bytes) -> bytes:
+        """The end of a response head towards the client: the fields poise adds, and how
+        the connection goes on."""
         ctx = self.ctx
         if ctx.x_forwarded_server:
             tail += b"\r\nX-Forwarded-Server: " + self.backend.authority.encode()
@@ -397,18 +494,7 @@ class UpstreamConnection(asyncio.Protocol):
             tail += b"\r\nConnection: keep-alive\r\n\r\n"
         else:
             tail += b"\r\n\r\n"
-        self.out.append(line + block + tail)
-        self.keep = self.parser.should_keep_alive()
-        self.head_done = True
-        ex.response_started = True
-        self._headbuf = b""  # do not pin a large first read for the whole response
-        if self.mode == _RAW and len(buf) - end > COUNT_FROM:
-            # Much body follows in this very read: stop llhttp here so it does not copy it
-            # into a new bytes object for on_body (data_received continues from end + 4).
-            self.remaining = _content_length(low)
-            self._body_src = buf
-            self._body_from = end + 4
-            raise _CountBody
+        return tail
 
     def _judge(
         self, ex: Exchange, client: ClientConnection, group: Group, status: int, low: bytes

@@ -1,0 +1,313 @@
+"""The repeated-head shortcuts (client.RequestMemo, upstream.ResponseMemo): a head that comes
+again must give exactly what parsing it again would give, whatever the reads look like.
+
+The protocols are driven directly with in-memory transports: a fresh connection (which
+has nothing remembered) is the reference for what a reused one must produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poise.config import parse_config
+from poise.l7.client import ClientConnection
+from poise.l7.context import Context
+from poise.l7.upstream import UpstreamConnection
+from poise.routing import build_table
+
+GET = b"GET /a?x=1 HTTP/1.1\r\nHost: svc.test\r\nUser-Agent: t\r\n\r\n"
+HEAD = b"HEAD /a?x=1 HTTP/1.1\r\nHost: svc.test\r\nUser-Agent: t\r\n\r\n"
+OK = (
+    b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 5\r\nConnection: keep-alive\r\n"
+    b"Content-Type: text/plain\r\n\r\n"
+)
+OK_HEAD = OK  # what a backend answers to HEAD: the same head, no body
+
+
+class Sink:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+        self.paused = False
+
+    def data(self) -> bytes:
+        return b"".join(bytes(b) for b in self.out)
+
+    def write(self, data: bytes) -> None:
+        self.out.append(bytes(data))
+
+    def writelines(self, data: Any) -> None:
+        self.out.extend(bytes(d) for d in data)
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.2", 40000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class Rig:
+    """One upstream group with one backend, and a pool holding one connection to it."""
+
+    def __init__(self, **proxy: Any) -> None:
+        doc: dict[str, Any] = {
+            "listeners": [{"name": "web", "listen": "127.0.0.1:0", "upstream": "app"}],
+            "upstreams": {"app": {"backends": ["http://127.0.0.1:9"]}},
+            "proxy": proxy,
+        }
+        self.doc = doc
+        config = parse_config(doc)
+        self.table = build_table(config, random.Random(1))
+        self.ctx = Context(config, self.table, asyncio.get_running_loop())
+        self.up_transport = Sink()
+        self.up = self.new_upstream()
+
+    def new_upstream(self) -> UpstreamConnection:
+        group = self.table.groups["app"]
+        up = UpstreamConnection(self.ctx, group.pools[0], group.backends[0])
+        self.up_transport = Sink()
+        up.connection_made(self.up_transport)  # type: ignore[arg-type]
+        group.pools[0].put(up, 0.0)
+        return up
+
+    def client(self) -> tuple[ClientConnection, Sink]:
+        client = ClientConnection(self.ctx, "web")
+        sink = Sink()
+        client.connection_made(sink)  # type: ignore[arg-type]
+        return client, sink
+
+    def exchange(
+        self, client: ClientConnection, request: bytes, reads: list[bytes]
+    ) -> tuple[bytes, bytes]:
+        """Send ``request``; answer with ``reads`` from the backend. Returns (what the
+        backend got, what the client got) for this exchange."""
+        assert isinstance(client.transport, Sink)
+        sent, got = len(self.up_transport.out), len(client.transport.out)
+        client.data_received(request)
+        up = client.queue[0].upstream if client.queue else None
+        assert up is self.up, "the request did not reach the pooled connection"
+        for data in reads:
+            up.data_received(data)
+        return (
+            b"".join(self.up_transport.out[sent:]),
+            b"".join(client.transport.out[got:]),
+        )
+
+
+def test_a_repeated_request_head_is_forwarded_the_same_and_counted() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        first = rig.exchange(client, GET, [OK + b"hello"])
+        assert client._memo is not None  # the head was remembered
+        second = rig.exchange(client, GET, [OK + b"hello"])
+        assert second == first
+        assert first[0].startswith(b"GET /a?x=1 HTTP/1.1\r\nHost: svc.test\r\n")
+        assert b"X-Forwarded-For: 127.0.0.2\r\n" in first[0]
+        assert first[1].endswith(b"\r\n\r\nhello")
+        assert (rig.ctx.stats.requests, rig.ctx.stats.responses) == (2, 2)
+        assert rig.ctx.latency.count == 2
+
+    asyncio.run(run())
+
+
+def test_a_different_head_is_parsed_again() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        rig.exchange(client, GET, [OK + b"hello"])
+        other = GET.replace(b"/a?x=1", b"/b")
+        sent, _ = rig.exchange(client, other, [OK + b"hello"])
+        assert sent.startswith(b"GET /b HTTP/1.1\r\n")
+        # and a broken variant is still refused
+        client.data_received(GET.replace(b"Host: svc.test", b"Host: a b"))
+        assert client.transport is not None
+        assert b"HTTP/1.1 400 Bad Request" in b"".join(client.transport.out)  # type: ignore[attr-defined]
+
+    asyncio.run(run())
+
+
+def test_a_reload_invalidates_remembered_request_heads() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        sent, _ = rig.exchange(client, GET, [OK + b"hello"])
+        assert b"Via:" not in sent
+        rig.doc["proxy"] = {"via": True}
+        rig.ctx.configure(parse_config(rig.doc))
+        sent, _ = rig.exchange(client, GET, [OK + b"hello"])
+        assert b"Via: 1.1 poise\r\n" in sent
+
+    asyncio.run(run())
+
+
+def test_requests_with_a_body_are_not_remembered() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        post = b"POST /p HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 3\r\n\r\n"
+        for body in (b"abc", b"xyz"):
+            sent, _ = rig.exchange(client, post + body, [OK + b"hello"])
+            assert sent.endswith(b"\r\n\r\n" + body)
+        assert client._memo is None
+
+    asyncio.run(run())
+
+
+def test_two_pipelined_copies_in_one_read_are_both_answered_in_order() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, sink = rig.client()
+        rig.exchange(client, GET, [OK + b"hello"])  # remembered
+        client.data_received(GET + GET)  # not the remembered bytes: parsed
+        assert len(client.queue) == 2
+        rig.up.data_received(OK + b"one!!")
+        # the second request now runs on the same (released) connection
+        assert client.queue and client.queue[0].upstream is rig.up
+        rig.up.data_received(OK + b"two!!")
+        plain = OK.replace(b"Connection: keep-alive\r\n", b"")
+        assert sink.data().endswith(b"one!!" + plain + b"two!!")
+        assert not client.queue
+
+    asyncio.run(run())
+
+
+def test_a_repeated_response_head_is_the_same_for_every_split_of_the_reads() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        body = b"hello"
+        _, reference = rig.exchange(client, GET, [OK + body])
+        assert b"Connection: keep-alive" not in reference
+        assert rig.up._memo is not None
+        data = OK + body
+        for cut in range(1, len(data)):
+            _, got = rig.exchange(client, GET, [data[:cut], data[cut:]])
+            assert got == reference, cut
+        assert rig.table.groups["app"].pools[0].idle == [rig.up]
+
+    asyncio.run(run())
+
+
+def test_bytes_after_a_repeated_response_close_its_connection() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        rig.exchange(client, GET, [OK + b"hello"])
+        _, got = rig.exchange(client, GET, [OK + b"hello" + b"HTTP/1.1 200 OK\r\n"])
+        assert got.endswith(b"\r\n\r\nhello")  # the response itself is whole
+        assert rig.up.closed and rig.up_transport.closed
+        assert rig.table.groups["app"].pools[0].idle == []
+
+    asyncio.run(run())
+
+
+def test_head_after_a_remembered_get_gets_no_body() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        rig.exchange(client, GET, [OK + b"hello"])
+        _, got = rig.exchange(client, HEAD, [OK_HEAD])
+        assert got.endswith(b"\r\n\r\n") and b"hello" not in got
+        # and the connection is still in step: the next GET gets its body
+        _, got = rig.exchange(client, GET, [OK + b"again"])
+        assert got.endswith(b"\r\n\r\nagain")
+
+    asyncio.run(run())
+
+
+def test_per_request_fields_are_added_to_a_repeated_response() -> None:
+    async def run() -> None:
+        rig = Rig(x_forwarded_server=True)
+        client, _ = rig.client()
+        _, first = rig.exchange(client, GET, [OK + b"hello"])
+        close = GET.replace(b"User-Agent: t\r\n", b"User-Agent: t\r\nConnection: close\r\n")
+        _, last = rig.exchange(client, close, [OK + b"hello"])
+        assert b"X-Forwarded-Server: 127.0.0.1:9\r\n" in first
+        assert b"X-Forwarded-Server: 127.0.0.1:9\r\n" in last
+        assert b"Connection: close\r\n" in last and b"Connection: close" not in first
+
+    asyncio.run(run())
+
+
+def test_a_long_repeated_body_is_counted_across_reads() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        body = bytes(range(256)) * 200  # 51200 bytes: beyond the 16 KiB that stops llhttp
+        head = OK.replace(b"Content-Length: 5", b"Content-Length: %d" % len(body))
+        _, reference = rig.exchange(client, GET, [head + body[:30000], body[30000:]])
+        _, got = rig.exchange(client, GET, [head + body[:20000], body[20000:]])
+        assert got == reference and got.endswith(body)
+        assert rig.table.groups["app"].pools[0].idle == [rig.up]
+
+    asyncio.run(run())
+
+
+# Responses a backend may send; each is (head, body) and is valid for a GET.
+RESPONSES = [
+    (OK, b"hello"),
+    (OK.replace(b"200 OK", b"404 Not Found"), b"nope!"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b""),
+    (b"HTTP/1.1 204 No Content\r\nServer: s\r\n\r\n", b""),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n", b"ok"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" + OK, b"hello"),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(range(len(RESPONSES))), st.integers(0, 200)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_reused_connection_answers_as_a_fresh_one_would(plan: list[tuple[int, int]]) -> None:
+    """Whatever came before on a connection (what it remembered), each response reaches the
+    client exactly as it does on a fresh connection, for any split of the backend's reads."""
+
+    async def run() -> None:
+        reused = Rig()
+        client, _ = reused.client()
+        for which, at in plan:
+            head, body = RESPONSES[which]
+            data = head + body
+            cut = min(at, len(data))
+            reads = [data[:cut], data[cut:]] if 0 < cut < len(data) else [data]
+            fresh = Rig()
+            fresh_client, _ = fresh.client()
+            expected = fresh.exchange(fresh_client, GET, [data])
+            got = reused.exchange(client, GET, reads)
+            assert got == expected, (which, cut)
+            assert reused.up.closed == fresh.up.closed
+            if reused.up.closed:
+                reused.up = reused.new_upstream()
+
+    asyncio.run(run())
