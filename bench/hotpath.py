@@ -7,6 +7,7 @@ in on the upstream side and comes out to the client. Reports µs per request exc
 is the user-space CPU the proxy adds on top of the four syscalls a proxied request costs.
 
     python bench/hotpath.py [--requests 200000] [--policy NAME|JSON] [--header 'X-User: u1']
+                            [--varied]
 
 A keyed policy reads its key from the request: ``--policy
 '{"name":"consistent_hash","key":"header:X-User"}' --header 'X-User: user-1'`` (without the
@@ -71,9 +72,17 @@ async def main(
     policy: object = "round_robin",
     access: str | None = None,
     headers: tuple[str, ...] = (),
+    varied: bool = False,
 ) -> None:
     extra = b"".join(h.encode("latin-1") + b"\r\n" for h in headers)
     request = REQUEST[:-2] + extra + b"\r\n"
+    # --varied: no two heads alike (nothing to reuse from the previous one), as real traffic
+    requests = [request.replace(b"GET / ", b"GET /?n=%d " % i) for i in range(64)]
+    responses = [
+        RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %032x\r\n\r\n" % i) for i in range(64)
+    ]
+    if not varied:
+        requests, responses = [request], [RESPONSE]
     backends = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     doc: dict[str, object] = {
         "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
@@ -101,11 +110,12 @@ async def main(
     best = float("inf")
     for _ in range(5):  # the best of 5 rounds: this machine is shared and noisy
         t0 = time.perf_counter()
-        for _ in range(n):
-            client.data_received(request)
+        k = len(requests)
+        for i in range(n):
+            client.data_received(requests[i % k])
             up = client.queue[0].upstream
             assert up is not None
-            up.data_received(RESPONSE)
+            up.data_received(responses[i % k])
         best = min(best, time.perf_counter() - t0)
         for up in ups:
             up.transport.out.clear()  # type: ignore[union-attr]
@@ -130,6 +140,11 @@ if __name__ == "__main__":
         metavar="'NAME: VALUE'",
         help="an extra request header (repeatable), e.g. the key of a hashing policy",
     )
+    ap.add_argument(
+        "--varied",
+        action="store_true",
+        help="every request target and response head differs (nothing repeats)",
+    )
     args = ap.parse_args()
     policy = json.loads(args.policy) if args.policy.startswith("{") else args.policy
-    asyncio.run(main(args.requests, policy, args.access_log, tuple(args.header)))
+    asyncio.run(main(args.requests, policy, args.access_log, tuple(args.header), args.varied))

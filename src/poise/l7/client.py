@@ -60,6 +60,7 @@ log = logging.getLogger("poise.proxy")
 CRLF = b"\r\n"
 EOH = b"\r\n\r\n"  # the end of a head
 MEMO_MAX = 1024  # bytes: a longer request head is not remembered (memory per connection)
+MEMO_MISSES = 4  # heads in a row that were not the remembered one: stop remembering
 LINGER = 2.0  # seconds to drain a client after an error response before closing
 QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF = float("inf")
@@ -79,6 +80,7 @@ class ClientConnection(asyncio.Protocol):
         "_headers",
         "_kinds",
         "_memo",
+        "_misses",
         "_n_headers",
         "_te",
         "_upgrade",
@@ -136,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading = False  # an upgrade request is waiting for the backend's answer
         self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
         self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
+        self._misses = 0  # requests since the last one that was _memo's (see MEMO_MISSES)
         self._begun = 0  # requests whose parsing began (on_message_begin)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -209,15 +212,16 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         memo = self._memo
-        if (
-            memo is not None
-            and data == memo.raw
-            and self.cur is None
-            and self.parser is not None
-            and memo.generation == self.ctx.generation
-        ):
-            self._repeat(memo)
-            return
+        if memo is not None and self.cur is None:
+            if (
+                data == memo.raw
+                and self.parser is not None
+                and memo.generation == self.ctx.generation
+            ):
+                self._misses = 0
+                self._repeat(memo)
+                return
+            self._misses += 1
         parser = self.parser
         if parser is None:
             if self.upgrading:
@@ -266,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
                 and self._begun == begun + 1
                 and self.cur is None
                 and len(data) <= MEMO_MAX
+                and self._misses < MEMO_MISSES
                 and data[-4:] == EOH
             ):
                 self._remember(data)

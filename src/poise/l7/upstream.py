@@ -49,6 +49,7 @@ CRLF = b"\r\n"
 _INF = float("inf")
 COUNT_FROM = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
 MEMO_MAX = 2048  # bytes: a longer response head is not remembered (memory per connection)
+MEMO_MISSES = 4  # responses in a row that were not the remembered one: stop remembering
 
 # how a response body travels to the client
 _NONE = 0
@@ -101,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_headbuf",
         "_low_head",
         "_memo",
+        "_misses",
         "_received",
         "backend",
         "client",
@@ -147,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.out: list[bytes | memoryview] = []
         self._memo: ResponseMemo | None = None  # the last plain response head, see _replay
+        self._misses = 0  # responses since the last one that was _memo's (see MEMO_MISSES)
         self._reset()
 
     def _reset(self) -> None:
@@ -219,18 +222,24 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         stray = False
         memo = self._memo
-        counting = self.remaining >= 0
-        try:
-            if counting:
-                pass  # a Content-Length body being counted: see _count
-            elif (
-                first
-                and memo is not None
-                and data.startswith(memo.head)
+        replay = False
+        if first and memo is not None:
+            if (
+                data.startswith(memo.head)
                 and not ex.is_head
                 and ex.group is not None
                 and memo.status not in ex.group.retry_statuses
             ):
+                replay = True
+                self._misses = 0
+            else:
+                self._misses += 1
+        counting = self.remaining >= 0
+        try:
+            if counting:
+                pass  # a Content-Length body being counted: see _count
+            elif replay:
+                assert memo is not None
                 stray = self._replay(ex, client, memo, data, out)
             elif not self.head_done:
                 # The head is processed from raw bytes (see on_headers_complete): keep them
@@ -452,7 +461,8 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.mode = _CHUNK
                 tail = b"\r\nTransfer-Encoding: chunked"
-        self.out.append(line + block + self._tail(ex, client, tail))
+        rewritten = line + block
+        self.out.append(rewritten + self._tail(ex, client, tail))
         self.keep = keep = self.parser.should_keep_alive()
         self.head_done = True
         ex.response_started = True
@@ -464,10 +474,10 @@ class UpstreamConnection(asyncio.Protocol):
             and status < 500
             and not ex.is_head
             and end - start < MEMO_MAX
+            and self._misses < MEMO_MISSES
         ):
-            self._memo = ResponseMemo(
-                buf[start : end + 4], status, line + block, _content_length(low)
-            )
+            length = ex.body_out if ex.body_out is not None else _content_length(low)
+            self._memo = ResponseMemo(buf[start : end + 4], status, rewritten, length)
         if self.mode == _RAW and len(buf) - end > COUNT_FROM:
             # Much body follows in this very read: stop llhttp here so it does not copy it
             # into a new bytes object for on_body (data_received continues from end + 4).
