@@ -110,6 +110,11 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
     "version_lowercase": (req(b"GET / http/1.1\r\n"), Refused(400)),
     "version_trailing_space": (req(b"GET / HTTP/1.1 \r\n"), Refused(400)),
     "version_2_0": (req(b"GET / HTTP/2.0\r\n"), Refused(505)),
+    # kept alive on request, as 1.1 is by default: the version is still read
+    "version_2_0_keep_alive": (req(b"GET / HTTP/2.0\r\nConnection: keep-alive\r\n"),
+                               Refused(505)),
+    "version_0_9_keep_alive": (req(b"GET / HTTP/0.9\r\nConnection: keep-alive\r\n"),
+                               Refused(400)),
     "http_0_9": (b"GET /\r\n\r\n", Refused(400)),
     # methods and targets
     "connect": (req(b"CONNECT a:443 HTTP/1.1\r\n", host=b"a:443"), Refused(405)),
@@ -120,6 +125,10 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
     "asterisk_not_options": (req(b"GET * HTTP/1.1\r\n"), Refused(400)),
     # forwarded, and exactly how
     "plain_get": (req(GET), Forwarded(first_line=b"GET / HTTP/1.1", has=(b"\r\nHost: a\r\n",))),
+    "http10_keep_alive_without_host": (
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        Forwarded(first_line=b"GET / HTTP/1.1", has=(b"\r\nHost: 127.0.0.1:",)),
+    ),
     "http10_without_host": (
         b"GET / HTTP/1.0\r\n\r\n",
         Forwarded(first_line=b"GET / HTTP/1.1", has=(b"\r\nHost: 127.0.0.1:",)),

@@ -269,6 +269,28 @@ def test_a_long_repeated_body_is_counted_across_reads() -> None:
     asyncio.run(run())
 
 
+def test_a_connection_whose_heads_keep_changing_stops_remembering() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        heads = [GET.replace(b"/a?x=1", b"/v%d" % i) for i in range(8)]
+        for i, head in enumerate(heads):
+            reply = OK.replace(b"Server: s", b"Server: s%d" % i)
+            rig.exchange(client, head, [reply + b"hello"])
+        # the 4th miss in a row was not remembered, nor anything after it, on either side
+        assert client._memo is not None and client._memo.raw == heads[3]
+        assert rig.up._memo is not None and b"Server: s3\r\n" in rig.up._memo.head
+        # the remembered head coming again is still used, and remembering starts again
+        sent, got = rig.exchange(
+            client, heads[3], [OK.replace(b"Server: s", b"Server: s3") + b"hello"]
+        )
+        assert sent.startswith(b"GET /v3 ") and got.endswith(b"hello")
+        rig.exchange(client, heads[7], [OK + b"hello"])
+        assert client._memo.raw == heads[7]
+
+    asyncio.run(run())
+
+
 # Responses a backend may send; each is (head, body) and is valid for a GET.
 RESPONSES = [
     (OK, b"hello"),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -114,7 +113,9 @@ class ClientConnection(asyncio.Protocol):
         self._kinds = ctx.header_kinds
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self.queue: deque[Exchange] = deque()
+        # a list, not a deque: it holds one request but for pipelining clients, and compiled,
+        # list operations are inline while a deque's are method calls
+        self.queue: list[Exchange] = []
         self.cur: Exchange | None = None
         self.deadline = _INF
         self.closed = False
@@ -377,18 +378,23 @@ class ClientConnection(asyncio.Protocol):
         ex = self.cur
         parser = self.parser
         assert ex is not None and parser is not None
-        version = parser.get_http_version()
-        if version != "1.1":
-            if version == "1.0":
-                ex.http10 = True
-            elif version.startswith("2"):
-                raise Reject(505, "HTTP Version Not Supported")
-            else:
-                raise Reject(400, "Bad Request")
+        ex.keep_alive = keep_alive = parser.should_keep_alive()
+        tokens = self._conn_tokens
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0 and keeps 0.9, 1.0 and 2.0 connections
+        # alive only when asked to: keep-alive without "Connection: keep-alive" is 1.1. Only
+        # otherwise is the version asked for (get_http_version formats a string).
+        if not keep_alive or (tokens is not None and b"keep-alive" in tokens):
+            version = parser.get_http_version()
+            if version != "1.1":
+                if version == "1.0":
+                    ex.http10 = True
+                elif version.startswith("2"):
+                    raise Reject(505, "HTTP Version Not Supported")
+                else:
+                    raise Reject(400, "Bad Request")
         method = parser.get_method()
         ex.method = method
         ex.is_head = method == b"HEAD"
-        ex.keep_alive = parser.should_keep_alive()
         target = ex.target
         if target[:1] != b"/":
             target = origin_form(ex, method, target)
@@ -890,7 +896,7 @@ class ClientConnection(asyncio.Protocol):
                 ctx.access.record(ex, self.peer, elapsed, "local" if ex.local else "ok")
         queue = self.queue
         if queue and queue[0] is ex:
-            queue.popleft()
+            del queue[0]
         if not ex.keep_alive or self.close_after or self.ctx.draining:
             self.close()
             return
