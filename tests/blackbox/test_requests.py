@@ -101,6 +101,16 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
     # Host (RFC 9112 §3.2)
     "no_host_http11": (req(GET, host=None), Refused(400)),
     "two_hosts": (req(GET + b"Host: b\r\n"), Refused(400)),
+    # field names are case-insensitive, however a client spells them
+    "two_hosts_spelled_differently": (req(GET + b"HOST: b\r\n"), Refused(400)),
+    "cl_and_te_spelled_oddly": (
+        req(POST + b"transfer-ENCODING: chunked\r\ncontent-LENGTH: 5\r\n", b"0\r\n\r\n"),
+        Refused(400),
+    ),
+    "connection_spelled_oddly": (
+        req(GET + b"CONNECTION: X-Foo\r\nx-FOO: 1\r\nX-Forwarded-FOR: 6.6.6.6\r\n"),
+        Forwarded(lacks=(b"X-Foo", b"x-FOO", b"CONNECTION", b"6.6.6.6")),
+    ),
     "host_userinfo": (req(GET, host=b"user@a"), Refused(400)),
     "host_path": (req(GET, host=b"a/b"), Refused(400)),
     "host_comma": (req(GET, host=b"a,b"), Refused(400)),

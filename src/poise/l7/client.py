@@ -60,6 +60,7 @@ CRLF = b"\r\n"
 EOH = b"\r\n\r\n"  # the end of a head
 MEMO_MAX = 1024  # bytes: a longer request head is not remembered (memory per connection)
 MEMO_MISSES = 4  # heads in a row that were not the remembered one: stop remembering
+NAMES_MAX = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
 LINGER = 2.0  # seconds to drain a client after an error response before closing
 QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF = float("inf")
@@ -81,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
         "_memo",
         "_misses",
         "_n_headers",
+        "_names",
         "_te",
         "_upgrade",
         "close_after",
@@ -111,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self.tls = tls  # an HTTPS listener's TLS (the client-certificate subject header)
         self.tls_fields = b""  # that header's line, when the client's certificate was verified
         self._kinds = ctx.header_kinds
+        self._names = ctx.name_kinds  # the same by the names' spelling (a cache)
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # a list, not a deque: it holds one request but for pipelining clients, and compiled,
@@ -338,9 +341,13 @@ class ClientConnection(asyncio.Protocol):
         limits = self.ctx.limits
         if self._n_headers > limits.max_headers or self._head_size > limits.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
-        lname = name.lower()
-        kind = self._kinds.get(lname)
+        names = self._names
+        kind = names.get(name)
         if kind is None:
+            kind = self._kinds.get(name.lower(), http.PLAIN)
+            if len(names) < NAMES_MAX and len(name) <= 64:
+                names[name] = kind
+        if kind == http.PLAIN:
             self._headers += (name, b": ", value, CRLF)
             return
         ex = self.cur
@@ -369,8 +376,8 @@ class ClientConnection(asyncio.Protocol):
         elif kind == http.FORWARDED:
             if self._fwd is None:
                 self._fwd = []
-            self._fwd.append((lname, name, value))
-        elif lname == b"upgrade":
+            self._fwd.append((name.lower(), name, value))
+        elif name.lower() == b"upgrade":
             self._upgrade = value  # forwarded only for a real upgrade request (see below)
         # other HOP fields: dropped
 

@@ -110,6 +110,7 @@ class Context:
         "latency",
         "limits",
         "loop",
+        "name_kinds",
         "now",
         "on_ejected",
         "retries_active",
@@ -210,6 +211,9 @@ class Context:
                 **http.REQUEST_HEADER_KIND,
                 **dict.fromkeys(subject_fields, http.HOP),
             }
+        # the same, by field name as clients spell it ("Host", "User-Agent"), filled as names
+        # come: one lookup per field instead of lowering each name first (see client.on_header)
+        self.name_kinds: dict[bytes, int] = {}
         access = config.log.access
         if self.access is not None and (access is None or access != self.access.cfg):
             self.access.close()

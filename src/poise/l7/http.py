@@ -16,6 +16,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 # What a header name means to the proxy. Names absent from these maps are copied as they are.
+PLAIN = 0  # forwarded as it is
 HOST = 1
 CONTENT_LENGTH = 2
 TRANSFER_ENCODING = 3
