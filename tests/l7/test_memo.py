@@ -333,3 +333,40 @@ def test_a_reused_connection_answers_as_a_fresh_one_would(plan: list[tuple[int, 
                 reused.up = reused.new_upstream()
 
     asyncio.run(run())
+
+
+# Bodiless requests a client may send on a keep-alive connection (all valid HTTP/1.1).
+REQUESTS = [
+    GET,
+    HEAD,
+    b"GET /a?x=1 HTTP/1.1\r\nhost: svc.test\r\nUser-Agent: t\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: svc.test\r\n\r\n",
+    b"DELETE /item/7 HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 0\r\n\r\n",
+    b"GET http://other.test/x HTTP/1.1\r\nHost: svc.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: svc.test\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: svc.test\r\nConnection: X-Foo, TE\r\nX-Foo: 1\r\nTE: trailers\r\n"
+    b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: svc.test\r\nUpgrade: websocket\r\nKeep-Alive: 5\r\n\r\n",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(range(len(REQUESTS))), min_size=1, max_size=10))
+def test_a_reused_client_connection_forwards_as_fresh_ones_would(plan: list[int]) -> None:
+    """Whatever a client sent before on its connection (what was remembered), each request
+    reaches the backend, and its response the client, exactly as on a fresh connection."""
+
+    async def run() -> None:
+        rig = Rig()
+        client, _ = rig.client()
+        for which in plan:
+            request = REQUESTS[which]
+            reply = [OK_HEAD] if request.startswith(b"HEAD") else [OK + b"hello"]
+            fresh_client, _ = rig.client()
+            expected = rig.exchange(fresh_client, request, reply)
+            got = rig.exchange(client, request, reply)
+            assert got == expected, which
+            assert not client.closed and not client.queue
+        assert rig.ctx.stats.requests == 2 * len(plan) == rig.ctx.stats.responses
+
+    asyncio.run(run())
