@@ -370,3 +370,19 @@ def test_a_reused_client_connection_forwards_as_fresh_ones_would(plan: list[int]
         assert rig.ctx.stats.requests == 2 * len(plan) == rig.ctx.stats.responses
 
     asyncio.run(run())
+
+
+def test_a_reload_applies_new_request_limits_to_open_connections() -> None:
+    async def run() -> None:
+        rig = Rig()
+        client, sink = rig.client()
+        long_target = GET.replace(b"/a?x=1", b"/" + b"a" * 100)
+        sent, _ = rig.exchange(client, long_target, [OK + b"hello"])
+        assert sent.startswith(b"GET /aaaa")
+        rig.doc["limits"] = {"max_target": 64}
+        rig.ctx.configure(parse_config(rig.doc))
+        client.data_received(long_target)  # the same bytes, now over the limit
+        assert sink.data().endswith(b"Connection: close\r\n\r\nURI Too Long\n")
+        assert b"\r\nhelloHTTP/1.1 414 " in sink.data()
+
+    asyncio.run(run())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -56,17 +56,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poise.proxy")
 
-CRLF = b"\r\n"
-EOH = b"\r\n\r\n"  # the end of a head
-MEMO_MAX = 1024  # bytes: a longer request head is not remembered (memory per connection)
-MEMO_MISSES = 4  # heads in a row that were not the remembered one: stop remembering
-NAMES_MAX = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
-LINGER = 2.0  # seconds to drain a client after an error response before closing
-QUEUE_BODY_LIMIT = 1 << 20  # body bytes held for not-yet-started pipelined requests
-_INF = float("inf")
+CRLF: Final = b"\r\n"
+EOH: Final = b"\r\n\r\n"  # the end of a head
+MEMO_MAX: Final = 1024  # bytes: a longer request head is not remembered (memory per connection)
+MEMO_MISSES: Final = 4  # heads in a row that were not the remembered one: stop remembering
+NAMES_MAX: Final = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
+LINGER: Final = 2.0  # seconds to drain a client after an error response before closing
+QUEUE_BODY_LIMIT: Final = 1 << 20  # body bytes held for not-yet-started pipelined requests
+_INF: Final = float("inf")
 _HOSTS_SEEN: set[bytes] = set()  # Host values already validated (bounded)
-_PAUSE_UPSTREAM = 1  # client reading paused: the upstream cannot take more request body
-_PAUSE_QUEUE = 2  # client reading paused: too much held for queued requests
+_PAUSE_UPSTREAM: Final = 1  # client reading paused: the upstream cannot take more request body
+_PAUSE_QUEUE: Final = 2  # client reading paused: too much held for queued requests
 
 
 class ClientConnection(asyncio.Protocol):
@@ -237,7 +237,7 @@ class ClientConnection(asyncio.Protocol):
             # httptools buffers an unfinished header field itself: stop a head that never
             # ends before it costs memory (the precise count is in on_url/on_header).
             self._head_raw += len(data)
-            if self._head_raw > self.ctx.limits.max_header_bytes and b"\r\n\r\n" not in data:
+            if self._head_raw > self.ctx.max_header_bytes and b"\r\n\r\n" not in data:
                 self._reject(431, "Request Header Fields Too Large")
                 return
         fresh = self.cur is None  # the parser is between requests
@@ -332,14 +332,14 @@ class ClientConnection(asyncio.Protocol):
         ex = self.cur
         assert ex is not None
         ex.target += url
-        if len(ex.target) > self.ctx.limits.max_target:
+        if len(ex.target) > self.ctx.max_target:
             raise Reject(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._n_headers += 1
         self._head_size += len(name) + len(value) + 4
-        limits = self.ctx.limits
-        if self._n_headers > limits.max_headers or self._head_size > limits.max_header_bytes:
+        ctx = self.ctx
+        if self._n_headers > ctx.max_headers or self._head_size > ctx.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
         names = self._names
         kind = names.get(name)
@@ -426,7 +426,7 @@ class ClientConnection(asyncio.Protocol):
         elif self._cl is not None:
             ex.has_body = self._cl.strip(b"0") != b""
             framing = b"Content-Length: " + self._cl + CRLF
-            max_body = self.ctx.limits.max_body_size
+            max_body = self.ctx.max_body_size
             if max_body and int(self._cl) > max_body:
                 raise Reject(413, "Content Too Large")
         else:
@@ -489,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         self.deadline = ctx.now + ctx.client_body_timeout
         ex.body_bytes += len(body)
-        if ctx.limits.max_body_size and ex.body_bytes > ctx.limits.max_body_size:
+        if ctx.max_body_size and ex.body_bytes > ctx.max_body_size:
             raise Reject(413, "Content Too Large")
         if ex.response_done:
             return  # answered early (an error); the rest of the body is read and dropped

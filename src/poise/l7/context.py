@@ -110,6 +110,10 @@ class Context:
         "latency",
         "limits",
         "loop",
+        "max_body_size",
+        "max_header_bytes",
+        "max_headers",
+        "max_target",
         "name_kinds",
         "now",
         "on_ejected",
@@ -175,6 +179,12 @@ class Context:
         self.client_body_timeout = t.client_body
         self.client_send_timeout = t.client_send
         self.limits = config.limits
+        # the per-request limits as plain ints: compiled, reading a config attribute is a
+        # lookup by name, reading these is a load
+        self.max_headers: int = config.limits.max_headers
+        self.max_header_bytes: int = config.limits.max_header_bytes
+        self.max_target: int = config.limits.max_target
+        self.max_body_size: int = config.limits.max_body_size
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via

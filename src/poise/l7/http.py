@@ -14,17 +14,18 @@ import time
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Final
 
 # What a header name means to the proxy. Names absent from these maps are copied as they are.
-PLAIN = 0  # forwarded as it is
-HOST = 1
-CONTENT_LENGTH = 2
-TRANSFER_ENCODING = 3
-CONNECTION = 4
-HOP = 5  # dropped
-FORWARDED = 6  # X-Forwarded-*: replaced by ours when x_forwarded is on
+PLAIN: Final = 0  # forwarded as it is
+HOST: Final = 1
+CONTENT_LENGTH: Final = 2
+TRANSFER_ENCODING: Final = 3
+CONNECTION: Final = 4
+HOP: Final = 5  # dropped
+FORWARDED: Final = 6  # X-Forwarded-*: replaced by ours when x_forwarded is on
 
-REQUEST_HEADER_KIND: dict[bytes, int] = {
+REQUEST_HEADER_KIND: Final[dict[bytes, int]] = {
     b"host": HOST,
     b"content-length": CONTENT_LENGTH,
     b"transfer-encoding": TRANSFER_ENCODING,
@@ -43,15 +44,15 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
 
 # Response fields poise must see, found in the lower-cased raw head ("\r\nname:"). llhttp
 # rejects whitespace before the colon, so the name is always followed by it directly.
-RESPONSE_SCAN_RE = re.compile(
+RESPONSE_SCAN_RE: Final = re.compile(
     rb"\r\n(?:c(?:ontent-length|onnection)|transfer-encoding|keep-alive|proxy-(?:connection"
     rb"|authenticate)|trailer|upgrade):"
 )
-CL_ONLY = [b"\r\ncontent-length:"]
-CL_CONNECTION = [b"\r\ncontent-length:", b"\r\nconnection:"]
-CONNECTION_CL = [b"\r\nconnection:", b"\r\ncontent-length:"]
-PLAIN_CONNECTION = (b"keep-alive", b"close")
-RESPONSE_HOP = frozenset(
+CL_ONLY: Final = [b"\r\ncontent-length:"]
+CL_CONNECTION: Final = [b"\r\ncontent-length:", b"\r\nconnection:"]
+CONNECTION_CL: Final = [b"\r\nconnection:", b"\r\ncontent-length:"]
+PLAIN_CONNECTION: Final = (b"keep-alive", b"close")
+RESPONSE_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -65,13 +66,13 @@ RESPONSE_HOP = frozenset(
 
 # RFC 9110 §8.6: 1*DIGIT. Bounded so int() never sees something huge or odd (no signs,
 # underscores, spaces or non-ASCII digits, which Python's int() would all accept).
-CONTENT_LENGTH_RE = re.compile(rb"[0-9]{1,18}")
+CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,18}")
 # a token list element of the Connection header
-_TOKEN_SPLIT = re.compile(rb"[ \t]*,[ \t]*")
+_TOKEN_SPLIT: Final = re.compile(rb"[ \t]*,[ \t]*")
 # RFC 9110 §7.2 host = uri-host [ ":" port ]; reg-name or IPv4 or bracketed IPv6, no userinfo
-HOST_RE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+HOST_RE: Final = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def connection_tokens(value: bytes) -> list[bytes]:

@@ -8,7 +8,7 @@ exchange lifecycle; everything here is a plain function of its arguments.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from poise.l7 import http
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from poise.routing import Group
     from poise.upstream.limits import Admission
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 
 
 class Reject(Exception):

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -45,17 +45,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poise.proxy")
 
-CRLF = b"\r\n"
-_INF = float("inf")
-COUNT_FROM = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
-MEMO_MAX = 2048  # bytes: a longer response head is not remembered (memory per connection)
-MEMO_MISSES = 4  # responses in a row that were not the remembered one: stop remembering
+CRLF: Final = b"\r\n"
+_INF: Final = float("inf")
+COUNT_FROM: Final = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
+MEMO_MAX: Final = 2048  # bytes: a longer response head is not remembered (memory per connection)
+MEMO_MISSES: Final = 4  # responses in a row that were not the remembered one: stop remembering
 
 # how a response body travels to the client
-_NONE = 0
-_RAW = 1  # bytes as they are (Content-Length, or close-delimited to an HTTP/1.0 client)
-_CHUNK = 2  # re-chunked
-_TUNNEL = 3  # 101 Switching Protocols: the connection becomes a tunnel
+_NONE: Final = 0
+_RAW: Final = 1  # bytes as they are (Content-Length, or close-delimited to an HTTP/1.0 client)
+_CHUNK: Final = 2  # re-chunked
+_TUNNEL: Final = 3  # 101 Switching Protocols: the connection becomes a tunnel
 
 
 class BadResponse(Exception):
