@@ -75,7 +75,10 @@ def max_latency_ms(out: str) -> float | None:
     return None if m is None else round(float(m.group(5)) * _UNITS_MS[m.group(6)], 6)
 
 
-def poise_config(tmp: Path, port: int, backends: Sequence[BackendProcess]) -> Path:
+ADMIN_TOKEN = "chaos-bench-token-0123456789"
+
+
+def poise_config(tmp: Path, port: int, backends: Sequence[BackendProcess], admin_port: int) -> Path:
     conf = tmp / "poise.json"
     doc = {
         "listeners": [{"name": "web", "listen": f"{LOOPBACK}:{port}", "upstream": "app"}],
@@ -86,9 +89,33 @@ def poise_config(tmp: Path, port: int, backends: Sequence[BackendProcess]) -> Pa
             }
         },
         "log": {"level": "warning"},
+        # read at the end of each phase: what poise itself counted (retries, errors by kind)
+        "admin": {"listen": f"{LOOPBACK}:{admin_port}", "token": ADMIN_TOKEN},
     }
     conf.write_text(json.dumps(doc, indent=2))
     return conf
+
+
+_COUNTER = re.compile(
+    r'^(poise_retries_total|poise_retries_over_budget_total|poise_errors_total\{kind="([^"]+)"\}) '
+    r"(\d+)",
+    re.M,
+)
+
+
+def poise_counters(admin_port: int) -> dict[str, int]:
+    """poise's own retry and error counters, from its /metrics."""
+    conn = http.client.HTTPConnection(LOOPBACK, admin_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, int] = {}
+    for m in _COUNTER.finditer(text):
+        name = {"poise_retries_total": "retries", "poise_retries_over_budget_total": "over_budget"}
+        out[name.get(m.group(1), f"error:{m.group(2)}")] = int(m.group(3))
+    return out
 
 
 def gets(backends: Sequence[BackendProcess]) -> int:
@@ -274,6 +301,16 @@ def markdown(
                 for e in r["events"]
             )
             notes.append(f"- {name}: {ev}")
+        counters = r.get("poise_counters")
+        if counters:
+            errors = ", ".join(
+                f"{k[6:]} {v:,}" for k, v in counters.items() if k.startswith("error:") and v
+            )
+            notes.append(
+                f"- {name}, poise's counters (warm-up included): {counters.get('retries', 0):,} "
+                f"retries, {counters.get('over_budget', 0):,} refused by the retry budget; "
+                f"errors: {errors or 'none'}"
+            )
     return "\n".join([*out, "", *notes]) + "\n"
 
 
@@ -338,8 +375,8 @@ def _run(
         "chaos": chaos(args.interval),
         "rolling": rolling,
     }
-    port = free_port()
-    conf = poise_config(tmp, port, backends)
+    port, admin_port = free_port(), free_port()
+    conf = poise_config(tmp, port, backends, admin_port)
     ok = True
     try:
         for b in backends:
@@ -365,6 +402,7 @@ def _run(
                 r["warmup"] = {k: warm[k] for k in ("requests", "rps", "errors")}
                 if poise.poll() is not None:
                     raise BenchError(f"poise exited with status {poise.returncode}")
+                r["poise_counters"] = poise_counters(admin_port)  # warm-up included
                 phases[name] = r
                 log(f"{name}: {r['rps']:,.0f} rps, {r['errors']} errors")
             except BenchError as exc:
