@@ -50,6 +50,7 @@ from run import (  # noqa: E402
     log,
     machine_info,
     parse_wrk,
+    save_results,
     wait_accepting,
     wait_port_free,
     workspace,
@@ -348,9 +349,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["loadavg_end"] = machine_info()["loadavg_start"]
     md = markdown(started, args, info, phases, pinned)
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"chaos-{started:%Y%m%dT%H%M%SZ}.json"
     payload = {
         "started_utc": started.isoformat(),
         "args": {k: getattr(args, k) for k in ("duration", "connections", "interval")},
@@ -359,9 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": info,
         "phases": phases,
     }
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "chaos-latest.md").write_text(md)
-    log(f"wrote {json_path} and {out / 'chaos-latest.md'}")
+    save_results(args.out, f"chaos-{started:%Y%m%dT%H%M%SZ}.json", payload, "chaos-latest.md", md)
     return 0 if ok else 1
 
 

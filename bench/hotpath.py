@@ -113,9 +113,9 @@ async def main(
         k = len(requests)
         for i in range(n):
             client.data_received(requests[i % k])
-            up = client.queue[0].upstream
-            assert up is not None
-            up.data_received(responses[i % k])
+            busy = client.queue[0].upstream
+            assert busy is not None
+            busy.data_received(responses[i % k])
         best = min(best, time.perf_counter() - t0)
         for up in ups:
             up.transport.out.clear()  # type: ignore[union-attr]

@@ -243,9 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append(l4_table(name, [r for r in results if r.scenario == name]))
     markdown = "\n".join(parts)
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     payload = {
         "started_utc": started.isoformat(),
         "args": vars(args),
@@ -253,9 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "rounds": [asdict(r) for r in rounds],
     }
-    (out / f"l4-{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "l4-latest.md").write_text(markdown)
-    log(f"wrote {out / f'l4-{stamp}.json'} and {out / 'l4-latest.md'}")
+    name = f"l4-{started:%Y%m%dT%H%M%SZ}.json"
+    run.save_results(args.out, name, payload, "l4-latest.md", markdown)
     return 0 if all(r.ok for r in results) else 1
 
 

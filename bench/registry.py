@@ -48,6 +48,7 @@ from run import (  # noqa: E402
     log,
     machine_info,
     parse_wrk,
+    save_results,
     wait_accepting,
     workspace,
 )
@@ -292,21 +293,14 @@ def main() -> int:
                 b.stop()
     md = markdown(started, args, info, result)
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"registry-{started:%Y%m%dT%H%M%SZ}.json").write_text(
-        json.dumps(
-            {
-                "started_utc": started.isoformat(),
-                "args": vars(args),
-                "machine": info,
-                "results": result,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (out / f"registry-{args.store}-latest.md").write_text(md)
+    payload = {
+        "started_utc": started.isoformat(),
+        "args": vars(args),
+        "machine": info,
+        "results": result,
+    }
+    name = f"registry-{started:%Y%m%dT%H%M%SZ}.json"
+    save_results(args.out, name, payload, f"registry-{args.store}-latest.md", md)
     return 0
 
 

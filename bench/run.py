@@ -923,6 +923,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def save_results(
+    out_dir: str | Path, json_name: str, payload: dict[str, Any], latest: str, markdown: str
+) -> Path:
+    """Write a run's figures as ``json_name`` and its table as ``latest`` into ``out_dir``
+    (every bench script's results go this way)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / json_name
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    (out / latest).write_text(markdown)
+    log(f"wrote {json_path} and {out / latest}")
+    return json_path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global POISE_POLICY, POISE_SRC, WRK_HEADERS
     args = parse_args(argv)
@@ -993,10 +1007,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = "\n".join(md_parts)
     print(markdown)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    json_path = out / f"{stamp}-{'-'.join(args.scenario_list)}.json"
     payload = {
         "started_utc": started.isoformat(),
         "args": {
@@ -1015,9 +1025,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "rounds": [asdict(r) for r in rounds],
     }
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "latest.md").write_text(markdown)
-    log(f"wrote {json_path} and {out / 'latest.md'}")
+    name = f"{started:%Y%m%dT%H%M%SZ}-{'-'.join(args.scenario_list)}.json"
+    save_results(args.out, name, payload, "latest.md", markdown)
     return 0 if all(r.ok for r in results) else 1
 
 

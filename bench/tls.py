@@ -266,9 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         table(results, negotiated),
     ])  # fmt: skip
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     payload = {
         "started_utc": started.isoformat(),
         "args": vars(args),
@@ -277,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "rounds": [asdict(r) for r in rounds],
     }
-    (out / f"{stamp}-tls.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "tls-latest.md").write_text(md)
-    base.log(f"wrote {out / (stamp + '-tls.json')} and {out / 'tls-latest.md'}")
+    base.save_results(args.out, f"{started:%Y%m%dT%H%M%SZ}-tls.json", payload, "tls-latest.md", md)
     return 0 if all(r.ok for r in results) else 1
 
 

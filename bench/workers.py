@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import subprocess
 import sys
@@ -117,9 +116,6 @@ def main() -> int:
     ]
     markdown = "\n".join(lines)
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     payload = {
         "started_utc": started.isoformat(),
         "args": vars(args),
@@ -127,8 +123,8 @@ def main() -> int:
         "results": {s: asdict(r) for s, r in rows.items()},
         "rounds": [asdict(m) for m in rounds],
     }
-    (out / f"workers-{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "workers-latest.md").write_text(markdown)
+    name = f"workers-{started:%Y%m%dT%H%M%SZ}.json"
+    run.save_results(args.out, name, payload, "workers-latest.md", markdown)
     return 0 if all(r.ok for r in rows.values()) else 1
 
 
