@@ -6,8 +6,10 @@ import json
 import re
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -152,12 +154,82 @@ def test_demo_prints_urls_serves_and_exits_on_ctrl_c() -> None:
         dash = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/#token=(\S+)", out)
         assert dash is not None
         assert b"poise dashboard" in get(dash.group(1) + "/", deadline)[1]
+        # Ctrl-C right after proxied requests (pooled connections to the backends open):
+        # silent, exit 0
+        get(f"http://127.0.0.1:{front}/", deadline)
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0
+        assert "Traceback" not in err and "ERROR" not in err, err
     finally:
         proc.kill()
         proc.wait()
+
+
+class _KeepAliveBackend(socketserver.ThreadingTCPServer):
+    """A keep-alive HTTP/1.1 backend on 127.0.0.1; ``/slow`` answers after ``slow`` seconds."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, slow: float) -> None:
+        self.slow = slow
+        self.slow_started = threading.Event()
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+
+
+class _KeepAliveHandler(socketserver.StreamRequestHandler):
+    server: _KeepAliveBackend
+
+    def handle(self) -> None:
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            if b" /slow " in line:
+                self.server.slow_started.set()
+                time.sleep(self.server.slow)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+
+
+def test_run_stops_silently_with_pooled_and_in_flight_requests() -> None:
+    """SIGINT while a request is in flight and keep-alive connections to the backend are
+    pooled: the request completes, nothing is logged as an error, exit 0."""
+    backend = _KeepAliveBackend(slow=1.0)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    front = free_port()
+    proc = subprocess.Popen(
+        [
+            *POISE, "run", "--listen", f"127.0.0.1:{front}",
+            "--backend", f"http://127.0.0.1:{backend.server_address[1]}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        for _ in range(3):  # leaves keep-alive connections in poise's pool
+            assert get(f"http://127.0.0.1:{front}/", deadline) == (200, b"ok\n")
+        slow: list[tuple[int, bytes]] = []
+        client = threading.Thread(
+            target=lambda: slow.append(get(f"http://127.0.0.1:{front}/slow", deadline))
+        )
+        client.start()
+        assert backend.slow_started.wait(timeout=20)  # the request is in flight
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        client.join(timeout=10)
+        assert proc.returncode == 0
+        assert slow == [(200, b"ok\n")]
+        assert "Traceback" not in err and "ERROR" not in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        backend.shutdown()
+        backend.server_close()
 
 
 def test_demo_on_a_taken_port_fails_clearly() -> None:

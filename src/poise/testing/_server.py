@@ -143,7 +143,10 @@ class _TcpServer:
         finally:
             try:
                 writer.close()  # flushes what is buffered, then FIN
-                with contextlib.suppress(Exception):
+                # stop() may cancel this task while it waits here (a connection that ended
+                # by itself just as the server stops): it is ending anyway, and a
+                # CancelledError escaping would be logged by asyncio's stream callback.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await writer.wait_closed()
             finally:
                 self._tasks.discard(task)
