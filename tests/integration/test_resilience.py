@@ -176,7 +176,7 @@ async def test_silent_backend_gives_504_at_the_response_timeout() -> None:
             r = await client.get(url + "/")
             elapsed = time.monotonic() - t0
         assert r.status_code == 504
-        assert 0.3 < elapsed < 5
+        assert 0.4 <= elapsed < 5  # never before the configured timeout
         assert server.ctx is not None and server.ctx.stats.upstream_timeouts == 1
 
 

@@ -77,6 +77,7 @@ def hub(backends: tuple[str, ...] = BACKENDS, **listener: Any) -> L4:
     )
     table = build_table(config, random.Random(1))
     l4 = L4(config, lambda: table, random.Random(1).random)
+    l4.clock = lambda: l4.now  # a fake clock: the tests move ``now`` and sweep by hand
     return l4
 
 
@@ -274,6 +275,19 @@ def test_header_deadline() -> None:
     listener = l4.listeners["t"]
     listener.sweep(l4.now + listener.header_timeout + 0.1)
     assert client.closed and listener.stats.proxy_errors == 1
+
+
+def test_header_deadline_counts_from_the_accept_not_the_last_sweep() -> None:
+    l4 = hub(accept_proxy=["192.0.2.0/24"])
+    listener = l4.listeners["t"]
+    l4.now = 100.0  # the last sweep
+    at = [100.2]
+    l4.clock = lambda: at[0]  # the connection arrives 0.2 s later
+    _front, client = accept(l4)
+    listener.sweep(100.2 + listener.header_timeout - 0.01)
+    assert not client.closed
+    listener.sweep(100.2 + listener.header_timeout + 0.01)
+    assert client.closed
 
 
 def test_max_connections_refuses() -> None:

@@ -149,9 +149,11 @@ class TcpListener:
         self.relays.add(relay)
         relay.client = _address(transport.get_extra_info("peername"))
         relay.local = _address(transport.get_extra_info("sockname"))
-        relay.last = self.hub.now
-        # one deadline for what the client owes before a backend is chosen: header, hello
-        relay.deadline = self.hub.now + self.header_timeout
+        relay.last = now = self.hub.clock()
+        # one deadline for what the client owes before a backend is chosen: header, hello.
+        # Deadlines are counted from the clock read now, not the sweep's ``now`` (up to a
+        # tick old): a timeout must never fire before its configured value.
+        relay.deadline = now + self.header_timeout
         if self.trusted and self._is_trusted(relay.client[0]):
             relay.phase = Phase.HEADER
             return
@@ -205,7 +207,7 @@ class TcpListener:
     def _start(self, relay: Relay) -> None:
         relay.phase = Phase.CONNECTING
         # The deadline is set now, not when the task first runs: a sweep may come first.
-        relay.deadline = self.hub.now + self.connect_timeout
+        relay.deadline = self.hub.clock() + self.connect_timeout
         if self.hub.stopped:  # a PROXY header completed after shutdown began
             relay.close()
             return
@@ -219,7 +221,7 @@ class TcpListener:
         return proxy_protocol.encode(version, relay.client, relay.local)
 
     def linger(self, end: End) -> None:
-        self.lingering[end] = self.hub.now + self.cfg.idle_timeout
+        self.lingering[end] = self.hub.clock() + self.cfg.idle_timeout
 
     def connected(self, relay: Relay, backend: Backend) -> None:
         self.hub.counters(relay.group).connections[backend.id] += 1
@@ -317,7 +319,7 @@ class TcpListener:
             self._take(group, relay, backend)
             back = Back(relay, backend, hub.buf)
             relay.attempt, relay.expired = back, False
-            relay.deadline = hub.now + self.connect_timeout
+            relay.deadline = hub.clock() + self.connect_timeout
             started = loop.time()
             try:
                 await loop.create_connection(lambda b=back: b, backend.host, backend.port)  # type: ignore[misc]
@@ -411,6 +413,7 @@ class L4:
         }
         self._counters: dict[str, BackendCounters] = {}
         self.buf = Buffer()
+        self.clock: Callable[[], float] = time.monotonic  # what deadlines are counted on
         self.now = 0.0
         self.draining = False
         self.stopped = False  # run() has ended: no more connect tasks
@@ -442,14 +445,14 @@ class L4:
     async def run(self) -> None:
         """The sweep and every connect task; cancelling it cancels them all."""
         self._loop = asyncio.get_running_loop()
-        self.now = self._loop.time()
+        self.now = self.clock()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self.ready.set()
             try:
                 while True:
                     await asyncio.sleep(TICK)
-                    self.now = now = self._loop.time()
+                    self.now = now = self.clock()
                     for listener in self.listeners.values():
                         listener.sweep(now)
             finally:

@@ -167,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
                 + self.tls_fields
             )  # fmt: skip
         transport.set_write_buffer_limits(high=256 * 1024)
-        self.deadline = ctx.now + ctx.client_header_timeout
+        self.deadline = ctx.clock() + ctx.client_header_timeout
         if ctx.draining:
             self.close()
         elif len(ctx.clients) > ctx.limits.max_connections:
@@ -200,7 +200,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         # a client that takes nothing for timeouts.client_send is cut off (slow read)
-        self.send_deadline = self.ctx.now + self.ctx.client_send_timeout
+        self.send_deadline = self.ctx.clock() + self.ctx.client_send_timeout
         if self.queue:
             up = self.queue[0].upstream
             if up is not None:
@@ -326,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
         self._fwd = None
         self._upgrade = None
         if not self.queue:
-            self.deadline = self.ctx.now + self.ctx.client_header_timeout
+            self.deadline = self.ctx.clock() + self.ctx.client_header_timeout
 
     def on_url(self, url: bytes) -> None:
         ex = self.cur
@@ -458,8 +458,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.kept = []  # a retry must send the body again: keep it (up to a bound)
             self.in_body = True
             self._head_raw = 0
-            self.deadline = ctx.now + ctx.client_body_timeout
-            ex.body_started = ctx.now  # for limits.min_body_rate, checked by the timer sweep
+            ex.body_started = now = ctx.clock()  # for limits.min_body_rate, checked by the sweep
+            self.deadline = now + ctx.client_body_timeout
         else:
             self.deadline = _INF
         if self._fwd is not None or ctx.forwarded or ctx.via or not ctx.x_forwarded:
@@ -487,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.cur
         assert ex is not None
         ctx = self.ctx
-        self.deadline = ctx.now + ctx.client_body_timeout
+        self.deadline = ctx.clock() + ctx.client_body_timeout
         ex.body_bytes += len(body)
         if ctx.max_body_size and ex.body_bytes > ctx.max_body_size:
             raise Reject(413, "Content Too Large")
@@ -663,8 +663,9 @@ class ClientConnection(asyncio.Protocol):
             adm.park_first(_Parked(self, ex), ex.queued_until)  # woken, but beaten to it
             return
         waiter = _Parked(self, ex)
-        if adm.park(waiter, ctx.now):
-            ex.queued_until = ctx.now + adm.cfg.queue_timeout
+        now = ctx.clock()
+        if adm.park(waiter, now):
+            ex.queued_until = now + adm.cfg.queue_timeout
             ctx.stats.queued += 1
         else:
             ctx.stats.queue_full += 1
@@ -862,7 +863,7 @@ class ClientConnection(asyncio.Protocol):
                 and not self.upgrading
             ):
                 queue.clear()
-                self.deadline = ctx.now + ctx.client_idle_timeout
+                self.deadline = ctx.clock() + ctx.client_idle_timeout
             else:
                 self._finish(ex)
         else:
@@ -914,7 +915,7 @@ class ClientConnection(asyncio.Protocol):
             self.parser = httptools.HttpRequestParser(self)
             held, self.held = self.held, []
             self._resume(_PAUSE_QUEUE)
-            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
+            self.deadline = self.ctx.clock() + self.ctx.client_idle_timeout
             for data in held:
                 self.data_received(data)
             return
@@ -922,7 +923,7 @@ class ClientConnection(asyncio.Protocol):
             self._resume(_PAUSE_QUEUE)
             self._start(queue[0])
         elif self.cur is None:
-            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
+            self.deadline = self.ctx.clock() + self.ctx.client_idle_timeout
 
     def _answer(self, ex: Exchange, status: int, message: str) -> None:
         """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
@@ -1041,7 +1042,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume(self.paused)
         if transport.can_write_eof():
             transport.write_eof()
-            self.deadline = self.ctx.now + LINGER
+            self.deadline = self.ctx.clock() + LINGER
         else:
             self.close()
 

@@ -4,6 +4,12 @@ There is no timer per request or per connection: each connection keeps a ``deadl
 computed from ``now`` (the loop clock as of the last tick, so the hot path never reads a
 clock) and the sweep, every ``TICK`` seconds, expires what is overdue. Timeouts are therefore
 accurate to about one tick, which is what proxies need, and cost O(connections) per tick.
+
+A deadline is computed from ``clock()`` read when it is set, never from the coarse ``now``:
+``now`` may be a whole tick old, and a deadline counted from it would fire up to a tick
+*before* the configured timeout. Read fresh, a timeout fires no earlier than configured and
+at most one tick (plus the loop's lag) later. ``now`` stays for what may be early (the pool's
+idle expiry, which is meant to beat the backend's own keep-alive timer).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -99,6 +106,7 @@ class Context:
         "client_idle_timeout",
         "client_send_timeout",
         "clients",
+        "clock",
         "config",
         "date",
         "draining",
@@ -150,7 +158,9 @@ class Context:
         self.latency = Histogram()  # from the request's first byte to the response's last
         self.access: AccessLog | None = None
         self.date = DateCache()
-        self.now = loop.time()
+        # the clock every deadline is counted on (the sweep reads it too); tests pass a fake
+        self.clock: Callable[[], float] = time.monotonic
+        self.now = self.clock()
         self.draining = False
         self._ticker: asyncio.TimerHandle | None = None
         self.rng = random.Random()
@@ -262,7 +272,7 @@ class Context:
             log.error("internal error in connection task", exc_info=task.exception())
 
     def _tick(self) -> None:
-        self.now = now = self.loop.time()
+        self.now = now = self.clock()
         self.date.refresh()
         if self.access is not None:
             self.access.flush()

@@ -32,7 +32,7 @@ class _End(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
         tunnel = self.tunnel
-        tunnel.deadline = tunnel.ctx.now + tunnel.idle
+        tunnel.deadline = tunnel.ctx.clock() + tunnel.idle
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -65,7 +65,7 @@ class Tunnel:
     ) -> None:
         self.ctx = ctx
         self.idle = idle
-        self.deadline = ctx.now + idle
+        self.deadline = ctx.clock() + idle
         self.closed = False
         self.client = _End(self, cast(asyncio.Transport, client))
         self.upstream = _End(self, cast(asyncio.Transport, upstream))

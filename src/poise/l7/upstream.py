@@ -215,7 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
         first = not self.got_bytes  # the first read of this response
         self.got_bytes = True
         ctx = self.ctx
-        self.deadline = ctx.now + self.timeout
+        self.deadline = ctx.clock() + self.timeout
         out: list[bytes | memoryview] = []
         self.out = out
         client = self.client
@@ -567,14 +567,14 @@ class UpstreamConnection(asyncio.Protocol):
             transport.writelines((head, *body))
         else:
             transport.write(head)
-        self.deadline = ctx.now + self.timeout if ex.request_done else _INF
+        self.deadline = ctx.clock() + self.timeout if ex.request_done else _INF
 
     def send(self, pieces: Iterable[bytes]) -> None:
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)
 
     def request_sent(self) -> None:
-        self.deadline = self.ctx.now + self.timeout
+        self.deadline = self.ctx.clock() + self.timeout
 
     def pause_reading(self) -> None:
         """The client is not keeping up: stop reading, and stop blaming the backend for the
@@ -587,7 +587,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
             if self.ex is not None:
-                self.deadline = self.ctx.now + self.timeout
+                self.deadline = self.ctx.clock() + self.timeout
 
     def usable(self) -> bool:
         return not self.closed
