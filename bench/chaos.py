@@ -98,7 +98,9 @@ def poise_config(tmp: Path, port: int, backends: Sequence[BackendProcess], admin
 
 
 _COUNTER = re.compile(
-    r'^(poise_retries_total|poise_retries_over_budget_total|poise_errors_total\{kind="([^"]+)"\}) '
+    r"^(poise_retries_total|poise_retries_over_budget_total"
+    r'|poise_errors_total\{kind="([^"]+)",status="\d+"\}'
+    r'|poise_upstream_attempt_failures_total\{outcome="([^"]+)"\}) '
     r"(\d+)",
     re.M,
 )
@@ -113,9 +115,15 @@ def poise_counters(admin_port: int) -> dict[str, int]:
     finally:
         conn.close()
     out: dict[str, int] = {}
+    name = {"poise_retries_total": "retries", "poise_retries_over_budget_total": "over_budget"}
     for m in _COUNTER.finditer(text):
-        name = {"poise_retries_total": "retries", "poise_retries_over_budget_total": "over_budget"}
-        out[name.get(m.group(1), f"error:{m.group(2)}")] = int(m.group(3))
+        if m.group(2):  # answered errors, summed over statuses
+            key = f"error:{m.group(2)}"
+            out[key] = out.get(key, 0) + int(m.group(4))
+        elif m.group(3):  # failed attempts (retried or not)
+            out[f"attempt:{m.group(3)}"] = int(m.group(4))
+        else:
+            out[name[m.group(1)]] = int(m.group(4))
     return out
 
 
@@ -307,10 +315,13 @@ def markdown(
             errors = ", ".join(
                 f"{k[6:]} {v:,}" for k, v in counters.items() if k.startswith("error:") and v
             )
+            attempts = ", ".join(
+                f"{k[8:]} {v:,}" for k, v in counters.items() if k.startswith("attempt:") and v
+            )
             notes.append(
                 f"- {name}, poise's counters (warm-up included): {counters.get('retries', 0):,} "
                 f"retries, {counters.get('over_budget', 0):,} refused by the retry budget; "
-                f"errors: {errors or 'none'}"
+                f"failed attempts: {attempts or 'none'}; errors answered: {errors or 'none'}"
             )
     return "\n".join([*out, "", *notes]) + "\n"
 

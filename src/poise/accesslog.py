@@ -10,10 +10,11 @@ both work). ``sample`` keeps that share of the lines (0 < sample <= 1), drawn at
 
 Fields (JSON): ``time`` (UTC, ISO 8601 with milliseconds), ``client``, ``method``, ``path``
 (the request-target as sent), ``status`` (what the client got), ``bytes`` (response body
-bytes, when framed by Content-Length), ``backend`` (``host:port``, ``-`` when poise answered
-itself), ``attempts`` (backends tried), ``duration_ms`` (first request byte to last response
-byte), ``end`` (``ok``: the backend's response was relayed; ``local``: poise answered, an
-error such as 502/503/504; the status says which).
+bytes, when framed by Content-Length), ``backend`` (``host:port`` of the last backend tried,
+also when poise answered for it, a 502/504 say; ``-`` when none was tried), ``attempts``
+(backends tried), ``duration_ms`` (first request byte to last response byte), ``end``
+(``ok``: the backend's response was relayed; ``local``: poise answered, an error such as
+502/503/504; the status says which).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class AccessLog:
     def record(self, ex: Exchange, client: bytes, seconds: float, end: str) -> None:
         if self.cfg.sample < 1.0 and self._rng.random() >= self.cfg.sample:
             return
-        backend = ex.backend.authority if ex.backend is not None and not ex.local else "-"
+        backend = ex.backend.authority if ex.backend is not None else "-"
         now = time.time()
         if self.cfg.format == "combined":
             line = _combined(ex, client, now)

@@ -12,7 +12,7 @@ import pytest
 
 from poise.config import parse_config
 from poise.errors import ConfigError
-from poise.testing import HttpBackend
+from poise.testing import HttpBackend, ScriptedBackend
 from tests.integration.support import full, running
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,13 +62,27 @@ async def test_a_local_error_and_the_combined_format(tmp_path: Path) -> None:
     access = {"path": str(path), "format": "combined"}
     async with running(doc(["http://127.0.0.1:1"], access)) as (_, url), httpx.AsyncClient() as c:
         r = await c.get(url + "/x", headers={"User-Agent": 'say "hi"', "Referer": "/r"})
-        assert r.status_code == 502
+        assert r.status_code == 503  # the only backend refused the connection
     (line,) = path.read_text().splitlines()
     assert re.fullmatch(
-        r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /x HTTP/1\.1" 502 - '
+        r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /x HTTP/1\.1" 503 - '
         r'"/r" "say %22hi%22"',
         line,
     ), line
+
+
+async def test_a_504_names_the_backend_that_timed_out(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    silent = ScriptedBackend(lambda data: None, name="silent")
+    async with silent:
+        cfg = doc([silent.url], {"path": str(path)})
+        cfg["timeouts"] = {"upstream_response": "300ms"}
+        async with running(cfg) as (_, url), httpx.AsyncClient() as c:
+            assert (await c.get(url + "/slow")).status_code == 504
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    assert line["status"] == 504 and line["end"] == "local"
+    assert line["backend"] == silent.url.split("//")[1]
+    assert line["attempts"] == 1
 
 
 async def test_sampling_keeps_a_share(tmp_path: Path) -> None:

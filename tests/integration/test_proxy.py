@@ -104,7 +104,8 @@ async def test_connect_failure_goes_to_next_backend() -> None:
             assert server.ctx.stats.upstream_connect_errors >= 2
 
 
-async def test_every_backend_refusing_gives_502() -> None:
+async def test_every_backend_refusing_gives_503() -> None:
+    """Nothing could be sent anywhere: no server could take the request (issue: it was 502)."""
     dead = HttpBackend()
     await dead.start()
     dead_url = dead.url
@@ -112,7 +113,7 @@ async def test_every_backend_refusing_gives_502() -> None:
     doc = full([dead_url], health={"enabled": False})
     async with running(doc) as (_, url), httpx.AsyncClient() as client:
         r = await client.get(url)
-    assert r.status_code == 502
+    assert (r.status_code, r.text) == (503, "No healthy server available\n")
     assert dead_url.split("//")[1] not in r.text  # no backend address in error bodies
 
 

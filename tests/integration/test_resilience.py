@@ -437,3 +437,82 @@ async def test_full_queue_and_queue_timeout_answer_503() -> None:
         assert server.ctx is not None
         assert (server.ctx.stats.queue_full, server.ctx.stats.queue_timeouts) == (1, 1)
         assert seen["max"] == 1
+
+
+def dead_url() -> str:
+    """The URL of a port nothing listens on: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def metric(text: str, sample: str) -> int:
+    """The value of one sample line (name with labels) in a /metrics text."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return int(float(line.split()[-1]))
+    raise AssertionError(f"no sample {sample}")
+
+
+def answered_errors(text: str) -> int:
+    return sum(
+        int(float(line.split()[-1]))
+        for line in text.splitlines()
+        if line.startswith("poise_errors_total{")
+    )
+
+
+async def test_every_backend_refusing_the_connection_is_503_not_502() -> None:
+    """The checks have not noticed yet (none run here): each backend refuses the connect.
+    Nothing was sent anywhere, so no server could take the request: 503 with the same
+    text as when the checks know (HAProxy answers 503 too), counted once."""
+    cfg = doc([dead_url(), dead_url()])
+    async with running(cfg) as (server, url), httpx.AsyncClient() as client:
+        r = await client.get(url + "/")
+        assert (r.status_code, r.text) == (503, "No healthy server available\n")
+        # a POST too: nothing was sent, so a refused connect moves on whatever the method
+        post = await client.post(url + "/", content=b"x")
+        assert post.status_code == 503
+        text = render_of(server)
+    assert metric(text, 'poise_errors_total{kind="no_healthy_backend",status="503"}') == 2
+    assert answered_errors(text) == 2
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="connect_error"}') == 4
+
+
+async def test_a_backend_that_fails_after_taking_the_request_is_still_502() -> None:
+    a = hangup()
+    async with started(a):
+        cfg = doc([a.url, dead_url()], policy="first")
+        async with running(cfg) as (server, url), httpx.AsyncClient() as client:
+            r = await client.get(url + "/")
+            text = render_of(server)
+    assert r.status_code == 502  # the first had the request; the second refused
+    assert metric(text, 'poise_errors_total{kind="upstream_error",status="502"}') == 1
+    assert answered_errors(text) == 1
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="reset"}') == 1
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="connect_error"}') == 1
+
+
+def render_of(server: Any) -> str:
+    from poise.admin.metrics import render
+
+    return str(render(server))
+
+
+async def test_retried_failures_are_attempts_not_errors() -> None:
+    """A refused connect and a timed-out GET, each retried into a 200: the client saw no
+    error, so poise_errors_total stays 0; the failed attempts are counted as attempts."""
+    silent = ScriptedBackend(lambda data: None, name="silent")
+    b = HttpBackend(name="b")
+    async with started(silent, b):
+        cfg = doc(
+            [dead_url(), silent.url, b.url], policy="first", retry={"per_try_timeout": "300ms"}
+        )
+        async with running(cfg) as (server, url), httpx.AsyncClient() as client:
+            r = await client.get(url + "/")
+            text = render_of(server)
+    assert (r.status_code, r.text) == (200, "b\n")
+    assert answered_errors(text) == 0
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="connect_error"}') == 1
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="timeout"}') == 1
+    assert metric(text, "poise_retries_total") == 2

@@ -14,17 +14,26 @@ from poise.l7.context import BUCKETS
 if TYPE_CHECKING:
     from poise.server import Server
 
+# Requests poise answered with an error status: Stats key -> (kind, status). Each such
+# answer counts once, under the one reason it was given for (l7/context.py, Stats).
 _ERRORS = {
-    "no_healthy_backend": "no_healthy_backend",
-    "no_route": "no_route",
-    "bad_requests": "bad_request",
-    "upstream_connect_errors": "upstream_connect",
-    "upstream_timeouts": "upstream_timeout",
-    "upstream_errors": "upstream_error",
-    "client_timeouts": "client_timeout",
-    "queue_full": "queue_full",
-    "queue_timeouts": "queue_timeout",
-    "connections_refused": "connection_refused",
+    "no_route": ("no_route", "404"),
+    "client_408": ("client_timeout", "408"),
+    "upstream_errors": ("upstream_error", "502"),
+    "no_healthy_backend": ("no_healthy_backend", "503"),
+    "queue_full": ("queue_full", "503"),
+    "queue_timeouts": ("queue_timeout", "503"),
+    "connections_refused": ("connection_refused", "503"),
+    "upstream_timeouts": ("upstream_timeout", "504"),
+}
+BAD_REQUEST_STATUSES = ("400", "413", "414", "431", "500", "501", "505")
+
+# Attempts at a backend that failed, retried or not: Stats key -> outcome
+_ATTEMPTS = {
+    "upstream_connect_errors": "connect_error",
+    "attempt_timeouts": "timeout",
+    "attempt_resets": "reset",
+    "attempt_broken": "broken",
 }
 
 
@@ -71,9 +80,29 @@ def render(server: Server) -> str:
     out.sample("poise_connections_total", stats.get("connections_accepted", 0))
     out.family("poise_client_connections", "gauge", "Client connections open now.")
     out.sample("poise_client_connections", dp["clients"])
-    out.family("poise_errors_total", "counter", "Requests poise answered with an error, by kind.")
-    for key, kind in _ERRORS.items():
-        out.sample("poise_errors_total", stats.get(key, 0), kind=kind)
+    out.family(
+        "poise_errors_total",
+        "counter",
+        "Requests poise answered with an error status, each once, by reason and status.",
+    )
+    for status in BAD_REQUEST_STATUSES:
+        n = stats.get(f"bad_request_{status}", 0)
+        out.sample("poise_errors_total", n, kind="bad_request", status=status)
+    for key, (kind, status) in _ERRORS.items():
+        out.sample("poise_errors_total", stats.get(key, 0), kind=kind, status=status)
+    out.family(
+        "poise_upstream_attempt_failures_total",
+        "counter",
+        "Attempts at a backend that failed, whether the request was then retried or not.",
+    )
+    for key, outcome in _ATTEMPTS.items():
+        out.sample("poise_upstream_attempt_failures_total", stats.get(key, 0), outcome=outcome)
+    out.family(
+        "poise_client_timeouts_total",
+        "counter",
+        "Client connections closed by a timeout (idle, header, body, slow read).",
+    )
+    out.sample("poise_client_timeouts_total", stats.get("client_timeouts", 0))
     name = "poise_request_duration_seconds"
     out.family(name, "histogram", "From a request's first byte to its response's last.")
     latency = dp["latency"]

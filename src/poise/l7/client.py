@@ -649,12 +649,15 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def _none_left(self, ex: Exchange) -> None:
-        if ex.tried:
-            self.ctx.stats.upstream_errors += 1
-            self._answer(ex, 502, "Bad Gateway")
-        else:
+        """No backend is left to try for ``ex``."""
+        if ex.connect_failures >= len(ex.tried):
+            # None is up, or every one tried refused (or did not answer) the connection:
+            # nothing was sent anywhere, no server could take the request (HAProxy's 503).
             self.ctx.stats.no_healthy_backend += 1
             self._answer(ex, 503, "No healthy server available")
+        else:  # a backend had the request and failed it
+            self.ctx.stats.upstream_errors += 1
+            self._answer(ex, 502, "Bad Gateway")
 
     def _park(self, ex: Exchange, adm: Admission) -> None:
         """No backend has a free slot: wait in the group's queue, or 503 when it is full."""
@@ -692,6 +695,7 @@ class ClientConnection(asyncio.Protocol):
             )
         except (TimeoutError, OSError) as exc:
             ctx.stats.upstream_connect_errors += 1
+            ex.connect_failures += 1
             reason = describe_error(exc)
             log.debug("connect to %s failed: %s", backend.authority, reason)
             if ex.load is not None:
@@ -706,8 +710,7 @@ class ClientConnection(asyncio.Protocol):
                     ctx.stats.retries += 1
                     self._dispatch(ex, current)
                 else:
-                    ctx.stats.upstream_errors += 1
-                    self._answer(ex, 502, "Bad Gateway")
+                    self._none_left(ex)
             return
         pool.connects += 1
         if self.closed or not self.queue or self.queue[0] is not ex:
@@ -803,6 +806,13 @@ class ClientConnection(asyncio.Protocol):
             ex.stale_retries += 1
             self.ctx.spawn(self._connect(ex, ex.backend))
             return
+        stats = self.ctx.stats
+        if condition == "timeout":
+            stats.attempt_timeouts += 1
+        elif condition == "reset":
+            stats.attempt_resets += 1
+        else:
+            stats.attempt_broken += 1
         if ex.load is not None:
             settle(ex, ok=False)
         if self.closed:
@@ -952,7 +962,9 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, status: int, message: str) -> None:
         """A request broke the rules: answer in order, then close; parse nothing more."""
         self.parser = None
-        self.ctx.stats.bad_requests += 1
+        stats = self.ctx.stats
+        stats.bad_requests += 1
+        stats.rejects[status] = stats.rejects.get(status, 0) + 1
         self._pause(_PAUSE_QUEUE)
         cur = self.cur
         self.cur = None
@@ -1020,12 +1032,14 @@ class ClientConnection(asyncio.Protocol):
             _abandon(ex, self.ctx)
             if len(self.queue) == 1:
                 assert self.transport is not None
+                self.ctx.stats.client_408 += 1
                 self.transport.write(
                     http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
                 )
         elif self.cur is not None and not self.queue:
             # A request head that did not arrive in time (slowloris).
             assert self.transport is not None
+            self.ctx.stats.client_408 += 1
             self.transport.write(
                 http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
             )

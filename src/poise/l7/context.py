@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from poise.accesslog import AccessLog
@@ -44,7 +44,20 @@ BODY_RATE_GRACE = 5.0  # seconds before limits.min_body_rate applies to a reques
 
 @dataclass(slots=True)
 class Stats:
-    """Plain integer counters; exported on demand, never formatted on the hot path."""
+    """Plain integer counters; exported on demand, never formatted on the hot path.
+
+    Two kinds, kept apart (admin/metrics.py exports them as two families):
+
+    * **answers**: each request poise answered with an error status counts once, under the
+      one reason it was answered for: ``bad_requests`` (by status in ``rejects``),
+      ``no_route`` (404), ``no_healthy_backend`` (503: no backend up, or none could be
+      connected to), ``upstream_errors`` (502), ``upstream_timeouts`` (504),
+      ``client_408`` (408), ``queue_full``/``queue_timeouts`` (503),
+      ``connections_refused`` (503, too many connections);
+    * **attempts**: each attempt at a backend that failed, retried or not:
+      ``upstream_connect_errors``, ``attempt_timeouts``, ``attempt_resets`` (lost before a
+      response byte), ``attempt_broken`` (lost or malformed mid-response).
+    """
 
     connections_accepted: int = 0
     connections_refused: int = 0
@@ -53,9 +66,13 @@ class Stats:
     bad_requests: int = 0
     no_healthy_backend: int = 0
     no_route: int = 0
-    upstream_connect_errors: int = 0
-    upstream_timeouts: int = 0
-    upstream_errors: int = 0
+    upstream_connect_errors: int = 0  # attempts
+    attempt_timeouts: int = 0
+    attempt_resets: int = 0
+    attempt_broken: int = 0
+    upstream_timeouts: int = 0  # answers (504)
+    upstream_errors: int = 0  # answers (502)
+    client_408: int = 0  # answers: a request head or body that did not arrive in time
     retries: int = 0
     retries_over_budget: int = 0  # retries refused by the retry budget
     ejections: int = 0  # backends ejected by passive health
@@ -66,8 +83,14 @@ class Stats:
     client_timeouts: int = 0
     redirects: int = 0  # answered by a redirect_https listener
 
+    # bad requests by the status they were answered with (400, 413, 414, 431, 501, 505)
+    rejects: dict[int, int] = field(default_factory=dict)
+
     def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rejects"}
+        for status, n in self.rejects.items():
+            out[f"bad_request_{status}"] = n
+        return out
 
 
 # request duration buckets (seconds), Prometheus' defaults
