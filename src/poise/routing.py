@@ -131,10 +131,13 @@ def build_group(
     """One group for ``up`` (its backends as configured, or as discovered), viewed through
     ``status``. ``pools`` / ``admission`` carry state over from the group it replaces."""
     backends = make_backends(up)
-    load = new_load(up.policy, len(backends))
-    if load is None and _limited(up):
-        load = Load(len(backends), latency=False)  # limits need the in-flight counts
-    picker = build(up.policy, backends, rng, load, time.monotonic)
+    # the policy's own load figures (None: it reads none; a consistent hash reads them only
+    # for bounded load, so it must not be handed the group's plain counts)
+    policy_load = new_load(up.policy, len(backends))
+    # every group counts its requests in flight (one integer per request): limits need
+    # them, and the admin API and metrics show them whatever the policy
+    load = policy_load if policy_load is not None else Load(len(backends), latency=False)
+    picker = build(up.policy, backends, rng, policy_load, time.monotonic)
     key = KeySource.parse(up.policy.key) if up.policy.key else None
     sticky = picker if isinstance(picker, StickyPick) else None
     if _limited(up) and (admission is None or admission.cfg != up.limits):

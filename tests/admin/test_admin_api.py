@@ -196,3 +196,37 @@ async def test_poise_status_prints_routes_and_backends() -> None:
         assert row_a.split()[2] == "up"
         code, _, err = await cli(token="wrong")
         assert code == 1 and "refused the token" in err
+
+
+async def test_requests_in_flight_are_counted_whatever_the_policy() -> None:
+    """round_robin reads no load, yet the admin API and /metrics show requests in flight
+    (they were null / missing for policies that are not load-aware)."""
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Any) -> Any:
+        from poise.testing import Response
+
+        if request.target == "/slow":  # health checks are answered at once
+            arrived.set()
+            await release.wait()
+        return Response(body=b"done\n")
+
+    async with (
+        HttpBackend("a", handler=slow) as a,
+        running(doc([a.url])) as (server, url),
+        httpx.AsyncClient() as client,
+        httpx.AsyncClient(base_url=admin_url(server), headers=AUTH) as adm,
+    ):
+        pending = asyncio.create_task(client.get(url + "/slow"))
+        await asyncio.wait_for(arrived.wait(), 10)
+
+        async def in_flight() -> int:
+            r = await adm.get("/v1/upstreams/app")
+            return int(r.json()["backends"][0]["in_flight"])
+
+        assert await in_flight() == 1
+        text = (await adm.get("/metrics")).text
+        assert f'poise_backend_in_flight{{upstream="app",backend="{a.url[7:]}"}} 1' in text
+        release.set()
+        assert (await pending).text == "done\n"
+        assert await in_flight() == 0

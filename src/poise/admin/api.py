@@ -275,7 +275,7 @@ class AdminApi:
                 "weight": b.weight,
                 "up": group.up[b.index],
                 **facts.get(b.url, {}),
-                "in_flight": seen["in_flight"] if group.load is not None else None,
+                "in_flight": seen["in_flight"],
                 "connections": {"idle": seen["idle"], "open": seen["open"]},
                 "responses": {f"{c}xx": seen["responses"][c] for c in range(1, 6)},
             }

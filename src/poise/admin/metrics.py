@@ -130,7 +130,7 @@ def render(server: Server) -> str:
         "poise_backend_up": "1 when the backend takes new requests.",
         "poise_backend_healthy": "1 when the active checks pass.",
         "poise_backend_ejected": "1 while ejected by passive health (in any worker).",
-        "poise_backend_in_flight": "Requests in flight (load-aware policies and limits).",
+        "poise_backend_in_flight": "Requests in flight now, whatever the policy.",
         "poise_backend_connections_idle": "Idle keep-alive connections in the pool.",
         "poise_backend_connections_open": "Open connections to the backend.",
         "poise_backend_weight": "Configured weight.",
