@@ -38,7 +38,8 @@ def fetch(admin: str, token: str, path: str) -> Any:
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise StatusError(
-                "the admin API refused the token (give --token or set POISE_ADMIN_TOKEN)"
+                "the admin API refused the token (give --token or set POISE_ADMIN_TOKEN: the "
+                "config's admin.token, or the one poise logged at start when that is not set)"
             ) from exc
         raise StatusError(f"{path}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
