@@ -4,7 +4,7 @@
     python bench/run.py [--scenarios small,large] [--duration 8] [--warmup 2]
                         [--systems poise,nginx,haproxy] [--out bench/results]
 
-See bench/README.md and /work/shared/BENCH.md. Speed is judged as a ratio against nginx and HAProxy
+See bench/README.md and docs/benchmarking.md. Speed is judged as a ratio against nginx and HAProxy
 measured in the same run, never as an absolute number. Stdlib only.
 
 Layout on a 2-core box: 3 backends (nginx-light, or bench/backend.py when nginx is absent) and

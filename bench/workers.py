@@ -6,7 +6,7 @@
 Reuses bench/run.py's machinery (nginx backends, wrk, CPU-µs per request over the whole
 process tree: supervisor and workers). Nothing is pinned: two workers need both cores, which
 the backends and wrk share with them, so on a 2-core box the rps cannot double; what the
-workers target (../shared/BENCH.md) is in CPU terms: N workers >= 0.9 x N x one worker, i.e.
+workers target (docs/benchmarking.md) is in CPU terms: N workers >= 0.9 x N x one worker, i.e.
 CPU-µs per request with N workers <= that of one worker / 0.9. Writes
 bench/results/workers-<stamp>.json and workers-latest.md.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import socket
 import socketserver
@@ -48,6 +49,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         f"poise {__version__} (pure Python)",
         f"poise {__version__} (compiled (mypyc))",
     )
+
+
+def test_help_shows_the_demo_address_the_demo_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    default = re.search(r"\(default (\S+)\)", capsys.readouterr().out)
+    assert default is not None
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    demo_line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("  poise demo ")
+    )
+    assert demo_line.endswith(f" on {default.group(1)}"), demo_line
 
 
 def test_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,6 +168,16 @@ def test_demo_prints_urls_serves_and_exits_on_ctrl_c() -> None:
         dash = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/#token=(\S+)", out)
         assert dash is not None
         assert b"poise dashboard" in get(dash.group(1) + "/", deadline)[1]
+        # the printed `poise status` line works as printed, against this demo
+        shown = re.search(r"status:    (poise status --admin \S+ --token \S+)\n", out)
+        assert shown is not None, out
+        command = shlex.split(shown.group(1))
+        status = subprocess.run(
+            [*POISE, *command[1:]], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert status.returncode == 0, status.stderr
+        assert all(b in status.stdout for b in re.findall(r"backend:   (\S+)", out))
+        assert re.search(r"^default +\* +/svc +svc$", status.stdout, re.M), status.stdout
         # Ctrl-C right after proxied requests (pooled connections to the backends open):
         # silent, exit 0
         get(f"http://127.0.0.1:{front}/", deadline)

@@ -56,3 +56,33 @@ def test_cli_prints_a_bar_chart(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert out.count("#") > 20
     with pytest.raises(SystemExit):
         main(["simulate", "-c", str(path), "--latency", "nonsense"])
+
+
+@pytest.mark.parametrize(
+    ("configured", "given"),
+    [("localhost", "127.0.0.1"), ("127.0.0.1", "localhost"), ("LocalHost", "127.0.0.1")],
+)
+def test_a_latency_matches_the_backend_however_loopback_is_spelled(
+    configured: str, given: str
+) -> None:
+    urls = [f"http://{configured}:{port}" for port in (5001, 5002, 5003)]
+    slow = simulate(config("least_conn", urls), "api", 10000, {f"{given}:5002": 50.0})
+    even = simulate(config("least_conn", urls), "api", 10000, {})
+    assert slow[1].fraction < 0.2 < even[1].fraction
+
+
+def test_a_latency_for_no_backend_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "listeners": [{"listen": ":8080", "upstream": "api"}],
+        "upstreams": {"api": {"backends": URLS, "policy": "least_conn"}},
+    }))  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "-c", str(path), "--latency", "10.0.0.9:5002=50",
+              "--latency", "127.0.0.1:5003=40"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--latency: upstream 'api' has no backend '10.0.0.9:5002'" in err
+    assert "(its backends: 127.0.0.1:5001, 127.0.0.1:5002, 127.0.0.1:5003)" in err

@@ -16,12 +16,13 @@ if TYPE_CHECKING:  # the CLI imports lazily, so `poise --help` starts fast
 
 EXAMPLES = """\
 examples:
-  poise demo                                   3 demo backends behind a balancer on :8080
+  poise demo                                   3 demo backends behind a balancer on 127.0.0.1:8080
   poise run -c poise.json                      run from a config file (JSON, TOML or YAML)
   poise run --listen :8080 --backend http://127.0.0.1:5001 --backend http://127.0.0.1:5002
   poise check -c poise.json                    validate a config file, list every problem
   poise simulate -c poise.json --latency 127.0.0.1:5002=50   see what a policy would do
-  poise status --admin http://127.0.0.1:9901   routes and backends of a running poise
+  poise status --admin 127.0.0.1:9901 --token T   routes and backends of a running poise
+                                               (needs an "admin" section in its config)
   poise register --service users --port 8001 -- python app.py   register while app.py runs
 """
 
@@ -80,9 +81,15 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show routes and backends of a running poise")
     st.add_argument(
-        "--admin", default="http://127.0.0.1:9901", help="admin API URL (default 127.0.0.1:9901)"
+        "--admin", default="127.0.0.1:9901",
+        help="the admin API (the config's admin.listen): host:port or a URL "
+        "(default 127.0.0.1:9901)",
+    )  # fmt: skip
+    st.add_argument(
+        "--token",
+        help="admin token: the config's admin.token, or the one poise logs at start when that is "
+        "not set (default: $POISE_ADMIN_TOKEN)",
     )
-    st.add_argument("--token", help="admin token (default: $POISE_ADMIN_TOKEN)")
 
     demo = sub.add_parser("demo", help="start 3 demo backends and a balancer in front of them")
     demo.add_argument(
@@ -91,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     logging_args(demo)
 
     reg = sub.add_parser(
-        "register", help="register a process in the registry and heartbeat for it (sidecar)",
+        "register",
+        help="register a process in the registry and heartbeat for it "
+        "(sidecar; needs poise[client])",
         usage="poise register --service NAME --port PORT [options] [-- command args...]",
     )  # fmt: skip
     reg.add_argument("--registry", default="http://127.0.0.1:8500", help="registry API URL")
@@ -176,7 +185,7 @@ def _check(path: str) -> int:
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from poise.config import load_config
-    from poise.simulate import render, simulate
+    from poise.simulate import UnknownBackend, render, simulate
 
     config = load_config(args.config)
     name = args.route or (
@@ -197,7 +206,10 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.requests <= 0 or args.rate <= 0:
         parser.error("--requests and --rate must be above 0")
     policy = config.upstreams[name].policy
-    shares = simulate(config, name, args.requests, latency, rate=args.rate)
+    try:
+        shares = simulate(config, name, args.requests, latency, rate=args.rate)
+    except UnknownBackend as exc:
+        parser.error(f"--latency: {exc}")
     print(f"upstream {name}: policy {policy.name}, {args.requests} requests at {args.rate:g}/s")
     print(render(shares))
     return 0

@@ -72,7 +72,8 @@ async def _demo(listen: str) -> int:
         reg_host, reg_port = server.registry_address
         reg = f"http://{reg_host}:{reg_port}"
         assert server.admin_address is not None
-        adm = "http://{}:{}".format(*server.admin_address)
+        adm_hostport = "{}:{}".format(*server.admin_address)
+        adm = f"http://{adm_hostport}"
         b2 = backends[1]
         print(
             "\npoise demo is running\n"
@@ -81,6 +82,9 @@ async def _demo(listen: str) -> int:
             + f"  registry:  {reg}/v1/services  (service 'demo' is routed at /svc)\n"
             f"  dashboard: {adm}/#token={token}\n"
             f"  metrics:   curl -H 'Authorization: Bearer {token}' {adm}/metrics\n"
+            f"  status:    poise status --admin {adm_hostport} --token {token}\n"
+            "             (this run's admin port and token; a config sets both in its"
+            " admin section)\n"
             f"\nTry:  curl http://{shown}:{port}/   (each request goes to the next backend)\n"
             f"      curl http://{shown}:{port}/svc   (the instances registered as 'demo')\n"
             f"      curl -X PUT {reg}/v1/services/demo/instances/demo-2 "

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from poise.balancing import build, new_load
 from poise.config.model import Config
+from poise.models import Backend, authority_of
 from poise.routing import make_backends
+
+# names of this machine that a config and a command line may spell differently
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+class UnknownBackend(ValueError):
+    """A latency was given for a backend the upstream does not have."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +46,16 @@ def simulate(
     """Run ``requests`` requests through ``upstream``'s policy; return each backend's share.
 
     ``latency_ms`` maps a backend ("host:port" or its URL) to its latency; others take 1 ms.
-    ``rate`` is arrivals per second.
+    ``localhost``, ``127.0.0.1`` and ``::1`` name the same host. A key that names no backend
+    of the upstream raises :class:`UnknownBackend`. ``rate`` is arrivals per second.
     """
     group = config.upstreams[upstream]
     backends = make_backends(group)
+    latency = _latencies(upstream, backends, latency_ms)
     rng = random.Random(seed)
     now = [0.0]
     load = new_load(group.policy, len(backends))
     picker = build(group.policy, backends, rng, load, lambda: now[0])
-    latency = [latency_ms.get(b.authority, latency_ms.get(b.url, 1.0)) / 1000.0 for b in backends]
     keyed = group.policy.key is not None
     in_flight: list[tuple[float, int, float]] = []  # (finish time, backend index, start)
     counts: Counter[int] = Counter()
@@ -63,6 +72,34 @@ def simulate(
             load.started(backend.index)
         heapq.heappush(in_flight, (now[0] + latency[backend.index], backend.index, now[0]))
     return [Share(b.authority, counts[b.index], counts[b.index] / requests) for b in backends]
+
+
+def _spellings(b: Backend) -> set[str]:
+    hosts = _LOOPBACK if b.host.lower() in _LOOPBACK else (b.host.lower(),)
+    names = {authority_of(h, b.port) for h in hosts}
+    return names | {f"{b.scheme}://{n}" for n in names}
+
+
+def _latencies(
+    upstream: str, backends: tuple[Backend, ...], latency_ms: dict[str, float]
+) -> list[float]:
+    """Each backend's latency in seconds; every key of ``latency_ms`` must name a backend."""
+    latency = [1.0] * len(backends)
+    spellings = [_spellings(b) for b in backends]
+    unknown = []
+    for key, ms in latency_ms.items():
+        hits = [i for i, names in enumerate(spellings) if key.lower() in names]
+        for i in hits:
+            latency[i] = ms
+        if not hits:
+            unknown.append(key)
+    if unknown:
+        known = ", ".join(b.authority for b in backends) or "none"
+        raise UnknownBackend(
+            f"upstream {upstream!r} has no backend {', '.join(map(repr, unknown))} "
+            f"(its backends: {known})"
+        )
+    return [ms / 1000.0 for ms in latency]
 
 
 def render(shares: list[Share], width: int = 40) -> str:

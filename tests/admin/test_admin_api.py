@@ -4,6 +4,7 @@ data-plane listener cannot reach it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -170,16 +171,21 @@ async def test_poise_status_prints_routes_and_backends() -> None:
         await b.stop()
         await eventually(lambda: not server.table.groups["app"].up[1])
 
-        async def cli(*args: str, token: str) -> tuple[int, str, str]:
+        async def cli(
+            *args: str, token: str, admin: str = admin_url(server)
+        ) -> tuple[int, str, str]:
+            env = {"POISE_ADMIN_TOKEN": token, "PATH": "/usr/bin:/bin"}
+            if "PYTHONPATH" in os.environ:  # the poise under test, not an installed one
+                env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "poise",
                 "status",
                 "--admin",
-                admin_url(server),
+                admin,
                 *args,
-                env={"POISE_ADMIN_TOKEN": token, "PATH": "/usr/bin:/bin"},
+                env=env,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )
@@ -196,6 +202,12 @@ async def test_poise_status_prints_routes_and_backends() -> None:
         assert row_a.split()[2] == "up"
         code, _, err = await cli(token="wrong")
         assert code == 1 and "refused the token" in err
+        # --admin as admin.listen is written (host:port), not only as a URL
+        code, out_hostport, err = await cli(token=TOKEN, admin=admin_url(server).split("//")[1])
+        assert code == 0, err
+        rows = [line.split()[:4] for line in out_hostport.splitlines()]
+        assert ["web", "*", "/", "app"] in rows
+        assert a.url in out_hostport and b.url in out_hostport
 
 
 async def test_requests_in_flight_are_counted_whatever_the_policy() -> None:

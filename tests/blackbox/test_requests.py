@@ -1,4 +1,4 @@
-"""Black-box request cases (HTTP-RULES.md): raw bytes in, exact bytes out.
+"""Black-box request cases (docs/http-rules.md): raw bytes in, exact bytes out.
 
 Every case runs twice: the request sent whole, and sent in tiny pieces (one byte per write,
 or 997-byte pieces for the big ones), so no rule depends on how reads are split.

@@ -1,4 +1,4 @@
-"""Black-box cases from HTTP-RULES.md: a raw socket client, backends that record bytes.
+"""Numbered cases of docs/http-rules.md: a raw socket client, backends that record bytes.
 
 "400+close" means: that status, then EOF, and the backend received 0 bytes.
 """

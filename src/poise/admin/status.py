@@ -12,6 +12,22 @@ class StatusError(Exception):
     pass
 
 
+def admin_url(admin: str) -> str:
+    """The admin API's base URL from ``--admin``: a URL, ``host:port`` or ``:port``.
+
+    ``host:port`` means ``http://host:port`` (the admin listener speaks plain HTTP) and
+    ``:port`` means ``http://127.0.0.1:port``, as ``admin.listen`` is written in the config.
+    """
+    admin = admin.strip()
+    if "://" in admin:
+        if not admin.startswith(("http://", "https://")):
+            raise StatusError(f"--admin: expected host:port or an http:// URL, got {admin!r}")
+        return admin
+    if not admin or "/" in admin:
+        raise StatusError(f"--admin: expected host:port or an http:// URL, got {admin!r}")
+    return "http://" + ("127.0.0.1" + admin if admin.startswith(":") else admin)
+
+
 def fetch(admin: str, token: str, path: str) -> Any:
     request = urllib.request.Request(
         admin.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"}
@@ -22,7 +38,8 @@ def fetch(admin: str, token: str, path: str) -> Any:
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise StatusError(
-                "the admin API refused the token (give --token or set POISE_ADMIN_TOKEN)"
+                "the admin API refused the token (give --token or set POISE_ADMIN_TOKEN: the "
+                "config's admin.token, or the one poise logged at start when that is not set)"
             ) from exc
         raise StatusError(f"{path}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
@@ -87,6 +104,7 @@ def render(status: dict[str, Any], routes: dict[str, Any], upstreams: dict[str, 
 
 
 def status(admin: str, token: str) -> str:
+    admin = admin_url(admin)
     return render(
         fetch(admin, token, "/v1/status"),
         fetch(admin, token, "/v1/routes"),

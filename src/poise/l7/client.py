@@ -8,7 +8,7 @@ httptools (llhttp) parses the byte stream and calls back per event; each request
 pipelined requests wait in the queue with their body bytes held (reading pauses past a
 bound), so responses leave in request order (RFC 9112 §9.3.2).
 
-The request head is rebuilt, never copied (HTTP-RULES.md): the request line is re-emitted as
+The request head is rebuilt, never copied (docs/http-rules.md): the request line is re-emitted as
 HTTP/1.1, hop-by-hop fields and every field named by ``Connection`` are dropped (RFC 9110
 §7.6.1) *before* our X-Forwarded-* are added, and framing is re-declared by us: the validated
 Content-Length, or ``Transfer-Encoding: chunked`` with the body re-chunked (extensions and
@@ -445,7 +445,7 @@ class ClientConnection(asyncio.Protocol):
         # TypeError message before searching, which is most of its cost)
         if not target.isascii() or target.find(b"\\") >= 0 or target.find(b"#") >= 0:
             # Raw non-ASCII, backslashes and fragments are read differently by different
-            # servers; what poise routes on must be what the backend sees (HTTP-RULES.md).
+            # servers; what poise routes on must be what the backend sees (docs/http-rules.md).
             raise Reject(400, "Bad Request")
 
         host = ex.host

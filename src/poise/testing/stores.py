@@ -1,4 +1,5 @@
-"""``check_store``: the conformance kit every registry ``Store`` must pass (DESIGN rule 7).
+"""``check_store``: the conformance kit every registry ``Store`` implementation must pass
+(memory, SQLite and etcd all run it).
 
 Run against a store factory::
 
