@@ -229,3 +229,31 @@ async def test_a_websocket_tunnel_survives_a_reload_that_removes_its_backend() -
         writer.close()
         async with httpx.AsyncClient() as client:
             assert (await client.get(url)).text == "b\n"  # new requests: the new config
+
+
+async def test_turning_health_checks_off_by_reload_brings_a_down_backend_back() -> None:
+    """A DOWN verdict is no longer revised once the checks are off: it must not keep the
+    backend out (a fresh start with the same file would use it). On again: probed again."""
+
+    async def failing_probe(request: RecordedRequest) -> Response:
+        if request.target == "/health":
+            return Response(status=500, body=b"sick\n")
+        return Response(body=b"served\n")
+
+    checked = {"path": "/health", "interval": "0.3s", "timeout": "0.3s"}
+    async with (
+        HttpBackend("a", handler=failing_probe) as a,
+        running(doc([a.url], health_check=checked)) as (server, url),
+        httpx.AsyncClient(timeout=5) as client,
+    ):
+        port = int(url.rsplit(":", 1)[1])
+        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        assert (await client.get(url + "/x")).status_code == 503
+        off = doc([a.url], health_check={**checked, "enabled": False})
+        await server.reload(parse_config(same_listener(off, port)))
+        r = await client.get(url + "/x")
+        assert (r.status_code, r.text) == (200, "served\n")
+        assert server.checkers == []
+        await server.reload(parse_config(same_listener(doc([a.url], health_check=checked), port)))
+        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        assert (await client.get(url + "/x")).status_code == 503
