@@ -78,3 +78,38 @@ def test_a_sync_makes_a_workers_state_the_supervisors() -> None:
         assert worker.table.groups["app"].up == (False, False, True)
 
     asyncio.run(main())
+
+
+def test_a_reload_turning_health_checks_off_brings_the_workers_down_backends_back() -> None:
+    """The control process replicates a DOWN verdict, then a reload turns the checks off:
+    every worker, like the control process, routes to that backend again."""
+    from poise.workers import apply
+
+    def doc(enabled: bool) -> dict[str, Any]:
+        return {
+            "listeners": [{"name": "web", "listen": "127.0.0.1:0", "upstream": "app"}],
+            "upstreams": {
+                "app": {
+                    "backends": ["http://127.0.0.1:9", "http://127.0.0.1:10"],
+                    "health_check": {"enabled": enabled},
+                }
+            },
+        }
+
+    async def main() -> None:
+        control = Server(parse_config(doc(True)), role="control")
+        worker = Server(parse_config(doc(True)), role="worker")
+        sent: list[tuple[Any, ...]] = []
+        control.replicate = sent.append
+        control.publish_health("app", (False, True))
+        for message in sent:
+            await apply(worker, message)
+        assert worker.table.groups["app"].up == (False, True)
+        sent.clear()
+        await control.reload(parse_config(doc(False)))
+        assert control.table.groups["app"].up == (True, True)
+        # what the supervisor sends on a reload (workers._replicate): the config, then a sync
+        await apply(worker, ("reload", control.config))
+        assert worker.table.groups["app"].up == (True, True)
+
+    asyncio.run(main())

@@ -8,6 +8,9 @@ cannot make in place (listener addresses, the registry store and the admin liste
 need a restart), again listing each. Only then is anything touched, and everything is
 prepared before the single switch:
 
+* a static upstream keeps what the admin API changed (a weight, an added or a removed
+  backend) unless the new file's entry for that backend differs from the old file's: then
+  the file was edited for it and wins (``keep_runtime_changes``); both are logged;
 * every upstream of the new config becomes a group: a new one starts fresh; one that stays
   is rebuilt like a membership change (``routing.regroup``): backends that stay keep their
   health, ejection, operator state and pooled connections; an upstream fed by the registry,
@@ -31,7 +34,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from poise.config.model import Config, ListenerTlsConfig, UpstreamConfig
+from poise.config.model import BackendConfig, Config, ListenerTlsConfig, UpstreamConfig
 from poise.errors import ConfigError
 from poise.health.state import HealthState
 from poise.health.status import GroupStatus
@@ -77,6 +80,51 @@ def check(old: Config, new: Config, bound: dict[str, tuple[str, int]] | None = N
     if old.admin != new.admin:
         problems.append("admin: changing the admin listener needs a restart")
     return problems
+
+
+def _describe(b: BackendConfig | None) -> str:
+    return "absent" if b is None else f"weight {b.weight}"
+
+
+def keep_runtime_changes(
+    old_file: tuple[BackendConfig, ...],
+    running: tuple[BackendConfig, ...],
+    new_file: tuple[BackendConfig, ...],
+) -> tuple[tuple[BackendConfig, ...], list[str], list[str]]:
+    """A static upstream's backends after a reload: ``new_file``'s, except where the admin
+    API changed a backend (``running`` differs from ``old_file`` for it) and the new file
+    did not (its entry is the old file's): that change stays. Backends are matched by
+    host:port. Returns the backends (the file's order, then backends added through the API),
+    the changes kept and the changes the file overrode, each as "host:port: what"."""
+    before = {authority_of(b.host, b.port): b for b in old_file}
+    now = {authority_of(b.host, b.port): b for b in running}
+    listed = {authority_of(b.host, b.port) for b in new_file}
+    out: list[BackendConfig] = []
+    kept: list[str] = []
+    overridden: list[str] = []
+    for b in new_file:
+        key = authority_of(b.host, b.port)
+        was, current = before.get(key), now.get(key)
+        if current in (was, b):
+            out.append(b)  # no change through the API, or the file made the same one
+        elif b == was:  # the API changed it, the file did not: the change stays
+            if current is not None:
+                out.append(current)
+                kept.append(f"{key}: {_describe(current)}")
+            else:
+                kept.append(f"{key}: removed")
+        else:  # the file was edited for this backend: it wins
+            out.append(b)
+            overridden.append(f"{key}: {_describe(current)} replaced by the file's {_describe(b)}")
+    for key, b in now.items():
+        if key in listed:
+            continue
+        if key not in before:
+            out.append(b)  # added through the API; the file still does not list it
+            kept.append(f"{key}: added ({_describe(b)})")
+        elif b != before[key]:
+            overridden.append(f"{key}: {_describe(b)} dropped, the file removes the backend")
+    return tuple(out), kept, overridden
 
 
 def _source(up: UpstreamConfig) -> tuple[Any, ...]:
@@ -150,6 +198,21 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
             continue
         prev = current.config
         old_status = board.statuses[name]
+        before = old.upstreams.get(name)
+        if server.controls and before is not None and not _dynamic(up) and not _dynamic(before):
+            backends, kept, overridden = keep_runtime_changes(
+                before.backends, prev.backends, up.backends
+            )
+            up = dataclasses.replace(up, backends=backends)
+            for change in kept:
+                log.info("reload: upstream %s keeps its admin API change %s", name, change)
+            for change in overridden:
+                log.warning(
+                    "reload: upstream %s: the file changed a backend changed through the admin "
+                    "API, the file wins: %s",
+                    name,
+                    change,
+                )
         reported = [True] * len(up.backends)
         if name in found:
             up = dataclasses.replace(up, backends=found[name])

@@ -42,6 +42,7 @@ from poise.health.status import GroupStatus, View
 from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
+from poise.l7.http import error_response
 from poise.l7.redirect import RedirectConnection
 from poise.models import Backend, authority_of
 from poise.registry.api import RegistryApi
@@ -51,6 +52,7 @@ from poise.registry.service import RegistryService
 from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import RoutingTable, build_table, make_backends, regroup
 from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
+from poise.tls.gate import PLAIN_HTTP, TlsGate
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 
@@ -540,11 +542,17 @@ class Server:
                 factory = self.l4.listeners[name].factory
             elif lc.redirect is not None:
                 factory = lambda cfg=lc.redirect: RedirectConnection(ctx, cfg)  # noqa: E731
+            elif tls is not None:
+                # TLS starts in the gate, after a look at the first bytes (tls/gate.py); a
+                # client must finish its handshake as fast as its request head
+                factory = lambda name=name, tls=tls: TlsGate(  # noqa: E731
+                    tls,
+                    lambda: ClientConnection(ctx, name, tls),
+                    ctx.client_header_timeout,
+                    lambda: _plain_http_reply(ctx),
+                )
             else:
-                factory = lambda name=name, tls=tls: ClientConnection(ctx, name, tls)  # noqa: E731
-            ssl = tls.context if tls is not None else None
-            # a client must finish its handshake as fast as its request head
-            handshake = ctx.client_header_timeout if tls is not None else None
+                factory = lambda name=name: ClientConnection(ctx, name, None)  # noqa: E731
             try:
                 if self.role == "worker":  # sockets from the control process, bound already
                     servers = [
@@ -552,8 +560,6 @@ class Server:
                             factory,
                             sock=sock,
                             start_serving=False,
-                            ssl=ssl,
-                            ssl_handshake_timeout=handshake,
                         )
                         for sock in self.sockets[name]
                     ]
@@ -566,8 +572,6 @@ class Server:
                             reuse_address=True,
                             backlog=2048,
                             start_serving=False,
-                            ssl=ssl,
-                            ssl_handshake_timeout=handshake,
                         )
                     ]
             except OSError:
@@ -618,6 +622,12 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server({len(self.config.listeners)} listeners, {len(self.table.groups)} upstreams)"
+
+
+def _plain_http_reply(ctx: Context) -> bytes:
+    """nginx's answer to plain HTTP sent to an HTTPS port (tls/gate.py)."""
+    ctx.stats.bad_requests += 1
+    return error_response(400, PLAIN_HTTP, ctx.date.value, close=True)
 
 
 def install_uvloop() -> None:

@@ -116,3 +116,16 @@ def test_slow_start_after_maintenance_and_ejection() -> None:
     ramp = s.view(4.0).ramp
     assert ramp is not None and abs(ramp[1] - 0.25) < 1e-9
     assert dataclasses.asdict(s.view(4.0))["panic"] is False
+
+
+def test_a_successor_without_active_checks_counts_every_backend_healthy() -> None:
+    s = status(n=2)
+    s.set_health((False, True), 0.0)
+    ids = ["127.0.0.1:5000", "127.0.0.1:5001"]
+    kept = s.successor(s.cfg, ids, ids, [True, True])
+    assert kept.view(1.0).up == (False, True)  # the checks still run: the verdict holds
+    off = dataclasses.replace(s.cfg.health_check, enabled=False)
+    cfg = dataclasses.replace(s.cfg, health_check=off)
+    unchecked = s.successor(cfg, ids, ids, [True, True])
+    assert unchecked.view(1.0).up == (True, True)
+    assert unchecked.healthy == [True, True]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 from collections import Counter
 from typing import Any
 
@@ -105,14 +107,19 @@ async def test_sticky_cookie_keeps_a_client_on_one_backend_and_restick_when_it_d
     try:
         async with running(doc_) as (server, url), httpx.AsyncClient() as client:
             first = await client.get(url)
-            assert "poise_sticky" in first.headers["set-cookie"]
+            # an opaque id, the same in every poise given the secret: no backend address
             pinned = first.text
+            victim = next(b for b in backends if f"{b.name}\n" == pinned)
+            id_ = victim.url.split("//", 1)[1].encode()
+            value = hmac.new(b"0123456789abcdef", id_, hashlib.sha256).hexdigest()[:32]
+            assert first.headers["set-cookie"] == (
+                f"poise_sticky={value}; Path=/; HttpOnly; SameSite=Lax"
+            )
             texts = {(await client.get(url)).text for _ in range(10)}
             assert texts == {pinned}
             # a pinned client gets no new cookie while its backend is fine
             assert "set-cookie" not in (await client.get(url)).headers
             # its backend dies: placed elsewhere, with a new cookie, and stays there
-            victim = next(b for b in backends if f"{b.name}\n" == pinned)
             await victim.stop()
             checker = server.checkers[0]
             for _ in range(200):

@@ -229,3 +229,70 @@ async def test_a_websocket_tunnel_survives_a_reload_that_removes_its_backend() -
         writer.close()
         async with httpx.AsyncClient() as client:
             assert (await client.get(url)).text == "b\n"  # new requests: the new config
+
+
+async def test_turning_health_checks_off_by_reload_brings_a_down_backend_back() -> None:
+    """A DOWN verdict is no longer revised once the checks are off: it must not keep the
+    backend out (a fresh start with the same file would use it). On again: probed again."""
+
+    async def failing_probe(request: RecordedRequest) -> Response:
+        if request.target == "/health":
+            return Response(status=500, body=b"sick\n")
+        return Response(body=b"served\n")
+
+    checked = {"path": "/health", "interval": "0.3s", "timeout": "0.3s"}
+    async with (
+        HttpBackend("a", handler=failing_probe) as a,
+        running(doc([a.url], health_check=checked)) as (server, url),
+        httpx.AsyncClient(timeout=5) as client,
+    ):
+        port = int(url.rsplit(":", 1)[1])
+        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        assert (await client.get(url + "/x")).status_code == 503
+        off = doc([a.url], health_check={**checked, "enabled": False})
+        await server.reload(parse_config(same_listener(off, port)))
+        r = await client.get(url + "/x")
+        assert (r.status_code, r.text) == (200, "served\n")
+        assert server.checkers == []
+        await server.reload(parse_config(same_listener(doc([a.url], health_check=checked), port)))
+        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        assert (await client.get(url + "/x")).status_code == 503
+
+
+async def test_a_reload_keeps_admin_api_changes_unless_the_file_changed_that_backend(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Weights, added and removed backends changed through the admin API outlive a reload;
+    a backend whose file entry the reload changes takes the file's, with a warning."""
+    from poise.server import Server
+
+    a, b, c, d = (f"http://127.0.0.1:{port}" for port in (9001, 9002, 9003, 9004))
+
+    def backends(*entries: tuple[str, int]) -> list[dict[str, Any]]:
+        return [{"url": url, "weight": w} for url, w in entries]
+
+    server = Server(parse_config(doc(backends((a, 1), (b, 1), (c, 1)))))
+    server.set_backend_weight("app", "127.0.0.1:9001", 5)
+    server.set_backend_weight("app", "127.0.0.1:9002", 7)
+    server.remove_backend("app", "127.0.0.1:9003")
+    server.add_backend("app", d, weight=2)
+    server.set_backend_state("app", "127.0.0.1:9001", "drain")
+
+    def running() -> list[tuple[str, int]]:
+        return [(x.url, x.weight) for x in server.table.groups["app"].config.backends]
+
+    # the same file again: every change made through the API stays
+    with caplog.at_level("INFO", logger="poise.reload"):
+        await server.reload(parse_config(doc(backends((a, 1), (b, 1), (c, 1)))))
+    assert running() == [(a, 5), (b, 7), (d, 2)]
+    assert server.board.statuses["app"].admin[0] == "drain"
+    assert "keeps its admin API change 127.0.0.1:9003: removed" in caplog.text
+    # the file changes b's weight and lists c again with another weight: the file wins for
+    # those two; a's change and the added d stay
+    caplog.clear()
+    await server.reload(parse_config(doc(backends((a, 1), (b, 3), (c, 4)))))
+    assert running() == [(a, 5), (b, 3), (c, 4), (d, 2)]
+    assert "127.0.0.1:9002: weight 7 replaced by the file's weight 3" in caplog.text
+    # now the file lists d: its entry wins from then on
+    await server.reload(parse_config(doc(backends((a, 1), (b, 3), (c, 4), (d, 1)))))
+    assert running() == [(a, 5), (b, 3), (c, 4), (d, 1)]

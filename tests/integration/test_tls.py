@@ -4,6 +4,7 @@ bad handshakes, the redirect listener. Certificates are made per test in tmp_pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from pathlib import Path
 from typing import Any
@@ -249,3 +250,87 @@ async def test_tls_metrics(pki: dict[str, Any]) -> None:
         expiry = [line for line in text.splitlines()
                   if line.startswith("poise_tls_certificate_not_after_seconds{")]  # fmt: skip
         assert len(expiry) == 3 and f'cert="{pki["a"].cert}"' in expiry[1]
+
+
+async def test_plain_http_to_the_https_port_gets_a_400_saying_so(pki: dict[str, Any]) -> None:
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, sni_tls(pki))) as (server, _),
+    ):
+        plain = url_of(server, "web", "http")
+        for request in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"POST /form HTTP/1.0\r\n"):
+            raw = await exchange(plain, request, timeout=5)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), raw
+            assert b"\r\nConnection: close" in head
+            assert body == b"The plain HTTP request was sent to HTTPS port\n"
+        assert server.statistics()["tls"]["web"]["plain_http"] == 2
+        assert proxied(backend) == []
+        reply, _ = await get(url_of(server, "web"), client_context(pki["ca"]), "a.example.test")
+        assert reply.status == 200
+
+
+def tls10_hello() -> bytes:
+    """A TLS 1.0 client's ClientHello (no extensions, as such clients send it)."""
+    body = b"\x03\x01" + b"\x11" * 32 + b"\x00" + b"\x00\x04\x00\x2f\x00\x35" + b"\x01\x00"
+    msg = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(msg).to_bytes(2, "big") + msg
+
+
+async def test_a_client_without_an_accepted_version_gets_a_protocol_version_alert(
+    pki: dict[str, Any],
+) -> None:
+    """OpenSSL answers with a protocol_version alert (70); the gate makes sure it is sent."""
+    async with HttpBackend("b1", echo_handler) as backend:
+        async with running(https_doc(backend.url, sni_tls(pki))) as (server, _):
+            plain = url_of(server, "web", "http")
+            for bytewise in (False, True):
+                raw = await exchange(plain, tls10_hello(), timeout=5, bytewise=bytewise)
+                assert raw == b"\x15\x03\x01\x00\x02\x02\x46"  # alert, fatal, protocol_version
+            assert server.statistics()["tls"]["web"]["version_alerts"] == 2
+        # a TLS 1.3-only listener and a client that stops at TLS 1.2: the client hears why
+        tls13 = {**sni_tls(pki), "min_version": "1.3"}
+        async with running(https_doc(backend.url, tls13)) as (server, _):
+            old = client_context(pki["ca"])
+            old.maximum_version = ssl.TLSVersion.TLSv1_2
+            with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+                await get(url_of(server, "web"), old, "a.example.test")
+            reply, _ = await get(url_of(server, "web"), client_context(pki["ca"]), "a.example.test")
+            assert reply.status == 200
+
+
+async def test_a_client_hello_arriving_byte_by_byte_still_handshakes(pki: dict[str, Any]) -> None:
+    """The gate holds the first bytes until it can decide, then TLS takes them all."""
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, sni_tls(pki))) as (server, _),
+    ):
+        host, port = server.addresses["web"]
+        reader, writer = await asyncio.open_connection(host, port)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ctx = client_context(pki["ca"])
+        obj = ctx.wrap_bio(incoming, outgoing, server_hostname="a.example.test")
+        try:
+            async with asyncio.timeout(10):
+                first = True
+                while True:
+                    try:
+                        obj.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        data = outgoing.read()
+                        for i in range(len(data) if first else 1):
+                            writer.write(data[i : i + 1] if first else data)
+                            await writer.drain()
+                        first = False
+                        incoming.write(await reader.read(65536))
+                obj.write(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                writer.write(outgoing.read())
+                answer = b""
+                while not answer.startswith(b"HTTP/1.1 200"):
+                    incoming.write(await reader.read(65536))
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        answer += obj.read(65536)
+            assert [r.target for r in proxied(backend)] == ["/slow"]
+        finally:
+            writer.close()

@@ -106,3 +106,22 @@ def test_mutations_never_raise(data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(hello)))
     peek = read_server_name(bytes(hello[:cut]))
     assert peek.state in ("more", "done", "invalid")
+
+
+def tls10_hello() -> bytes:
+    """A TLS 1.0 client's ClientHello, as old clients send it: no extensions at all."""
+    body = b"\x03\x01" + b"\x11" * 32 + b"\x00" + b"\x00\x04\x00\x2f\x00\x35" + b"\x01\x00"
+    msg = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(msg).to_bytes(2, "big") + msg
+
+
+def test_the_versions_a_client_offers() -> None:
+    assert read_server_name(tls10_hello()).versions == (0x0300, 0x0301)
+    assert read_server_name(client_hello("v.test", tls13_only=True)).versions == (0x0304,)
+    assert {0x0303, 0x0304} <= set(read_server_name(client_hello("v.test")).versions)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # no supported_versions: up to legacy_version
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="v.test")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    assert max(read_server_name(out.read()).versions) == 0x0303

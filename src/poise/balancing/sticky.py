@@ -1,9 +1,12 @@
 """Sticky sessions by cookie: a client that has been served by a backend keeps going to it.
 
-The cookie holds ``<backend id>.<HMAC-SHA256(secret, id), 16 bytes hex>``: clients cannot
-forge a pin to a backend of their choice, and several poise instances given the same secret
-agree. A request without a valid cookie, or pinned to a backend that is unhealthy (the
-caller skips it) or gone, is placed by the fallback policy and gets a new cookie.
+The cookie's value is an opaque id: ``HMAC-SHA256(secret, "host:port")``, its first 16 bytes
+in hex (32 characters). It says nothing about the backend (its address never reaches the
+client), clients cannot forge a pin to a backend of their choice (that needs the secret), and
+several poise instances given the same secret compute the same id for the same backend. A
+dict from id to backend, built with the table, finds the pinned backend in one lookup. A
+request without a valid cookie, or pinned to a backend that is unhealthy (the caller skips
+it) or gone, is placed by the fallback policy and gets a new cookie.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from collections.abc import Container, Iterable, Sequence
 
 from poise.balancing.base import Picker, Policy, first_usable
 from poise.models import Backend
+
+
+def opaque_id(secret: bytes, backend_id: str) -> bytes:
+    """The cookie value pinning to the backend ``backend_id`` (``host:port``)."""
+    return hmac.new(secret, backend_id.encode(), hashlib.sha256).hexdigest()[:32].encode()
 
 
 class StickyPick(Policy):
@@ -32,12 +40,7 @@ class StickyPick(Policy):
         self._fallback = fallback
         self.cookie = cookie.encode("ascii")
         # the cookie value that pins to each backend, by index
-        self.values = tuple(
-            b.id.encode()
-            + b"."
-            + hmac.new(secret, b.id.encode(), hashlib.sha256).hexdigest()[:32].encode()
-            for b in self._backends
-        )
+        self.values = tuple(opaque_id(secret, b.id) for b in self._backends)
         self._by_value = dict(zip(self.values, self._backends, strict=True))
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:

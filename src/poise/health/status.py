@@ -19,6 +19,8 @@ A backend is *usable* when enabled, healthy, reported fine and not ejected.
 Membership changes (instances registering and leaving) make a *successor* status: a backend
 that stays keeps every fact (an ejection, a drain, its health), a newcomer starts healthy
 (it has just registered, and its first probe follows at once) and ramps up under slow start.
+A reload that turns the active checks off makes every backend healthy: a verdict no check
+will revise any more must not keep a backend out (a fresh start would use it too).
 
 The view a routing table carries:
 
@@ -88,11 +90,15 @@ class GroupStatus:
         sources = [old.get(backend_id) for backend_id in new_ids]
         new = GroupStatus(cfg, reported)
         new.outliers = self.outliers.remap(cfg.passive, sources)
+        # a verdict of the active checks holds only while they run: with them turned off
+        # (a reload), nothing will ever revise it, so every backend counts as healthy again
+        checked = cfg.health_check.enabled
         for k, j in enumerate(sources):
             if j is None:
                 new.usable[k] = False
                 continue
-            new.healthy[k] = self.healthy[j]
+            if checked:
+                new.healthy[k] = self.healthy[j]
             if cfg.backends[k].state == self.cfg.backends[j].state:
                 new.admin[k] = self.admin[j]  # the operator's current state outlives a change
             # else the source changed it (an instance's weight went to or from 0): it wins

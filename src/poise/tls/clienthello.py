@@ -39,6 +39,9 @@ DEFAULT_LIMIT = 16 * 1024
 _RECORD_HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
+_EXT_SUPPORTED_VERSIONS = 43
+_SSL3 = 0x0300
+_TLS12 = 0x0303
 _HOST_NAME = 0
 _MAX_RECORD = 1 << 14
 _HOST_RE = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
@@ -49,6 +52,10 @@ class SniPeek:
     state: str  # "more" | "done" | "invalid"
     server_name: str | None = None  # with "done": the name, lower-case; None = no SNI
     reason: str = ""  # with "invalid": why
+    # with "done": the TLS versions the client offers, as on the wire (0x0303 is TLS 1.2):
+    # its supported_versions extension's (RFC 8446 §4.2.1; GREASE values left out), else
+    # every version up to its legacy_version (TLS 1.2 and older clients)
+    versions: tuple[int, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -138,17 +145,20 @@ class _Reader:
 
 def _client_hello(body: memoryview) -> SniPeek:
     r = _Reader(body)
-    r.take(2 + 32)  # legacy_version, random
+    legacy = r.number(2)
+    r.take(32)  # random
     if len(r.vector(1)) > 32:
         return _invalid("session id longer than 32 bytes")
     r.vector(2)  # cipher_suites
     r.vector(1)  # compression methods
+    upto = tuple(range(_SSL3, min(legacy, _TLS12) + 1))
     if r.left == 0:
-        return SniPeek("done")  # no extensions at all (SSL 3.0-era clients)
+        return SniPeek("done", versions=upto)  # no extensions at all (SSL 3.0-era clients)
     exts = _Reader(r.vector(2))
     if r.left:
         return _invalid("bytes after the extensions")
     name: str | None = None
+    versions: tuple[int, ...] | None = None
     seen: set[int] = set()
     while exts.left:
         etype = exts.number(2)
@@ -160,7 +170,14 @@ def _client_hello(body: memoryview) -> SniPeek:
             name = _server_name(_Reader(data))
             if name == "":
                 return _invalid("malformed server_name extension")
-    return SniPeek("done", name)
+        elif etype == _EXT_SUPPORTED_VERSIONS:
+            listed = _Reader(data).vector(1)
+            if len(listed) != len(data) - 1 or not listed or len(listed) % 2:
+                return _invalid("malformed supported_versions extension")
+            offered = (int.from_bytes(listed[i : i + 2], "big") for i in range(0, len(listed), 2))
+            # GREASE values (RFC 8701) are 0x?A?A: never a version
+            versions = tuple(v for v in offered if v & 0x0F0F != 0x0A0A)
+    return SniPeek("done", name, versions=upto if versions is None else versions)
 
 
 def _server_name(r: _Reader) -> str | None:

@@ -221,6 +221,8 @@ class ListenerTls:
         self.reloads = 0
         self.reload_failures = 0
         self.handshakes = 0  # ClientHellos seen (each runs the SNI callback once)
+        self.plain_http = 0  # plain HTTP requests answered 400 (``gate``)
+        self.version_alerts = 0  # ClientHellos without an accepted version (``gate``)
         self.last_error: str | None = None
 
     def _sni(self, ssl_object: Any, server_name: str | None, _front: ssl.SSLContext) -> None:
@@ -297,6 +299,8 @@ class ListenerTls:
                 for c, i in zip(self.cfg.certificates, self.certs.infos, strict=True)
             ],
             "handshakes": self.handshakes,
+            "plain_http": self.plain_http,
+            "version_alerts": self.version_alerts,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "last_error": self.last_error,
