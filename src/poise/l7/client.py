@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Final, cast
 
@@ -650,7 +651,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _none_left(self, ex: Exchange) -> None:
         """No backend is left to try for ``ex``."""
-        if ex.connect_failures >= len(ex.tried):
+        if ex.unreachable >= len(ex.tried):
             # None is up, or every one tried refused (or did not answer) the connection:
             # nothing was sent anywhere, no server could take the request (HAProxy's 503).
             self.ctx.stats.no_healthy_backend += 1
@@ -695,7 +696,8 @@ class ClientConnection(asyncio.Protocol):
             )
         except (TimeoutError, OSError) as exc:
             ctx.stats.upstream_connect_errors += 1
-            ex.connect_failures += 1
+            if not isinstance(exc, ssl.SSLError):
+                ex.unreachable += 1
             reason = describe_error(exc)
             log.debug("connect to %s failed: %s", backend.authority, reason)
             if ex.load is not None:

@@ -65,9 +65,11 @@ class Exchange:
     group: Group | None = None
     backend: Backend | None = None
     tried: tuple[Backend, ...] = ()
-    # attempts that failed to connect: nothing was sent to those backends. When every attempt
-    # failed so, no backend could take the request: 503, not 502 (see ClientConnection._exhausted)
-    connect_failures = 0
+    # attempts whose backend could not be reached (connect refused or timed out): nothing was
+    # sent to it. When every attempt failed so, no server could take the request: 503, not
+    # 502 (ClientConnection._none_left). A failed TLS handshake is not counted: that backend
+    # answered, badly.
+    unreachable = 0
     stale_retries = 0
     upgrade: bytes | None = None  # the Upgrade value forwarded (a WebSocket handshake, say)
     headers: list[bytes] = []
