@@ -45,6 +45,7 @@ class Group:
     sticky_ok: tuple[bool, ...] | None = None
     ramp: tuple[float, ...] | None = None
     panic: bool = False
+    healthy: tuple[bool, ...] | None = None  # in panic mode: the truly usable ones
     # dispatch must look beyond ``up`` (drain, slow start, limits): the slow path
     special: bool = False
     retry_statuses: frozenset[int] = frozenset()
@@ -56,7 +57,7 @@ class Group:
         special = view.sticky_ok is not None or view.ramp is not None or self.admission is not None
         return dataclasses.replace(
             self, up=view.up, sticky_ok=view.sticky_ok, ramp=view.ramp, panic=view.panic,
-            special=special,
+            healthy=view.healthy, special=special,
         )  # fmt: skip
 
 

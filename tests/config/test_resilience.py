@@ -30,7 +30,7 @@ def test_defaults() -> None:
     assert up.retry == RetryConfig()
     assert up.retry.on == ("connect", "reset", "timeout") and up.retry.attempts == 3
     assert up.limits == UpstreamLimitsConfig()
-    assert up.panic_threshold == 50 and up.slow_start == 0.0
+    assert up.panic_threshold == 0 and up.slow_start == 0.0  # panic mode is off by default
     assert [b.state for b in up.backends] == ["enabled", "enabled"]
 
 

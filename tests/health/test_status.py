@@ -27,17 +27,18 @@ def test_usable_backends_are_up() -> None:
 
 
 def test_panic_below_threshold_routes_to_every_enabled_backend() -> None:
-    s = status()
+    s = status(panic_threshold=50)
     s.set_health((True, False, False, False), 0.0)  # 25% < 50%
     v = s.view(0.0)
     assert v.panic
     assert v.up == (True, True, True, True)
+    assert v.healthy == (True, False, False, False)  # where a retry goes first
     s.set_health((True, True, False, False), 1.0)  # 50% is not below 50%
     assert not s.view(1.0).panic
 
 
 def test_no_panic_without_any_healthy_backend_nor_with_threshold_zero() -> None:
-    s = status()
+    s = status(panic_threshold=50)
     s.set_health((False,) * 4, 0.0)
     v = s.view(0.0)
     assert not v.panic and not any(v.up)
@@ -46,8 +47,16 @@ def test_no_panic_without_any_healthy_backend_nor_with_threshold_zero() -> None:
     assert z.view(0.0).up == (True, False, False, False)
 
 
-def test_panic_excludes_backends_in_maintenance() -> None:
+def test_panic_mode_is_off_by_default() -> None:
     s = status()
+    s.set_health((True, False, False, False), 0.0)
+    v = s.view(0.0)
+    assert not v.panic and v.healthy is None
+    assert v.up == (True, False, False, False)
+
+
+def test_panic_excludes_backends_in_maintenance() -> None:
+    s = status(panic_threshold=50)
     s.set_admin(3, "maint")
     s.set_health((True, False, False, True), 0.0)  # 1 usable of 3 enabled
     v = s.view(0.0)

@@ -516,3 +516,23 @@ async def test_retried_failures_are_attempts_not_errors() -> None:
     assert metric(text, 'poise_upstream_attempt_failures_total{outcome="connect_error"}') == 1
     assert metric(text, 'poise_upstream_attempt_failures_total{outcome="timeout"}') == 1
     assert metric(text, "poise_retries_total") == 2
+
+
+@pytest.mark.parametrize("threshold", [None, 50])
+async def test_one_healthy_of_five_serves_every_request(threshold: int | None) -> None:
+    """4 of 5 backends dead (connections refused), 1 healthy. By default there is no panic
+    mode: all goes to the healthy one. With panic mode on, requests are spread over all five,
+    and a retry after a refused connect goes to the healthy one first: none fails (it was
+    100 of 200 answered 502)."""
+    alive = HttpBackend(name="alive")
+    extra = {} if threshold is None else {"panic_threshold": threshold}
+    async with started(alive):
+        urls = [dead_url(), dead_url(), alive.url, dead_url(), dead_url()]
+        cfg = doc(urls, health={"interval": "5s", "timeout": "1s"}, **extra)
+        async with running(cfg) as (server, url), httpx.AsyncClient() as client:
+            statuses = Counter([(await client.get(url + "/")).status_code for _ in range(200)])
+            group = server.table.groups["app"]
+            text = render_of(server)
+    assert statuses == {200: 200}
+    assert group.panic is (threshold is not None)
+    assert answered_errors(text) == 0

@@ -354,7 +354,7 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         passive=passive(c, obj.get("passive"), key_path(path, "passive")),
         retry=retry(c, obj.get("retry"), key_path(path, "retry")),
         limits=upstream_limits(c, obj.get("limits"), key_path(path, "limits")),
-        panic_threshold=c.field(obj, "panic_threshold", path, check_percent, 50),
+        panic_threshold=c.field(obj, "panic_threshold", path, check_percent, 0),
         slow_start=c.field(obj, "slow_start", path, non_negative_duration, 0.0),
         tls=upstream_tls(c, obj["tls"], key_path(path, "tls"), backends) if "tls" in obj else None,
     )

@@ -140,8 +140,9 @@ class UpstreamConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     limits: UpstreamLimitsConfig = field(default_factory=UpstreamLimitsConfig)
     # below this share (percent) of usable backends healthy, route across all of them rather
-    # than overload the few (Envoy's panic mode); 0 = never
-    panic_threshold: int = 50
+    # than overload the few (Envoy's panic mode); 0 = never, the default (as nginx and
+    # HAProxy behave: a backend that refuses connections is not "possibly healthy")
+    panic_threshold: int = 0
     slow_start: float = 0.0  # seconds over which a (re)joining backend ramps up; 0 = off
     # backends discovered in the service registry under this name (``backends`` is then
     # the current set of instances, replaced as they come and go)

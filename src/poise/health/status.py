@@ -28,7 +28,9 @@ The view a routing table carries:
   (the usable share of the enabled backends is above 0 but below ``panic_threshold``
   percent) every enabled backend is up, healthy or not: routing across all of them spreads
   the load, where the few healthy ones would be overwhelmed (Envoy's panic threshold). With
-  no usable backend at all there is no panic: clients get a plain 503.
+  no usable backend at all there is no panic: clients get a plain 503. Off by default
+  (``panic_threshold`` 0). ``healthy`` then holds the usable ones, so that a retry after a
+  failed attempt goes to one of them first: a request fails only when none can take it.
 * ``sticky_ok[i]``: a request pinned to i by a sticky cookie may still go there (draining
   backends); None when no backend drains.
 * ``ramp[i]``: slow start. A backend that became usable after start-up takes a share of
@@ -57,6 +59,9 @@ class View:
     sticky_ok: tuple[bool, ...] | None = None
     ramp: tuple[float, ...] | None = None
     panic: bool = False
+    # in panic mode, the backends that are usable in their own right (``up`` is then every
+    # enabled one): a retry goes to one of these first
+    healthy: tuple[bool, ...] | None = None
 
 
 class GroupStatus:
@@ -142,7 +147,7 @@ class GroupStatus:
                 )
                 for i in range(n)
             )
-        return View(up, sticky_ok, self._ramp(now, usable), panic)
+        return View(up, sticky_ok, self._ramp(now, usable), panic, tuple(usable) if panic else None)
 
     def _ramp(self, now: float, usable: list[bool]) -> tuple[float, ...] | None:
         window = self.cfg.slow_start

@@ -247,6 +247,13 @@ class TcpListener:
         """The first candidate that is up, untried and not at a limit; slow start passes a
         ramping backend over with probability 1 - ramp (taken if nothing else is left)."""
         up, ramp, adm, load = group.up, group.ramp, group.admission, group.load
+        healthy = group.healthy
+        if (
+            relay.tried
+            and healthy is not None
+            and any(healthy[b.index] and b not in relay.tried for b in group.backends)
+        ):
+            up = healthy  # a retry in panic mode: a backend usable in its own right first
         key = relay.client[0].encode() if group.key is not None else None
         skipped: Backend | None = None
         for backend in group.picker.candidates(key):

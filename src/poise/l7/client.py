@@ -574,7 +574,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             # the first candidate that is up and not tried (Picker.pick: without building
             # the candidate order when, as usual, the first one will do)
-            picked = group.picker.pick(key, up, tried)
+            picked = None
+            if tried and group.healthy is not None:
+                # a retry in panic mode: a backend usable in its own right first
+                picked = group.picker.pick(key, group.healthy, tried)
+            if picked is None:
+                picked = group.picker.pick(key, up, tried)
             if picked is None:
                 self._none_left(ex)
                 return
@@ -614,6 +619,8 @@ class ClientConnection(asyncio.Protocol):
         """Dispatch's slow path, for groups with draining or slow-starting backends or request
         limits. None when ``ex`` was answered or parked instead."""
         up, tried = group.up, ex.tried
+        if tried and group.healthy is not None and _any_untried(group, group.healthy, tried):
+            up = group.healthy  # a retry in panic mode: a backend usable in its own right
         sticky_ok, ramp, adm, load = group.sticky_ok, group.ramp, group.admission, group.load
         skipped: Backend | None = None  # a slow-starting backend passed over by chance
         limited = False
@@ -1071,6 +1078,10 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
+
+
+def _any_untried(group: Group, usable: tuple[bool, ...], tried: tuple[Backend, ...]) -> bool:
+    return any(usable[b.index] and b not in tried for b in group.backends)
 
 
 def _abandon(ex: Exchange, ctx: Context) -> None:
