@@ -13,7 +13,9 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
     PUT    /v1/upstreams/{upstream}/backends/{backend}/weight  {"weight": 3}
     POST   /v1/upstreams/{upstream}/backends                   {"url": ..., "weight": 1}
     DELETE /v1/upstreams/{upstream}/backends/{backend}
-    GET    /v1/registry                                   the registry as poise sees it
+    GET    /v1/registry                                   the registry as poise sees it (503
+                                                          with the reason and the last known
+                                                          view, "stale", while the store is down)
     GET    /v1/config                                     the config in force (secrets hidden)
     POST   /v1/reload                                     reload the config file
     GET    /v1/workers                                    worker processes (--workers N)
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from poise import __version__
 from poise.admin import metrics
 from poise.config.checks import check_weight
+from poise.errors import RegistryError
 from poise.health.status import STATES
 from poise.httpd import HttpError, HttpServer, Reply, Request, Router, require_bearer
 
@@ -146,8 +149,30 @@ class AdminApi:
         reg = self.server.registry
         if reg is None:
             raise HttpError(404, "no registry is configured")
-        services, rev = await reg.store.services()
-        return Reply(data={**reg.statistics(), "services": services, "store_revision": rev})
+        try:
+            services, rev = await reg.store.services()
+        except RegistryError as exc:
+            # the store is down (etcd): say so, with the last known view, marked stale
+            return Reply(
+                503,
+                {
+                    **reg.statistics(),
+                    "status": "unavailable",
+                    "stale": True,
+                    "error": f"registry store unavailable: {exc}",
+                    "services": None,
+                    "store_revision": None,
+                },
+            )
+        return Reply(
+            data={
+                **reg.statistics(),
+                "status": "ok",
+                "stale": False,
+                "services": services,
+                "store_revision": rev,
+            }
+        )
 
     async def config(self, request: Request) -> Reply:
         return Reply(data=_redact(_plain(self.server.config)))
