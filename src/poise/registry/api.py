@@ -268,7 +268,10 @@ def openapi_document() -> dict[str, Any]:
         "type": "object",
         "required": ["host"],
         "properties": {
-            "host": {"type": "string", "description": "host name or IP (alias: address)"},
+            "host": {
+                "type": "string",
+                "description": "DNS name, IPv4 or IPv6 address (alias: address)",
+            },
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
             "scheme": {"enum": ["http", "https", "tcp"], "default": "http"},
             "weight": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1},
