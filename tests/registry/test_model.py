@@ -27,7 +27,13 @@ def test_defaults_and_address_alias_and_ipv6() -> None:
     i = parse_instance("users", "u", {"address": "::1", "port": 9000})
     assert (i.host, i.scheme, i.weight, i.ttl, i.status) == ("::1", "http", 1, None, "passing")
     assert i.url == "http://[::1]:9000"
-    assert parse_instance("web", "w", {"host": "h", "scheme": "https"}).port == 443
+
+
+@pytest.mark.parametrize("scheme", ["http", "https", "tcp"])
+def test_the_port_is_required(scheme: str) -> None:
+    with pytest.raises(InvalidInstance) as e:
+        parse_instance("web", "w", {"host": "h", "scheme": scheme})
+    assert e.value.problems == ["port: required (1-65535)"]
 
 
 def test_every_problem_is_listed_with_its_field() -> None:

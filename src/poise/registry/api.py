@@ -266,7 +266,7 @@ def _index(rev: int) -> list[tuple[str, str]]:
 def openapi_document() -> dict[str, Any]:
     instance = {
         "type": "object",
-        "required": ["host"],
+        "required": ["host", "port"],
         "properties": {
             "host": {
                 "type": "string",

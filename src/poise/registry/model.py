@@ -41,7 +41,6 @@ DELETE = "delete"
 _SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62})")
 _INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _SCHEMES = ("http", "https", "tcp")
-_DEFAULT_PORT = {"http": 80, "https": 443}
 # one label of a DNS name ('_' too: DNS allows it, and container names use it)
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 MAX_TTL = 24 * 3600.0
@@ -221,10 +220,14 @@ def parse_instance(service: object, instance_id: object, body: object) -> Instan
         )
         checked = ""
     host = checked
-    port = body.get("port", _DEFAULT_PORT.get(scheme))
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        problems.append(f"port: {port!r} is not a port number (1-65535)")
+    if "port" not in body:  # no default: 80 for a service on 8080 routes to nothing
+        problems.append("port: required (1-65535)")
         port = 0
+    else:
+        port = body["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            problems.append(f"port: {port!r} is not a port number (1-65535)")
+            port = 0
     weight = body.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
         problems.append(f"weight: {weight!r} is not an integer from 0 to 1000")
