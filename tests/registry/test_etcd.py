@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import statistics
 import time
 from collections.abc import AsyncGenerator
@@ -329,3 +330,24 @@ async def test_a_cluster_without_quorum_is_unavailable_until_it_recovers() -> No
             await store.close()
             await watcher.close()
         print(f"\nquorum lost: writes and the survivor's watch unavailable after {noticed:.1f}s")
+
+
+async def test_an_outage_is_logged_once_by_poise_not_per_call(
+    own_etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = EtcdStore(own_etcd.url, timeout=0.5)
+    try:
+        await store.register(inst("a", 8001))
+        own_etcd.kill()
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await store.register(inst("b", 8002))
+            await own_etcd.restart()
+            await store.register(inst("b", 8002))
+        ours = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("poise")]
+        assert len(ours) == 2, ours
+        assert ours[0][0] == "WARNING" and "failed" in ours[0][1]
+        assert ours[1][0] == "INFO" and "answers again" in ours[1][1]
+    finally:
+        await store.close()

@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import ssl
 import time
@@ -76,6 +77,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 __all__ = ["EtcdStore"]
+
+log = logging.getLogger("poise.registry.etcd")
 
 MIN_LEASE = 2  # seconds: etcd's minimum lease TTL with its default election timeout
 CONNECTIONS = 64  # to etcd, for unary calls (watches have their own)
@@ -154,6 +157,7 @@ class EtcdStore:
         self.leases = 0
         self.watches = 0  # streams open now
         self.last_error = ""  # the last failure seen (of a member, a stream), for operators
+        self._failing = False  # since the last answer: failures are logged once, not per call
 
     # -- the Store protocol ----------------------------------------------------------------
 
@@ -462,9 +466,18 @@ class EtcdStore:
                 self.requests += 1
                 try:
                     left = min(deadline - time.monotonic(), self.attempt_timeout)
-                    return await attempt(endpoint, max(left, 0.1))
+                    answer = await attempt(endpoint, max(left, 0.1))
                 except _Retry as exc:
                     self.last_error = f"{endpoint}: {exc}"
+                    if not self._failing:
+                        self._failing = True
+                        log.warning("etcd member %s failed (%s); trying the others",
+                                    endpoint, exc)  # fmt: skip
+                else:
+                    if self._failing:
+                        self._failing = False
+                        log.info("etcd member %s answers again", endpoint)
+                    return answer
                 self._current = (self._current + 1) % len(self.endpoints)
                 self.failovers += 1
             left = deadline - time.monotonic()
