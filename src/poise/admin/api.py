@@ -4,11 +4,13 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
 
 ::
 
-    GET    /v1/status                                     version, uptime, listeners, registry
+    GET    /v1/status                                     version, uptime, listeners, registry,
+                                                          file/DNS sources and their errors
     GET    /v1/routes                                     routes per listener
     GET    /v1/upstreams                                  every upstream, backends summarised
     GET    /v1/upstreams/{upstream}                       backends: state, health and why,
-                                                          ejection, in flight, last checks
+                                                          ejection, in flight, last checks;
+                                                          source_error (file/DNS, "" if good)
     PUT    /v1/upstreams/{upstream}/backends/{backend}/state   {"state": "drain"}
     PUT    /v1/upstreams/{upstream}/backends/{backend}/weight  {"weight": 3}
     POST   /v1/upstreams/{upstream}/backends                   {"url": ..., "weight": 1}
@@ -108,6 +110,8 @@ class AdminApi:
                 "clients": dp["clients"],
                 "requests": dp["stats"].get("requests", 0),
                 "workers": s.workers() if s.workers is not None else None,
+                # file and DNS sources: their backend count and error ("" when good)
+                "sources": {name: src.statistics() for name, src in s.sources.items()},
                 "registry": None
                 if s.registry is None
                 else {
@@ -291,6 +295,8 @@ class AdminApi:
             if up.dns
             else {"static": True}
         )
+        feed = s.sources.get(name)  # a file or DNS source: its last error, "" when good
+        source_error = feed.error if feed is not None else None
         traffic: dict[str, Any] = (dp or s.dataplane())["backends"].get(name, {})
         backends = []
         for b in group.backends:
@@ -312,6 +318,7 @@ class AdminApi:
         return {
             "policy": up.policy.name,
             "source": source,
+            "source_error": source_error,
             "panic": bool(board.get("panic", False)) if isinstance(board, dict) else False,
             "backends": backends,
         }
