@@ -156,3 +156,33 @@ async def test_expect_100_continue_is_answered_before_the_body() -> None:
         writer.close()
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [
+        ("application/json", b"200"),
+        ("APPLICATION/JSON", b"200"),
+        ("Application/Json; charset=UTF-8", b"200"),
+        ("text/plain", b"415"),
+    ],
+)
+async def test_the_json_media_type_is_case_insensitive(ctype: str, status: bytes) -> None:
+    async def put(request: Request) -> Reply:
+        return Reply(data=request.json())
+
+    router = Router()
+    router.add("PUT", "/x", put)
+    server = HttpServer(router, name="test")
+    host, port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"PUT /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: %s\r\n"
+            b"Content-Length: 2\r\n\r\n{}" % ctype.encode()
+        )
+        data = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 " + status), data[:80]
+    finally:
+        await server.close()

@@ -83,7 +83,7 @@ class Request:
         if not self.body:
             return None
         ctype = self.headers.get("content-type", "application/json").split(";")[0].strip()
-        if ctype != "application/json":
+        if ctype.lower() != "application/json":  # media types are case-insensitive
             raise HttpError(415, f"body: expected application/json, got {ctype}")
         try:
             return json.loads(self.body)
