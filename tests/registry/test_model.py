@@ -130,3 +130,13 @@ def test_hosts_that_are_neither_are_refused(host: object) -> None:
 def test_a_host_with_a_port_gets_a_hint() -> None:
     with pytest.raises(InvalidInstance, match=r"\(the port goes in port\)"):
         parse_instance("users", "u", {"host": "127.0.0.1:20001", "port": 20001})
+
+
+@pytest.mark.parametrize("iid", ["-a", "_a", ".a", "a" * 129, ""])
+def test_the_id_error_states_every_rule(iid: str) -> None:
+    with pytest.raises(InvalidInstance) as e:
+        parse_instance("users", iid, {"host": "h", "port": 1})
+    assert e.value.problems == [
+        f"id: {iid!r} is not an instance id (letters, digits, '.', '_', ':', '@', '-'; "
+        "1-128 characters, starting with a letter or digit)"
+    ]

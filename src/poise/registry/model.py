@@ -155,7 +155,7 @@ def check_instance_id(value: object, where: str = "id") -> str:
         raise InvalidInstance(
             [
                 f"{where}: {value!r} is not an instance id (letters, digits, '.', '_', ':', '@', "
-                "'-'; 1-128 characters)"
+                "'-'; 1-128 characters, starting with a letter or digit)"
             ]
         )
     return value
