@@ -162,7 +162,6 @@ def _status(args: argparse.Namespace) -> int:
 
 def _check(path: str) -> int:
     from poise.config import load_config
-
     from poise.errors import ConfigError
     from poise.registry.sources import FileSource, SourceError
 
