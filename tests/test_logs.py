@@ -13,13 +13,15 @@ from poise.logs import setup_logging
 
 @pytest.fixture
 def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, httpx_log = logging.getLogger(), logging.getLogger("httpx")
+    handlers, level, httpx_level = root.handlers[:], root.level, httpx_log.level
+    httpx_log.setLevel(logging.NOTSET)  # as a fresh process has it
     try:
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        httpx_log.setLevel(httpx_level)
 
 
 def one_request() -> None:

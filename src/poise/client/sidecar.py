@@ -158,5 +158,4 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
 
 def sidecar(cfg: SidecarConfig) -> int:
     """Run :func:`run_sidecar` on a new event loop (the ``poise register`` entry point)."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     return asyncio.run(run_sidecar(cfg))
