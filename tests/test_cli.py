@@ -271,3 +271,21 @@ def test_demo_on_a_taken_port_fails_clearly() -> None:
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_reads_backends_files_as_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "poise.json"
+    backends = tmp_path / "backends.txt"
+    doc = {
+        "listeners": [{"name": "web", "listen": "127.0.0.1:8080", "upstream": "app"}],
+        "upstreams": {"app": {"file": str(backends)}},
+    }
+    config.write_text(json.dumps(doc))
+    assert main(["check", "-c", str(config)]) == 1  # missing: `poise run` refuses it too
+    err = capsys.readouterr().err
+    assert "upstreams.app.file:" in err and "backends.txt" in err
+    backends.write_text("http://127.0.0.1:5001\nhttp://127.0.0.1:5002\n")
+    assert main(["check", "-c", str(config)]) == 0
+    assert "2 backend(s)" in capsys.readouterr().out

@@ -171,9 +171,20 @@ def _status(args: argparse.Namespace) -> int:
 
 def _check(path: str) -> int:
     from poise.config import load_config
+    from poise.errors import ConfigError
+    from poise.registry.sources import FileSource, SourceError
 
     config = load_config(path)
     n = sum(len(u.backends) for u in config.upstreams.values())
+    problems = []
+    for name, up in config.upstreams.items():
+        if up.file is not None:  # read as `poise run` reads it: a bad one stops the start
+            try:
+                n += len(FileSource(up.file).read())
+            except SourceError as exc:
+                problems.append(f"upstreams.{name}.file: {exc}")
+    if problems:
+        raise ConfigError(problems, config.source)
     print(
         f"{path}: OK ({len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s), "
         f"{n} backend(s))"

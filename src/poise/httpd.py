@@ -7,8 +7,11 @@ heartbeating), so this is an ``asyncio.Protocol`` fed by httptools (llhttp), lik
 without streams: one request at a time per connection (pipelined requests wait their turn, in
 order), keep-alive, and one coarse timer per server for idle connections instead of a timer
 per read. Framing is llhttp's: Content-Length and chunked bodies, bodies capped at
-``max_body`` (413), heads at 64 KiB (431), anything malformed gets 400 and the connection
-closes (RFC 9112 §2.2: a server that cannot parse a request must not guess).
+``max_body`` (413, by the head when Content-Length says so, before any body is read), heads at
+64 KiB (431), anything malformed gets 400 and the connection closes (RFC 9112 §2.2: a server
+that cannot parse a request must not guess). Closing after such an early answer is a
+lingering close (RFC 9112 §9.6), so a client still sending reads the answer instead of a
+reset. ``Expect: 100-continue`` is answered with 100 when the body will be read.
 
 Routes are ``(method, pattern)`` pairs with ``{name}`` segments. A handler returns a ``Reply``
 (JSON by default), or a ``Stream`` of chunks sent with chunked framing (long-lived watches),
@@ -38,6 +41,11 @@ log = logging.getLogger("poise.httpd")
 
 MAX_HEAD = 64 * 1024
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit between requests
+# lingering close after an early error (413 before the body): bytes the client still sends
+# are read and discarded, so its socket is not reset before it has read the answer
+LINGER_TIME = 5.0  # seconds at most
+LINGER_BYTES = 64 * 1024 * 1024  # bytes at most
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def require_bearer(request: Request, token: str) -> None:
@@ -75,7 +83,7 @@ class Request:
         if not self.body:
             return None
         ctype = self.headers.get("content-type", "application/json").split(";")[0].strip()
-        if ctype != "application/json":
+        if ctype.lower() != "application/json":  # media types are case-insensitive
             raise HttpError(415, f"body: expected application/json, got {ctype}")
         try:
             return json.loads(self.body)
@@ -146,6 +154,7 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.in_head = False
         self.head_bytes = 0
+        self.lingering = 0  # > 0: answered and shut down for writing; bytes still to discard
         self.last_active = 0.0
         self.writable: asyncio.Future[None] | None = None  # set while the socket buffer is full
         self.task: asyncio.Task[None] | None = None
@@ -183,6 +192,11 @@ class _Conn(asyncio.Protocol):
         self.writable = None
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.lingering = max(self.lingering - len(data), 0)
+            if not self.lingering:
+                self.close()
+            return
         self.last_active = self.server.clock()
         try:
             self.parser.feed_data(data)
@@ -220,7 +234,22 @@ class _Conn(asyncio.Protocol):
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
+        """Refuse a body by the head (413 before a byte of it is read); answer ``Expect:
+        100-continue`` when the body will be read."""
         self.in_head = False
+        length = self.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise HttpError(413, f"body larger than {self.max_body} bytes")
+        has_body = (length.isdigit() and int(length) > 0) or "transfer-encoding" in self.headers
+        if (
+            has_body
+            and self.headers.get("expect", "").lower() == "100-continue"
+            and not self.busy
+            and not self.ready  # an interim answer must not come before an earlier response
+            and self.transport is not None
+            and self.parser.get_http_version() == "1.1"
+        ):
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -257,7 +286,8 @@ class _Conn(asyncio.Protocol):
     # serving
 
     def _fail(self, error: HttpError) -> None:
-        """Unparseable input: answer it after what is already queued, then close."""
+        """Unparseable or refused input: answer it after what is already queued, then close
+        gracefully (see ``_linger``)."""
         self.ready.append(error)
         if self.transport is not None:
             self.transport.pause_reading()
@@ -266,7 +296,7 @@ class _Conn(asyncio.Protocol):
         item = self.ready.popleft()
         self.busy = True
         if isinstance(item, HttpError):
-            self._reply(self.server.error_reply(item), "GET", close=True)
+            self._reply(self.server.error_reply(item), "GET", close=True, linger=True)
             return
         coro = self._serve(item)
         if not self.server.eager:
@@ -288,7 +318,7 @@ class _Conn(asyncio.Protocol):
             return
         self._reply(reply, request.method, close=not request.keep_alive)
 
-    def _reply(self, reply: Reply, method: str, close: bool) -> None:
+    def _reply(self, reply: Reply, method: str, close: bool, linger: bool = False) -> None:
         self.task = None
         transport = self.transport
         if transport is None:
@@ -299,7 +329,10 @@ class _Conn(asyncio.Protocol):
         transport.write(head if method == "HEAD" else head + body)
         self.last_active = self.server.clock()
         if close:
-            transport.close()
+            if linger:
+                self._linger(transport)
+            else:
+                transport.close()
             return
         self.busy = False
         if self.ready:
@@ -327,6 +360,22 @@ class _Conn(asyncio.Protocol):
                 await aclose()
             if self.transport is not None:
                 self.transport.close()  # a stream ends its connection
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """The lingering close after an error answered before the request was read whole:
+        shut down writing (the answer is flushed first), then read and discard what the
+        client still sends, up to ``LINGER_BYTES`` or ``LINGER_TIME`` or its own close. A
+        plain close with unread bytes would reset the connection, and the client (still
+        sending) would get ECONNRESET instead of the answer."""
+        self.lingering = LINGER_BYTES
+        self.ready.clear()
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_TIME, transport.close)
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.busy else now - self.last_active

@@ -40,6 +40,26 @@ class _Worker(logging.Filter):
         return True
 
 
+# libraries that log a line per call at INFO (httpx: "HTTP Request: POST http://etcd/...",
+# ~5 per etcd registration, 2 per heartbeat): their INFO and below is poise's DEBUG
+LIBRARIES = ("httpx", "httpcore")
+
+
+class _LibraryChatter(logging.Filter):
+    """Passes a library's INFO record only when ``root`` is at DEBUG, relabelled DEBUG."""
+
+    def __init__(self, root: logging.Logger) -> None:
+        super().__init__()
+        self.root = root
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in LIBRARIES:
+            return True
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.root.isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str = "info", fmt: str = "text", *, worker: int | None = None) -> None:
     """Log to stderr; ``worker``: this is worker process n of ``--workers N``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -53,5 +73,6 @@ def setup_logging(level: str = "info", fmt: str = "text", *, worker: int | None 
     if worker is not None:
         handler.addFilter(_Worker(worker))
     root = logging.getLogger()
+    handler.addFilter(_LibraryChatter(root))
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

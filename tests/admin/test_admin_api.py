@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -242,3 +243,26 @@ async def test_requests_in_flight_are_counted_whatever_the_policy() -> None:
         release.set()
         assert (await pending).text == "done\n"
         assert await in_flight() == 0
+
+
+async def test_a_broken_backends_file_shows_in_status_and_upstream(tmp_path: Path) -> None:
+    path = tmp_path / "backends.txt"
+    async with HttpBackend("a") as a:
+        path.write_text(f"{a.url}\n")
+        config = doc([])
+        config["upstreams"]["app"] = {"file": str(path), "health_check": {"enabled": False}}
+        async with running(config) as (server, _), httpx.AsyncClient(headers=AUTH) as c:
+            base = admin_url(server)
+            status = (await c.get(f"{base}/v1/status")).json()
+            assert status["sources"]["app"]["error"] == ""
+            assert (await c.get(f"{base}/v1/upstreams/app")).json()["source_error"] == ""
+            path.write_text('["http://127.0.0.1:notaport"]')
+            await eventually(lambda: bool(server.sources["app"].error))
+            status = (await c.get(f"{base}/v1/status")).json()
+            assert "notaport" in status["sources"]["app"]["error"]
+            assert status["sources"]["app"]["file"] == str(path)
+            up = (await c.get(f"{base}/v1/upstreams/app")).json()
+            assert "notaport" in up["source_error"]
+            assert [b["url"] for b in up["backends"]] == [a.url]  # the last good list
+            ups = (await c.get(f"{base}/v1/upstreams")).json()
+            assert "notaport" in ups["app"]["source_error"]

@@ -160,3 +160,21 @@ async def test_dashboard_without_the_token_asks_for_it(tmp_path: Path) -> None:
             async with browser(f"http://{host}:{port}/", tmp_path / "profile") as page:
                 text = await page.wait_text("admin token is missing or wrong")
                 assert "Admin token" in text and a.url not in text
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (.ci/run installs it)")
+async def test_dashboard_shows_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "backends.txt"
+    async with HttpBackend("a") as a:
+        path.write_text(f"{a.url}\n")
+        doc = full([], health={"enabled": False})
+        doc["upstreams"]["app"] = {"file": str(path), "health_check": {"enabled": False}}
+        doc["admin"] = {"listen": "127.0.0.1:0", "token": TOKEN}
+        async with running(doc) as (server, _):
+            assert server.admin_address is not None
+            host, port = server.admin_address
+            async with browser(f"http://{host}:{port}/#token={TOKEN}", tmp_path / "p") as page:
+                await page.wait_text(re.escape(a.url))
+                path.write_text('["http://127.0.0.1:notaport"]')
+                text = await page.wait_text(r"SOURCE ERROR: .*notaport")
+                assert a.url in text  # the last good list is still shown

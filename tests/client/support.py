@@ -6,8 +6,10 @@ it without deadlock, and tests can stop it and start an empty one on the same po
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from poise.client.sync import LoopThread
@@ -68,6 +70,26 @@ class Harness:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The registry frozen like a SIGSTOPped process while the block runs: connections
+        and requests queue in the kernel and are served once it is left."""
+        frozen, release = threading.Event(), threading.Event()
+
+        def freeze() -> None:
+            frozen.set()
+            release.wait(DEADLINE * 4)
+
+        self.thread.call_soon(freeze)
+        frozen.wait(DEADLINE)
+        try:
+            yield
+        finally:
+            release.set()
+
+    def revision(self) -> int:
+        return self.run(self.store.revision())
 
     def instances(self, service: str) -> tuple[Instance, ...]:
         return self.run(self.store.instances(service))[0]

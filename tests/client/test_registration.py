@@ -39,6 +39,17 @@ async def test_without_deregister_the_ttl_expires_it(registry: Harness) -> None:
         await await_until(lambda: registry.ids("users") == [], "expired after its TTL")
 
 
+async def test_a_registration_that_timed_out_is_deregistered_on_exit(registry: Harness) -> None:
+    # no TTL: an instance left behind would stay routed forever
+    async with AsyncRegistry(registry.url, TOKEN, timeout=0.3) as client:
+        with registry.paused():
+            async with client.register("users", port=8001, ttl=None, id="u1") as reg:
+                assert not reg.registered  # the PUT timed out: its fate is unknown
+        # the queued PUT lands now; the DELETE sent on exit must follow it
+        await await_until(lambda: registry.revision() >= 1, "the queued registration landed")
+        await await_until(lambda: registry.ids("users") == [], "deregistered")
+
+
 async def test_set_status_is_sent_at_once(registry: Harness) -> None:
     client = AsyncRegistry(registry.url, TOKEN)
     # a long interval: only the wake-up can send the status within the deadline

@@ -126,7 +126,7 @@ def test_health_url_gates_the_status(
 
 
 def test_bad_arguments_and_a_refused_token(
-    registry: Harness, capsys: pytest.CaptureFixture[str]
+    registry: Harness, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     base = ["register", "--registry", registry.url, "--service", "users", "--port", "8001"]
     for bad in (["--interval", "0"], ["--ttl", "soon"]):
@@ -139,9 +139,15 @@ def test_bad_arguments_and_a_refused_token(
     assert "ttl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--health-url", "localhost:8001/health"])
-    # a command that cannot start: said plainly, and the registration is removed again
-    assert main([*base, "--token", TOKEN, "--", "/nonexistent/app"]) == 1
-    assert "/nonexistent/app" in capsys.readouterr().err
+    # a command that cannot start: said plainly, the registration is removed again, and the
+    # exit status is a shell's: 127 not found, 126 found but not executable
+    assert main([*base, "--token", TOKEN, "--", "/nonexistent/app"]) == 127
+    assert "/nonexistent/app: command not found" in capsys.readouterr().err
+    assert registry.ids("users") == []
+    plain = tmp_path / "not-executable"
+    plain.write_text("#!/bin/sh\n")
+    assert main([*base, "--token", TOKEN, "--", str(plain)]) == 126
+    assert f"{plain}: cannot run" in capsys.readouterr().err
     assert registry.ids("users") == []
 
 

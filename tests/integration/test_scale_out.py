@@ -36,6 +36,12 @@ def doc(endpoints: list[str], prefix: str) -> dict[str, Any]:
     }
 
 
+def admin(server: Server) -> str:
+    assert server.admin_address is not None
+    host, port = server.admin_address
+    return f"http://{host}:{port}"
+
+
 def instance(backend: HttpBackend, iid: str) -> dict[str, Any]:
     host, port = backend.url.split("//")[1].rsplit(":", 1)
     return {"host": host, "port": int(port)}
@@ -171,3 +177,24 @@ async def test_etcd_down_keeps_the_last_known_set_and_catches_up(own_etcd: EtcdS
             await eventually(lambda: len(routed(server)) == 2, timeout=30)
             await eventually(lambda: stats()["registry"]["reachable"] is True, timeout=30)
         assert tally["failures"] == [], tally["failures"][:5]
+
+
+async def test_the_admin_registry_view_says_the_store_is_down(own_etcd: EtcdServer) -> None:
+    token = "admin-token-0123456789abcdef"
+    config = {**doc([own_etcd.url], "/admin"), "admin": {"listen": "127.0.0.1:0", "token": token}}
+    async with (
+        HttpBackend("a") as a,
+        running(config) as (server, _),
+        httpx.AsyncClient(timeout=20, headers={"Authorization": f"Bearer {token}"}) as c,
+    ):
+        await c.put(f"{api(server)}/v1/services/users/instances/a-1", json=instance(a, "a-1"))
+        await eventually(lambda: len(routed(server)) == 1)
+        r = await c.get(f"{admin(server)}/v1/registry")
+        assert r.status_code == 200 and r.json()["services"] == {"users": 1}
+        assert r.json()["stale"] is False
+        own_etcd.kill()
+        r = await c.get(f"{admin(server)}/v1/registry")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["stale"] is True and "unavailable" in body["error"]
+        assert body["followed"] == {"users": 1}  # the last known view

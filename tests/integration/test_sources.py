@@ -58,6 +58,23 @@ async def test_a_backends_file_is_followed_and_a_bad_version_is_not_applied(
             assert server.statistics()["sources"]["app"]["error"] == ""
 
 
+async def test_an_emptied_or_cut_backends_file_is_not_applied(tmp_path: Path) -> None:
+    path = tmp_path / "backends.txt"
+    async with HttpBackend("a") as a:
+        path.write_text(f"{a.url}\n")
+        async with running(doc(file=str(path))) as (server, url):
+            stats = server.statistics
+            path.write_text("")  # `: > backends.txt`, the first step of a rewrite
+            await eventually(lambda: "empty file" in stats()["sources"]["app"]["error"])
+            assert members(server) == [a.port]
+            assert await served(url) == {"a\n"}
+            path.write_text(f"{a.url}\nhttp://127.0.0.1:200")  # cut mid-line
+            await eventually(lambda: "newline" in stats()["sources"]["app"]["error"])
+            assert members(server) == [a.port]
+            path.write_text("[]")  # said explicitly: no backends
+            await eventually(lambda: members(server) == [])
+
+
 async def test_an_unreadable_backends_file_stops_the_start(tmp_path: Path) -> None:
     server = Server(parse_config(doc(file=str(tmp_path / "missing.json"))))
     with pytest.raises(ConfigError, match=r"upstreams\.app\.file: .*missing\.json"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import statistics
 import time
 from collections.abc import AsyncGenerator
@@ -30,6 +31,14 @@ def inst(iid: str, port: int = 8000, **kw: object) -> Instance:
 
 async def next_event(events: AsyncGenerator[Event, None], timeout: float = 10.0) -> Event:
     return await asyncio.wait_for(anext(events), timeout)
+
+
+async def up_again(store: EtcdStore, timeout: float = 30.0) -> None:
+    """Once etcd is back: wait for the store's background probe to reach it."""
+    deadline = time.monotonic() + timeout
+    while store.down_since is not None:
+        assert time.monotonic() < deadline, f"{store!r} still down after {timeout:g}s"
+        await asyncio.sleep(0.02)
 
 
 async def test_two_clients_see_each_others_registrations_at_once(etcd: EtcdServer) -> None:
@@ -182,6 +191,7 @@ async def test_etcd_down_then_back(own_etcd: EtcdServer) -> None:
         assert writer.statistics()["unavailable"] == 1
         pending = asyncio.ensure_future(next_event(events, 30.0))  # the stream has dropped
         await own_etcd.restart()
+        await up_again(writer)
         b = await writer.register(inst("b", 8002))  # the same client works again
         c = await writer.register(inst("c", 8003))
         # the watch reconnected by itself, from the last event it delivered: nothing lost
@@ -196,6 +206,7 @@ async def test_etcd_down_then_back(own_etcd: EtcdServer) -> None:
         with pytest.raises(StoreUnavailable):
             await next_event(short)
         await own_etcd.restart()
+        await up_again(writer)
         assert await writer.deregister("users", "a")
         resumed = writer.watch(c.revision)
         try:
@@ -318,6 +329,8 @@ async def test_a_cluster_without_quorum_is_unavailable_until_it_recovers() -> No
             noticed = time.monotonic() - t0
             assert noticed < 20, f"losing quorum was noticed only after {noticed:.1f}s"
             await cluster.members[1].restart()  # quorum again (2 of 3)
+            await up_again(store)
+            await up_again(watcher)
             b = await store.register(inst("b", 8002))
             resumed = watcher.watch(a.revision)
             try:
@@ -329,3 +342,48 @@ async def test_a_cluster_without_quorum_is_unavailable_until_it_recovers() -> No
             await store.close()
             await watcher.close()
         print(f"\nquorum lost: writes and the survivor's watch unavailable after {noticed:.1f}s")
+
+
+async def test_an_outage_is_logged_once_by_poise_not_per_call(
+    own_etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = EtcdStore(own_etcd.url, timeout=0.5)
+    try:
+        await store.register(inst("a", 8001))
+        own_etcd.kill()
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await store.register(inst("b", 8002))
+            await own_etcd.restart()
+            await up_again(store)
+            await store.register(inst("b", 8002))
+        ours = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("poise")]
+        assert len(ours) == 2, ours
+        assert ours[0][0] == "WARNING" and "failed" in ours[0][1]
+        assert ours[1][0] == "INFO" and "answers again" in ours[1][1]
+    finally:
+        await store.close()
+
+
+async def test_once_etcd_is_known_down_calls_fail_at_once(own_etcd: EtcdServer) -> None:
+    store = EtcdStore(own_etcd.url, timeout=2.0)
+    try:
+        await store.register(inst("a", 8001))
+        own_etcd.kill()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.register(inst("b", 8002))
+        assert time.monotonic() - t0 >= 1.5  # the first call gives etcd its time
+        assert store.statistics()["down"] is True
+        for call in (store.revision(), store.instances("users"), store.heartbeat("users", "a")):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="retrying in the background"):
+                await call
+            assert time.monotonic() - t0 < 0.5, "a call waited although etcd is known down"
+        await own_etcd.restart()
+        await up_again(store)  # the background probe noticed, no call needed
+        assert store.statistics()["down"] is False
+        assert [i.id for i in (await store.instances("users"))[0]] == ["a"]
+    finally:
+        await store.close()

@@ -4,16 +4,20 @@ encoding on a proxy listener can reach it. Every call needs ``Authorization: Bea
 
 ::
 
-    GET    /v1/status                                     version, uptime, listeners, registry
+    GET    /v1/status                                     version, uptime, listeners, registry,
+                                                          file/DNS sources and their errors
     GET    /v1/routes                                     routes per listener
     GET    /v1/upstreams                                  every upstream, backends summarised
     GET    /v1/upstreams/{upstream}                       backends: state, health and why,
-                                                          ejection, in flight, last checks
+                                                          ejection, in flight, last checks;
+                                                          source_error (file/DNS, "" if good)
     PUT    /v1/upstreams/{upstream}/backends/{backend}/state   {"state": "drain"}
     PUT    /v1/upstreams/{upstream}/backends/{backend}/weight  {"weight": 3}
     POST   /v1/upstreams/{upstream}/backends                   {"url": ..., "weight": 1}
     DELETE /v1/upstreams/{upstream}/backends/{backend}
-    GET    /v1/registry                                   the registry as poise sees it
+    GET    /v1/registry                                   the registry as poise sees it (503
+                                                          with the reason and the last known
+                                                          view, "stale", while the store is down)
     GET    /v1/config                                     the config in force (secrets hidden)
     POST   /v1/reload                                     reload the config file
     GET    /v1/workers                                    worker processes (--workers N)
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from poise import __version__
 from poise.admin import metrics
 from poise.config.checks import check_weight
+from poise.errors import RegistryError
 from poise.health.status import STATES
 from poise.httpd import HttpError, HttpServer, Reply, Request, Router, require_bearer
 
@@ -105,6 +110,8 @@ class AdminApi:
                 "clients": dp["clients"],
                 "requests": dp["stats"].get("requests", 0),
                 "workers": s.workers() if s.workers is not None else None,
+                # file and DNS sources: their backend count and error ("" when good)
+                "sources": {name: src.statistics() for name, src in s.sources.items()},
                 "registry": None
                 if s.registry is None
                 else {
@@ -146,8 +153,30 @@ class AdminApi:
         reg = self.server.registry
         if reg is None:
             raise HttpError(404, "no registry is configured")
-        services, rev = await reg.store.services()
-        return Reply(data={**reg.statistics(), "services": services, "store_revision": rev})
+        try:
+            services, rev = await reg.store.services()
+        except RegistryError as exc:
+            # the store is down (etcd): say so, with the last known view, marked stale
+            return Reply(
+                503,
+                {
+                    **reg.statistics(),
+                    "status": "unavailable",
+                    "stale": True,
+                    "error": f"registry store unavailable: {exc}",
+                    "services": None,
+                    "store_revision": None,
+                },
+            )
+        return Reply(
+            data={
+                **reg.statistics(),
+                "status": "ok",
+                "stale": False,
+                "services": services,
+                "store_revision": rev,
+            }
+        )
 
     async def config(self, request: Request) -> Reply:
         return Reply(data=_redact(_plain(self.server.config)))
@@ -266,6 +295,8 @@ class AdminApi:
             if up.dns
             else {"static": True}
         )
+        feed = s.sources.get(name)  # a file or DNS source: its last error, "" when good
+        source_error = feed.error if feed is not None else None
         traffic: dict[str, Any] = (dp or s.dataplane())["backends"].get(name, {})
         backends = []
         for b in group.backends:
@@ -287,6 +318,7 @@ class AdminApi:
         return {
             "policy": up.policy.name,
             "source": source,
+            "source_error": source_error,
             "panic": bool(board.get("panic", False)) if isinstance(board, dict) else False,
             "backends": backends,
         }

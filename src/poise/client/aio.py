@@ -15,7 +15,10 @@ exit, heartbeats every ``ttl / 3``:
 * ``set_status`` wakes the task so the new status is sent at once, not at the next beat.
 
 Leaving deregisters, best effort and within ``DEREGISTER_TIMEOUT`` seconds: a registry that
-is down must not hold up a shutdown, and the TTL removes the instance anyway.
+is down must not hold up a shutdown, and the TTL removes the instance anyway. It deregisters
+whenever a register call was sent, answered or not: a call that timed out may still be
+applied (a paused registry serves its queued requests when it resumes), and without a TTL
+nothing else would ever remove it.
 
 ``AsyncResolver`` keeps, per service asked about, a :class:`~poise.client.core.ServiceView`
 current with a loop of blocking queries (``?index=N&wait=30s``); the first question about a
@@ -197,6 +200,7 @@ class AsyncRegistration:
         self.registrations = 0  # successful registers: 1 + re-registrations
         self.failures = 0  # calls that failed (registry unreachable or refusing)
         self.last_error = ""
+        self.sent = False  # a register call went out: it may have been applied, acked or not
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
 
@@ -230,17 +234,22 @@ class AsyncRegistration:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        # registrations > 0: a re-registration may have been cut short by the cancel above
-        if not deregister or not (self.registered or self.registrations):
+        # a register call that timed out or was cut short by the cancel above may still be
+        # applied (a paused registry serves it when it resumes): deregister after any sent
+        if not deregister or not (self.registered or self.sent):
             return
-        self.registered = False
+        self.registered = self.sent = False
         try:
             await self.registry.call(
                 "DELETE", self.registration.path, f"deregister {self.id}",
                 timeout=DEREGISTER_TIMEOUT,
             )  # fmt: skip
         except RegistryError as exc:
-            log.warning("deregister %s failed (%s); its TTL will expire it", self.id, exc)
+            if self.registration.ttl is None:
+                log.error("deregister %s failed (%s); it has no TTL: it stays registered "
+                          "until deregistered", self.id, exc)  # fmt: skip
+            else:
+                log.warning("deregister %s failed (%s); its TTL will expire it", self.id, exc)
 
     def set_status(self, status: str) -> None:
         """``passing``, ``warning`` or ``critical`` (keeps traffic away); sent at once."""
@@ -250,6 +259,7 @@ class AsyncRegistration:
 
     async def _register(self) -> None:
         reg = self.registration
+        self.sent = True
         await self.registry.call("PUT", reg.path, f"register {reg.id}", body=reg.body(self.status))
         self.registered = True
         self.registrations += 1

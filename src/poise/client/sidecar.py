@@ -14,6 +14,8 @@ The sidecar is an :class:`~poise.client.aio.AsyncRegistration` plus two optional
 * a command after ``--``: it is started once the registration is in place, with this
   process's stdin, stdout and stderr. When it exits the instance is deregistered and its
   exit status becomes the sidecar's (128 + N for a process killed by signal N, as shells do).
+  A command that cannot be started is deregistered at once with a shell's status: 127 when
+  it is not found, 126 when it cannot be run (not executable, a directory).
 
 SIGTERM or SIGINT deregisters first (traffic stops before the process does), then passes
 SIGTERM on to the command, waits up to ``GRACE`` seconds for it (then SIGKILL) and exits 0.
@@ -132,7 +134,13 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
             proc = None
             try:
                 if cfg.command:  # spawned after registering: its first request may come soon
-                    proc = await asyncio.create_subprocess_exec(*cfg.command)
+                    try:
+                        proc = await asyncio.create_subprocess_exec(*cfg.command)
+                    except OSError as exc:  # deregistered below; the status a shell gives
+                        found = not isinstance(exc, FileNotFoundError)
+                        what = "cannot run" if found else "command not found"
+                        log.error("%s: %s (%s)", cfg.command[0], what, exc.strerror or exc)
+                        return 126 if found else 127
                 await _until_done(cfg, reg, stop, proc)
             finally:
                 await reg.stop()  # deregister before the command is told to stop
@@ -150,5 +158,4 @@ async def run_sidecar(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> 
 
 def sidecar(cfg: SidecarConfig) -> int:
     """Run :func:`run_sidecar` on a new event loop (the ``poise register`` entry point)."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     return asyncio.run(run_sidecar(cfg))

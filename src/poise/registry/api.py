@@ -266,9 +266,12 @@ def _index(rev: int) -> list[tuple[str, str]]:
 def openapi_document() -> dict[str, Any]:
     instance = {
         "type": "object",
-        "required": ["host"],
+        "required": ["host", "port"],
         "properties": {
-            "host": {"type": "string", "description": "host name or IP (alias: address)"},
+            "host": {
+                "type": "string",
+                "description": "DNS name, IPv4 or IPv6 address (alias: address)",
+            },
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
             "scheme": {"enum": ["http", "https", "tcp"], "default": "http"},
             "weight": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1},

@@ -46,11 +46,14 @@ should keep one ``watch()`` per process and answer blocking queries from what it
 **Endpoints and failures.** Requests go to the current endpoint; a connection failure, no
 answer within ``attempt_timeout`` or an "unavailable" answer (no leader, leader changed) moves
 to the next one and, after a full round, retries with backoff until ``timeout`` seconds have
-passed; then ``StoreUnavailable``. The next call starts again, so the store reconnects by
-itself when etcd is back. Retrying a write is safe: the transaction's guard fails if the first
-try had in fact been applied, and we decide again from what is stored (a lease granted by a
-lost answer just expires). Requests carry etcd's "require leader" flag, so a member without a
-leader says so at once, and a watch on a member cut off from the others is ended by etcd.
+passed; then ``StoreUnavailable``, and the store is *known down*: from then on calls fail at
+once (a registry call answers 503 at once, not after ``timeout``) while a background probe
+tries the members with a cheap read every ``PROBE_BACKOFF`` seconds at most; the first answer
+ends it, and calls go through again. Retrying a write is safe: the transaction's guard fails
+if the first try had in fact been applied, and we decide again from what is stored (a lease
+granted by a lost answer just expires). Requests carry etcd's "require leader" flag, so a
+member without a leader says so at once, and a watch on a member cut off from the others is
+ended by etcd.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import ssl
 import time
@@ -77,9 +81,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 __all__ = ["EtcdStore"]
 
+log = logging.getLogger("poise.registry.etcd")
+
 MIN_LEASE = 2  # seconds: etcd's minimum lease TTL with its default election timeout
 CONNECTIONS = 64  # to etcd, for unary calls (watches have their own)
 RETRIES = 20  # read-decide-write rounds lost to concurrent writers before giving up
+PROBE_BACKOFF = 0.5  # seconds at most between tries of the background probe while etcd is down
 _RETRY_CODES = {4, 14}  # gRPC DeadlineExceeded, Unavailable: another member may answer
 _NOT_FOUND = 5
 KV = dict[str, Any]
@@ -154,6 +161,11 @@ class EtcdStore:
         self.leases = 0
         self.watches = 0  # streams open now
         self.last_error = ""  # the last failure seen (of a member, a stream), for operators
+        self._failing = False  # since the last answer: failures are logged once, not per call
+        # set when a call gave up (no member answered for ``timeout``): until the background
+        # probe reaches a member again, calls fail at once instead of each waiting ``timeout``
+        self.down_since: float | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     # -- the Store protocol ----------------------------------------------------------------
 
@@ -304,6 +316,10 @@ class EtcdStore:
 
     async def close(self) -> None:
         self._closed = True
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.aclose()
@@ -322,6 +338,7 @@ class EtcdStore:
             "leases": self.leases,
             "watches": self.watches,
             "last_error": self.last_error,
+            "down": self.down_since is not None,
         }
 
     def __repr__(self) -> str:
@@ -454,28 +471,77 @@ class EtcdStore:
     async def _failover(self, attempt: Callable[[str, float], Awaitable[T]]) -> T:
         """Run ``attempt(endpoint, seconds left)`` on the current member; on ``_Retry`` move
         to the next one, and after a full round wait a little (backoff), until ``timeout``."""
+        if self.down_since is not None:
+            raise self._unavailable()
         deadline = time.monotonic() + self.timeout
         delay = 0.05
         while True:
+            if self.down_since is not None:  # another call gave up meanwhile
+                raise self._unavailable()
             for _ in self.endpoints:
                 endpoint = self.endpoints[self._current]
                 self.requests += 1
                 try:
                     left = min(deadline - time.monotonic(), self.attempt_timeout)
-                    return await attempt(endpoint, max(left, 0.1))
+                    answer = await attempt(endpoint, max(left, 0.1))
                 except _Retry as exc:
                     self.last_error = f"{endpoint}: {exc}"
+                    if not self._failing:
+                        self._failing = True
+                        log.warning("etcd member %s failed (%s); trying the others",
+                                    endpoint, exc)  # fmt: skip
+                else:
+                    if self._failing:
+                        self._failing = False
+                        log.info("etcd member %s answers again", endpoint)
+                    return answer
                 self._current = (self._current + 1) % len(self.endpoints)
                 self.failovers += 1
             left = deadline - time.monotonic()
             if left <= 0:
                 self.unavailable += 1
-                raise StoreUnavailable(
+                error = StoreUnavailable(
                     f"etcd at {', '.join(self.endpoints)} unavailable for {self.timeout:g}s "
                     f"(last: {self.last_error})"
                 )
+                if self.down_since is None and not self._closed:
+                    self.down_since = time.monotonic()
+                    self._probe = asyncio.get_running_loop().create_task(
+                        self._probe_until_up(), name="etcd probe"
+                    )
+                raise error
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
+
+    def _unavailable(self) -> StoreUnavailable:
+        self.unavailable += 1
+        assert self.down_since is not None
+        down = time.monotonic() - self.down_since
+        return StoreUnavailable(
+            f"etcd at {', '.join(self.endpoints)} unavailable (down for {down:.1f}s; retrying "
+            f"in the background; last: {self.last_error})"
+        )
+
+    async def _probe_until_up(self) -> None:
+        """While the store is down: try each member in turn with a cheap read, with a capped
+        backoff (``PROBE_BACKOFF``), until one answers; then calls go through again."""
+        body = {"key": _b64(self._instances), "range_end": _b64(_range_end(self._instances)),
+                "count_only": True}  # fmt: skip
+        delay = 0.05
+        while not self._closed:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PROBE_BACKOFF)
+            for _ in self.endpoints:
+                endpoint = self.endpoints[self._current]
+                try:
+                    await self._attempt(endpoint, "/v3/kv/range", body, self.attempt_timeout)
+                except (_Retry, _EtcdError, RegistryError) as exc:
+                    self.last_error = f"{endpoint}: {exc}"
+                    self._current = (self._current + 1) % len(self.endpoints)
+                    continue
+                self.down_since, self._probe, self._failing = None, None, False
+                log.info("etcd member %s answers again", endpoint)
+                return
 
     @staticmethod
     def _error_of(status: int, data: object) -> tuple[_EtcdError, bool]:
@@ -500,26 +566,32 @@ class EtcdStore:
         ``raw_errors`` (for callers that expect some), else ``RegistryError``."""
 
         async def attempt(endpoint: str, left: float) -> KV:
-            try:
-                response = await self._http().post(
-                    endpoint + path, json=body, timeout=left, headers=_REQUIRE_LEADER
-                )
-            except httpx.TransportError as exc:
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            if response.status_code == 200 and isinstance(data, dict) and "error" not in data:
-                return data
-            error, retry = self._error_of(response.status_code, data)
-            if retry:
-                raise _Retry(error.message)
-            if raw_errors:
-                raise error
-            raise self._translate(error) from error
+            return await self._attempt(endpoint, path, body, left, raw_errors=raw_errors)
 
         return await self._failover(attempt)
+
+    async def _attempt(
+        self, endpoint: str, path: str, body: KV, left: float, *, raw_errors: bool = False
+    ) -> KV:
+        """One unary request to one member (``_Retry`` when another may do better)."""
+        try:
+            response = await self._http().post(
+                endpoint + path, json=body, timeout=left, headers=_REQUIRE_LEADER
+            )
+        except httpx.TransportError as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if response.status_code == 200 and isinstance(data, dict) and "error" not in data:
+            return data
+        error, retry = self._error_of(response.status_code, data)
+        if retry:
+            raise _Retry(error.message)
+        if raw_errors:
+            raise error
+        raise self._translate(error) from error
 
     async def _open_watch(self, body: KV) -> httpx.Response:
         async def attempt(endpoint: str, left: float) -> httpx.Response:

@@ -19,6 +19,7 @@ forms. Stores persist and order; the server turns instances into backends.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -40,7 +41,8 @@ DELETE = "delete"
 _SERVICE = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62})")
 _INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _SCHEMES = ("http", "https", "tcp")
-_DEFAULT_PORT = {"http": 80, "https": 443}
+# one label of a DNS name ('_' too: DNS allows it, and container names use it)
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 MAX_TTL = 24 * 3600.0
 MIN_TTL = 0.1
 _FIELDS = ("host", "address", "port", "scheme", "weight", "tags", "meta", "zone", "ttl", "status")
@@ -153,7 +155,7 @@ def check_instance_id(value: object, where: str = "id") -> str:
         raise InvalidInstance(
             [
                 f"{where}: {value!r} is not an instance id (letters, digits, '.', '_', ':', '@', "
-                "'-'; 1-128 characters)"
+                "'-'; 1-128 characters, starting with a letter or digit)"
             ]
         )
     return value
@@ -209,14 +211,23 @@ def parse_instance(service: object, instance_id: object, body: object) -> Instan
     host = body.get("host", body.get("address"))
     if "host" in body and "address" in body:
         problems.append("address: give host or address, not both")
-    if not isinstance(host, str) or not host.strip() or any(c in host for c in " /?#@\t\r\n"):
-        problems.append(f"host: {host!r} is not a host name or IP address")
-        host = ""
-    host = host.strip().strip("[]")
-    port = body.get("port", _DEFAULT_PORT.get(scheme))
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        problems.append(f"port: {port!r} is not a port number (1-65535)")
+    checked = check_host(host)
+    if checked is None:
+        hint = " (the port goes in port)" if isinstance(host, str) and _has_port(host) else ""
+        problems.append(
+            f"host: {host!r} is not a DNS name (labels of 1-63 letters, digits, '-', '_'; "
+            f"at most 253 characters), an IPv4 address or an IPv6 address{hint}"
+        )
+        checked = ""
+    host = checked
+    if "port" not in body:  # no default: 80 for a service on 8080 routes to nothing
+        problems.append("port: required (1-65535)")
         port = 0
+    else:
+        port = body["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            problems.append(f"port: {port!r} is not a port number (1-65535)")
+            port = 0
     weight = body.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
         problems.append(f"weight: {weight!r} is not an integer from 0 to 1000")
@@ -255,6 +266,37 @@ def parse_instance(service: object, instance_id: object, body: object) -> Instan
         ttl=ttl,
         status=status,
     )
+
+
+def check_host(value: object) -> str | None:
+    """``value`` as an instance host (an IPv6 address without brackets), or None when it is
+    not a DNS name (labels of at most 63 characters, 253 in all, a trailing dot allowed, the
+    last label not all digits), an IPv4 address or an IPv6 address (``[...]`` allowed)."""
+    if not isinstance(value, str):
+        return None
+    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if ":" in text:
+        try:
+            return str(ipaddress.IPv6Address(text)) if "%" not in text else None
+        except ValueError:
+            return None
+    if text is not value:
+        return None  # brackets hold only IPv6 addresses
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    if labels[-1].isdigit():  # dotted digits are an IPv4 address or nothing (no TLD is numeric)
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError:
+            return None
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return text
+
+
+def _has_port(host: str) -> bool:
+    head, sep, tail = host.rpartition(":")
+    return bool(sep) and tail.isdigit() and check_host(head) is not None
 
 
 def check_status(value: object, where: str = "status") -> str:

@@ -6,10 +6,14 @@ Both are polled (a file's identity every ``FILE_POLL`` s, DNS every ``refresh``)
 a new backend list only when it differs from the last one. A source that fails (a file with a
 syntax error, a DNS timeout) keeps the last good list in force: poise goes on routing to what
 it knew, logs the problem once, and says when the source is good again. A half-written file
-is never applied: it fails validation, and the complete one a moment later succeeds.
+is never applied: it fails validation, and the complete one a moment later succeeds. That
+needs a format whose every prefix is invalid: an empty file is refused (write ``[]`` for "no
+backends"), a JSON list is only complete with its closing ``]``, and plain text only when it
+ends with a newline.
 
 File format: a JSON list like ``backends`` in the config (URL strings or objects with
-``url``/``weight``/``state``), or plain text with one URL per line (``#`` starts a comment).
+``url``/``weight``/``state``), or plain text with one URL per line (``#`` starts a comment),
+ending with a newline.
 
 DNS: type ``A`` looks the name up (A and AAAA) and uses every address on ``port``; type
 ``SRV`` uses the records of the lowest priority, each target on its own port with its weight
@@ -42,20 +46,37 @@ class SourceError(Exception):
 
 
 def parse_backend_file(text: str, path: str) -> tuple[BackendConfig, ...]:
+    """Parse a backends file; raise SourceError unless it is complete.
+
+    A file being written is caught at any point of the write: an empty (or blank) file is
+    refused (``[]`` is how a JSON file says "no backends"), a JSON list must parse, and plain
+    text must end with a newline (a last line without one may be cut short) and name at
+    least one backend.
+    """
     stripped = text.strip()
+    if not stripped:
+        raise SourceError(f"{path}: empty file (write [] to mean no backends)")
     if stripped.startswith("["):
         try:
             value = json.loads(stripped)
         except ValueError as exc:
             raise SourceError(f"{path}: not valid JSON: {exc}") from exc
+        if value == []:
+            return ()  # said explicitly
     else:
+        if not text.endswith("\n"):
+            raise SourceError(
+                f"{path}: the last line does not end with a newline (incomplete file?)"
+            )
         value = [
             line.split("#", 1)[0].strip()
             for line in text.splitlines()
             if line.split("#", 1)[0].strip()
         ]
-    if not value:
-        return ()
+        if not value:
+            raise SourceError(
+                f"{path}: no backends, only comments (write [] to mean no backends)"
+            )
     try:
         return parse_backends(value, path)
     except ConfigError as exc:
