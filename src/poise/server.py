@@ -585,13 +585,15 @@ class Server:
         log.info("shutting down: no new connections, draining in-flight requests")
         for server in self.listeners:
             server.close()
-        ctx.draining = True
-        ctx.close_idle_clients()
+        # Kept-alive connections get Connection: close on their next response; idle ones a
+        # short grace for a request already on the wire (Context.begin_drain).
+        ctx.begin_drain()
         self.l4.draining = True  # TCP relays have no idle moment: they get the whole drain time
-        deadline = asyncio.get_running_loop().time() + self.config.timeouts.drain
-        while (ctx.clients or self.l4.active()) and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.drain
+        while (ctx.clients or self.l4.active()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-            ctx.close_idle_clients()
+            ctx.close_idle_clients(loop.time())
         if ctx.clients:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):

@@ -90,6 +90,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "cur",
         "deadline",
+        "drain_at",
         "forwarded",
         "held",
         "in_body",
@@ -121,6 +122,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: list[Exchange] = []
         self.cur: Exchange | None = None
         self.deadline = _INF
+        self.drain_at = _INF  # draining: when this connection, if idle, is closed (Context)
         self.closed = False
         self.close_after = False
         self.paused = 0
@@ -169,7 +171,9 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.now + ctx.client_header_timeout
         if ctx.draining:
-            self.close()
+            # accepted as the drain began: its client has sent, or is sending, a request
+            # that is served (with Connection: close) if it comes within the grace
+            self.drain_at = ctx.loop.time() + ctx.drain_grace
         elif len(ctx.clients) > ctx.limits.max_connections:
             # Refuse politely rather than let accept() pressure hurt everyone in flight.
             ctx.stats.connections_refused += 1
@@ -904,9 +908,12 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             del queue[0]
-        if not ex.keep_alive or self.close_after or self.ctx.draining:
+        if not ex.keep_alive or self.close_after:
             self.close()
             return
+        # Draining, a response without Connection: close (its head left before the drain
+        # began) ends here: the client may send its next request at once, so the connection
+        # stays open for the grace, like one idle when the drain began (Context.begin_drain).
         if self.upgrading:
             # The backend declined to switch protocols: back to HTTP, starting with what the
             # client sent after its upgrade request.
@@ -922,7 +929,10 @@ class ClientConnection(asyncio.Protocol):
             self._resume(_PAUSE_QUEUE)
             self._start(queue[0])
         elif self.cur is None:
-            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
+            ctx = self.ctx
+            self.deadline = ctx.now + ctx.client_idle_timeout
+            if ctx.draining:
+                self.drain_at = ctx.loop.time() + ctx.drain_grace
 
     def _answer(self, ex: Exchange, status: int, message: str) -> None:
         """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
