@@ -30,6 +30,7 @@ from poise.testing.procs import free_port
 from poise.testing.tcp import TcpEcho
 from poise.workers import Supervisor
 from tests.integration.l4support import roundtrip, tcp_doc
+from tests.integration.load import Hammer
 from tests.integration.support import address, eventually, full, until_started
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,51 +161,30 @@ async def test_operator_states_membership_and_reloads_reach_every_worker(tmp_pat
 
 
 async def test_a_rolling_restart_under_load_fails_no_request() -> None:
+    connections = 4
     async with (
         HttpBackend("a") as a,
         HttpBackend("b") as b,
         supervised(full([a.url, b.url], health=HEALTH)) as (sup, url),
     ):
-        failures: list[str] = []
-        ok = 0
-        stop = asyncio.Event()
-
-        async def loop(limits: httpx.Limits) -> None:
-            nonlocal ok
-            async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-                while not stop.is_set():
-                    try:
-                        try:
-                            r = await client.get(url)
-                        except (httpx.RemoteProtocolError, httpx.ReadError):
-                            # A keep-alive connection the draining worker closed as we sent
-                            # on it: sent again once, as browsers and most clients do for a
-                            # GET. A second failure counts.
-                            r = await client.get(url)
-                    except httpx.HTTPError as exc:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                        continue
-                    if r.status_code == 200:
-                        ok += 1
-                    else:
-                        failures.append(f"{r.status_code} {r.text}")
-
-        loops = [asyncio.create_task(loop(FRESH)) for _ in range(2)]
-        loops += [asyncio.create_task(loop(httpx.Limits())) for _ in range(2)]
-        try:
-            await eventually(lambda: ok > 50)
+        # a client that never retries: a request written and not answered is a failure, and
+        # so is a refused connect (the port always has a worker taking connections)
+        host, port = address(url)
+        async with Hammer(host, port, connections, fresh=2) as hammer:
+            load = hammer.load
+            await eventually(lambda: load.ok > 100, timeout=30)
             before = worker_pids(sup)
             for _ in range(2):
                 done = await sup.rolling_restart()
                 assert len(done["restarted"]) == 2
             after = worker_pids(sup)
             assert before.isdisjoint(after) and len(after) == 2
-            count = ok
-            await eventually(lambda: ok > count + 50)
-        finally:
-            stop.set()
-            await asyncio.gather(*loops)
-        assert failures == [], failures[:5]
+            count = load.ok
+            await eventually(lambda: load.ok > count + 100, timeout=30)
+        problems = load.failures + load.refused
+        assert problems == [], (load.summary(), problems[:5])
+        # each kept-alive connection was on a retired worker, which asked it to close
+        assert load.closes >= connections, load.summary()
 
 
 async def test_a_worker_that_dies_is_started_again() -> None:
