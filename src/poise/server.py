@@ -53,6 +53,7 @@ from poise.routing import RoutingTable, build_table, make_backends, regroup
 from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
+BACKLOG = 2048  # a listening socket's accept queue (connections the kernel completed for us)
 
 log = logging.getLogger("poise.server")
 
@@ -547,10 +548,13 @@ class Server:
             handshake = ctx.client_header_timeout if tls is not None else None
             try:
                 if self.role == "worker":  # sockets from the control process, bound already
+                    # (the same backlog: serving listens again, which would shorten the
+                    # accept queue a replacement worker shares to asyncio's default 100)
                     servers = [
                         await loop.create_server(
                             factory,
                             sock=sock,
+                            backlog=BACKLOG,
                             start_serving=False,
                             ssl=ssl,
                             ssl_handshake_timeout=handshake,
@@ -564,7 +568,7 @@ class Server:
                             host=lc.host or None,
                             port=lc.port,
                             reuse_address=True,
-                            backlog=2048,
+                            backlog=BACKLOG,
                             start_serving=False,
                             ssl=ssl,
                             ssl_handshake_timeout=handshake,

@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ import httpx
 import pytest
 
 from poise.config import parse_config
+from poise.server import BACKLOG
 from poise.testing import HttpBackend, RecordedRequest, Response
 from poise.testing.procs import free_port
 from poise.testing.tcp import TcpEcho
@@ -158,6 +161,20 @@ async def test_operator_states_membership_and_reloads_reach_every_worker(tmp_pat
         await routes_to(url, {"a", "c"})
         await sup.rolling_restart()
         await routes_to(url, {"a", "c"})
+
+
+def accept_queue_size(sock: socket.socket) -> int:
+    """A listening socket's backlog: Linux reports it as tcp_info.tcpi_sacked."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 28)[0])
+
+
+async def test_serving_workers_keep_the_accept_queue_the_supervisor_made() -> None:
+    async with HttpBackend("a") as a, supervised(full([a.url], health=HEALTH)) as (sup, url):
+        assert await served_by(url) == {"a"}
+        await sup.rolling_restart()  # a new worker listens on the same sockets again
+        sizes = [accept_queue_size(s) for slot in sup.sockets for s in slot["web"]]
+        assert sizes == [BACKLOG, BACKLOG], sizes
 
 
 async def test_a_rolling_restart_under_load_fails_no_request() -> None:
