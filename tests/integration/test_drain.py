@@ -60,6 +60,19 @@ async def test_a_request_on_a_connection_idle_when_the_drain_begins_is_served() 
         await asyncio.wait_for(task, 20)  # and the drain ends with it
 
 
+async def test_a_connection_accepted_as_the_drain_begins_is_served() -> None:
+    async with HttpBackend("a") as a, serving(full([a.url])) as (server, _):
+        assert server.ctx is not None
+        # the loop accepted it just before the listener closed: it is made during the drain
+        server.ctx.begin_drain()
+        reader, writer = await asyncio.open_connection(*server.addresses["web"])
+        writer.write(GET)
+        status, fields, body = await asyncio.wait_for(read_response(reader), 10)
+        assert (status, fields["connection"], body) == (200, "close", b"a\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
 async def test_an_idle_connection_is_closed_after_drain_idle_not_the_drain_timeout() -> None:
     timeouts = {"drain": "30s", "drain_idle": "1s"}
     async with HttpBackend("a") as a, serving(full([a.url], timeouts=timeouts)) as (server, task):
