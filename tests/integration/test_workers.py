@@ -211,11 +211,15 @@ async def test_a_worker_that_dies_is_started_again() -> None:
     ):
         victim = sup.describe()[0]
         os.kill(victim["pid"], signal.SIGKILL)
+        # (restarts counts once _spawn returns, a moment after the new worker says it serves)
         await eventually(
-            lambda: victim["pid"] not in worker_pids(sup) and len(worker_pids(sup)) == 2,
+            lambda: (
+                victim["pid"] not in worker_pids(sup)
+                and len(worker_pids(sup)) == 2
+                and sup.restarts == 1
+            ),
             timeout=30,
         )
-        assert sup.restarts == 1
         assert await served_by(url) == {"a"}
 
 
