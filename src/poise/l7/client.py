@@ -911,9 +911,11 @@ class ClientConnection(asyncio.Protocol):
         if not ex.keep_alive or self.close_after:
             self.close()
             return
-        # Draining, a response without Connection: close (its head left before the drain
-        # began) ends here: the client may send its next request at once, so the connection
-        # stays open for the grace, like one idle when the drain began (Context.begin_drain).
+        if self.ctx.draining:
+            # A response without Connection: close (its head left before the drain began):
+            # the client may send its next request at once, so the connection stays open for
+            # the grace, like one idle when the drain began (Context.begin_drain).
+            self.drain_at = self.ctx.loop.time() + self.ctx.drain_grace
         if self.upgrading:
             # The backend declined to switch protocols: back to HTTP, starting with what the
             # client sent after its upgrade request.
@@ -929,10 +931,7 @@ class ClientConnection(asyncio.Protocol):
             self._resume(_PAUSE_QUEUE)
             self._start(queue[0])
         elif self.cur is None:
-            ctx = self.ctx
-            self.deadline = ctx.now + ctx.client_idle_timeout
-            if ctx.draining:
-                self.drain_at = ctx.loop.time() + ctx.drain_grace
+            self.deadline = self.ctx.now + self.ctx.client_idle_timeout
 
     def _answer(self, ex: Exchange, status: int, message: str) -> None:
         """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
