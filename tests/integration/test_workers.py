@@ -163,6 +163,12 @@ async def test_operator_states_membership_and_reloads_reach_every_worker(tmp_pat
         await routes_to(url, {"a", "c"})
 
 
+# The old worker's idle connections wait timeouts.drain_idle for the client's next request;
+# this test's client shares a loaded box, so give it time to be scheduled (costs nothing: under
+# load no connection stays idle, each ends on the response after the drain begins).
+STALLS = {"drain_idle": "5s"}
+
+
 def accept_queue_size(sock: socket.socket) -> int:
     """A listening socket's backlog: Linux reports it as tcp_info.tcpi_sacked."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
@@ -182,7 +188,7 @@ async def test_a_rolling_restart_under_load_fails_no_request() -> None:
     async with (
         HttpBackend("a") as a,
         HttpBackend("b") as b,
-        supervised(full([a.url, b.url], health=HEALTH)) as (sup, url),
+        supervised(full([a.url, b.url], health=HEALTH, timeouts=STALLS)) as (sup, url),
     ):
         # a client that never retries: a request written and not answered is a failure, and
         # so is a refused connect (the port always has a worker taking connections)
