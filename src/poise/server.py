@@ -55,6 +55,7 @@ from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 from poise.tls.gate import PLAIN_HTTP, TlsGate
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
+BACKLOG = 2048  # a listening socket's accept queue (connections the kernel completed for us)
 
 log = logging.getLogger("poise.server")
 
@@ -555,10 +556,13 @@ class Server:
                 factory = lambda name=name: ClientConnection(ctx, name, None)  # noqa: E731
             try:
                 if self.role == "worker":  # sockets from the control process, bound already
+                    # (the same backlog: serving listens again, which would shorten the
+                    # accept queue a replacement worker shares to asyncio's default 100)
                     servers = [
                         await loop.create_server(
                             factory,
                             sock=sock,
+                            backlog=BACKLOG,
                             start_serving=False,
                         )
                         for sock in self.sockets[name]
@@ -570,7 +574,7 @@ class Server:
                             host=lc.host or None,
                             port=lc.port,
                             reuse_address=True,
-                            backlog=2048,
+                            backlog=BACKLOG,
                             start_serving=False,
                         )
                     ]
@@ -589,13 +593,15 @@ class Server:
         log.info("shutting down: no new connections, draining in-flight requests")
         for server in self.listeners:
             server.close()
-        ctx.draining = True
-        ctx.close_idle_clients()
+        # Kept-alive connections get Connection: close on their next response; idle ones a
+        # short grace for a request already on the wire (Context.begin_drain).
+        ctx.begin_drain()
         self.l4.draining = True  # TCP relays have no idle moment: they get the whole drain time
-        deadline = asyncio.get_running_loop().time() + self.config.timeouts.drain
-        while (ctx.clients or self.l4.active()) and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.drain
+        while (ctx.clients or self.l4.active()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-            ctx.close_idle_clients()
+            ctx.close_idle_clients(loop.time())
         if ctx.clients:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):

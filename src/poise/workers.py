@@ -60,7 +60,7 @@ from typing import Any, cast
 from poise.config.model import Config
 from poise.dataplane import Snapshot, counters_only, merge, snapshot
 from poise.logs import JsonFormatter
-from poise.server import Server, install_uvloop
+from poise.server import BACKLOG, Server, install_uvloop
 
 log = logging.getLogger("poise.workers")
 
@@ -145,7 +145,7 @@ def listen_sockets(host: str, port: int, count: int) -> list[list[socket.socket]
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((sockaddr[0], chosen, *sockaddr[2:]))
                 chosen = s.getsockname()[1]
-                s.listen(2048)
+                s.listen(BACKLOG)
                 s.setblocking(False)
     except OSError:
         for slot in slots:

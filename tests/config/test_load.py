@@ -967,3 +967,14 @@ def test_policy_option_mistakes_are_reported_with_paths() -> None:
     ]
     for prefix in expected_prefixes:
         assert any(p.startswith(prefix) for p in problems), (prefix, problems)
+
+
+def test_timeouts_drain_idle_is_a_positive_duration() -> None:
+    data = minimal()
+    assert parse_config(data).timeouts.drain_idle == 1.0
+    data["timeouts"] = {"drain_idle": "250ms"}
+    assert parse_config(data).timeouts.drain_idle == 0.25
+    data["timeouts"] = {"drain_idle": "0s"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.problems == ["timeouts.drain_idle: must be greater than 0, got '0s'"]

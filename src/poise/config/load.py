@@ -158,6 +158,7 @@ _TIMEOUT_KEYS = (
     "drain",
     "client_send",
     "tunnel_idle",
+    "drain_idle",
 )
 _PROXY_KEYS = ("x_forwarded", "x_forwarded_server", "trusted_proxies", "forwarded", "via")
 _LIMIT_KEYS = (

@@ -236,6 +236,9 @@ class TimeoutConfig:
     client_body: float = 60.0  # longest silence while a request body is being received
     client_send: float = 60.0  # a client that reads nothing of its response this long is cut off
     tunnel_idle: float = 3600.0  # an upgraded connection (WebSocket) silent this long is closed
+    # draining: an idle keep-alive client connection stays open this long (at most drain) for
+    # a request already on its way, served with Connection: close; then it is closed
+    drain_idle: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "cur",
         "deadline",
+        "drain_at",
         "forwarded",
         "held",
         "in_body",
@@ -122,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: list[Exchange] = []
         self.cur: Exchange | None = None
         self.deadline = _INF
+        self.drain_at = _INF  # draining: when this connection, if idle, is closed (Context)
         self.closed = False
         self.close_after = False
         self.paused = 0
@@ -170,7 +172,9 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.clock() + ctx.client_header_timeout
         if ctx.draining:
-            self.close()
+            # accepted as the drain began: its client has sent, or is sending, a request
+            # that is served (with Connection: close) if it comes within the grace
+            self.drain_at = ctx.loop.time() + ctx.drain_grace
         elif len(ctx.clients) > ctx.limits.max_connections:
             # Refuse politely rather than let accept() pressure hurt everyone in flight.
             ctx.stats.connections_refused += 1
@@ -924,9 +928,14 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             del queue[0]
-        if not ex.keep_alive or self.close_after or self.ctx.draining:
+        if not ex.keep_alive or self.close_after:
             self.close()
             return
+        if self.ctx.draining:
+            # A response without Connection: close (its head left before the drain began):
+            # the client may send its next request at once, so the connection stays open for
+            # the grace, like one idle when the drain began (Context.begin_drain).
+            self.drain_at = self.ctx.loop.time() + self.ctx.drain_grace
         if self.upgrading:
             # The backend declined to switch protocols: back to HTTP, starting with what the
             # client sent after its upgrade request.

@@ -132,6 +132,7 @@ class Context:
         "clock",
         "config",
         "date",
+        "drain_grace",
         "draining",
         "forwarded",
         "generation",
@@ -185,6 +186,7 @@ class Context:
         self.clock: Callable[[], float] = time.monotonic
         self.now = self.clock()
         self.draining = False
+        self.drain_grace = 0.0  # seconds: timeouts.drain_idle, set by begin_drain
         self._ticker: asyncio.TimerHandle | None = None
         self.rng = random.Random()
         # retry budget: retries in flight against requests in flight (sampled every tick)
@@ -343,11 +345,29 @@ class Context:
             return False
         return any(ip in net for net in self.trusted)
 
-    def close_idle_clients(self) -> int:
-        """For draining: close every client connection with nothing in flight."""
+    def begin_drain(self) -> None:
+        """Stop keeping client connections alive, without losing a request on the wire.
+
+        Every response from now on says ``Connection: close`` and its connection closes once
+        it is written. A connection idle now may have a request already on its way that we
+        have not read: closing it would lose that request (the client sees a reset), so it
+        stays open for ``timeouts.drain_idle`` (at most ``timeouts.drain``); a request that
+        comes meanwhile is served, with ``Connection: close``. ``close_idle_clients`` closes
+        those still idle after that (so Envoy drains)."""
+        self.draining = True
+        t = self.config.timeouts
+        self.drain_grace = min(t.drain_idle, t.drain)
+        until = self.loop.time() + self.drain_grace
+        for c in self.clients:
+            if c.is_idle():
+                c.drain_at = until
+
+    def close_idle_clients(self, now: float) -> int:
+        """For draining: close every client connection with nothing in flight whose grace
+        (see ``begin_drain``) has ended by ``now`` (the loop's clock)."""
         n = 0
         for c in list(self.clients):
-            if c.is_idle():
+            if c.drain_at <= now and c.is_idle():
                 c.close()
                 n += 1
         return n
