@@ -601,7 +601,7 @@ class Server:
         deadline = loop.time() + self.config.timeouts.drain
         while (ctx.clients or self.l4.active()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-            ctx.close_idle_clients(loop.time())
+            ctx.close_idle_clients(ctx.clock())
         if ctx.clients:
             log.warning("drain timeout: closing %d connections", len(ctx.clients))
             for c in list(ctx.clients):

@@ -174,7 +174,7 @@ class ClientConnection(asyncio.Protocol):
         if ctx.draining:
             # accepted as the drain began: its client has sent, or is sending, a request
             # that is served (with Connection: close) if it comes within the grace
-            self.drain_at = ctx.loop.time() + ctx.drain_grace
+            self.drain_at = ctx.clock() + ctx.drain_grace
         elif len(ctx.clients) > ctx.limits.max_connections:
             # Refuse politely rather than let accept() pressure hurt everyone in flight.
             ctx.stats.connections_refused += 1
@@ -935,7 +935,7 @@ class ClientConnection(asyncio.Protocol):
             # A response without Connection: close (its head left before the drain began):
             # the client may send its next request at once, so the connection stays open for
             # the grace, like one idle when the drain began (Context.begin_drain).
-            self.drain_at = self.ctx.loop.time() + self.ctx.drain_grace
+            self.drain_at = self.ctx.clock() + self.ctx.drain_grace
         if self.upgrading:
             # The backend declined to switch protocols: back to HTTP, starting with what the
             # client sent after its upgrade request.

@@ -357,14 +357,14 @@ class Context:
         self.draining = True
         t = self.config.timeouts
         self.drain_grace = min(t.drain_idle, t.drain)
-        until = self.loop.time() + self.drain_grace
+        until = self.clock() + self.drain_grace
         for c in self.clients:
             if c.is_idle():
                 c.drain_at = until
 
     def close_idle_clients(self, now: float) -> int:
         """For draining: close every client connection with nothing in flight whose grace
-        (see ``begin_drain``) has ended by ``now`` (the loop's clock)."""
+        (see ``begin_drain``) has ended by ``now`` (``clock()``)."""
         n = 0
         for c in list(self.clients):
             if c.drain_at <= now and c.is_idle():
