@@ -49,6 +49,7 @@ class Group:
     # dispatch must look beyond ``up`` (drain, slow start, limits): the slow path
     special: bool = False
     retry_statuses: frozenset[int] = frozenset()
+    retry_timeout: float = 0.0  # retry.timeout, 0 = timeouts.upstream_response
     # keep-alive pool per backend (by index). Pools live in the group, so a backend and its
     # pool always come from the same table, however often membership changes.
     pools: tuple[Pool[Any], ...] = ()
@@ -152,6 +153,7 @@ def build_group(
         outliers=status.outliers if up.passive.enabled else None,
         admission=admission,
         retry_statuses=frozenset(up.retry.statuses),
+        retry_timeout=up.retry.timeout or 0.0,
         pools=pools,
     )  # fmt: skip
     return group.with_view(status.view(time.monotonic()))

@@ -48,8 +48,8 @@ def test_full_sections_are_read() -> None:
                      "base_ejection": "10s", "max_ejection": "1m", "max_ejected_percent": 30,
                      "retry_after": False},
             retry={"attempts": 2, "on": ["reset", 503, "502"], "per_try_timeout": "1500ms",
-                   "idempotency_key": True, "budget_percent": 10, "budget_min": 1,
-                   "max_body": 1024},
+                   "timeout": "4s", "idempotency_key": True, "budget_percent": 10,
+                   "budget_min": 1, "max_body": 1024},
             limits={"max_requests_per_backend": 5, "max_requests": 8, "max_pending": 3,
                     "queue_timeout": "2s"},
             panic_threshold=0,
@@ -58,7 +58,7 @@ def test_full_sections_are_read() -> None:
     ).upstreams["api"]  # fmt: skip
     assert up.backends[1].state == "drain"
     assert up.passive == PassiveConfig(True, 3, ((500, 504), (507, 507)), 10.0, 60.0, 30, False)
-    assert up.retry == RetryConfig(2, ("reset",), (503, 502), 1.5, True, 10, 1, 1024)
+    assert up.retry == RetryConfig(2, ("reset",), (503, 502), 1.5, 4.0, True, 10, 1, 1024)
     assert up.limits == UpstreamLimitsConfig(5, 8, 3, 2.0)
     assert up.panic_threshold == 0 and up.slow_start == 30.0
 
@@ -75,7 +75,7 @@ def test_every_problem_is_reported_with_its_path() -> None:
             backends=[{"url": "http://127.0.0.1:5001", "state": "off"}],
             passive={"statuses": [404], "base_ejection": "1m", "max_ejection": "10s",
                      "consecutive": 3},
-            retry={"on": ["connect", 404, "sometimes"], "attempts": 0},
+            retry={"on": ["connect", 404, "sometimes"], "attempts": 0, "timeout": "soon"},
             limits={"max_pending": -1, "queue_timeout": "0s"},
             panic_threshold=150,
             slow_start="-1s",
@@ -96,6 +96,7 @@ def test_every_problem_is_reported_with_its_path() -> None:
     for line in expected:
         assert line in problems, (line, problems)
     assert any(p.startswith("upstreams.api.limits.queue_timeout:") for p in problems)
+    assert any(p.startswith("upstreams.api.retry.timeout:") for p in problems)
     assert any(p.startswith("upstreams.api.slow_start:") for p in problems)
 
 

@@ -536,3 +536,42 @@ async def test_one_healthy_of_five_serves_every_request(threshold: int | None) -
     assert statuses == {200: 200}
     assert group.panic is (threshold is not None)
     assert answered_errors(text) == 0
+
+
+def got_request(backend: ScriptedBackend) -> bool:
+    return any(b"GET " in data for data in backend.received)
+
+
+async def test_retry_timeout_bounds_all_tries_together() -> None:
+    """Three silent backends, 1 s per try, 1.5 s in all: the second try is cut at 1.5 s and
+    the third never starts (without the total a GET waited 3 tries x 1 s)."""
+    silent = [ScriptedBackend(lambda data: None, name=f"silent{i}") for i in range(3)]
+    async with started(*silent):
+        cfg = doc(
+            [s.url for s in silent],
+            policy="first",
+            retry={"per_try_timeout": "1s", "timeout": "1500ms"},
+        )
+        async with running(cfg) as (server, url), httpx.AsyncClient(timeout=30) as client:
+            t0 = time.monotonic()
+            r = await client.get(url + "/")
+            elapsed = time.monotonic() - t0
+            text = render_of(server)
+    assert r.status_code == 504
+    assert elapsed >= 1.5  # never before the total
+    assert elapsed < 2.9  # the generous side of 1.5 s, well short of the 3 s of three tries
+    assert [got_request(s) for s in silent] == [True, True, False]
+    assert metric(text, 'poise_upstream_attempt_failures_total{outcome="timeout"}') == 2
+    assert metric(text, 'poise_errors_total{kind="upstream_timeout",status="504"}') == 1
+
+
+async def test_by_default_retries_never_wait_longer_than_one_try() -> None:
+    """retry.timeout defaults to timeouts.upstream_response: a GET whose backend stays silent
+    for all of it is answered 504 then, not sent on for another full wait."""
+    a, b = (ScriptedBackend(lambda data: None, name=n) for n in "ab")
+    async with started(a, b):
+        cfg = doc([a.url, b.url], policy="first", top={"timeouts": {"upstream_response": "400ms"}})
+        async with running(cfg) as (_, url), httpx.AsyncClient(timeout=30) as client:
+            r = await client.get(url + "/")
+    assert r.status_code == 504
+    assert got_request(a) and not got_request(b)

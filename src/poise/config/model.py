@@ -67,6 +67,10 @@ class RetryConfig:
     on: tuple[str, ...] = ("connect", "reset", "timeout")
     statuses: tuple[int, ...] = ()  # also retry these responses (e.g. 502, 503, 504)
     per_try_timeout: float | None = None  # None = timeouts.upstream_response
+    # the longest a request waits for its response head over all its tries, from its first
+    # try on (Envoy's route timeout, nginx's proxy_next_upstream_timeout); None =
+    # timeouts.upstream_response, so retries never make a client wait longer than one try may
+    timeout: float | None = None
     idempotency_key: bool = False  # a request with an Idempotency-Key header may be retried
     budget_percent: int = 20  # retries in flight <= this share of requests in flight ...
     budget_min: int = 3  # ... but this many concurrent retries are always allowed

@@ -32,6 +32,7 @@ RETRY_KEYS = (
     "attempts",
     "on",
     "per_try_timeout",
+    "timeout",
     "idempotency_key",
     "budget_percent",
     "budget_min",
@@ -176,11 +177,15 @@ def retry(c: Checker, value: object, path: str) -> RetryConfig:
         per_try = c.check(
             obj["per_try_timeout"], key_path(path, "per_try_timeout"), positive_duration
         )
+    total = None
+    if "timeout" in obj:
+        total = c.check(obj["timeout"], key_path(path, "timeout"), positive_duration)
     return RetryConfig(
         attempts=c.field(obj, "attempts", path, int_in(1, 10), default.attempts),
         on=on,
         statuses=statuses,
         per_try_timeout=per_try,
+        timeout=total,
         idempotency_key=c.field(obj, "idempotency_key", path, check_bool, default.idempotency_key),
         budget_percent=c.field(obj, "budget_percent", path, int_in(0, 100), default.budget_percent),
         budget_min=c.field(obj, "budget_min", path, int_in(0), default.budget_min),

@@ -588,6 +588,9 @@ class ClientConnection(asyncio.Protocol):
                 self._none_left(ex)
                 return
             backend = picked
+        if not tried:  # the first try: retry.timeout counts from now
+            ctx = self.ctx
+            ex.until = ctx.clock() + (group.retry_timeout or ctx.upstream_response_timeout)
         ex.tried = (*tried, backend)
         ex.backend = backend
         ex.group = group  # the table this backend (its index, pool, load) comes from
@@ -693,6 +696,11 @@ class ClientConnection(asyncio.Protocol):
         pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
         t = ctx.tls_for(group.name) if backend.scheme == "https" else None
+        connect_timeout = ctx.config.timeouts.upstream_connect
+        left = ex.until - ctx.clock()  # retry.timeout bounds the connect too
+        cut = left < connect_timeout
+        if cut:
+            connect_timeout = max(left, 0.0)
         try:
             # upstream_connect bounds the TLS handshake too; a failed one sent nothing
             _, conn = await asyncio.wait_for(
@@ -703,7 +711,7 @@ class ClientConnection(asyncio.Protocol):
                     ssl=t.context if t is not None else None,
                     server_hostname=t.name_for(backend.host) if t is not None else None,
                 ),
-                ctx.config.timeouts.upstream_connect,
+                connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
             ctx.stats.upstream_connect_errors += 1
@@ -713,11 +721,18 @@ class ClientConnection(asyncio.Protocol):
             log.debug("connect to %s failed: %s", backend.authority, reason)
             if ex.load is not None:
                 settle(ex, ok=False)
-            self.passive_failure(group, backend, reason)
+            expired = ctx.clock() >= ex.until
+            if not (cut and expired and isinstance(exc, TimeoutError)):
+                # (a connect cut short by the request's total timeout says nothing of the
+                # backend)
+                self.passive_failure(group, backend, reason)
             if not self.closed and self.queue and self.queue[0] is ex:
                 # Nothing was sent: another backend may take it, whatever the method.
                 current = ctx.table.groups.get(group.name, group)
-                if len(ex.tried) < group.config.retry.attempts and "connect" in (
+                if expired:
+                    ctx.stats.upstream_timeouts += 1
+                    self._answer(ex, 504, "Gateway Timeout")
+                elif len(ex.tried) < group.config.retry.attempts and "connect" in (
                     group.config.retry.on
                 ):
                     ctx.stats.retries += 1
@@ -779,6 +794,8 @@ class ClientConnection(asyncio.Protocol):
         ):
             return False
         ctx = self.ctx
+        if ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
+            return False
         current = ctx.table.groups.get(group.name, group)
         if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
             return False

@@ -83,6 +83,9 @@ class Exchange:
     retrying = False  # counts in the worker's retry budget until it ends
     admission: Admission | None = None  # the group's limits, while this exchange holds a slot
     queued_until = 0.0  # waiting for a slot since (a deadline): see upstream/limits.py
+    # retry.timeout: no try (nor wait for a response head) goes past this clock reading;
+    # set at the first try (0.0: not tried yet)
+    until = 0.0
 
     def __repr__(self) -> str:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"

@@ -567,14 +567,21 @@ class UpstreamConnection(asyncio.Protocol):
             transport.writelines((head, *body))
         else:
             transport.write(head)
-        self.deadline = ctx.clock() + self.timeout if ex.request_done else _INF
+        if ex.request_done:
+            # per try, and never past the request's total (retry.timeout)
+            deadline = ctx.clock() + self.timeout
+            self.deadline = deadline if deadline < ex.until else ex.until
+        else:
+            self.deadline = _INF
 
     def send(self, pieces: Iterable[bytes]) -> None:
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)
 
     def request_sent(self) -> None:
-        self.deadline = self.ctx.clock() + self.timeout
+        deadline = self.ctx.clock() + self.timeout
+        until = self.ex.until if self.ex is not None else _INF
+        self.deadline = deadline if deadline < until else until
 
     def pause_reading(self) -> None:
         """The client is not keeping up: stop reading, and stop blaming the backend for the
