@@ -305,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         """The same bodiless request head as before, in one read: what the parser callbacks
         would do for it, without parsing and rebuilding it again."""
         ex = memo.exchange()
-        ex.t0 = time.monotonic()
+        ex.t0 = self.ctx.clock()
         ctx = self.ctx
         ctx.stats.requests += 1
         self.deadline = _INF
@@ -321,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._begun += 1
         self.cur = ex = Exchange()
-        ex.t0 = time.monotonic()
+        ex.t0 = now = self.ctx.clock()  # one clock reading: the duration and the deadline
         self._headers = []
         self._n_headers = 0
         self._head_size = 0
@@ -331,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
         self._fwd = None
         self._upgrade = None
         if not self.queue:
-            self.deadline = self.ctx.clock() + self.ctx.client_header_timeout
+            self.deadline = now + self.ctx.client_header_timeout
 
     def on_url(self, url: bytes) -> None:
         ex = self.cur
@@ -588,9 +588,6 @@ class ClientConnection(asyncio.Protocol):
                 self._none_left(ex)
                 return
             backend = picked
-        if not tried:  # the first try: retry.timeout counts from now
-            ctx = self.ctx
-            ex.until = ctx.clock() + (group.retry_timeout or ctx.upstream_response_timeout)
         ex.tried = (*tried, backend)
         ex.backend = backend
         ex.group = group  # the table this backend (its index, pool, load) comes from
@@ -695,9 +692,13 @@ class ClientConnection(asyncio.Protocol):
         assert group is not None
         pool: Pool[UpstreamConnection] = group.pools[backend.index]
         timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
+        total = group.retry_timeout or ctx.upstream_response_timeout
         t = ctx.tls_for(group.name) if backend.scheme == "https" else None
         connect_timeout = ctx.config.timeouts.upstream_connect
-        left = ex.until - ctx.clock()  # retry.timeout bounds the connect too
+        now = ctx.clock()
+        if not ex.until:  # the first try: retry.timeout counts from now
+            ex.until = now + total
+        left = ex.until - now  # retry.timeout bounds the connect too
         cut = left < connect_timeout
         if cut:
             connect_timeout = max(left, 0.0)
@@ -705,7 +706,7 @@ class ClientConnection(asyncio.Protocol):
             # upstream_connect bounds the TLS handshake too; a failed one sent nothing
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
-                    lambda: UpstreamConnection(ctx, pool, backend, timeout),
+                    lambda: UpstreamConnection(ctx, pool, backend, timeout, total),
                     backend.host,
                     backend.port,
                     ssl=t.context if t is not None else None,
@@ -794,7 +795,7 @@ class ClientConnection(asyncio.Protocol):
         ):
             return False
         ctx = self.ctx
-        if ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
+        if ex.until and ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
             return False
         current = ctx.table.groups.get(group.name, group)
         if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
@@ -885,9 +886,9 @@ class ClientConnection(asyncio.Protocol):
             ctx.retries_active -= 1
         ctx.stats.responses += 1
         t0 = ex.t0
+        now = ctx.clock()  # the duration, and when the connection becomes idle
         if t0:
             ex.t0 = 0.0  # counted once
-            now = time.monotonic()
             ctx.latency.observe(now - t0)
             if ctx.access is not None:
                 ctx.access.record(ex, self.peer, now - t0, "ok")
@@ -903,7 +904,7 @@ class ClientConnection(asyncio.Protocol):
                 and not self.upgrading
             ):
                 queue.clear()
-                self.deadline = ctx.clock() + ctx.client_idle_timeout
+                self.deadline = now + ctx.client_idle_timeout
             else:
                 self._finish(ex)
         else:
@@ -938,7 +939,7 @@ class ClientConnection(asyncio.Protocol):
         if t0:  # an exchange that did not end in response_complete (an error, say)
             ex.t0 = 0.0  # counted once
             ctx = self.ctx
-            elapsed = time.monotonic() - t0
+            elapsed = ctx.clock() - t0
             ctx.latency.observe(elapsed)
             if ctx.access is not None:
                 ctx.access.record(ex, self.peer, elapsed, "local" if ex.local else "ok")

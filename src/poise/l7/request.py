@@ -53,7 +53,7 @@ class Exchange:
     pending_bytes = 0
     body_bytes = 0  # request body bytes received so far
     body_started = 0.0  # clock reading when the head was complete, if there is a body
-    t0 = 0.0  # time.monotonic() at the request's first byte (request duration metric)
+    t0 = 0.0  # Context.clock() at the request's first byte (request duration metric)
     local = False  # poise answered itself (an error), the backend did not
     body_out: int | None = None  # response body bytes by Content-Length (access log)
     request_done = False
@@ -84,7 +84,7 @@ class Exchange:
     admission: Admission | None = None  # the group's limits, while this exchange holds a slot
     queued_until = 0.0  # waiting for a slot since (a deadline): see upstream/limits.py
     # retry.timeout: no try (nor wait for a response head) goes past this clock reading;
-    # set at the first try (0.0: not tried yet)
+    # set when the first try connects or sends (0.0: not tried yet)
     until = 0.0
 
     def __repr__(self) -> str:

@@ -124,6 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
         "remaining",
         "reused",
         "timeout",
+        "total",
         "transport",
     )
 
@@ -133,10 +134,14 @@ class UpstreamConnection(asyncio.Protocol):
         pool: Pool[UpstreamConnection],
         backend: Backend,
         timeout: float | None = None,
+        total: float | None = None,
     ) -> None:
         self.ctx = ctx
         # the response timeout of one try (retry.per_try_timeout, else timeouts.upstream_response)
         self.timeout = ctx.upstream_response_timeout if timeout is None else timeout
+        # all tries of a request together (retry.timeout, else timeouts.upstream_response):
+        # counted from the first try, which may be this connection's (Exchange.until)
+        self.total = ctx.upstream_response_timeout if total is None else total
         self.pool = pool
         self.backend = backend
         self.transport: asyncio.Transport | None = None
@@ -214,8 +219,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         first = not self.got_bytes  # the first read of this response
         self.got_bytes = True
-        ctx = self.ctx
-        self.deadline = ctx.clock() + self.timeout
         out: list[bytes | memoryview] = []
         self.out = out
         client = self.client
@@ -292,7 +295,13 @@ class UpstreamConnection(asyncio.Protocol):
             _send(client.transport, out)  # type: ignore[arg-type]
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
-        elif self.mode == _RAW and self.remaining < 0 and self.head_done:
+            return
+        # The response goes on: the backend may be silent for a try's time from now. Not
+        # when the client is not keeping up (pause_reading, perhaps just now in _send):
+        # then the silence is ours, not the backend's.
+        if not client.write_paused:
+            self.deadline = self.ctx.clock() + self.timeout
+        if self.mode == _RAW and self.remaining < 0 and self.head_done:
             # A Content-Length body longer than one read: count the rest instead of feeding
             # llhttp, which would copy every chunk into a new bytes object for on_body.
             self.remaining = _content_length(self._low_head) - self._received
@@ -554,7 +563,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delimited = False
         self.mode = _NONE
         self._received = 0
-        ctx = self.ctx
         transport = self.transport
         assert transport is not None
         head = ex.head
@@ -568,9 +576,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.write(head)
         if ex.request_done:
-            # per try, and never past the request's total (retry.timeout)
-            deadline = ctx.clock() + self.timeout
-            self.deadline = deadline if deadline < ex.until else ex.until
+            self._arm(ex)
         else:
             self.deadline = _INF
 
@@ -579,8 +585,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.writelines(pieces)
 
     def request_sent(self) -> None:
-        deadline = self.ctx.clock() + self.timeout
-        until = self.ex.until if self.ex is not None else _INF
+        if self.ex is not None:
+            self._arm(self.ex)
+
+    def _arm(self, ex: Exchange) -> None:
+        """The request is all sent: wait for the response, a try's time but never past the
+        request's total (retry.timeout, counted from its first try)."""
+        now = self.ctx.clock()
+        until = ex.until
+        if not until:
+            until = ex.until = now + self.total
+        deadline = now + self.timeout
         self.deadline = deadline if deadline < until else until
 
     def pause_reading(self) -> None:
