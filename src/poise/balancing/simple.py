@@ -1,6 +1,7 @@
 """Policies that need no key: smooth weighted round robin, random, weighted random, first.
 
-Each returns candidates in preference order; the caller filters unhealthy and tried ones.
+Each returns candidates in preference order; the caller filters unhealthy and tried ones,
+and a backend it passes over takes no part in the pick (see :mod:`poise.balancing.base`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import itertools
 import random
 from collections.abc import Container, Iterable, Iterator, Sequence
 
-from poise.balancing.base import Policy, first_usable, ring_from
+from poise.balancing.base import Policy, first_usable
 from poise.models import Backend
 
 
@@ -19,7 +20,12 @@ class SmoothWeightedRoundRobin(Policy):
     ``current``, takes the largest, and subtracts the total from it. Weights 5,1,1 give
     ``a a b a c a a`` — never a burst of five ``a`` in a row — and over any window of
     sum(weights) picks each backend gets its weight's share, give or take one. Weights can be
-    changed at run time (``set_weight``) without resetting the others' positions."""
+    changed at run time (``set_weight``) without resetting the others' positions.
+
+    As in nginx, only usable backends take part: a backend handed out and passed over
+    (down, tried, at a limit) has its part in the round undone, and the round is run again
+    without it, so its share goes to the others in proportion to their weights rather than
+    to one of them."""
 
     __slots__ = ("_backends", "_current", "_total", "_weights")
 
@@ -34,12 +40,9 @@ class SmoothWeightedRoundRobin(Policy):
         self._weights[index] = weight
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        b = self._backends
-        if not b:
+        if not self._backends:
             return ()
-        best = self._step()
-        # the chosen one, then (only if asked for) the others by how close they are to it
-        return itertools.chain((b[best],), _ByCurrent(b, list(self._current), best))
+        return _SwrrWalk(self, -1, 0)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -51,7 +54,7 @@ class SmoothWeightedRoundRobin(Policy):
         x = b[best]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(_ByCurrent(b, list(self._current), best), up, tried)
+        return first_usable(_SwrrWalk(self, best, self._total), up, tried)
 
     def _step(self) -> int:
         """One round of nginx's algorithm: the position chosen."""
@@ -68,33 +71,68 @@ class SmoothWeightedRoundRobin(Policy):
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
 
 
-class _ByCurrent:
-    __slots__ = ("_b", "_best", "_current")
+class _SwrrWalk:
+    """A round, then, for each backend passed over, the round again without it: its weight
+    taken back from its ``current`` and from the round's total, the largest of the rest
+    chosen. Passing over them all leaves every ``current`` as it was."""
 
-    def __init__(self, b: tuple[Backend, ...], current: list[int], best: int) -> None:
-        self._b, self._current, self._best = b, current, best
+    __slots__ = ("_excluded", "_last", "_p", "_total")
+
+    def __init__(self, p: SmoothWeightedRoundRobin, last: int, total: int) -> None:
+        self._p = p
+        self._last = last  # the position handed out last (-1: the round not run yet)
+        self._total = total  # the weight taking part in the round
+        self._excluded: list[bool] | None = None
 
     def __iter__(self) -> Iterator[Backend]:
-        cur = self._current
-        rest = sorted((i for i in range(len(self._b)) if i != self._best), key=lambda i: -cur[i])
-        return iter([self._b[i] for i in rest])
+        return self
+
+    def __next__(self) -> Backend:
+        p = self._p
+        last = self._last
+        if last < 0:
+            if self._excluded is not None:
+                raise StopIteration
+            self._excluded = [False] * len(p._backends)
+            best = p._step()
+            self._last, self._total = best, p._total
+            return p._backends[best]
+        current, weights = p._current, p._weights
+        excluded = self._excluded
+        if excluded is None:
+            excluded = self._excluded = [False] * len(current)
+        w = weights[last]
+        total = self._total
+        current[last] += total - w  # its part in the round undone
+        total -= w
+        excluded[last] = True
+        best = -1
+        for i in range(len(current)):
+            if not excluded[i] and (best < 0 or current[i] > current[best]):
+                best = i
+        self._last = best
+        if best < 0:
+            raise StopIteration
+        current[best] -= total
+        self._total = total
+        return p._backends[best]
 
 
 class RandomPick(Policy):
-    """Uniform random first choice; then the ring order from it."""
+    """Uniform random first choice; each backend passed over, a new uniform draw among those
+    not handed out yet (a lazy Fisher-Yates shuffle), so with k usable each gets 1/k of the
+    picks in expectation."""
 
-    __slots__ = ("_backends", "_rng", "_twice")
+    __slots__ = ("_backends", "_rng")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
         self._backends = tuple(backends)
-        self._twice = self._backends * 2
         self._rng = rng
 
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        b = self._backends
-        if not b:
+        if not self._backends:
             return ()
-        return ring_from(self._twice, self._rng.randrange(len(b)))
+        return _Shuffle(self._backends, self._rng, -1)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -106,20 +144,49 @@ class RandomPick(Policy):
         x = b[start]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(ring_from(self._twice, start), up, tried)
+        return first_usable(_Shuffle(b, self._rng, start), up, tried)
 
     def __repr__(self) -> str:
         return f"RandomPick({len(self._backends)} backends)"
 
 
-class WeightedRandom(Policy):
-    """First choice with probability weight/total (a bisect on cumulative weights)."""
+class _Shuffle:
+    """The backends in a uniformly random order, drawn one at a time (Fisher-Yates, the
+    swaps kept in a dict: nothing is built for the usual single draw)."""
 
-    __slots__ = ("_backends", "_cumulative", "_rng", "_total", "_twice")
+    __slots__ = ("_b", "_k", "_rng", "_swaps")
+
+    def __init__(self, b: tuple[Backend, ...], rng: random.Random, first: int) -> None:
+        self._b, self._rng = b, rng
+        # ``first`` >= 0: that one was drawn already (and handed out)
+        self._swaps: dict[int, int] = {first: 0} if first >= 0 else {}
+        self._k = 1 if first >= 0 else 0
+
+    def __iter__(self) -> Iterator[Backend]:
+        return self
+
+    def __next__(self) -> Backend:
+        k, n = self._k, len(self._b)
+        if k >= n:
+            raise StopIteration
+        j = k + self._rng.randrange(n - k)
+        swaps = self._swaps
+        got = swaps.get(j, j)
+        swaps[j] = swaps.get(k, k)
+        self._k = k + 1
+        return self._b[got]
+
+
+class WeightedRandom(Policy):
+    """First choice with probability weight/total (a bisect on cumulative weights); each
+    backend passed over, a new draw in proportion to weight among those not handed out yet,
+    so with some out each usable backend gets weight / (usable weight) of the picks in
+    expectation."""
+
+    __slots__ = ("_backends", "_cumulative", "_rng", "_total")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
         self._backends = tuple(backends)
-        self._twice = self._backends * 2
         self._cumulative = list(itertools.accumulate(b.weight for b in self._backends))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._rng = rng
@@ -127,7 +194,7 @@ class WeightedRandom(Policy):
     def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
         if not self._backends:
             return ()
-        return ring_from(self._twice, self._start())
+        return _WeightedDraws(self, -1)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -138,7 +205,7 @@ class WeightedRandom(Policy):
         x = self._backends[start]
         if up[x.index] and x not in tried:
             return x
-        return first_usable(ring_from(self._twice, start), up, tried)
+        return first_usable(_WeightedDraws(self, start), up, tried)
 
     def _start(self) -> int:
         start = bisect.bisect_right(self._cumulative, self._rng.random() * self._total)
@@ -146,6 +213,52 @@ class WeightedRandom(Policy):
 
     def __repr__(self) -> str:
         return f"WeightedRandom({len(self._backends)} backends)"
+
+
+class _WeightedDraws:
+    """Weighted draws without replacement: the first by bisect, the others (rarely needed)
+    by a scan over the weights of those not drawn yet."""
+
+    __slots__ = ("_left", "_p", "_taken")
+
+    def __init__(self, p: WeightedRandom, first: int) -> None:
+        self._p = p
+        self._taken: list[bool] | None = None
+        self._left = 0  # the weight not drawn yet, once past the first
+        if first >= 0:
+            self._drawn(first)
+
+    def _drawn(self, i: int) -> None:
+        b = self._p._backends
+        if self._taken is None:
+            self._taken = [False] * len(b)
+            self._left = self._p._total
+        self._taken[i] = True
+        self._left -= b[i].weight
+
+    def __iter__(self) -> Iterator[Backend]:
+        return self
+
+    def __next__(self) -> Backend:
+        p = self._p
+        b = p._backends
+        taken = self._taken
+        if taken is None:
+            i = p._start()
+            self._drawn(i)
+            return b[i]
+        last = -1
+        r = p._rng.random() * self._left
+        for i in range(len(b)):
+            if not taken[i]:
+                last = i
+                r -= b[i].weight
+                if r < 0:
+                    break
+        if last < 0:
+            raise StopIteration
+        self._drawn(last)
+        return b[last]
 
 
 class First(Policy):
