@@ -11,7 +11,7 @@ picker's state therefore moves as the candidates are taken from it: iterate one 
 result at a time, and stop at the backend you take.
 
 ``pick(key, up, tried)`` is the proxy's per-request call: the first of those candidates that
-is up and not yet tried. It must return exactly what filtering ``candidates(key)`` would,
+is up and not yet tried. It must return exactly what filtering ``candidates(key, up)`` would,
 and change the picker's state exactly as that does; the base class does it that way.
 Policies override it because on the hot path the first candidate nearly always does, and
 building the lazy rest of the order cost as much as choosing the backend. tests/balancing
@@ -27,10 +27,15 @@ from poise.models import Backend
 
 
 class Picker(Protocol):
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         """Every backend at most once, best first. Iterated lazily by the caller, which
         stops at the one it takes (healthy, enabled, not yet tried): each one asked for
-        after the first means the one before was passed over."""
+        after the first means the one before was passed over. ``up``, when given, is the
+        health by ``Backend.index``: a policy that keeps rounds (smooth WRR, least-conn's
+        tie-break) leaves those not up out of them from the start, as nginx does; they
+        may still be handed out (last, or by other policies anywhere) to be passed over."""
         ...
 
     def pick(
@@ -57,10 +62,12 @@ class Policy:
 
     __slots__ = ()
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         raise NotImplementedError
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
-        return first_usable(self.candidates(key), up, tried)
+        return first_usable(self.candidates(key, up), up, tried)

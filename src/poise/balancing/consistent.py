@@ -114,11 +114,13 @@ class _Consistent(Policy):
         self._default = default_key
         self._fallback = fallback
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if key is None:
             key = self._default
             if key is None and self._fallback is not None:
-                return self._fallback.candidates(None)
+                return self._fallback.candidates(None, up)
         if not self._n:
             return ()
         place, first = self._lookup(key)

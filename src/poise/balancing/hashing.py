@@ -34,11 +34,13 @@ class HashPick(Policy):
         self._default = default_key
         self._fallback: Picker = fallback if fallback is not None else RoundRobin(backends, rng)
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if key is None:
             key = self._default
             if key is None:
-                return self._fallback.candidates(None)
+                return self._fallback.candidates(None, up)
         b = self._backends
         if not b:
             return ()

@@ -15,44 +15,49 @@ from poise.models import Backend
 
 
 class LeastConn(Policy):
-    """Fewest requests in flight relative to weight (active / weight); ties (all idle, the
-    usual case under light load) are broken by smooth weighted round robin among the tied
-    backends, as nginx does, so weights 5,1,1 share sequential requests 5:1:1 and equal
-    backends take turns. A backend passed over takes no part: the pick is made again among
-    the others (see :mod:`poise.balancing.base`)."""
+    """Fewest requests in flight relative to weight (active / weight) among those up; ties
+    (all idle, the usual case under light load) are broken by smooth weighted round robin
+    among the tied backends, as nginx does, so weights 5,1,1 share sequential requests
+    5:1:1 and equal backends take turns. A backend passed over (tried, at a limit) takes no
+    part: the pick is made again among the others (see :mod:`poise.balancing.base`)."""
 
-    __slots__ = ("_backends", "_current", "_load", "_weights")
+    __slots__ = ("_backends", "_current", "_idx", "_load", "_weights")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
         self._backends = tuple(backends)
+        self._idx = tuple(b.index for b in self._backends)
         self._load = load
         self._weights = tuple(b.weight for b in self._backends)
         self._current = [0] * len(self._backends)  # smooth WRR among ties
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if not self._backends:
             return ()
-        return _LeastWalk(self)
+        return _LeastWalk(self, up)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
         b = self._backends
         n = len(b)
-        if not n:
+        active, w, current, idx = self._load.active, self._weights, self._current, self._idx
+        # the least active/weight of those up (compared multiplied out: no division), the
+        # first of equals
+        best, ba, bw = -1, 0, 1
+        for i in range(n):
+            if up[idx[i]]:
+                a = active[i]
+                if best < 0 or a * bw < ba * w[i]:
+                    best, ba, bw = i, a, w[i]
+        if best < 0:
             return None
-        active, w, current = self._load.active, self._weights, self._current
-        # the least active/weight (compared multiplied out: no division), the first of equals
-        best, ba, bw = 0, active[0], w[0]
-        for i in range(1, n):
-            a = active[i]
-            if a * bw < ba * w[i]:
-                best, ba, bw = i, a, w[i]
-        # smooth WRR among those tied with it (all after it: it is the first)
+        # smooth WRR among those up tied with it (all after it: it is the first)
         chosen, total = best, 0
         for i in range(best, n):
             wi = w[i]
-            if active[i] * bw == ba * wi:
+            if active[i] * bw == ba * wi and up[idx[i]]:
                 c = current[i] + wi
                 current[i] = c
                 total += wi
@@ -60,9 +65,9 @@ class LeastConn(Policy):
                     chosen = i
         current[chosen] -= total
         x = b[chosen]
-        if up[x.index] and x not in tried:
+        if x not in tried:
             return x
-        walk = _LeastWalk(self)
+        walk = _LeastWalk(self, up)
         walk.resume(chosen, total, ba, bw)
         return first_usable(walk, up, tried)
 
@@ -71,17 +76,22 @@ class LeastConn(Policy):
 
 
 class _LeastWalk:
-    """Least-conn picks, each made without the backends handed out before it. Within a tie,
-    one passed over has its part in the smooth WRR round undone and the round goes to the
-    largest ``current`` of the rest of the tie; past the tie, a new round among the next
-    least loaded."""
+    """Least-conn picks among those up (all, without ``up``), each made without the
+    backends handed out before it. Within a tie, one passed over has its part in the smooth
+    WRR round undone and the round goes to the largest ``current`` of the rest of the tie;
+    past the tie, a new round among the next least loaded. Those not up come last."""
 
-    __slots__ = ("_a", "_excluded", "_last", "_p", "_total", "_w")
+    __slots__ = ("_a", "_down", "_excluded", "_last", "_p", "_total", "_w")
 
-    def __init__(self, p: LeastConn) -> None:
+    def __init__(self, p: LeastConn, up: Sequence[bool] | None) -> None:
         self._p = p
-        self._excluded = [False] * len(p._backends)
-        self._last = -1  # the position handed out last
+        if up is None:
+            self._excluded = [False] * len(p._idx)
+            self._down: list[int] = []
+        else:
+            self._excluded = [not up[i] for i in p._idx]
+            self._down = [k for k in range(len(p._idx) - 1, -1, -1) if self._excluded[k]]
+        self._last = -1  # the position handed out last (-1: none, or outside any round)
         self._total = 0  # the weight of the tie it was chosen from, still taking part
         self._a, self._w = 0, 1  # the tie's active and weight (its cost: a / w)
 
@@ -111,7 +121,8 @@ class _LeastWalk:
                     best, ba, bw = i, active[i], weights[i]
             if best < 0:
                 self._last = -1
-                self._excluded = [True] * n
+                if self._down:  # those not up, for a caller that wants them anyway
+                    return p._backends[self._down.pop()]
                 raise StopIteration
             for i in range(best, n):
                 if not excluded[i] and active[i] * bw == ba * weights[i]:
@@ -151,7 +162,9 @@ class PowerOfTwo(Policy):
     def score(self, i: int) -> float:
         return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         b = self._backends
         if len(b) < 2:
             return b
@@ -217,7 +230,9 @@ class PeakEwma(Policy):
         # an unmeasured backend costs like a fast one, so it gets measured
         return (load.cost_latency(i, now) + 1e-4) * (load.active[i] + 1) / self._backends[i].weight
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         b = self._backends
         if len(b) < 2:
             return b

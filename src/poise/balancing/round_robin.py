@@ -26,7 +26,9 @@ class RoundRobin(Policy):
         self._n = n = len(self._backends)
         self._next = rng.randrange(n) if n else 0
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if self._n == 0:
             return ()
         return _Walk(self)

@@ -22,15 +22,17 @@ class SmoothWeightedRoundRobin(Policy):
     sum(weights) picks each backend gets its weight's share, give or take one. Weights can be
     changed at run time (``set_weight``) without resetting the others' positions.
 
-    As in nginx, only usable backends take part: a backend handed out and passed over
-    (down, tried, at a limit) has its part in the round undone, and the round is run again
-    without it, so its share goes to the others in proportion to their weights rather than
-    to one of them."""
+    As in nginx, only usable backends take part: those not up are left out of the round, and
+    one handed out and passed over (tried, at a limit) has its part in the round undone and
+    the round run again without it. So with some out, the others share in proportion to
+    their weights, as exactly as with all in, rather than one of them taking a missing
+    backend's turns."""
 
-    __slots__ = ("_backends", "_current", "_total", "_weights")
+    __slots__ = ("_backends", "_current", "_idx", "_total", "_weights")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
         self._backends = tuple(backends)
+        self._idx = tuple(b.index for b in self._backends)
         self._weights = [b.weight for b in self._backends]
         self._current = [0] * len(self._backends)
         self._total = sum(self._weights)
@@ -39,83 +41,103 @@ class SmoothWeightedRoundRobin(Policy):
         self._total += weight - self._weights[index]
         self._weights[index] = weight
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if not self._backends:
             return ()
-        return _SwrrWalk(self, -1, 0)
+        return _SwrrWalk(self, up)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
         b = self._backends
-        if not b:
+        current, weights, idx = self._current, self._weights, self._idx
+        best, total = -1, 0
+        for i in range(len(current)):  # a round among those up
+            if up[idx[i]]:
+                w = weights[i]
+                c = current[i] + w
+                current[i] = c
+                total += w
+                if best < 0 or c > current[best]:
+                    best = i
+        if best < 0:
             return None
-        best = self._step()
+        current[best] -= total
         x = b[best]
-        if up[x.index] and x not in tried:
+        if x not in tried:
             return x
-        return first_usable(_SwrrWalk(self, best, self._total), up, tried)
-
-    def _step(self) -> int:
-        """One round of nginx's algorithm: the position chosen."""
-        current, weights = self._current, self._weights
-        best = 0
-        for i in range(len(current)):
-            current[i] += weights[i]
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self._total
-        return best
+        walk = _SwrrWalk(self, up)
+        walk.resume(best, total)
+        return first_usable(walk, up, tried)
 
     def __repr__(self) -> str:
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
 
 
 class _SwrrWalk:
-    """A round, then, for each backend passed over, the round again without it: its weight
-    taken back from its ``current`` and from the round's total, the largest of the rest
-    chosen. Passing over them all leaves every ``current`` as it was."""
+    """A round among those up (all, without ``up``), then, for each backend passed over, the
+    round again without it: its weight taken back from its ``current`` and from the round's
+    total, the largest of the rest chosen. Those not up come last, outside any round."""
 
-    __slots__ = ("_excluded", "_last", "_p", "_total")
+    __slots__ = ("_down", "_excluded", "_last", "_p", "_total", "_up")
 
-    def __init__(self, p: SmoothWeightedRoundRobin, last: int, total: int) -> None:
-        self._p = p
-        self._last = last  # the position handed out last (-1: the round not run yet)
-        self._total = total  # the weight taking part in the round
-        self._excluded: list[bool] | None = None
+    def __init__(self, p: SmoothWeightedRoundRobin, up: Sequence[bool] | None) -> None:
+        self._p, self._up = p, up
+        self._last = -1  # the position handed out last (-1: none yet, or outside the round)
+        self._total = 0  # the weight taking part in the round
+        self._excluded: list[bool] | None = None  # out of the round: not up, passed over
+        self._down: list[int] | None = None
+
+    def resume(self, best: int, total: int) -> None:
+        """Go on from a round already run, ``best`` handed out."""
+        self._start()
+        self._last, self._total = best, total
+
+    def _start(self) -> list[bool]:
+        p, up = self._p, self._up
+        if up is None:
+            excluded = [False] * len(p._idx)
+            self._down = []
+        else:
+            excluded = [not up[i] for i in p._idx]
+            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
+        self._excluded = excluded
+        return excluded
 
     def __iter__(self) -> Iterator[Backend]:
         return self
 
     def __next__(self) -> Backend:
         p = self._p
-        last = self._last
-        if last < 0:
-            if self._excluded is not None:
-                raise StopIteration
-            self._excluded = [False] * len(p._backends)
-            best = p._step()
-            self._last, self._total = best, p._total
-            return p._backends[best]
         current, weights = p._current, p._weights
         excluded = self._excluded
-        if excluded is None:
-            excluded = self._excluded = [False] * len(current)
-        w = weights[last]
+        last = self._last
         total = self._total
-        current[last] += total - w  # its part in the round undone
-        total -= w
-        excluded[last] = True
+        if excluded is None:  # the first: a round among those up
+            excluded = self._start()
+            for i in range(len(current)):
+                if not excluded[i]:
+                    current[i] += weights[i]
+                    total += weights[i]
+        elif last >= 0:  # passed over: its part in the round undone
+            w = weights[last]
+            current[last] += total - w
+            total -= w
+            excluded[last] = True
         best = -1
         for i in range(len(current)):
             if not excluded[i] and (best < 0 or current[i] > current[best]):
                 best = i
-        self._last = best
-        if best < 0:
-            raise StopIteration
-        current[best] -= total
-        self._total = total
-        return p._backends[best]
+        self._last, self._total = best, total
+        if best >= 0:
+            current[best] -= total
+            return p._backends[best]
+        down = self._down
+        if down:  # the round is over: those not up, for a caller that wants them anyway
+            return p._backends[down.pop()]
+        raise StopIteration
 
 
 class RandomPick(Policy):
@@ -129,7 +151,9 @@ class RandomPick(Policy):
         self._backends = tuple(backends)
         self._rng = rng
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if not self._backends:
             return ()
         return _Shuffle(self._backends, self._rng, -1)
@@ -191,7 +215,9 @@ class WeightedRandom(Policy):
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._rng = rng
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if not self._backends:
             return ()
         return _WeightedDraws(self, -1)
@@ -269,7 +295,9 @@ class First(Policy):
     def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
         self._backends = tuple(backends)
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         return self._backends
 
     def pick(

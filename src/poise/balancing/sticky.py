@@ -40,11 +40,13 @@ class StickyPick(Policy):
         )
         self._by_value = dict(zip(self.values, self._backends, strict=True))
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         pinned = self._by_value.get(key) if key is not None else None
         if pinned is None:
-            return self._fallback.candidates(None)
-        return _Pinned(pinned, self._fallback)
+            return self._fallback.candidates(None, up)
+        return _Pinned(pinned, self._fallback, up)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -67,10 +69,10 @@ class _Pinned:
     """The pinned backend, then (only if it is passed over) the fallback's candidates
     without it."""
 
-    __slots__ = ("_fallback", "_pinned", "_rest")
+    __slots__ = ("_fallback", "_pinned", "_rest", "_up")
 
-    def __init__(self, pinned: Backend, fallback: Picker) -> None:
-        self._pinned, self._fallback = pinned, fallback
+    def __init__(self, pinned: Backend, fallback: Picker, up: Sequence[bool] | None) -> None:
+        self._pinned, self._fallback, self._up = pinned, fallback, up
         self._rest: Iterator[Backend] | None = None
 
     def __iter__(self) -> Iterator[Backend]:
@@ -79,7 +81,7 @@ class _Pinned:
     def __next__(self) -> Backend:
         rest = self._rest
         if rest is None:
-            self._rest = iter(self._fallback.candidates(None))
+            self._rest = iter(self._fallback.candidates(None, self._up))
             return self._pinned
         for b in rest:
             if b is not self._pinned:

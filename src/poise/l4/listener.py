@@ -247,7 +247,7 @@ class TcpListener:
         up, ramp, adm, load = group.up, group.ramp, group.admission, group.load
         key = relay.client[0].encode() if group.key is not None else None
         skipped: Backend | None = None
-        for backend in group.picker.candidates(key):
+        for backend in group.picker.candidates(key, up):
             i = backend.index
             if not up[i] or backend in relay.tried:
                 continue
