@@ -14,7 +14,7 @@ from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 
 from poise.balancing.base import Picker, Policy
-from poise.balancing.consistent import mix64, hash64
+from poise.balancing.consistent import hash64, mix64
 from poise.balancing.round_robin import RoundRobin
 from poise.models import Backend
 

@@ -130,9 +130,12 @@ class _LeastWalk:
                     total += weights[i]
         chosen = -1
         for i in range(n):  # the largest current of the tie (its members already added)
-            if not excluded[i] and active[i] * bw == ba * weights[i]:
-                if chosen < 0 or current[i] > current[chosen]:
-                    chosen = i
+            if (
+                not excluded[i]
+                and active[i] * bw == ba * weights[i]
+                and (chosen < 0 or current[i] > current[chosen])
+            ):
+                chosen = i
         current[chosen] -= total
         self._last, self._total, self._a, self._w = chosen, total, ba, bw
         return p._backends[chosen]
@@ -300,7 +303,7 @@ class _Pairs:
         rest = self._rest
         if rest is None:
             i, j = self._i, self._j
-            rest = self._rest = [k for k in range(len(b)) if k != i and k != j]
+            rest = self._rest = [k for k in range(len(b)) if k not in (i, j)]
         if len(rest) < 2:
             if not rest:
                 raise StopIteration

@@ -225,7 +225,10 @@ class ServiceView:
         picker is asked for one pick only: its state moves as the backends it hands out are
         taken (see poise.balancing.base), so walking its whole order would take no turn."""
         usable = self.usable
-        fresh_up = [ok and ejected.get(b.id, 0.0) <= now for b, ok in zip(self.backends, usable, strict=True)]  # fmt: skip
+        fresh_up = [
+            ok and ejected.get(b.id, 0.0) <= now
+            for b, ok in zip(self.backends, usable, strict=True)
+        ]
         with self._lock:
             head = self.picker.pick(key, fresh_up, ())
             if head is None:
