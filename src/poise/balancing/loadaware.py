@@ -21,13 +21,14 @@ class LeastConn(Policy):
     5:1:1 and equal backends take turns. A backend passed over (tried, at a limit) takes no
     part: the pick is made again among the others (see :mod:`poise.balancing.base`)."""
 
-    __slots__ = ("_backends", "_current", "_idx", "_load", "_weights")
+    __slots__ = ("_backends", "_current", "_idx", "_load", "_total", "_weights")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
         self._backends = tuple(backends)
         self._idx = tuple(b.index for b in self._backends)
         self._load = load
         self._weights = tuple(b.weight for b in self._backends)
+        self._total = sum(self._weights)
         self._current = [0] * len(self._backends)  # smooth WRR among ties
 
     def candidates(
@@ -40,36 +41,70 @@ class LeastConn(Policy):
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
-        b = self._backends
-        n = len(b)
-        active, w, current, idx = self._load.active, self._weights, self._current, self._idx
-        # the least active/weight of those up (compared multiplied out: no division), the
-        # first of equals
-        best, ba, bw = -1, 0, 1
-        for i in range(n):
-            if up[idx[i]]:
-                a = active[i]
-                if best < 0 or a * bw < ba * w[i]:
-                    best, ba, bw = i, a, w[i]
-        if best < 0:
+        chosen, total = self._round(up)
+        if chosen < 0:
             return None
-        # smooth WRR among those up tied with it (all after it: it is the first)
-        chosen, total = best, 0
-        for i in range(best, n):
-            wi = w[i]
-            if active[i] * bw == ba * wi and up[idx[i]]:
-                c = current[i] + wi
-                current[i] = c
-                total += wi
-                if c > current[chosen]:
-                    chosen = i
-        current[chosen] -= total
-        x = b[chosen]
+        x = self._backends[chosen]
         if x not in tried:
             return x
         walk = _LeastWalk(self, up)
-        walk.resume(chosen, total, ba, bw)
+        walk.resume(chosen, total)
         return first_usable(walk, up, tried)
+
+    def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
+        """The least loaded of those up, chosen by a smooth WRR round among those tied with
+        it: (its position or -1 if none is up, the tie's weight)."""
+        active, w, current = self._load.active, self._weights, self._current
+        n = len(w)
+        chosen, total = -1, 0
+        if not n:
+            return chosen, total
+        if up is None or False not in up:  # all up, the usual case: no test per backend
+            if max(active) == 0:  # all idle: all tied, a round among all
+                chosen = 0
+                for i in range(n):
+                    current[i] += w[i]
+                    if current[i] > current[chosen]:
+                        chosen = i
+                total = self._total
+            else:
+                # the least active/weight (compared multiplied out: no division), the first
+                # of equals
+                best, ba, bw = 0, active[0], w[0]
+                for i in range(1, n):
+                    a = active[i]
+                    if a * bw < ba * w[i]:
+                        best, ba, bw = i, a, w[i]
+                chosen = best  # a round among those tied with it (all after it)
+                for i in range(best, n):
+                    wi = w[i]
+                    if active[i] * bw == ba * wi:
+                        c = current[i] + wi
+                        current[i] = c
+                        total += wi
+                        if c > current[chosen]:
+                            chosen = i
+        else:
+            idx = self._idx
+            best, ba, bw = -1, 0, 1
+            for i in range(n):
+                if up[idx[i]]:
+                    a = active[i]
+                    if best < 0 or a * bw < ba * w[i]:
+                        best, ba, bw = i, a, w[i]
+            if best < 0:
+                return chosen, total
+            chosen = best
+            for i in range(best, n):
+                wi = w[i]
+                if active[i] * bw == ba * wi and up[idx[i]]:
+                    c = current[i] + wi
+                    current[i] = c
+                    total += wi
+                    if c > current[chosen]:
+                        chosen = i
+        current[chosen] -= total
+        return chosen, total
 
     def __repr__(self) -> str:
         return f"LeastConn({self._load.active})"
@@ -81,39 +116,48 @@ class _LeastWalk:
     WRR round undone and the round goes to the largest ``current`` of the rest of the tie;
     past the tie, a new round among the next least loaded. Those not up come last."""
 
-    __slots__ = ("_a", "_down", "_excluded", "_last", "_p", "_total", "_w")
+    __slots__ = ("_down", "_excluded", "_last", "_p", "_started", "_total", "_up")
 
     def __init__(self, p: LeastConn, up: Sequence[bool] | None) -> None:
-        self._p = p
-        if up is None:
-            self._excluded = [False] * len(p._idx)
-            self._down: list[int] = []
-        else:
-            self._excluded = [not up[i] for i in p._idx]
-            self._down = [k for k in range(len(p._idx) - 1, -1, -1) if self._excluded[k]]
+        self._p, self._up = p, up
+        self._started = False  # the first round run
+        self._excluded: list[bool] | None = None  # out: not up or handed out (once needed)
+        self._down: list[int] = []  # those not up, not handed out yet (last first)
         self._last = -1  # the position handed out last (-1: none, or outside any round)
         self._total = 0  # the weight of the tie it was chosen from, still taking part
-        self._a, self._w = 0, 1  # the tie's active and weight (its cost: a / w)
 
-    def resume(self, chosen: int, total: int, a: int, w: int) -> None:
-        self._last, self._total, self._a, self._w = chosen, total, a, w
+    def resume(self, chosen: int, total: int) -> None:
+        """Go on from a round already run, ``chosen`` handed out."""
+        self._started = True
+        self._last, self._total = chosen, total
 
     def __iter__(self) -> Iterator[Backend]:
         return self
 
     def __next__(self) -> Backend:
         p = self._p
+        if not self._started:  # the first: the usual round
+            self._started = True
+            chosen, total = p._round(self._up)
+            self._last, self._total = chosen, total
+            if chosen >= 0:
+                return p._backends[chosen]
         excluded = self._excluded
+        if excluded is None:  # (built only when the first is passed over)
+            up = self._up
+            excluded = self._excluded = [False if up is None else not up[i] for i in p._idx]
+            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
         active, weights, current = p._load.active, p._weights, p._current
         n = len(excluded)
         last = self._last
         total = 0
+        ba, bw = 0, 1
         if last >= 0:  # passed over: take its part back
             excluded[last] = True
             wl = weights[last]
             current[last] += self._total - wl
             total = self._total - wl
-        ba, bw = self._a, self._w
+            ba, bw = active[last], wl  # the tie's cost
         if total <= 0:  # a new round: the least loaded of those left
             best = -1
             for i in range(n):
@@ -137,7 +181,7 @@ class _LeastWalk:
             ):
                 chosen = i
         current[chosen] -= total
-        self._last, self._total, self._a, self._w = chosen, total, ba, bw
+        self._last, self._total = chosen, total
         return p._backends[chosen]
 
 

@@ -51,10 +51,26 @@ class SmoothWeightedRoundRobin(Policy):
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
-        b = self._backends
+        best, total = self._round(up)
+        if best < 0:
+            return None
+        x = self._backends[best]
+        if x not in tried:
+            return x
+        walk = _SwrrWalk(self, up)
+        walk.resume(best, total)
+        return first_usable(walk, up, tried)
+
+    def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
+        """A round among those up: (the position chosen or -1 if none is up, the weight
+        taking part)."""
+        if not self._backends:
+            return -1, 0
+        if up is None or False not in up:  # all up, the usual case: no test per backend
+            return self._step(), self._total
         current, weights, idx = self._current, self._weights, self._idx
         best, total = -1, 0
-        for i in range(len(current)):  # a round among those up
+        for i in range(len(current)):
             if up[idx[i]]:
                 w = weights[i]
                 c = current[i] + w
@@ -62,15 +78,20 @@ class SmoothWeightedRoundRobin(Policy):
                 total += w
                 if best < 0 or c > current[best]:
                     best = i
-        if best < 0:
-            return None
-        current[best] -= total
-        x = b[best]
-        if x not in tried:
-            return x
-        walk = _SwrrWalk(self, up)
-        walk.resume(best, total)
-        return first_usable(walk, up, tried)
+        if best >= 0:
+            current[best] -= total
+        return best, total
+
+    def _step(self) -> int:
+        """One round of nginx's algorithm among all: the position chosen."""
+        current, weights = self._current, self._weights
+        best = 0
+        for i in range(len(current)):
+            current[i] += weights[i]
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self._total
+        return best
 
     def __repr__(self) -> str:
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
@@ -81,47 +102,40 @@ class _SwrrWalk:
     round again without it: its weight taken back from its ``current`` and from the round's
     total, the largest of the rest chosen. Those not up come last, outside any round."""
 
-    __slots__ = ("_down", "_excluded", "_last", "_p", "_total", "_up")
+    __slots__ = ("_down", "_excluded", "_last", "_p", "_started", "_total", "_up")
 
     def __init__(self, p: SmoothWeightedRoundRobin, up: Sequence[bool] | None) -> None:
         self._p, self._up = p, up
-        self._last = -1  # the position handed out last (-1: none yet, or outside the round)
+        self._started = False  # the first round run
+        self._last = -1  # the position handed out last (-1: none, or outside the round)
         self._total = 0  # the weight taking part in the round
         self._excluded: list[bool] | None = None  # out of the round: not up, passed over
-        self._down: list[int] | None = None
+        self._down: list[int] = []  # those not up, not handed out yet (last first)
 
     def resume(self, best: int, total: int) -> None:
         """Go on from a round already run, ``best`` handed out."""
-        self._start()
+        self._started = True
         self._last, self._total = best, total
-
-    def _start(self) -> list[bool]:
-        p, up = self._p, self._up
-        if up is None:
-            excluded = [False] * len(p._idx)
-            self._down = []
-        else:
-            excluded = [not up[i] for i in p._idx]
-            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
-        self._excluded = excluded
-        return excluded
 
     def __iter__(self) -> Iterator[Backend]:
         return self
 
     def __next__(self) -> Backend:
         p = self._p
-        current, weights = p._current, p._weights
+        if not self._started:  # the first: the usual round
+            self._started = True
+            best, total = p._round(self._up)
+            self._last, self._total = best, total
+            if best >= 0:
+                return p._backends[best]
         excluded = self._excluded
-        last = self._last
-        total = self._total
-        if excluded is None:  # the first: a round among those up
-            excluded = self._start()
-            for i in range(len(current)):
-                if not excluded[i]:
-                    current[i] += weights[i]
-                    total += weights[i]
-        elif last >= 0:  # passed over: its part in the round undone
+        if excluded is None:  # (built only when the first is passed over)
+            up = self._up
+            excluded = self._excluded = [False if up is None else not up[i] for i in p._idx]
+            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
+        current, weights = p._current, p._weights
+        last, total = self._last, self._total
+        if last >= 0:  # passed over: its part in the round undone
             w = weights[last]
             current[last] += total - w
             total -= w
