@@ -188,8 +188,8 @@ class _LeastWalk:
 class PowerOfTwo(Policy):
     """Power of two choices, least request: sample two distinct backends at random and
     prefer the one with the better score ``weight / (active + 1) ** bias`` (with equal
-    weights: fewer in flight). Never picks the worse of its two; the rest follow as
-    fallbacks in ring order."""
+    weights: fewer in flight). Never picks the worse of its two; if both are passed over,
+    new pairs are drawn from the rest, so no backend is favoured for its position."""
 
     __slots__ = ("_backends", "_bias", "_bits", "_equal", "_load", "_rng", "_weights")
 

@@ -190,15 +190,15 @@ class RandomPick(Policy):
 
 class _Shuffle:
     """The backends in a uniformly random order, drawn one at a time (Fisher-Yates, the
-    swaps kept in a dict: nothing is built for the usual single draw)."""
+    swaps kept in a dict, made at the second draw: nothing is built for the usual one)."""
 
-    __slots__ = ("_b", "_k", "_rng", "_swaps")
+    __slots__ = ("_b", "_first", "_k", "_rng", "_swaps")
 
     def __init__(self, b: tuple[Backend, ...], rng: random.Random, first: int) -> None:
         self._b, self._rng = b, rng
-        # ``first`` >= 0: that one was drawn already (and handed out)
-        self._swaps: dict[int, int] = {first: 0} if first >= 0 else {}
-        self._k = 1 if first >= 0 else 0
+        self._first = first  # the first drawn (-1: not yet)
+        self._swaps: dict[int, int] | None = None
+        self._k = 1 if first >= 0 else 0  # how many were drawn
 
     def __iter__(self) -> Iterator[Backend]:
         return self
@@ -207,11 +207,16 @@ class _Shuffle:
         k, n = self._k, len(self._b)
         if k >= n:
             raise StopIteration
-        j = k + self._rng.randrange(n - k)
+        self._k = k + 1
+        if k == 0:
+            self._first = first = self._rng.randrange(n)
+            return self._b[first]
         swaps = self._swaps
+        if swaps is None:  # position 0 now holds the first drawn, its place position 0's
+            swaps = self._swaps = {self._first: 0}
+        j = k + self._rng.randrange(n - k)
         got = swaps.get(j, j)
         swaps[j] = swaps.get(k, k)
-        self._k = k + 1
         return self._b[got]
 
 
@@ -259,22 +264,13 @@ class _WeightedDraws:
     """Weighted draws without replacement: the first by bisect, the others (rarely needed)
     by a scan over the weights of those not drawn yet."""
 
-    __slots__ = ("_left", "_p", "_taken")
+    __slots__ = ("_first", "_left", "_p", "_taken")
 
     def __init__(self, p: WeightedRandom, first: int) -> None:
         self._p = p
-        self._taken: list[bool] | None = None
+        self._first = first  # the first drawn (-1: not yet)
+        self._taken: list[bool] | None = None  # built at the second draw
         self._left = 0  # the weight not drawn yet, once past the first
-        if first >= 0:
-            self._drawn(first)
-
-    def _drawn(self, i: int) -> None:
-        b = self._p._backends
-        if self._taken is None:
-            self._taken = [False] * len(b)
-            self._left = self._p._total
-        self._taken[i] = True
-        self._left -= b[i].weight
 
     def __iter__(self) -> Iterator[Backend]:
         return self
@@ -284,9 +280,13 @@ class _WeightedDraws:
         b = p._backends
         taken = self._taken
         if taken is None:
-            i = p._start()
-            self._drawn(i)
-            return b[i]
+            first = self._first
+            if first < 0:
+                self._first = first = p._start()
+                return b[first]
+            taken = self._taken = [False] * len(b)
+            taken[first] = True
+            self._left = p._total - b[first].weight
         last = -1
         r = p._rng.random() * self._left
         for i in range(len(b)):
@@ -297,7 +297,8 @@ class _WeightedDraws:
                     break
         if last < 0:
             raise StopIteration
-        self._drawn(last)
+        taken[last] = True
+        self._left -= b[last].weight
         return b[last]
 
 
