@@ -38,6 +38,15 @@ def test_a_slow_backend_gets_less_under_load_aware_policies(policy: str) -> None
     assert shares[1].requests > 0
 
 
+def test_least_conn_weights_count_when_backends_are_mostly_idle() -> None:
+    """Issue #23: with 5002 slow, weight 5 on 5001 must give it more than 5003 (weight 1),
+    not less (was 38% against 60%): idle ties go by smooth WRR."""
+    backends = [{"url": URLS[0], "weight": 5}, {"url": URLS[1]}, {"url": URLS[2]}]
+    shares = simulate(config("least_conn", backends), "api", 10000, {"127.0.0.1:5002": 50.0})
+    assert shares[0].requests > 2 * shares[2].requests
+    assert shares[1].fraction < 0.05
+
+
 def test_hash_spreads_users() -> None:
     shares = simulate(config("ip_hash"), "api", 10000, {})
     assert all(0.2 < s.fraction < 0.5 for s in shares)

@@ -97,7 +97,7 @@ def test_pick_is_the_first_usable_candidate_with_the_same_effect(
             if load is not None:
                 load.active[:] = active[:n]
         tried = tuple(by_index[i] for i in tried_idx if i in by_index)
-        expected = first_usable(a.candidates(key), up, tried)
+        expected = first_usable(a.candidates(key, up), up, tried)
         assert b.pick(key, up, tried) == expected
         clock.advance(0.01)
         for load in loads:

@@ -74,7 +74,7 @@ def hash64(data: bytes, person: bytes = b"") -> int:
     return int.from_bytes(blake2b(data, digest_size=8, person=person).digest(), "big")
 
 
-def _mix64(x: int) -> int:
+def mix64(x: int) -> int:
     """MurmurHash3's 64-bit finaliser: a bijection with full avalanche."""
     x ^= x >> 33
     x = (x * 0xFF51AFD7ED558CCD) & _MASK64
@@ -114,11 +114,13 @@ class _Consistent(Policy):
         self._default = default_key
         self._fallback = fallback
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         if key is None:
             key = self._default
             if key is None and self._fallback is not None:
-                return self._fallback.candidates(None)
+                return self._fallback.candidates(None, up)
         if not self._n:
             return ()
         place, first = self._lookup(key)
@@ -368,7 +370,7 @@ class Rendezvous(_Consistent):
 
     def _scores(self, kh: int) -> list[float] | list[int]:
         """Each backend's score for key hash ``kh``: the higher, the more preferred."""
-        mixed = [_mix64(kh ^ ih) for ih in self._ids]  # a hash of (key, backend id)
+        mixed = [mix64(kh ^ ih) for ih in self._ids]  # a hash of (key, backend id)
         weights = self._weights
         if weights is None:
             scores: list[float] | list[int] = mixed

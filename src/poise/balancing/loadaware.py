@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from itertools import chain
 
 from poise.balancing.base import Policy, first_usable
 from poise.balancing.load import Load
@@ -16,59 +15,181 @@ from poise.models import Backend
 
 
 class LeastConn(Policy):
-    """Fewest requests in flight relative to weight (active / weight); ties go round robin,
-    so idle backends share the work instead of the first one taking it all."""
+    """Fewest requests in flight relative to weight (active / weight) among those up; ties
+    (all idle, the usual case under light load) are broken by smooth weighted round robin
+    among the tied backends, as nginx does, so weights 5,1,1 share sequential requests
+    5:1:1 and equal backends take turns. A backend passed over (tried, at a limit) takes no
+    part: the pick is made again among the others (see :mod:`poise.balancing.base`)."""
 
-    __slots__ = ("_backends", "_load", "_next")
+    __slots__ = ("_backends", "_current", "_idx", "_load", "_total", "_weights")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
         self._backends = tuple(backends)
+        self._idx = tuple(b.index for b in self._backends)
         self._load = load
-        self._next = rng.randrange(len(self._backends)) if self._backends else 0
+        self._weights = tuple(b.weight for b in self._backends)
+        self._total = sum(self._weights)
+        self._current = [0] * len(self._backends)  # smooth WRR among ties
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
-        b = self._backends
-        if not b:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
+        if not self._backends:
             return ()
-        start, best = self._choose()
-        return chain((b[best],), _ByLoad(b, self._load.active, best, start))
+        return _LeastWalk(self, up)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
-        b = self._backends
-        if not b:
+        chosen, total = self._round(up)
+        if chosen < 0:
             return None
-        start, best = self._choose()
-        x = b[best]
-        if up[x.index] and x not in tried:
+        x = self._backends[chosen]
+        if x not in tried:
             return x
-        return first_usable(_ByLoad(b, self._load.active, best, start), up, tried)
+        walk = _LeastWalk(self, up)
+        walk.resume(chosen, total)
+        return first_usable(walk, up, tried)
 
-    def _choose(self) -> tuple[int, int]:
-        """(this call's ring start, the least loaded backend's position); moves the start."""
-        b = self._backends
-        n = len(b)
-        start = self._next
-        self._next = (start + 1) % n
-        active = self._load.active
-        best, best_cost = start, active[start] / b[start].weight
-        for k in range(start + 1, start + n):  # ring order from start: ties go round robin
-            i = k if k < n else k - n
-            cost = active[i] / b[i].weight
-            if cost < best_cost:
-                best, best_cost = i, cost
-        return start, best
+    def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
+        """The least loaded of those up, chosen by a smooth WRR round among those tied with
+        it: (its position or -1 if none is up, the tie's weight)."""
+        active, w, current = self._load.active, self._weights, self._current
+        n = len(w)
+        chosen, total = -1, 0
+        if not n:
+            return chosen, total
+        if up is None or False not in up:  # all up, the usual case: no test per backend
+            if max(active) == 0:  # all idle: all tied, a round among all
+                chosen = 0
+                for i in range(n):
+                    current[i] += w[i]
+                    if current[i] > current[chosen]:
+                        chosen = i
+                total = self._total
+            else:
+                # the least active/weight (compared multiplied out: no division), the first
+                # of equals
+                best, ba, bw = 0, active[0], w[0]
+                for i in range(1, n):
+                    a = active[i]
+                    if a * bw < ba * w[i]:
+                        best, ba, bw = i, a, w[i]
+                chosen = best  # a round among those tied with it (all after it)
+                for i in range(best, n):
+                    wi = w[i]
+                    if active[i] * bw == ba * wi:
+                        c = current[i] + wi
+                        current[i] = c
+                        total += wi
+                        if c > current[chosen]:
+                            chosen = i
+        else:
+            idx = self._idx
+            best, ba, bw = -1, 0, 1
+            for i in range(n):
+                if up[idx[i]]:
+                    a = active[i]
+                    if best < 0 or a * bw < ba * w[i]:
+                        best, ba, bw = i, a, w[i]
+            if best < 0:
+                return chosen, total
+            chosen = best
+            for i in range(best, n):
+                wi = w[i]
+                if active[i] * bw == ba * wi and up[idx[i]]:
+                    c = current[i] + wi
+                    current[i] = c
+                    total += wi
+                    if c > current[chosen]:
+                        chosen = i
+        current[chosen] -= total
+        return chosen, total
 
     def __repr__(self) -> str:
         return f"LeastConn({self._load.active})"
 
 
+class _LeastWalk:
+    """Least-conn picks among those up (all, without ``up``), each made without the
+    backends handed out before it. Within a tie, one passed over has its part in the smooth
+    WRR round undone and the round goes to the largest ``current`` of the rest of the tie;
+    past the tie, a new round among the next least loaded. Those not up come last."""
+
+    __slots__ = ("_down", "_excluded", "_last", "_p", "_started", "_total", "_up")
+
+    def __init__(self, p: LeastConn, up: Sequence[bool] | None) -> None:
+        self._p, self._up = p, up
+        self._started = False  # the first round run
+        self._excluded: list[bool] | None = None  # out: not up or handed out (once needed)
+        self._down: list[int] = []  # those not up, not handed out yet (last first)
+        self._last = -1  # the position handed out last (-1: none, or outside any round)
+        self._total = 0  # the weight of the tie it was chosen from, still taking part
+
+    def resume(self, chosen: int, total: int) -> None:
+        """Go on from a round already run, ``chosen`` handed out."""
+        self._started = True
+        self._last, self._total = chosen, total
+
+    def __iter__(self) -> Iterator[Backend]:
+        return self
+
+    def __next__(self) -> Backend:
+        p = self._p
+        if not self._started:  # the first: the usual round
+            self._started = True
+            chosen, total = p._round(self._up)
+            self._last, self._total = chosen, total
+            if chosen >= 0:
+                return p._backends[chosen]
+        excluded = self._excluded
+        if excluded is None:  # (built only when the first is passed over)
+            up = self._up
+            excluded = self._excluded = [False if up is None else not up[i] for i in p._idx]
+            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
+        active, weights, current = p._load.active, p._weights, p._current
+        n = len(excluded)
+        last = self._last
+        total = 0
+        ba, bw = 0, 1
+        if last >= 0:  # passed over: take its part back
+            excluded[last] = True
+            wl = weights[last]
+            current[last] += self._total - wl
+            total = self._total - wl
+            ba, bw = active[last], wl  # the tie's cost
+        if total <= 0:  # a new round: the least loaded of those left
+            best = -1
+            for i in range(n):
+                if not excluded[i] and (best < 0 or active[i] * bw < ba * weights[i]):
+                    best, ba, bw = i, active[i], weights[i]
+            if best < 0:
+                self._last = -1
+                if self._down:  # those not up, for a caller that wants them anyway
+                    return p._backends[self._down.pop()]
+                raise StopIteration
+            for i in range(best, n):
+                if not excluded[i] and active[i] * bw == ba * weights[i]:
+                    current[i] += weights[i]
+                    total += weights[i]
+        chosen = -1
+        for i in range(n):  # the largest current of the tie (its members already added)
+            if (
+                not excluded[i]
+                and active[i] * bw == ba * weights[i]
+                and (chosen < 0 or current[i] > current[chosen])
+            ):
+                chosen = i
+        current[chosen] -= total
+        self._last, self._total = chosen, total
+        return p._backends[chosen]
+
+
 class PowerOfTwo(Policy):
     """Power of two choices, least request: sample two distinct backends at random and
     prefer the one with the better score ``weight / (active + 1) ** bias`` (with equal
-    weights: fewer in flight). Never picks the worse of its two; the rest follow as
-    fallbacks in ring order."""
+    weights: fewer in flight). Never picks the worse of its two; if both are passed over,
+    new pairs are drawn from the rest, so no backend is favoured for its position."""
 
     __slots__ = ("_backends", "_bias", "_bits", "_equal", "_load", "_rng", "_weights")
 
@@ -88,12 +209,14 @@ class PowerOfTwo(Policy):
     def score(self, i: int) -> float:
         return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         b = self._backends
         if len(b) < 2:
             return b
         i, j = self._two()
-        return chain((b[i], b[j]), _Others(b, i, j))
+        return _Pairs(self, i, j)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -102,11 +225,18 @@ class PowerOfTwo(Policy):
         if len(b) < 2:
             return first_usable(b, up, tried)
         i, j = self._two()
-        return _better_of_two(b, i, j, up, tried)
+        x = b[i]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(_Pairs(self, i, j, 1), up, tried)
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the better first."""
         i, j = _two(self._bits, len(self._backends))
+        return self.better(i, j)
+
+    def better(self, i: int, j: int) -> tuple[int, int]:
+        """``i`` and ``j``, the better first."""
         active = self._load.active
         if self._equal:
             if active[j] < active[i]:
@@ -147,12 +277,14 @@ class PeakEwma(Policy):
         # an unmeasured backend costs like a fast one, so it gets measured
         return (load.cost_latency(i, now) + 1e-4) * (load.active[i] + 1) / self._backends[i].weight
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         b = self._backends
         if len(b) < 2:
             return b
         i, j = self._two()
-        return chain((b[i], b[j]), _Others(b, i, j))
+        return _Pairs(self, i, j)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
@@ -161,11 +293,18 @@ class PeakEwma(Policy):
         if len(b) < 2:
             return first_usable(b, up, tried)
         i, j = self._two()
-        return _better_of_two(b, i, j, up, tried)
+        x = b[i]
+        if up[x.index] and x not in tried:
+            return x
+        return first_usable(_Pairs(self, i, j, 1), up, tried)
 
     def _two(self) -> tuple[int, int]:
         """The two sampled positions, the cheaper first."""
         i, j = _two(self._bits, len(self._backends))
+        return self.better(i, j)
+
+    def better(self, i: int, j: int) -> tuple[int, int]:
+        """``i`` and ``j``, the cheaper first."""
         now = self._now()
         if self.cost(j, now) < self.cost(i, now):
             i, j = j, i
@@ -173,17 +312,6 @@ class PeakEwma(Policy):
 
     def __repr__(self) -> str:
         return f"PeakEwma({self._load.active})"
-
-
-def _better_of_two(
-    b: tuple[Backend, ...], i: int, j: int, up: Sequence[bool], tried: Container[Backend]
-) -> Backend | None:
-    """``pick`` for a sampled pair, the better (i) first: i if usable, else the first usable
-    of j and then the rest."""
-    x = b[i]
-    if up[x.index] and x not in tried:
-        return x
-    return first_usable(chain((b[j],), _Others(b, i, j)), up, tried)
 
 
 def _two(bits: Callable[[int], int], n: int) -> tuple[int, int]:
@@ -195,31 +323,39 @@ def _two(bits: Callable[[int], int], n: int) -> tuple[int, int]:
     return i, (j + 1 if j >= i else j)
 
 
-class _Others:
-    """The backends other than the two sampled, computed only if the caller gets that far
-    (it usually stops at the first)."""
+class _Pairs:
+    """The sampled pair, the better first, then (rarely needed: both passed over) pairs drawn
+    from those not handed out yet, each the better first: every backend is handed out once,
+    and none is favoured for its position."""
 
-    __slots__ = ("_b", "_i", "_j")
+    __slots__ = ("_given", "_i", "_j", "_p", "_rest")
 
-    def __init__(self, b: tuple[Backend, ...], i: int, j: int) -> None:
-        self._b, self._i, self._j = b, i, j
-
-    def __iter__(self) -> Iterator[Backend]:
-        return iter([x for k, x in enumerate(self._b) if k not in (self._i, self._j)])
-
-
-class _ByLoad:
-    """Least-conn fallbacks in order of load (ties in ring order), computed lazily."""
-
-    __slots__ = ("_active", "_b", "_best", "_start")
-
-    def __init__(self, b: tuple[Backend, ...], active: list[int], best: int, start: int) -> None:
-        self._b, self._active, self._best, self._start = b, active, best, start
+    def __init__(self, p: PowerOfTwo | PeakEwma, i: int, j: int, given: int = 0) -> None:
+        self._p, self._i, self._j = p, i, j
+        self._given = given  # how many of the pair were handed out
+        self._rest: list[int] | None = None
 
     def __iter__(self) -> Iterator[Backend]:
-        b, active, n, start = self._b, self._active, len(self._b), self._start
-        order = sorted(
-            (i for i in range(n) if i != self._best),
-            key=lambda i: (active[i] / b[i].weight, (i - start) % n),
-        )
-        return iter([b[i] for i in order])
+        return self
+
+    def __next__(self) -> Backend:
+        b = self._p._backends
+        given = self._given
+        if given < 2:
+            self._given = given + 1
+            return b[self._i if given == 0 else self._j]
+        rest = self._rest
+        if rest is None:
+            i, j = self._i, self._j
+            rest = self._rest = [k for k in range(len(b)) if k not in (i, j)]
+        if len(rest) < 2:
+            if not rest:
+                raise StopIteration
+            return b[rest.pop()]
+        i, j = _two(self._p._bits, len(rest))
+        x, y = self._p.better(rest[i], rest[j])
+        for k in (max(i, j), min(i, j)):  # out of rest (the higher first: indexes hold)
+            rest[k] = rest[-1]
+            rest.pop()
+        self._i, self._j, self._given = x, y, 1
+        return b[x]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 
-from poise.balancing.base import Picker, Policy, first_usable
+from poise.balancing.base import Picker, Policy
 from poise.models import Backend
 
 
@@ -43,21 +43,22 @@ class StickyPick(Policy):
         self.values = tuple(opaque_id(secret, b.id) for b in self._backends)
         self._by_value = dict(zip(self.values, self._backends, strict=True))
 
-    def candidates(self, key: bytes | None = None) -> Iterable[Backend]:
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
         pinned = self._by_value.get(key) if key is not None else None
         if pinned is None:
-            return self._fallback.candidates(None)
-        rest = [b for b in self._fallback.candidates(None) if b is not pinned]
-        return [pinned, *rest]
+            return self._fallback.candidates(None, up)
+        return _Pinned(pinned, self._fallback, up)
 
     def pick(
         self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
     ) -> Backend | None:
-        if key is None or key not in self._by_value:
-            return self._fallback.pick(None, up, tried)
-        # pinned: through candidates(), which also takes the fallback's turn (a shortcut
-        # here would change what the next unpinned client gets)
-        return first_usable(self.candidates(key), up, tried)
+        pinned = self._by_value.get(key) if key is not None else None
+        if pinned is not None and up[pinned.index] and pinned not in tried:
+            return pinned  # the fallback is not asked: a pinned client takes no one's turn
+        # (the fallback handing out ``pinned`` again has it passed over, as by _Pinned)
+        return self._fallback.pick(None, up, tried)
 
     def set_cookie(self, backend: Backend) -> bytes:
         """The Set-Cookie field value that pins a client to ``backend``."""
@@ -65,3 +66,27 @@ class StickyPick(Policy):
 
     def __repr__(self) -> str:
         return f"StickyPick({self.cookie.decode()}, {len(self._backends)} backends)"
+
+
+class _Pinned:
+    """The pinned backend, then (only if it is passed over) the fallback's candidates
+    without it."""
+
+    __slots__ = ("_fallback", "_pinned", "_rest", "_up")
+
+    def __init__(self, pinned: Backend, fallback: Picker, up: Sequence[bool] | None) -> None:
+        self._pinned, self._fallback, self._up = pinned, fallback, up
+        self._rest: Iterator[Backend] | None = None
+
+    def __iter__(self) -> Iterator[Backend]:
+        return self
+
+    def __next__(self) -> Backend:
+        rest = self._rest
+        if rest is None:
+            self._rest = iter(self._fallback.candidates(None, self._up))
+            return self._pinned
+        for b in rest:
+            if b is not self._pinned:
+                return b
+        raise StopIteration

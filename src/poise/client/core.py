@@ -220,11 +220,26 @@ class ServiceView:
     def candidates(
         self, key: bytes | None, ejected: Mapping[str, float], now: float
     ) -> list[Backend]:
-        """Usable backends in the policy's order; those recently refusing connections last."""
+        """Usable backends: the policy's pick first (among those not recently refusing
+        connections, if any), then the others from there round, those refusing last. The
+        picker is asked for one pick only: its state moves as the backends it hands out are
+        taken (see poise.balancing.base), so walking its whole order would take no turn."""
+        usable = self.usable
+        fresh_up = [
+            ok and ejected.get(b.id, 0.0) <= now
+            for b, ok in zip(self.backends, usable, strict=True)
+        ]
         with self._lock:
-            picked = [b for b in self.picker.candidates(key) if self.usable[b.index]]
-        fresh = [b for b in picked if ejected.get(b.id, 0.0) <= now]
-        return fresh + [b for b in picked if ejected.get(b.id, 0.0) > now]
+            head = self.picker.pick(key, fresh_up, ())
+            if head is None:
+                head = self.picker.pick(key, usable, ())
+        if head is None:
+            return []
+        n, at = len(self.backends), head.index
+        ring = [self.backends[(at + k) % n] for k in range(1, n)]
+        rest = [b for b in ring if usable[b.index]]
+        fresh = [b for b in rest if ejected.get(b.id, 0.0) <= now]
+        return [head, *fresh, *(b for b in rest if ejected.get(b.id, 0.0) > now)]
 
     def started(self, backend: Backend) -> None:
         if self.load is not None:

@@ -256,7 +256,7 @@ class TcpListener:
             up = healthy  # a retry in panic mode: a backend usable in its own right first
         key = relay.client[0].encode() if group.key is not None else None
         skipped: Backend | None = None
-        for backend in group.picker.candidates(key):
+        for backend in group.picker.candidates(key, up):
             i = backend.index
             if not up[i] or backend in relay.tried:
                 continue

@@ -629,7 +629,7 @@ class ClientConnection(asyncio.Protocol):
         skipped: Backend | None = None  # a slow-starting backend passed over by chance
         limited = False
         first = True
-        for backend in group.picker.candidates(key):
+        for backend in group.picker.candidates(key, up):
             i = backend.index
             pinned = first and sticky_ok is not None and group.sticky is not None
             first = False
