@@ -89,9 +89,7 @@ async def test_http_least_conn_splits_sequential_requests_by_weight() -> None:
         HttpBackend("b") as b,
         HttpBackend("c") as c,
         running(
-            http_doc(
-                [{"url": a.url, "weight": 5}, b.url, c.url], "least_conn", {"enabled": False}
-            )
+            http_doc([{"url": a.url, "weight": 5}, b.url, c.url], "least_conn", {"enabled": False})
         ) as (_, url),
     ):
         counts = await served(url, 350)

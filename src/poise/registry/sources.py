@@ -74,9 +74,7 @@ def parse_backend_file(text: str, path: str) -> tuple[BackendConfig, ...]:
             if line.split("#", 1)[0].strip()
         ]
         if not value:
-            raise SourceError(
-                f"{path}: no backends, only comments (write [] to mean no backends)"
-            )
+            raise SourceError(f"{path}: no backends, only comments (write [] to mean no backends)")
     try:
         return parse_backends(value, path)
     except ConfigError as exc:
