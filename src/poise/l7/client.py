@@ -904,8 +904,8 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             del queue[0]
-        if not ex.keep_alive or self.close_after or self.ctx.draining:
-            self.close()
+        if not ex.keep_alive or self.ctx.draining or (self.close_after and not queue):
+            self.close()  # (after a half-close: once every request read has its response)
             return
         if self.upgrading:
             # The backend declined to switch protocols: back to HTTP, starting with what the
