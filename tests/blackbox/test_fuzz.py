@@ -107,7 +107,10 @@ class Harness:
             "listeners": [{"name": "f", "listen": "127.0.0.1:0", "upstream": "b"}],
             "upstreams": {"b": {"backends": [f"http://127.0.0.1:{port}"],
                                 "health_check": {"enabled": False}}},
-            "timeouts": {"upstream_response": "2s"},
+            # far longer than a client waits (below): poise never gives up on the backend
+            # first, so a request poise forwarded as complete that the backend still waits
+            # on shows as a client left waiting, not as a 504 and a closed connection
+            "timeouts": {"upstream_response": "60s"},
         }  # fmt: skip
         self.server = Server(parse_config(doc))
         self.task = asyncio.ensure_future(self.server.serve())
@@ -117,7 +120,7 @@ class Harness:
     def exchange(self, data: bytes) -> bytes:
         """Send ``data``, read until poise closes, then wait until the backend has seen
         everything poise sent it for this exchange (see ``_settle``)."""
-        with socket.create_connection(self.address, timeout=5) as s:
+        with socket.create_connection(self.address, timeout=15) as s:
             try:
                 s.sendall(data)
                 s.shutdown(socket.SHUT_WR)
@@ -127,6 +130,11 @@ class Harness:
             try:
                 while chunk := s.recv(65536):
                     chunks.append(chunk)
+            except TimeoutError:
+                raise AssertionError(
+                    f"no end of the answer to {data!r} in 15 s: did poise forward a request "
+                    f"the backend is still waiting on? (got {b''.join(chunks)!r})"
+                ) from None
             except OSError:
                 pass
         asyncio.run_coroutine_threadsafe(self._settle(), self.loop).result(30)
