@@ -3,14 +3,34 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvloop
+from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
     from poise.testing.etcd import EtcdServer
+
+# Hypothesis, for every property test: no per-example deadline and no health check on how
+# long generating takes (wall-clock limits fail correct tests on a busy machine: a test that
+# needs a bound on time states it itself), and a failure prints the blob that replays it
+# anywhere (@reproduce_failure). Locally the examples are random and the ones that failed
+# are kept in .hypothesis/ and tried first next time. Under CI (CI set, as CI services do)
+# every run draws the same examples and keeps no database, so a CI verdict does not depend
+# on luck and a CI failure reproduces; exploring new inputs is left to local runs.
+settings.register_profile(
+    "default",
+    settings.get_profile("default"),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_asyncio_loop_factories(

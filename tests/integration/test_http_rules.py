@@ -272,3 +272,28 @@ async def test_half_close_after_a_complete_request_still_gets_the_response() -> 
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"late but here")
+
+
+async def test_half_close_after_pipelined_requests_still_gets_every_response() -> None:
+    """The half-close arrives while the first request is at the backend: the requests
+    queued behind it were read in full, so each still gets its response, in order."""
+
+    async def echo(request: RecordedRequest) -> Response:
+        return Response(body=b"answer to " + request.target.encode(), delay=0.1)
+
+    async with (
+        HttpBackend(handler=echo) as backend,
+        running(full([backend.url], health={"enabled": False})) as (_, url),
+    ):
+        host, port = address(url)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(3)))
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+    assert answer.count(b"HTTP/1.1 200 ") == 3
+    answers = [answer.index(b"answer to /%d" % i) for i in range(3)]
+    assert answers == sorted(answers)
+    assert answer.count(b"Connection: close") == 1  # on the last response only
+    assert answer.index(b"Connection: close") > answer.index(b"answer to /1")

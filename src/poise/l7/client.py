@@ -946,8 +946,8 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             del queue[0]
-        if not ex.keep_alive or self.close_after:
-            self.close()
+        if not ex.keep_alive or (self.close_after and not queue):
+            self.close()  # (after a half-close: once every request read has its response)
             return
         if self.ctx.draining:
             # A response without Connection: close (its head left before the drain began):
@@ -1091,7 +1091,11 @@ class ClientConnection(asyncio.Protocol):
         self.parser = None
         self._resume(self.paused)
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the client is already gone (ENOTCONN): nothing to linger for
+                self.close()
+                return
             self.deadline = self.ctx.clock() + LINGER
         else:
             self.close()

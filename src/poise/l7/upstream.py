@@ -506,7 +506,8 @@ class UpstreamConnection(asyncio.Protocol):
         sticky = ex.sticky
         if sticky is not None and ex.sticky_key != sticky.values[self.backend.index]:
             tail += b"\r\nSet-Cookie: " + sticky.set_cookie(self.backend)
-        if not ex.keep_alive or client.close_after or ctx.draining:
+        # a client that half-closed gets "close" with the last response it is owed
+        if not ex.keep_alive or (client.close_after and len(client.queue) <= 1) or ctx.draining:
             ex.keep_alive = False
             tail += b"\r\nConnection: close\r\n\r\n"
         elif ex.http10:
