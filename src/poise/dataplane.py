@@ -59,6 +59,7 @@ def snapshot(server: Server) -> Snapshot:
         "tunnels": tunnels,
         "backends": backends,
         "l4": server.l4.statistics(),
+        "tls": {name: tls.counters() for name, tls in server.tls.items()},
     }
 
 

@@ -72,8 +72,8 @@ def check(old: Config, new: Config, bound: dict[str, tuple[str, int]] | None = N
             problems.append(f"listeners.{name}: turning TLS on or off needs a restart")
         elif a.tls is not None and b.tls is not None and not reloadable(a.tls, b.tls):
             problems.append(
-                f"listeners.{name}.tls: changing versions, ciphers or client certificate "
-                "settings needs a restart (certificates and their names reload in place)"
+                f"listeners.{name}.tls: changing versions, ciphers, client certificate or "
+                "session settings needs a restart (certificates and their names reload in place)"
             )
     if old.registry != new.registry:
         problems.append("registry: changing the registry settings needs a restart")

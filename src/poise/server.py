@@ -26,7 +26,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from poise.admin.api import AdminApi
@@ -53,6 +53,7 @@ from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import RoutingTable, build_table, make_backends, regroup
 from poise.tls.contexts import ListenerTls, group_tls, upstream_tls
 from poise.tls.gate import PLAIN_HTTP, TlsGate
+from poise.tls.tickets import TicketSecrets
 
 BOARD_TICK = 0.25  # seconds between ends of ejections / slow-start steps being applied
 BACKLOG = 2048  # a listening socket's accept queue (connections the kernel completed for us)
@@ -73,6 +74,7 @@ class Server:
         watch_config: bool = False,
         role: Role = "single",
         sockets: dict[str, list[socket.socket]] | None = None,
+        ticket_secrets: Mapping[str, Mapping[int, bytes]] | None = None,
     ) -> None:
         self.watch_config = watch_config  # reload when the config file changes
         self.role: Role = role
@@ -120,8 +122,15 @@ class Server:
             if lc.tls is None:
                 continue
             header = (lc.tls.client_subject_header or "").encode("ascii")
+            # session ticket secrets: a worker's come from its supervisor (poise.workers)
+            secrets = None
+            if ticket_secrets is not None and lc.name in ticket_secrets:
+                secrets = TicketSecrets(lc.tls.session_ticket_rotation, generate=False)
+                secrets.install(ticket_secrets[lc.name])
             try:
-                self.tls[lc.name] = ListenerTls(lc.name, lc.tls, subject_header=header)
+                self.tls[lc.name] = ListenerTls(
+                    lc.name, lc.tls, subject_header=header, secrets=secrets
+                )
             except (ValueError, OSError) as exc:
                 problems.append(f"listeners[{i}].tls: {exc}")
         try:
@@ -622,9 +631,24 @@ class Server:
             "backends": self.board.statistics(),
             "registry": self.registry.statistics() if self.registry is not None else None,
             "sources": {name: src.statistics() for name, src in self.sources.items()},
-            "tls": {name: tls.statistics() for name, tls in self.tls.items()},
+            "tls": self._tls_statistics(),
             "l4": self.l4.statistics(),
         }
+
+    def _tls_statistics(self) -> dict[str, Any]:
+        """Each HTTPS listener's, its traffic counters summed over the workers."""
+        counted = self.dataplane().get("tls", {})
+        out = {}
+        for name, tls in self.tls.items():
+            stats: dict[str, Any] = tls.statistics()
+            c = counted.get(name)
+            if c is not None:
+                for key in ("handshakes", "plain_http", "version_alerts"):
+                    stats[key] = c[key]
+                sessions = stats["sessions"]
+                stats["sessions"] = {**sessions, "full": c["full"], "resumed": c["resumed"]}
+            out[name] = stats
+        return out
 
     def __repr__(self) -> str:
         return f"Server({len(self.config.listeners)} listeners, {len(self.table.groups)} upstreams)"

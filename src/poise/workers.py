@@ -23,6 +23,9 @@ state goes to every worker over its link, in order (pickled, length-prefixed):
                                                       backends filled in
     ("sync", {group: (backends, reported, healthy, admin)})   the whole shared state: at a
                                                       worker's start and after each reload
+    ("tickets", {listener: {period: secret}})         TLS session ticket secrets, at each
+                                                      rotation (tls/tickets.py); at a
+                                                      worker's start they come in its init
 
 A worker applies them to its own ``Server`` (role ``worker``) through the methods a single
 process uses, so it computes the same routing table. What a worker learns from its own
@@ -256,6 +259,25 @@ class Supervisor:
             for name, group in self._table_groups().items()
         }
 
+    def _ticket_secrets(self) -> dict[str, dict[int, bytes]]:
+        """Every HTTPS listener's session ticket secrets (tls/tickets.py): generated here,
+        so that every worker, and every worker started later, has the same."""
+        return {
+            name: tls.secrets.export()
+            for name, tls in self.server.tls.items()
+            if tls.secrets is not None
+        }
+
+    async def _rotate_tickets(self) -> None:
+        """At the start of each ticket key period, the next period's secret to the workers
+        (they have the current one already, from the previous round)."""
+        rings = [tls.secrets for tls in self.server.tls.values() if tls.secrets is not None]
+        if not rings:
+            return
+        while True:
+            await asyncio.sleep(min(r.next_change() for r in rings) + 0.01)
+            self._broadcast(("tickets", self._ticket_secrets()))
+
     # -- numbers in ------------------------------------------------------------------------
 
     def dataplane(self) -> Snapshot:
@@ -304,7 +326,7 @@ class Supervisor:
         level = logging.getLevelName(root.level).lower()
         link.send(
             ("init", slot, self._resolved(), fds, level, "json" if json_logs else "text",
-             self._sync())
+             self._sync(), self._ticket_secrets())
         )  # fmt: skip
         # from here on, every change of state reaches it too, in order after the init
         self.alive.add(worker)
@@ -458,7 +480,11 @@ class Supervisor:
                 log.info("listening on %s://%s:%d (%s, %d workers)",
                          scheme, shown, port, lc.name, self.n)  # fmt: skip
             self.started.set()
-            await self._stop.wait()
+            rotate = asyncio.get_running_loop().create_task(self._rotate_tickets())
+            try:
+                await self._stop.wait()
+            finally:
+                rotate.cancel()
         finally:
             await self._shutdown(control)
 
@@ -545,6 +571,11 @@ async def apply(server: Server, message: tuple[Any, ...]) -> None:
         await reloading.apply(server, message[1])
     elif kind == "sync":
         apply_sync(server, message[1])
+    elif kind == "tickets":
+        for name, secrets in message[1].items():
+            tls = server.tls.get(name)
+            if tls is not None and tls.secrets is not None:
+                tls.secrets.install(secrets)
     else:
         raise ValueError(f"unknown message {kind!r}")
 
@@ -557,10 +588,10 @@ async def _worker(fd: int) -> int:
     link = Link(inbox.put_nowait)
     await loop.create_unix_connection(lambda: link, sock=socket.socket(fileno=fd))
     init = await inbox.get()
-    _, slot, config, fds, level, fmt, state = init
+    _, slot, config, fds, level, fmt, state, secrets = init
     setup_logging(level, fmt, worker=slot)
     sockets = {name: [socket.socket(fileno=f) for f in fl] for name, fl in fds.items()}
-    server = Server(config, role="worker", sockets=sockets)
+    server = Server(config, role="worker", sockets=sockets, ticket_secrets=secrets)
     apply_sync(server, state)
     for sig in (signal.SIGHUP, signal.SIGUSR2):
         loop.add_signal_handler(sig, lambda: None)  # the supervisor's business

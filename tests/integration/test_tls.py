@@ -14,7 +14,7 @@ import pytest
 from poise.testing import HttpBackend, echo_handler
 from tests.integration.support import exchange, running
 from tests.tls.certgen import CA, Pair
-from tests.tls.helpers import TlsClient, client_context, get
+from tests.tls.helpers import TlsClient, client_context, get, visit
 
 
 def https_doc(backend: str, tls: dict[str, Any], **top: Any) -> dict[str, Any]:
@@ -334,3 +334,45 @@ async def test_a_client_hello_arriving_byte_by_byte_still_handshakes(pki: dict[s
             assert [r.target for r in proxied(backend)] == ["/slow"]
         finally:
             writer.close()
+
+
+async def test_returning_clients_resume_and_are_counted(pki: dict[str, Any]) -> None:
+    ca, alice = pki["ca"], pki["alice"]
+    tls = {**sni_tls(pki), "client_ca": str(ca.path), "client_auth": "optional",
+           "client_subject_header": "X-Client-Subject"}  # fmt: skip
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, tls)) as (server, _),
+    ):
+        url = url_of(server, "web")
+        ctx = client_context(ca, alice)
+        session, reused, reply = await asyncio.to_thread(visit, url, ctx, None, "a.example.test")
+        assert not reused and reply.startswith(b"HTTP/1.1 200")
+        for _ in range(3):
+            session, reused, reply = await asyncio.to_thread(
+                visit, url, ctx, session, "a.example.test"
+            )
+            assert reused and reply.startswith(b"HTTP/1.1 200")
+        # a resumed session keeps its verified client certificate: the subject still goes on
+        subjects = [r.header("x-client-subject") for r in proxied(backend)]
+        assert subjects == ["CN=alice,O=Example"] * 4
+        stats = server.statistics()["tls"]["web"]["sessions"]
+        assert (stats["full"], stats["resumed"], stats["tickets"]) == (1, 3, "shared")
+        from poise.admin import metrics
+
+        text = metrics.render(server)
+        assert 'poise_tls_handshakes_completed_total{listener="web",type="full"} 1\n' in text
+        assert 'poise_tls_handshakes_completed_total{listener="web",type="resumed"} 3\n' in text
+
+
+async def test_session_resumption_off_means_every_handshake_is_full(pki: dict[str, Any]) -> None:
+    tls = {**sni_tls(pki), "session_resumption": False}
+    async with (
+        HttpBackend("b1", echo_handler) as backend,
+        running(https_doc(backend.url, tls)) as (server, _),
+    ):
+        url, ctx = url_of(server, "web"), client_context(pki["ca"])
+        session, reused, _ = await asyncio.to_thread(visit, url, ctx, None, "a.example.test")
+        _, reused, reply = await asyncio.to_thread(visit, url, ctx, session, "a.example.test")
+        assert not reused and reply.startswith(b"HTTP/1.1 200")
+        assert server.statistics()["tls"]["web"]["sessions"]["resumed"] == 0

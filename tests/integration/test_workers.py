@@ -317,3 +317,41 @@ def test_poise_run_workers_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Pat
                     proc.wait()
 
     asyncio.run(main())
+
+
+async def test_tls_sessions_resume_on_any_worker_and_after_a_restart(tmp_path: Path) -> None:
+    from tests.tls.certgen import CA
+    from tests.tls.helpers import client_context, visit
+
+    ca = CA(tmp_path)
+    pair = ca.issue("web", ["web.test"])
+    async with HttpBackend("a") as a:
+        doc = full([a.url], health=HEALTH)
+        doc["listeners"][0]["tls"] = {"cert": str(pair.cert), "key": str(pair.key)}
+        async with supervised(doc) as (sup, plain_url):
+            url = plain_url.replace("http://", "https://")
+            ctx = client_context(ca)
+            first, reused, _ = await asyncio.to_thread(visit, url, ctx, None, "web.test")
+            assert not reused
+
+            async def resumed_everywhere() -> None:
+                # new connections go to either worker (the kernel picks by address and
+                # port): every one resumes the first session, whichever worker issued it
+                for _ in range(16):
+                    _, reused, reply = await asyncio.to_thread(visit, url, ctx, first, "web.test")
+                    assert reused and reply.startswith(b"HTTP/1.1 200")
+
+            def resumed_per_worker() -> list[int]:
+                return [
+                    (w.report or {}).get("tls", {}).get("web", {}).get("resumed", 0)
+                    for w in sup.alive
+                ]
+
+            await resumed_everywhere()
+            await eventually(lambda: sum(resumed_per_worker()) == 16, 10)
+            assert min(resumed_per_worker()) > 0, resumed_per_worker()  # both workers did
+            before = worker_pids(sup)
+            await sup.rolling_restart()
+            assert not worker_pids(sup) & before
+            await resumed_everywhere()  # the new workers have the same keys
+            await eventually(lambda: sup.dataplane()["tls"]["web"]["resumed"] == 32, 10)

@@ -104,3 +104,28 @@ async def get(
         ), client.serial
     finally:
         await client.close()
+
+
+def visit(
+    url: str,
+    ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+    server_name: str | None = None,
+) -> tuple[ssl.SSLSession | None, bool, bytes]:
+    """One request with ``Connection: close`` over a blocking socket, offering ``session``
+    for resumption (run it in a thread: ``asyncio.to_thread``). Returns the session to offer
+    next time (with the ticket the server sent), whether this one resumed, and the reply."""
+    import socket
+
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        tls = ctx.wrap_socket(raw, server_hostname=server_name or host, session=session)
+        with tls:
+            tls.sendall(
+                f"GET / HTTP/1.1\r\nHost: {server_name or 'example.test'}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := tls.recv(65536):  # the tickets (TLS 1.3) come before the reply
+                reply += chunk
+            return tls.session, tls.session_reused, reply

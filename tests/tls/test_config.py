@@ -161,3 +161,39 @@ def test_https_backend_defaults(ca: CA) -> None:
     data["upstreams"]["app"]["tls"] = {"ca": str(ca.path), "server_name": "B.Internal."}
     tls = parse_config(data).upstreams["app"].tls
     assert tls is not None and tls.server_name == "b.internal" and tls.verify
+
+
+def test_session_resumption_settings_and_their_problems(ca: CA, tmp_path: Path) -> None:
+    p = ca.issue("p", ["p.test"])
+    pair = {"cert": str(p.cert), "key": str(p.key)}
+    tls = parse_config(doc(pair)).listeners[0].tls
+    assert tls is not None
+    assert (tls.session_resumption, tls.session_ticket_rotation, tls.session_ticket_keys) == (
+        True, 3600.0, ()
+    )  # fmt: skip
+    good, short = tmp_path / "good.key", tmp_path / "short.key"
+    good.write_bytes(bytes(80))
+    short.write_bytes(bytes(48))
+    tls = parse_config(doc({**pair, "session_ticket_keys": [str(good)]})).listeners[0].tls
+    assert tls is not None and tls.session_ticket_keys == (str(good),)
+    tls = parse_config(doc({**pair, "session_ticket_rotation": "12h"})).listeners[0].tls
+    assert tls is not None and tls.session_ticket_rotation == 43200.0
+    path = "listeners[0].tls"
+    assert problems(doc({**pair, "session_ticket_keys": [str(short), str(tmp_path / "no")]})) == [
+        f"{path}.session_ticket_keys[0]: {short}: 48 bytes; a ticket key file holds 80 random "
+        f"bytes (openssl rand 80 > {short})",
+        f"{path}.session_ticket_keys[1]: {tmp_path / 'no'}: cannot read: No such file or directory",
+    ]
+    off = {**pair, "session_resumption": False, "session_ticket_rotation": "1h"}
+    assert problems(doc(off)) == [
+        f"{path}.session_ticket_rotation: has no effect with session_resumption: false"
+    ]
+    assert problems(doc({**pair, "session_ticket_rotation": "0.5s"})) == [
+        f"{path}.session_ticket_rotation: must be at least 1s, got '0.5s'"
+    ]
+    assert problems(
+        doc({**pair, "session_ticket_rotation": "1h", "session_ticket_keys": str(good)})
+    ) == [
+        f"{path}.session_ticket_rotation: not with session_ticket_keys: the files are the keys "
+        "(rotate them by replacing the files)"
+    ]

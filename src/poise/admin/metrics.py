@@ -173,9 +173,17 @@ def render(server: Server) -> str:
             out.sample("poise_health_checks_total", failed, result="fail", **labels)
 
     if server.tls:
+        counted: dict[str, dict[str, int]] = dp.get("tls", {})  # summed over the workers
         out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
         for name, tls in server.tls.items():
-            out.sample("poise_tls_handshakes_total", tls.handshakes, listener=name)
+            c = counted.get(name, tls.counters())
+            out.sample("poise_tls_handshakes_total", c["handshakes"], listener=name)
+        done = "poise_tls_handshakes_completed_total"
+        out.family(done, "counter", "TLS handshakes completed: full, or resuming a session.")
+        for name, tls in server.tls.items():
+            c = counted.get(name, tls.counters())
+            out.sample(done, c["full"], listener=name, type="full")
+            out.sample(done, c["resumed"], listener=name, type="resumed")
         out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
         for name, tls in server.tls.items():
             out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")

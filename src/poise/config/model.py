@@ -208,6 +208,9 @@ class ListenerTlsConfig:
     client_subject_header: str | None = None  # send the verified subject in this header
     strict: bool = False  # an expired certificate is an error, not a warning
     reload_interval: float = 10.0  # seconds between checks of the files; 0 = no watching
+    session_resumption: bool = True  # False: no tickets, no session cache (tls/tickets.py)
+    session_ticket_rotation: float = 3600.0  # seconds a generated ticket key encrypts
+    session_ticket_keys: tuple[str, ...] = ()  # files of 80 random bytes: the first encrypts
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from poise.config.model import (
 from poise.config.values import describe_type, parse_duration
 from poise.tls.certs import CertInfo, read_pem_certificate
 from poise.tls.contexts import check_ca_bundle, check_ciphers, check_pair
+from poise.tls.tickets import lib_error, read_key_files
 
 __all__ = ["check_sni_names", "listener_tls", "redirect_https", "upstream_tls"]
 
@@ -48,6 +49,9 @@ LISTENER_TLS_KEYS = (
     "client_subject_header",
     "strict",
     "reload_interval",
+    "session_resumption",
+    "session_ticket_rotation",
+    "session_ticket_keys",
 )
 _CERT_KEYS = ("cert", "key", "names")
 UPSTREAM_TLS_KEYS = ("ca", "verify", "server_name", "cert", "key", "min_version", "ciphers")
@@ -194,6 +198,7 @@ def listener_tls(c: Checker, value: object, path: str) -> ListenerTlsConfig | No
                 key_path(path, key), "needs 'client_ca' (client certificates are not asked for)"
             )
     interval = c.field(obj, "reload_interval", path, parse_duration, 10.0)
+    resumption, rotation, ticket_keys = _sessions(c, obj, path)
     if not ok or not certs:
         return None
     return ListenerTlsConfig(
@@ -206,7 +211,56 @@ def listener_tls(c: Checker, value: object, path: str) -> ListenerTlsConfig | No
         client_subject_header=header,
         strict=strict,
         reload_interval=interval,
+        session_resumption=resumption,
+        session_ticket_rotation=rotation,
+        session_ticket_keys=ticket_keys,
     )
+
+
+def _sessions(
+    c: Checker, obj: Mapping[str, object], path: str
+) -> tuple[bool, float, tuple[str, ...]]:
+    """``session_resumption``, ``session_ticket_rotation`` and ``session_ticket_keys``
+    (tls/tickets.py); key files are read here, so a wrong one stops the load."""
+    resumption = c.field(obj, "session_resumption", path, check_bool, True)
+
+    def rotation_period(v: object) -> float:
+        seconds = parse_duration(v)
+        if seconds < 1:
+            raise ValueError(f"must be at least 1s, got {v!r}")
+        return seconds
+
+    rotation = c.field(obj, "session_ticket_rotation", path, rotation_period, 3600.0)
+    files: tuple[str, ...] = ()
+    if "session_ticket_keys" in obj:
+        kpath = key_path(path, "session_ticket_keys")
+        raw = obj["session_ticket_keys"]
+        items = [raw] if isinstance(raw, str) else list(c.items(raw, kpath))
+        names = []
+        for i, item in enumerate(items):
+            ipath = kpath if isinstance(raw, str) else f"{kpath}[{i}]"
+            if not isinstance(item, str) or not item:
+                c.error(ipath, f"expected a file name, got {describe_type(item)}")
+                continue
+            try:
+                read_key_files([item])
+            except ValueError as exc:
+                c.error(ipath, str(exc))
+                continue
+            names.append(item)
+        files = tuple(names)
+        if files and (error := lib_error()) is not None:
+            c.error(kpath, f"this Python's ssl module cannot be given ticket keys ({error})")
+    for key in ("session_ticket_rotation", "session_ticket_keys"):
+        if key in obj and not resumption:
+            c.error(key_path(path, key), "has no effect with session_resumption: false")
+    if "session_ticket_rotation" in obj and "session_ticket_keys" in obj:
+        c.error(
+            key_path(path, "session_ticket_rotation"),
+            "not with session_ticket_keys: the files are the keys (rotate them by replacing "
+            "the files)",
+        )
+    return resumption, rotation, files
 
 
 def redirect_https(c: Checker, value: object, path: str) -> RedirectConfig | None:

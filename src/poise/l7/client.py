@@ -164,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tls is None:
             self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
         else:
+            self.tls.count_session(transport)
             self.tls_fields = self.tls.subject_field(transport)
             self.forwarded = (
                 b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"

@@ -39,6 +39,7 @@ from poise.config.model import (
     UpstreamConfig,
     UpstreamTlsConfig,
 )
+from poise.tls import tickets
 from poise.tls.certs import CertInfo, read_pem_certificate
 
 __all__ = [
@@ -194,7 +195,8 @@ def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...] | Non
 
 def _paths(cfg: ListenerTlsConfig) -> tuple[str, ...]:
     files = [p for c in cfg.certificates for p in (c.cert, c.key)]
-    return tuple(dict.fromkeys(files + ([cfg.client_ca] if cfg.client_ca else [])))
+    files += [cfg.client_ca] if cfg.client_ca else []
+    return tuple(dict.fromkeys(files + list(cfg.session_ticket_keys)))
 
 
 def reloadable(old: ListenerTlsConfig, new: ListenerTlsConfig) -> bool:
@@ -209,12 +211,26 @@ class ListenerTls:
     """One HTTPS listener's TLS: the front context handed to ``create_server`` and the
     current certificates, reloaded when their files change (``watch``) or on demand."""
 
-    def __init__(self, name: str, cfg: ListenerTlsConfig, *, subject_header: bytes = b"") -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: ListenerTlsConfig,
+        *,
+        subject_header: bytes = b"",
+        secrets: tickets.TicketSecrets | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.certs = build_cert_set(cfg)
         self.context = server_context(cfg, cfg.certificates[0])
         self.context.sni_callback = self._sni
+        # session resumption (tls/tickets.py): the front context's tickets and cache are the
+        # ones OpenSSL uses, also after the SNI callback switched a connection's context
+        self.secrets: tickets.TicketSecrets | None = None
+        self.tickets: tickets.TicketKeys | None = None
+        self.ticket_mode = self._sessions(cfg, secrets)
+        self.full_handshakes = 0  # completed without resuming a session
+        self.resumed = 0  # completed resuming one (ticket or session id)
         self.subject_header = subject_header  # b"X-Client-Subject" or b"" (none)
         self.paths = _paths(cfg)
         self._seen = _signature(self.paths)
@@ -224,6 +240,51 @@ class ListenerTls:
         self.plain_http = 0  # plain HTTP requests answered 400 (``gate``)
         self.version_alerts = 0  # ClientHellos without an accepted version (``gate``)
         self.last_error: str | None = None
+
+    def _sessions(self, cfg: ListenerTlsConfig, secrets: tickets.TicketSecrets | None) -> str:
+        """Set up resumption; returns how tickets are keyed: "shared" (``secrets``, rotated),
+        "files" (``session_ticket_keys``), "process" (OpenSSL's own keys: libssl could not
+        be reached) or "off"."""
+        ctx = self.context
+        if not cfg.session_resumption:
+            ctx.options |= ssl.OP_NO_TICKET
+            ctx.num_tickets = 0  # TLS 1.3: with OP_NO_TICKET tickets would be cache entries
+            if not tickets.disable_session_cache(ctx):
+                log.warning(
+                    "listener %s: session_resumption is off, but TLS 1.2 session ids stay "
+                    "cached in this process (%s)", self.name, tickets.lib_error(),
+                )  # fmt: skip
+            return "off"
+        ca = Path(cfg.client_ca).read_bytes() if cfg.client_ca else None
+        ident = tickets.identity(ca, cfg.client_auth)
+        files = tickets.read_key_files(cfg.session_ticket_keys)
+        if not files:
+            self.secrets = secrets or tickets.TicketSecrets(cfg.session_ticket_rotation)
+        keys = tickets.TicketKeys(ident, self.secrets, files)
+        self._ticket_callback = tickets.install(ctx, keys)  # kept alive with the context
+        if self._ticket_callback is None:
+            if files:
+                raise ValueError(
+                    f"session_ticket_keys: this Python's ssl module cannot be given ticket "
+                    f"keys ({tickets.lib_error()})"
+                )
+            log.warning(
+                "listener %s: TLS session tickets use per-process keys (%s): with --workers "
+                "a client resumes only on the worker that issued its ticket",
+                self.name, tickets.lib_error(),
+            )  # fmt: skip
+            self.secrets = None
+            return "process"
+        self.tickets = keys
+        return "files" if files else "shared"
+
+    def count_session(self, transport: asyncio.BaseTransport) -> None:
+        """Count a completed handshake as full or resumed (once per connection)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self.resumed += 1
+        else:
+            self.full_handshakes += 1
 
     def _sni(self, ssl_object: Any, server_name: str | None, _front: ssl.SSLContext) -> None:
         self.handshakes += 1
@@ -239,6 +300,7 @@ class ListenerTls:
         self._seen = sig  # a broken new file is reported once, not on every poll
         try:
             certs = build_cert_set(self.cfg)
+            keys = tickets.read_key_files(self.cfg.session_ticket_keys)
             now = dt.datetime.now(dt.UTC)
             for cert, info in zip(self.cfg.certificates, certs.infos, strict=True):
                 if info.expired(now):
@@ -257,6 +319,8 @@ class ListenerTls:
             )
             return f"failed: {self.last_error}"
         self.certs = certs  # one assignment: the next handshake sees the new set
+        if self.tickets is not None and keys:
+            self.tickets.set_files(keys)
         self.reloads += 1
         self.last_error = None
         log.info("listener %s: certificates reloaded", self.name)
@@ -299,11 +363,28 @@ class ListenerTls:
                 for c, i in zip(self.cfg.certificates, self.certs.infos, strict=True)
             ],
             "handshakes": self.handshakes,
+            "sessions": {
+                "full": self.full_handshakes,
+                "resumed": self.resumed,
+                "tickets": self.ticket_mode,
+                "tickets_issued": self.tickets.issued if self.tickets is not None else 0,
+                "tickets_unknown": self.tickets.unknown if self.tickets is not None else 0,
+            },
             "plain_http": self.plain_http,
             "version_alerts": self.version_alerts,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "last_error": self.last_error,
+        }
+
+    def counters(self) -> dict[str, int]:
+        """The traffic counters, for ``poise.dataplane`` (summed over workers)."""
+        return {
+            "handshakes": self.handshakes,
+            "full": self.full_handshakes,
+            "resumed": self.resumed,
+            "plain_http": self.plain_http,
+            "version_alerts": self.version_alerts,
         }
 
     def __repr__(self) -> str:
