@@ -11,9 +11,9 @@ import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from poise.l7.head import RequestHead, Rejection, Settings, parse_request
 from tests.blackbox.test_requests import CASES, Forwarded, Refused
+
+from poise.l7.head import Rejection, RequestHead, Settings, parse_request
 
 S = Settings(peer=b"10.0.0.9")
 
