@@ -211,7 +211,7 @@ def h11_view(data: bytes) -> tuple[bytes, bytes, bool, int | None] | None:
     except h11.RemoteProtocolError:
         return None
     assert isinstance(event, h11.Request), event
-    fields = {n: v for n, v in event.headers}
+    fields = dict(event.headers)
     cl = fields.get(b"content-length")
     return event.method, event.target, b"transfer-encoding" in fields, int(cl) if cl else None
 
