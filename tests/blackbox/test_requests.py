@@ -126,6 +126,12 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
     "version_0_9_keep_alive": (req(b"GET / HTTP/0.9\r\nConnection: keep-alive\r\n"),
                                Refused(400)),
     "http_0_9": (b"GET /\r\n\r\n", Refused(400)),
+    # the request line: method SP request-target SP HTTP-version, one space each (RFC 9112 §3)
+    "request_line_two_spaces_after_method": (req(b"GET  / HTTP/1.1\r\n"), Refused(400)),
+    "request_line_two_spaces_before_version": (req(b"GET /  HTTP/1.1\r\n"), Refused(400)),
+    "request_line_many_spaces": (req(b"POST    /a    HTTP/1.1\r\n"), Refused(400)),
+    "request_line_tab_after_method": (req(b"GET\t/ HTTP/1.1\r\n"), Refused(400)),
+    "request_line_tab_before_version": (req(b"GET /\tHTTP/1.1\r\n"), Refused(400)),
     # methods and targets
     "connect": (req(b"CONNECT a:443 HTTP/1.1\r\n", host=b"a:443"), Refused(405)),
     "fragment": (req(b"GET /a#b HTTP/1.1\r\n"), Refused(400)),
@@ -182,6 +188,18 @@ CASES: dict[str, tuple[bytes, Refused | Forwarded]] = {
         Forwarded(has=(b"\r\nX-Forwarded-For: 127.0.0.1\r\n", b"\r\nX-Forwarded-Proto: http\r\n"),
                   lacks=(b"1.2.3.4", b"https")),
     ),
+    # a "_" in a field name: dropped (nginx's underscores_in_headers off), since some
+    # frameworks read "_" as "-" and "Transfer_Encoding" would become framing behind us
+    "underscore_fields_dropped": (
+        req(POST + b"Transfer_Encoding: chunked\r\nContent-Length: 3\r\nX_User: evil\r\n"
+            b"Content_Length: 9\r\nX-Keep: 1\r\n", b"abc"),
+        Forwarded(has=(b"\r\nX-Keep: 1\r\n", b"\r\nContent-Length: 3\r\n"),
+                  lacks=(b"_", b"chunked", b"evil", b": 9"), ends_with=b"\r\n\r\nabc"),
+    ),
+    "underscore_host_is_not_host": (req(GET + b"Ho_st: b\r\n"),
+                                    Forwarded(has=(b"\r\nHost: a\r\n",), lacks=(b"Ho_st",))),
+    "empty_lines_before_request": (b"\r\n" + req(GET),
+                                   Forwarded(first_line=b"GET / HTTP/1.1")),
     "header_order_and_case_kept": (
         req(GET + b"X-b: 2\r\nx-A: 1\r\n"),
         Forwarded(has=(b"\r\nX-b: 2\r\nx-A: 1\r\n",)),

@@ -59,6 +59,9 @@ def post(headers: bytes, body: bytes = b"") -> bytes:
         (b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
         # a lone LF as line ending
         (b"GET / HTTP/1.1\nHost: a\n\n", 400),
+        # the request line: one space between its parts
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /  HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ],
 )
 async def test_refused_with_close_and_nothing_forwarded(
@@ -131,6 +134,53 @@ async def test_case10_get_with_body_then_pipelined_request() -> None:
         )
     assert answer.count(b"HTTP/1.1 200 ") == 2
     assert [(r.target, r.body) for r in backend.requests] == [("/1", b"0123456789"), ("/2", b"")]
+
+
+PIPELINED_FIRST = {
+    "bodiless": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "content_length": b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+    "chunked": b"POST /1 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+@pytest.mark.parametrize("line", [b"GET  /2 HTTP/1.1", b"GET /2  HTTP/1.1"])
+@pytest.mark.parametrize("first", list(PIPELINED_FIRST))
+async def test_doubled_space_in_a_pipelined_request_line(
+    first: str, line: bytes, bytewise: bool
+) -> None:
+    """A request pipelined behind another in the same read begins where httptools does not
+    say: its request line is checked all the same."""
+    async with (
+        HttpBackend() as backend,
+        running(full([backend.url], health={"enabled": False})) as (_, url),
+    ):
+        answer = await exchange(
+            url,
+            PIPELINED_FIRST[first] + line + b"\r\nHost: a\r\n\r\n"
+            b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+            bytewise=bytewise,
+        )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    assert answer.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 400 " in answer
+    assert [r.target for r in backend.requests] == ["/1"]
+
+
+async def test_pipelined_requests_with_double_spaces_in_values_are_served() -> None:
+    async with (
+        HttpBackend() as backend,
+        running(full([backend.url], health={"enabled": False})) as (_, url),
+    ):
+        answer = await exchange(
+            url,
+            b"GET /1 HTTP/1.1\r\nHost: a\r\nX-A: a  b\r\n\r\n"
+            b"\r\nGET /2 HTTP/1.1\r\nHost: a\r\nX-B: c  d\r\n\r\n"
+            b"POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        )
+    assert answer.count(b"HTTP/1.1 200 ") == 3, answer[:300]
+    assert [r.target for r in backend.requests] == ["/1", "/2", "/3"]
 
 
 async def test_case21_expect_100_continue() -> None:

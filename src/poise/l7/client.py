@@ -74,16 +74,23 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_begun",
         "_cl",
+        "_clean",
+        "_clean_method",
         "_conn_tokens",
+        "_feed",
+        "_fresh",
         "_fwd",
         "_head_raw",
         "_head_size",
         "_headers",
         "_kinds",
+        "_known",
         "_memo",
         "_misses",
+        "_more",
         "_n_headers",
         "_names",
+        "_src",
         "_te",
         "_upgrade",
         "close_after",
@@ -147,6 +154,17 @@ class ClientConnection(asyncio.Protocol):
         self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
         self._misses = 0  # requests since the last one that was _memo's (see MEMO_MISSES)
         self._begun = 0  # requests whose parsing began (on_message_begin)
+        # The raw bytes the request line is checked on (see _check_line): the read being
+        # parsed, whether the parser was between requests when it came, the read the
+        # current request began in, whether it began at that read's start, the later reads
+        # of a head that spans reads, and a read already found free of doubled spaces.
+        self._feed = b""
+        self._fresh = False
+        self._src = b""
+        self._known = False
+        self._more: list[bytes] | None = None
+        self._clean: bytes | None = None
+        self._clean_method = b""
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -239,14 +257,21 @@ class ClientConnection(asyncio.Protocol):
                 if sum(map(len, self.held)) > QUEUE_BODY_LIMIT:
                     self._pause(_PAUSE_QUEUE)
             return
+        self._feed = data
+        self._fresh = fresh = self.cur is None  # the parser is between requests
         if not self.in_body:
+            if not fresh:  # a request head that continues in this read
+                more = self._more
+                if more is None:
+                    self._more = [data]
+                else:
+                    more.append(data)
             # httptools buffers an unfinished header field itself: stop a head that never
             # ends before it costs memory (the precise count is in on_url/on_header).
             self._head_raw += len(data)
             if self._head_raw > self.ctx.max_header_bytes and b"\r\n\r\n" not in data:
                 self._reject(431, "Request Header Fields Too Large")
                 return
-        fresh = self.cur is None  # the parser is between requests
         begun = self._begun
         try:
             parser.feed_data(data)
@@ -284,6 +309,8 @@ class ClientConnection(asyncio.Protocol):
                 and data[-4:] == EOH
             ):
                 self._remember(data)
+        self._feed = b""  # (not kept: it may be a large piece of a body)
+        self._clean = None
         queue = self.queue
         if queue and not queue[0].started and not self.closed:
             self._start(queue[0])
@@ -321,6 +348,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._begun += 1
+        # where this request's line is: at the start of the read being parsed, or somewhere
+        # in it (pipelined behind another request)
+        self._src = self._feed
+        self._known = self._fresh
+        self._fresh = False
+        self._more = None
         self.cur = ex = Exchange()
         ex.t0 = now = self.ctx.clock()  # one clock reading: the duration and the deadline
         self._headers = []
@@ -351,6 +384,10 @@ class ClientConnection(asyncio.Protocol):
         kind = names.get(name)
         if kind is None:
             kind = self._kinds.get(name.lower(), http.PLAIN)
+            if kind == http.PLAIN and name.find(b"_") >= 0:
+                # Dropped, as nginx does (underscores_in_headers off): some frameworks read
+                # "_" as "-", so "Transfer_Encoding" would become framing behind the proxy.
+                kind = http.HOP
             if len(names) < NAMES_MAX and len(name) <= 64:
                 names[name] = kind
         if kind == http.PLAIN:
@@ -409,6 +446,7 @@ class ClientConnection(asyncio.Protocol):
         ex.method = method
         ex.is_head = method == b"HEAD"
         target = ex.target
+        self._check_line(method, target)
         if target[:1] != b"/":
             target = origin_form(ex, method, target)
         if not ex.host and not ex.http10:
@@ -488,6 +526,38 @@ class ClientConnection(asyncio.Protocol):
         self.queue.append(ex)
         if len(self.queue) > 32:
             self._pause(_PAUSE_QUEUE)  # a pipelining client far ahead of its responses
+
+    def _check_line(self, method: bytes, target: bytes) -> None:
+        """The request line is ``method SP request-target SP HTTP-version`` with exactly one
+        space each (RFC 9112 §3): llhttp skips extra spaces, so poise looks at the raw bytes.
+
+        A request that began at the start of a read (nearly all: a keep-alive client sends
+        one request per write) is checked exactly, by position. One pipelined behind another
+        in the same read begins at an offset httptools does not report, so that read (with
+        the rest of the head, if it spans reads) must hold no ``<method>  `` and no
+        ``  HTTP/`` anywhere; the line is in it, so a doubled space is never missed, and a
+        read found clean once is not searched again for the same method."""
+        src = self._src
+        more = self._more
+        if more is not None:
+            src = b"".join((src, *more))
+        if self._known:
+            i = 0
+            if src[0] == 13 or src[0] == 10:  # empty lines before a request are skipped
+                i = len(src) - len(src.lstrip(b"\r\n"))
+            i += len(method)  # src[i] is the space after the method
+            ok = src[i + 1] != 32 and src[i + 2 + len(target)] != 32
+        elif src is self._clean and method == self._clean_method:
+            ok = True
+        else:
+            ok = src.find(b"  HTTP/") < 0 and src.find(method + b"  ") < 0
+            if ok:
+                self._clean = src
+                self._clean_method = method
+        self._src = b""
+        self._more = None
+        if not ok:
+            raise Reject(400, "Bad Request")
 
     def on_body(self, body: bytes) -> None:
         ex = self.cur
