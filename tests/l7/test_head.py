@@ -161,13 +161,24 @@ def test_blackbox_case(name: str) -> None:
 
 # Each piece carries whether poise refuses it by design where h11 may accept it (True), so
 # the oracle below knows, for every input, which verdict h11's must be matched.
-METHOD = st.sampled_from([(b"GET", False)] * 4 + [(b"POST", False), (b"PURGE", False),
-                          (b"FOO", True), (b"M-SEARCH", False)])
-TARGET = st.sampled_from([(b"/", False)] * 6 + [(b"/a?b=%20", False), (b"/a#f", True),
-                          (b"/a\\b", True), (b"/\xc3\xa9", True), (b"a", True),
-                          (b"http://h.test/x", False)])
-VERSION = st.sampled_from([(b"HTTP/1.1", False)] * 4 + [(b"HTTP/1.0", False), (b"HTTP/2.0", True),
-                           (b"HTTP/1.2", True)])
+METHOD = st.sampled_from(
+    [(b"GET", False)] * 4
+    + [(b"POST", False), (b"PURGE", False), (b"FOO", True), (b"M-SEARCH", False)]
+)
+TARGET = st.sampled_from(
+    [(b"/", False)] * 6
+    + [
+        (b"/a?b=%20", False),
+        (b"/a#f", True),
+        (b"/a\\b", True),
+        (b"/\xc3\xa9", True),
+        (b"a", True),
+        (b"http://h.test/x", False),
+    ]
+)
+VERSION = st.sampled_from(
+    [(b"HTTP/1.1", False)] * 4 + [(b"HTTP/1.0", False), (b"HTTP/2.0", True), (b"HTTP/1.2", True)]
+)
 FIELD = st.sampled_from([
     (b"X-A", b"1", False), (b"X-A", b"a  b", False), (b"X_A", b"1", False),
     (b"X-A", b"a\x80b", False), (b"X-A", b"a\x7fb", True), (b"X-A", b"", False),
