@@ -6,22 +6,25 @@ import asyncio
 import socket
 from typing import Any
 
+import pytest
+
 from poise.config import parse_config
+from poise.messages import Health, Reload, Replicated, State, ToWorker
 from poise.server import Server
-from poise.workers import Link, apply_sync, frame, listen_sockets
+from poise.workers import Link, apply_sync, frame, listen_sockets, shared_state
 
 
 def test_frames_are_decoded_whole_fed_at_once_or_byte_by_byte() -> None:
     config = parse_config({"port": "127.0.0.1:0", "servers": ["http://127.0.0.1:9"]})
-    messages: list[tuple[Any, ...]] = [
-        ("health", "app", (True, False)),
-        ("reload", config),  # frozen configs with mapping proxies travel too
-        ("state", "app", "127.0.0.1:9", "drain"),
+    messages: list[ToWorker] = [
+        Health("app", (True, False)),
+        Reload(config),  # frozen configs with mapping proxies travel too
+        State("app", "127.0.0.1:9", "drain"),
     ]
     data = b"".join(frame(m) for m in messages)
     for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
-        got: list[tuple[Any, ...]] = []
-        link = Link(got.append)
+        got: list[ToWorker] = []
+        link: Link[ToWorker] = Link(got.append)
         for chunk in chunks:
             link.data_received(chunk)
         assert got == messages
@@ -59,18 +62,7 @@ def test_a_sync_makes_a_workers_state_the_supervisors() -> None:
         control.publish_health("app", (True, False, True))
         control.set_backend_state("app", "127.0.0.1:9", "drain")
         worker = Server(parse_config(doc), role="worker")
-        apply_sync(
-            worker,
-            {
-                name: (
-                    group.config.backends,
-                    list(control.board.statuses[name].reported),
-                    tuple(control.board.statuses[name].healthy),
-                    list(control.board.statuses[name].admin),
-                )
-                for name, group in control.table.groups.items()
-            },
-        )
+        apply_sync(worker, shared_state(control))
         assert worker.table.groups["app"].config.backends == (
             control.table.groups["app"].config.backends
         )
@@ -99,7 +91,7 @@ def test_a_reload_turning_health_checks_off_brings_the_workers_down_backends_bac
     async def main() -> None:
         control = Server(parse_config(doc(True)), role="control")
         worker = Server(parse_config(doc(True)), role="worker")
-        sent: list[tuple[Any, ...]] = []
+        sent: list[Replicated] = []
         control.replicate = sent.append
         control.publish_health("app", (False, True))
         for message in sent:
@@ -109,7 +101,80 @@ def test_a_reload_turning_health_checks_off_brings_the_workers_down_backends_bac
         await control.reload(parse_config(doc(False)))
         assert control.table.groups["app"].up == (True, True)
         # what the supervisor sends on a reload (workers._replicate): the config, then a sync
-        await apply(worker, ("reload", control.config))
+        await apply(worker, Reload(control.config))
         assert worker.table.groups["app"].up == (True, True)
+
+    asyncio.run(main())
+
+
+def test_every_message_kind_travels_through_the_link_and_is_handled() -> None:
+    """Each message class of ``poise.messages``, pickled and framed, comes out equal at the
+    other end, and the receiver's dispatcher handles it (a new kind must be added here)."""
+    from typing import cast, get_args
+
+    from poise import messages as m
+    from poise.workers import Supervisor, Worker, apply
+
+    doc = {
+        "listeners": [{"name": "web", "listen": "127.0.0.1:0", "upstream": "app"}],
+        "upstreams": {"app": {"backends": ["http://127.0.0.1:9", "http://127.0.0.1:10"]}},
+    }
+
+    async def main() -> None:
+        config = parse_config(doc)
+        control = Server(config, role="control")
+        control.add_backend("app", "http://127.0.0.1:11")
+        added = control.table.groups["app"].config.backends
+        control.set_backend_state("app", "127.0.0.1:10", "maint")
+        moved = parse_config({**doc, "timeouts": {"upstream_connect": 7}})
+        to_worker: list[m.ToWorker] = [
+            m.Init(0, config, {"web": [3]}, "info", "text", shared_state(control), {}),
+            m.Members("app", added, [True, True, False], False),
+            m.Health("app", (False, True, True)),
+            m.Passed("app", 0, 1.5),
+            m.State("app", "127.0.0.1:9", "drain"),
+            m.Reload(moved),
+            m.Sync(shared_state(control)),
+            m.Tickets({"web": {1: b"k" * 32}}),
+        ]
+        to_supervisor: list[m.ToSupervisor] = [m.Ready(), m.Report({"clients": 3})]
+        assert {type(x) for x in to_worker} == set(get_args(m.ToWorker))
+        assert {type(x) for x in to_supervisor} == set(get_args(m.ToSupervisor))
+
+        got: list[m.ToWorker] = []
+        link: Link[m.ToWorker] = Link(got.append)
+        link.data_received(b"".join(frame(x) for x in to_worker))
+        assert got == to_worker
+        back: list[m.ToSupervisor] = []
+        up_link: Link[m.ToSupervisor] = Link(back.append)
+        up_link.data_received(b"".join(frame(x) for x in to_supervisor))
+        assert back == to_supervisor
+
+        worker = Server(parse_config(doc), role="worker")
+        init, members, health, passed, state, reload, sync, tickets = got
+        with pytest.raises(ValueError, match="second init"):
+            await apply(worker, init)
+        await apply(worker, members)
+        assert worker.table.groups["app"].config.backends == added
+        status = worker.board.statuses["app"]  # a new one for the new members
+        assert status.reported == [True, True, False]
+        await apply(worker, health)
+        assert tuple(status.healthy) == (False, True, True)
+        await apply(worker, passed)  # no ejection to end: nothing changes
+        await apply(worker, state)
+        assert status.admin[0] == "drain"
+        await apply(worker, reload)
+        assert worker.config.timeouts.upstream_connect == 7
+        await apply(worker, sync)
+        assert shared_state(worker) == shared_state(control)
+        await apply(worker, tickets)  # no HTTPS listener here: nothing to install
+
+        sup = Supervisor(config, 1)
+        one = Worker(0, cast(Any, None), up_link, 0.0)
+        ready, report = back
+        sup._on_message(one, ready)
+        assert one.ready.is_set()
+        sup._on_message(one, report)
+        assert one.report == {"clients": 3}
 
     asyncio.run(main())

@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
+from poise import messages
 from poise.admin.api import AdminApi
 from poise.config.load import parse_backends
 from poise.config.model import BackendConfig, Config, HealthCheckConfig, UpstreamConfig
@@ -61,8 +62,8 @@ BACKLOG = 2048  # a listening socket's accept queue (connections the kernel comp
 log = logging.getLogger("poise.server")
 
 Role = Literal["single", "control", "worker"]
-# a change of shared state, for the workers (see poise.workers for the kinds)
-Replicate = Callable[[tuple[Any, ...]], None]
+# a change of shared state, for the workers (the kinds: poise.messages)
+Replicate = Callable[[messages.Replicated], None]
 
 
 class Server:
@@ -147,20 +148,20 @@ class Server:
         """The active checks' verdicts for ``group`` (called by its GroupChecker)."""
         self.board.active(group, up)
         if self.replicate is not None:
-            self.replicate(("health", group, up))
+            self.replicate(messages.Health(group, up))
 
     def probe_passed(self, group: str, index: int, started: float) -> None:
         """A probe passed (the checker's ``passed``): it may end a passive ejection."""
         self.board.probe_passed(group, index, started)
         if self.replicate is not None:
-            self.replicate(("passed", group, index, started))
+            self.replicate(messages.Passed(group, index, started))
 
     def set_backend_state(self, group: str, backend: str, state: str) -> None:
         """Operator state of a backend ("http://host:port" or "host:port"): "enabled",
         "drain" (no new requests but sticky ones; in-flight ones finish) or "maint"."""
         self.board.set_state(group, backend, state)
         if self.replicate is not None:
-            self.replicate(("state", group, backend, state))
+            self.replicate(messages.State(group, backend, state))
 
     def reload_certificates(self) -> dict[str, str]:
         """Load every HTTPS listener's certificate files again, now. Per listener:
@@ -266,7 +267,7 @@ class Server:
             )
         self._restart_checker(group, old_ids, new_ids)
         if self.replicate is not None:
-            self.replicate(("members", group, backends, reported, initial))
+            self.replicate(messages.Members(group, backends, reported, initial))
 
     def _on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
         backends, reported = backends_of(instances)
@@ -435,7 +436,7 @@ class Server:
         else:
             changed = await reloading.apply(self, config)
         if self.replicate is not None:
-            self.replicate(("reload", self.config))
+            self.replicate(messages.Reload(self.config))
         return changed
 
     async def _open_registry(self) -> None:

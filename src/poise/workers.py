@@ -13,26 +13,27 @@ worker changes are accepted by the next worker instead of being reset.
 
 The supervisor runs a ``Server`` in the ``control`` role: health checks, registry follow,
 file and DNS sources, the admin API and reloads, each once. Every change it makes to shared
-state goes to every worker over its link, in order (pickled, length-prefixed):
+state goes to every worker over its link, in order (pickled, length-prefixed; the messages
+are the frozen dataclasses of ``poise.messages``):
 
-    ("members", group, backends, reported, initial)   membership (registry, source, admin)
-    ("health", group, up)                             active-check verdicts by backend index
-    ("passed", group, index, started)                 a probe passed (may end an ejection)
-    ("state", group, backend, state)                  operator state: drain, maint, enabled
-    ("reload", config)                                a new configuration, with discovered
-                                                      backends filled in
-    ("sync", {group: (backends, reported, healthy, admin)})   the whole shared state: at a
-                                                      worker's start and after each reload
-    ("tickets", {listener: {period: secret}})         TLS session ticket secrets, at each
-                                                      rotation (tls/tickets.py); at a
-                                                      worker's start they come in its init
+    Members(group, backends, reported, initial)   membership (registry, source, admin)
+    Health(group, up)                             active-check verdicts by backend index
+    Passed(group, index, started)                 a probe passed (may end an ejection)
+    State(group, backend, state)                  operator state: drain, maint, enabled
+    Reload(config)                                a new configuration, with discovered
+                                                  backends filled in
+    Sync({group: GroupState})                     the whole shared state: after each reload
+                                                  (at a worker's start it comes in its Init)
+    Tickets({listener: {period: secret}})         TLS session ticket secrets, at each
+                                                  rotation (tls/tickets.py); at a worker's
+                                                  start they come in its Init
 
 A worker applies them to its own ``Server`` (role ``worker``) through the methods a single
 process uses, so it computes the same routing table. What a worker learns from its own
 traffic stays its own: passive ejections (each worker sees its share of the failures, like
 one nginx or HAProxy process per core), in-flight counts, keep-alive pools.
 
-Workers send ``("ready",)`` once serving and ``("report", snapshot)`` every second: their
+Workers send ``Ready()`` once serving and ``Report(snapshot)`` every second: their
 ``poise.dataplane`` numbers, which the supervisor sums for /metrics and the admin API.
 
 Lifecycle: SIGTERM or SIGINT to the supervisor drains every worker (each finishes its
@@ -58,11 +59,27 @@ import sys
 import time
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, assert_never, cast
 
 from poise.config.model import Config
 from poise.dataplane import Snapshot, counters_only, merge, snapshot
 from poise.logs import JsonFormatter
+from poise.messages import (
+    GroupState,
+    Health,
+    Init,
+    Members,
+    Passed,
+    Ready,
+    Reload,
+    Replicated,
+    Report,
+    State,
+    Sync,
+    Tickets,
+    ToSupervisor,
+    ToWorker,
+)
 from poise.server import BACKLOG, Server, install_uvloop
 
 log = logging.getLogger("poise.workers")
@@ -82,16 +99,19 @@ def _mapping(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
 copyreg.pickle(MappingProxyType, lambda m: (_mapping, (dict(m),)))
 
 
-def frame(message: tuple[Any, ...]) -> bytes:
+In = TypeVar("In", ToWorker, ToSupervisor)
+
+
+def frame(message: ToWorker | ToSupervisor) -> bytes:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)) + data
 
 
-class Link(asyncio.Protocol):
+class Link(asyncio.Protocol, Generic[In]):
     """One end of a supervisor-worker link: frames out, frames in (to ``on_message``)."""
 
-    def __init__(self, on_message: Callable[[tuple[Any, ...]], None]) -> None:
-        self.on_message = on_message
+    def __init__(self, on_message: Callable[[In], None]) -> None:
+        self.on_message: Callable[[In], None] = on_message
         self.transport: asyncio.WriteTransport | None = None
         self.buf = bytearray()
         self.closed = asyncio.Event()
@@ -107,7 +127,8 @@ class Link(asyncio.Protocol):
             (n,) = _HEADER.unpack_from(buf, start)
             if len(buf) - start - 4 < n:
                 break
-            message = pickle.loads(bytes(buf[start + 4 : start + 4 + n]))  # our own child or parent
+            # our own child or parent: what it sends is checked where it is dispatched
+            message = cast(In, pickle.loads(bytes(buf[start + 4 : start + 4 + n])))
             start += 4 + n
             self.on_message(message)
         del buf[:start]
@@ -115,7 +136,7 @@ class Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ToWorker | ToSupervisor) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(message))
 
@@ -162,7 +183,7 @@ def listen_sockets(host: str, port: int, count: int) -> list[list[socket.socket]
 class Worker:
     slot: int
     process: asyncio.subprocess.Process
-    link: Link
+    link: Link[ToSupervisor]
     started: float  # time.time() at spawn
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     report: Snapshot | None = None
@@ -215,15 +236,14 @@ class Supervisor:
 
     # -- state out -------------------------------------------------------------------------
 
-    def _replicate(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "reload":
-            message = ("reload", self._resolved())
-            self._broadcast(message)
-            self._broadcast(("sync", self._sync()))
+    def _replicate(self, message: Replicated) -> None:
+        if isinstance(message, Reload):
+            self._broadcast(Reload(self._resolved()))
+            self._broadcast(Sync(self._sync()))
             return
         self._broadcast(message)
 
-    def _broadcast(self, message: tuple[Any, ...]) -> None:
+    def _broadcast(self, message: ToWorker) -> None:
         data = frame(message)
         for worker in self.alive:
             transport = worker.link.transport
@@ -247,17 +267,8 @@ class Supervisor:
         }
         return dataclasses.replace(config, upstreams=MappingProxyType(upstreams))
 
-    def _sync(self) -> dict[str, tuple[Any, ...]]:
-        statuses = self.server.board.statuses
-        return {
-            name: (
-                group.config.backends,
-                list(statuses[name].reported),
-                tuple(statuses[name].healthy),
-                list(statuses[name].admin),
-            )
-            for name, group in self._table_groups().items()
-        }
+    def _sync(self) -> dict[str, GroupState]:
+        return shared_state(self.server)
 
     def _ticket_secrets(self) -> dict[str, dict[int, bytes]]:
         """Every HTTPS listener's session ticket secrets (tls/tickets.py): generated here,
@@ -276,7 +287,7 @@ class Supervisor:
             return
         while True:
             await asyncio.sleep(min(r.next_change() for r in rings) + 0.01)
-            self._broadcast(("tickets", self._ticket_secrets()))
+            self._broadcast(Tickets(self._ticket_secrets()))
 
     # -- numbers in ------------------------------------------------------------------------
 
@@ -290,12 +301,14 @@ class Supervisor:
     def describe(self) -> list[dict[str, Any]]:
         return [w.describe() for w in sorted(self.alive, key=lambda w: (w.slot, w.started))]
 
-    def _on_message(self, worker: Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "report":
-            worker.report = message[1]
-        elif kind == "ready":
-            worker.ready.set()
+    def _on_message(self, worker: Worker, message: ToSupervisor) -> None:
+        match message:
+            case Report(snapshot=numbers):
+                worker.report = numbers
+            case Ready():
+                worker.ready.set()
+            case _:
+                assert_never(message)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -317,7 +330,7 @@ class Supervisor:
         finally:
             theirs.close()
         holder: list[Worker] = []
-        link = Link(lambda message: self._on_message(holder[0], message))
+        link: Link[ToSupervisor] = Link(lambda message: self._on_message(holder[0], message))
         await loop.create_unix_connection(lambda: link, sock=ours)
         worker = Worker(slot, process, link, time.time())
         holder.append(worker)
@@ -325,8 +338,8 @@ class Supervisor:
         json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
         level = logging.getLevelName(root.level).lower()
         link.send(
-            ("init", slot, self._resolved(), fds, level, "json" if json_logs else "text",
-             self._sync(), self._ticket_secrets())
+            Init(slot, self._resolved(), fds, level, "json" if json_logs else "text",
+                 self._sync(), self._ticket_secrets())
         )  # fmt: skip
         # from here on, every change of state reaches it too, in order after the init
         self.alive.add(worker)
@@ -536,63 +549,83 @@ def run(config: Config, workers: int, *, watch_config: bool = False) -> int:
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def apply_sync(server: Server, state: dict[str, tuple[Any, ...]]) -> None:
+def shared_state(server: Server) -> dict[str, GroupState]:
+    """``server``'s shared state, by upstream: what a ``Sync`` carries."""
+    statuses = server.board.statuses
+    table = server.ctx.table if server.ctx is not None else server.table
+    return {
+        name: GroupState(
+            group.config.backends,
+            tuple(statuses[name].reported),
+            tuple(statuses[name].healthy),
+            tuple(statuses[name].admin),
+        )
+        for name, group in table.groups.items()
+    }
+
+
+def apply_sync(server: Server, state: dict[str, GroupState]) -> None:
     """Make ``server``'s shared state the control process's."""
     now = server.board.clock()
-    for name, (backends, reported, healthy, admin) in state.items():
+    for name, shared in state.items():
         table = server.ctx.table if server.ctx is not None else server.table
         group = table.groups.get(name)
         if group is None:
             continue
-        if group.config.backends != backends:
-            server.set_members(name, backends, reported, initial=server.ctx is None)
+        if group.config.backends != shared.backends:
+            server.set_members(
+                name, shared.backends, list(shared.reported), initial=server.ctx is None
+            )
         status = server.board.statuses[name]
-        status.reported = list(reported)
-        status.admin = list(admin)
-        status.set_health(tuple(healthy), now)
+        status.reported = list(shared.reported)
+        status.admin = list(shared.admin)
+        status.set_health(shared.healthy, now)
         server.board.refresh(name)
 
 
-async def apply(server: Server, message: tuple[Any, ...]) -> None:
+async def apply(server: Server, message: ToWorker) -> None:
     """Apply one message from the control process (see the module docstring)."""
     from poise import reload as reloading
 
-    kind = message[0]
-    if kind == "members":
-        _, group, backends, reported, initial = message
-        server.set_members(group, backends, reported, initial=initial)
-    elif kind == "health":
-        server.board.active(message[1], message[2])
-    elif kind == "passed":
-        server.board.probe_passed(message[1], message[2], message[3])
-    elif kind == "state":
-        server.board.set_state(message[1], message[2], message[3])
-    elif kind == "reload":
-        await reloading.apply(server, message[1])
-    elif kind == "sync":
-        apply_sync(server, message[1])
-    elif kind == "tickets":
-        for name, secrets in message[1].items():
-            tls = server.tls.get(name)
-            if tls is not None and tls.secrets is not None:
-                tls.secrets.install(secrets)
-    else:
-        raise ValueError(f"unknown message {kind!r}")
+    match message:
+        case Members(group, backends, reported, initial):
+            server.set_members(group, backends, reported, initial=initial)
+        case Health(group, up):
+            server.board.active(group, up)
+        case Passed(group, index, started):
+            server.board.probe_passed(group, index, started)
+        case State(group, backend, state):
+            server.board.set_state(group, backend, state)
+        case Reload(config):
+            await reloading.apply(server, config)
+        case Sync(state):
+            apply_sync(server, state)
+        case Tickets(secrets):
+            for name, ring in secrets.items():
+                tls = server.tls.get(name)
+                if tls is not None and tls.secrets is not None:
+                    tls.secrets.install(ring)
+        case Init():
+            raise ValueError("a second init")
+        case _:
+            assert_never(message)
 
 
 async def _worker(fd: int) -> int:
     from poise.logs import setup_logging
 
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    link = Link(inbox.put_nowait)
+    inbox: asyncio.Queue[ToWorker] = asyncio.Queue()
+    link: Link[ToWorker] = Link(inbox.put_nowait)
     await loop.create_unix_connection(lambda: link, sock=socket.socket(fileno=fd))
     init = await inbox.get()
-    _, slot, config, fds, level, fmt, state, secrets = init
-    setup_logging(level, fmt, worker=slot)
-    sockets = {name: [socket.socket(fileno=f) for f in fl] for name, fl in fds.items()}
-    server = Server(config, role="worker", sockets=sockets, ticket_secrets=secrets)
-    apply_sync(server, state)
+    if not isinstance(init, Init):
+        raise RuntimeError(f"expected an init first, got {type(init).__name__}")
+    slot = init.slot
+    setup_logging(init.level, init.log_format, worker=slot)
+    sockets = {name: [socket.socket(fileno=f) for f in fl] for name, fl in init.fds.items()}
+    server = Server(init.config, role="worker", sockets=sockets, ticket_secrets=init.tickets)
+    apply_sync(server, init.state)
     for sig in (signal.SIGHUP, signal.SIGUSR2):
         loop.add_signal_handler(sig, lambda: None)  # the supervisor's business
     loop.add_signal_handler(signal.SIGTERM, server.stop)
@@ -607,16 +640,18 @@ async def _worker(fd: int) -> int:
                 await apply(server, message)
             except Exception:
                 # its state would drift from the others': better a fresh start from a sync
-                log.exception("worker %d: could not apply %r; exiting", slot, message[0])
+                log.exception(
+                    "worker %d: could not apply %s; exiting", slot, type(message).__name__
+                )
                 status = 1
                 server.stop()
                 return
 
     async def report() -> None:
         await server.started.wait()
-        link.send(("ready",))
+        link.send(Ready())
         while True:
-            link.send(("report", snapshot(server)))
+            link.send(Report(snapshot(server)))
             await asyncio.sleep(REPORT_EVERY)
 
     async def orphaned() -> None:
@@ -631,7 +666,7 @@ async def _worker(fd: int) -> int:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        link.send(("report", snapshot(server)))
+        link.send(Report(snapshot(server)))
         link.close()
     return status
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import time
 
 import httptools
@@ -29,6 +28,7 @@ import httptools
 from poise.config.model import HealthCheckConfig
 from poise.health.state import ProbeResult
 from poise.models import Backend
+from poise.netreasons import describe_error
 from poise.tls.contexts import ClientTls
 
 BODY_LIMIT = 64 * 1024  # body bytes searched by a body check
@@ -43,20 +43,6 @@ def status_expected(status: int, expected: tuple[tuple[int, int], ...]) -> bool:
 def probe_method(hc: HealthCheckConfig) -> str:
     """The method actually sent: HEAD responses carry no body, so a body check needs GET."""
     return "GET" if hc.body is not None and hc.method == "HEAD" else hc.method
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"tls: {exc.verify_message or 'certificate verify failed'}"
-    if isinstance(exc, ssl.SSLError):
-        return f"tls: {(exc.reason or 'handshake failed').lower().replace('_', ' ')}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connect refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
 
 
 async def probe(
@@ -74,7 +60,7 @@ async def probe(
     except TimeoutError:
         ok, reason = False, f"timeout {hc.timeout:g}s"
     except OSError as exc:
-        ok, reason = False, _describe(exc)
+        ok, reason = False, describe_error(exc)
     latency = time.monotonic() - started
     # ``at`` is wall-clock time: it is shown to people (admin API), not used for scheduling.
     return ProbeResult(ok=ok, reason=reason, latency=latency, at=time.time())

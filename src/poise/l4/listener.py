@@ -44,6 +44,7 @@ from poise.l4 import proxy_protocol
 from poise.l4.relay import Back, Buffer, End, Front, Phase, Relay
 from poise.l4.sni import SniRouter
 from poise.models import Backend
+from poise.netreasons import describe_error
 from poise.routing import Group, RoutingTable
 
 log = logging.getLogger("poise.l4")
@@ -86,14 +87,6 @@ class BackendCounters:
         self.failures: Counter[str] = Counter()
         self.bytes_in: Counter[str] = Counter()
         self.bytes_out: Counter[str] = Counter()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connect refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
 
 
 def _address(value: object) -> tuple[str, int]:
@@ -336,7 +329,7 @@ class TcpListener:
                 reason = f"connect timeout {self.connect_timeout:g}s"
                 stats.connect_timeouts += 1
             except OSError as exc:
-                reason = _describe(exc)
+                reason = describe_error(exc)
             else:
                 if relay.back is back:
                     relay.connect_time = loop.time() - started

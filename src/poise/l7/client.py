@@ -45,7 +45,8 @@ from poise.l7.request import (
     settle,
 )
 from poise.l7.tunnel import Tunnel
-from poise.l7.upstream import UpstreamConnection, describe_error
+from poise.l7.upstream import UpstreamConnection
+from poise.netreasons import describe_error
 
 if TYPE_CHECKING:
     from poise.l7.context import Context

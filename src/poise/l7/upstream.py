@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -691,18 +690,3 @@ def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
         transport.write(b"".join(out))
     else:
         transport.writelines(out)
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short reason for logs and passive health: "connect refused", "connect timeout"."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"tls: {exc.verify_message or 'certificate verify failed'}"
-    if isinstance(exc, ssl.SSLError):
-        return f"tls: {(exc.reason or 'handshake failed').lower().replace('_', ' ')}"
-    if isinstance(exc, TimeoutError):
-        return "connect timeout"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connect refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
