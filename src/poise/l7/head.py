@@ -270,33 +270,13 @@ def _forwarding(
 ) -> list[bytes]:
     """Host, the client's fields, then the forwarding fields (as request.forwarding_fields)."""
     proto = b"https" if s.https else b"http"
-    peer = s.peer
     out = [b"Host: ", host, CRLF] if host else []
     out += headers
-    got: dict[bytes, bytes] = {}
-    for lname, name, value in fwd:
-        if not s.x_forwarded and (lname != b"forwarded" or not s.forwarded):
-            out += (name, b": ", value, CRLF)  # not ours to judge: passed through
-        elif lname in got:
-            got[lname] += b", " + value
-        else:
-            got[lname] = value
+    got = http.gather_forwarding(out, fwd, s.x_forwarded, s.forwarded)
     if not s.trusted:
         got = {}
-    if s.x_forwarded:
-        xff = got.get(b"x-forwarded-for")
-        out += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, CRLF)
-        out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", proto), CRLF)
-        fhost = got.get(b"x-forwarded-host", host)
-        if fhost:
-            out += (b"X-Forwarded-Host: ", fhost, CRLF)
-    if s.forwarded:
-        node = b'"[' + peer + b']"' if b":" in peer else peer
-        element = b"for=" + node + b";proto=" + proto
-        if host:
-            element += b';host="' + host + b'"'
-        prior = got.get(b"forwarded")
-        out += (b"Forwarded: ", prior + b", " + element if prior else element, CRLF)
-    if s.via:
-        out.append(b"Via: 1.1 poise\r\n")
+    http.add_forwarding(
+        out, got, s.peer, proto, host, x_forwarded=s.x_forwarded, forwarded=s.forwarded,
+        via=s.via,
+    )  # fmt: skip
     return out

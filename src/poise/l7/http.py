@@ -11,7 +11,7 @@ import email.utils
 import ipaddress
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
@@ -227,3 +227,54 @@ def retry_after_seconds(value: bytes, now: float | None = None) -> float | None:
         return None
     delay = when.timestamp() - (time.time() if now is None else now)
     return delay if delay > 0 else None
+
+
+def gather_forwarding(
+    out: list[bytes],
+    fwd: Iterable[tuple[bytes, bytes, bytes]],
+    x_forwarded: bool,
+    forwarded: bool,
+) -> dict[bytes, bytes]:
+    """The client's forwarding fields (lower-cased name, name, value) that poise judges,
+    joined by name; those it does not (``x_forwarded``/``forwarded`` off: someone else owns
+    them) are appended to ``out`` as they came."""
+    got: dict[bytes, bytes] = {}
+    for lname, name, value in fwd:
+        if not x_forwarded and (lname != b"forwarded" or not forwarded):
+            out += (name, b": ", value, b"\r\n")  # not ours to judge: passed through
+        elif lname in got:
+            got[lname] += b", " + value
+        else:
+            got[lname] = value
+    return got
+
+
+def add_forwarding(
+    out: list[bytes],
+    got: dict[bytes, bytes],
+    peer: bytes,
+    proto: bytes,
+    host: bytes,
+    *,
+    x_forwarded: bool,
+    forwarded: bool,
+    via: bool,
+) -> None:
+    """Append X-Forwarded-*, Forwarded and Via to ``out``: ``got`` holds what a trusted proxy
+    sent before (appended to or kept), empty for anyone else (replaced)."""
+    if x_forwarded:
+        xff = got.get(b"x-forwarded-for")
+        out += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, b"\r\n")
+        out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", proto), b"\r\n")
+        fhost = got.get(b"x-forwarded-host", host)
+        if fhost:
+            out += (b"X-Forwarded-Host: ", fhost, b"\r\n")
+    if forwarded:
+        node = b'"[' + peer + b']"' if b":" in peer else peer
+        element = b"for=" + node + b";proto=" + proto
+        if host:
+            element += b';host="' + host + b'"'
+        prior = got.get(b"forwarded")
+        out += (b"Forwarded: ", prior + b", " + element if prior else element, b"\r\n")
+    if via:
+        out.append(b"Via: 1.1 poise\r\n")

@@ -150,14 +150,7 @@ def forwarding_fields(
     proto = b"https" if https else b"http"
     out = [b"Host: ", host, CRLF] if host else []
     out += headers
-    got: dict[bytes, bytes] = {}
-    for lname, name, value in fwd or ():
-        if not ctx.x_forwarded and (lname != b"forwarded" or not ctx.forwarded):
-            out += (name, b": ", value, CRLF)  # not ours to judge: passed through
-        elif lname in got:
-            got[lname] += b", " + value
-        else:
-            got[lname] = value
+    got = http.gather_forwarding(out, fwd or (), ctx.x_forwarded, ctx.forwarded)
     if not trusted:
         got = {}
     elif b"x-forwarded-for" in got:
@@ -165,22 +158,10 @@ def forwarding_fields(
             peer.decode(), [got[b"x-forwarded-for"].decode("latin-1")], ctx.trusted
         )
         ex.client = addr.encode("latin-1")  # hashing on "ip" uses the client, not the proxy
-    if ctx.x_forwarded:
-        xff = got.get(b"x-forwarded-for")
-        out += (b"X-Forwarded-For: ", xff + b", " + peer if xff else peer, CRLF)
-        out += (b"X-Forwarded-Proto: ", got.get(b"x-forwarded-proto", proto), CRLF)
-        fhost = got.get(b"x-forwarded-host", host)
-        if fhost:
-            out += (b"X-Forwarded-Host: ", fhost, CRLF)
-    if ctx.forwarded:
-        node = b'"[' + peer + b']"' if b":" in peer else peer
-        element = b"for=" + node + b";proto=" + proto
-        if host:
-            element += b';host="' + host + b'"'
-        prior = got.get(b"forwarded")
-        out += (b"Forwarded: ", prior + b", " + element if prior else element, CRLF)
-    if ctx.via:
-        out.append(b"Via: 1.1 poise\r\n")
+    http.add_forwarding(
+        out, got, peer, proto, host, x_forwarded=ctx.x_forwarded, forwarded=ctx.forwarded,
+        via=ctx.via,
+    )  # fmt: skip
     return out
 
 
