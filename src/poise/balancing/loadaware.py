@@ -11,6 +11,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 
 from poise.balancing.base import Policy, first_usable
 from poise.balancing.load import Load
+from poise.balancing.simple import RoundWalk
 from poise.models import Backend
 
 
@@ -110,43 +111,24 @@ class LeastConn(Policy):
         return f"LeastConn({self._load.active})"
 
 
-class _LeastWalk:
+class _LeastWalk(RoundWalk):
     """Least-conn picks among those up (all, without ``up``), each made without the
     backends handed out before it. Within a tie, one passed over has its part in the smooth
     WRR round undone and the round goes to the largest ``current`` of the rest of the tie;
     past the tie, a new round among the next least loaded. Those not up come last."""
 
-    __slots__ = ("_down", "_excluded", "_last", "_p", "_started", "_total", "_up")
+    __slots__ = ("_p",)
 
     def __init__(self, p: LeastConn, up: Sequence[bool] | None) -> None:
-        self._p, self._up = p, up
-        self._started = False  # the first round run
-        self._excluded: list[bool] | None = None  # out: not up or handed out (once needed)
-        self._down: list[int] = []  # those not up, not handed out yet (last first)
-        self._last = -1  # the position handed out last (-1: none, or outside any round)
-        self._total = 0  # the weight of the tie it was chosen from, still taking part
-
-    def resume(self, chosen: int, total: int) -> None:
-        """Go on from a round already run, ``chosen`` handed out."""
-        self._started = True
-        self._last, self._total = chosen, total
-
-    def __iter__(self) -> Iterator[Backend]:
-        return self
+        super().__init__(p._backends, p._idx, p._round, up)
+        self._p = p
 
     def __next__(self) -> Backend:
+        first = self._first()
+        if first is not None:
+            return first
         p = self._p
-        if not self._started:  # the first: the usual round
-            self._started = True
-            chosen, total = p._round(self._up)
-            self._last, self._total = chosen, total
-            if chosen >= 0:
-                return p._backends[chosen]
-        excluded = self._excluded
-        if excluded is None:  # (built only when the first is passed over)
-            up = self._up
-            excluded = self._excluded = [False if up is None else not up[i] for i in p._idx]
-            self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
+        excluded = self._exclusions()
         active, weights, current = p._load.active, p._weights, p._current
         n = len(excluded)
         last = self._last

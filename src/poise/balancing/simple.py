@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 
 from poise.balancing.base import Policy, first_usable
 from poise.models import Backend
@@ -97,42 +97,76 @@ class SmoothWeightedRoundRobin(Policy):
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
 
 
-class _SwrrWalk:
-    """A round among those up (all, without ``up``), then, for each backend passed over, the
-    round again without it: its weight taken back from its ``current`` and from the round's
-    total, the largest of the rest chosen. Those not up come last, outside any round."""
+class RoundWalk:
+    """What the smooth WRR and least_conn candidate walks share: the first backend is the
+    policy's usual round (``round_``, which ``pick`` runs too); once it is passed over, the
+    walk goes on without the backends handed out (``_exclusions``), and those not up come
+    last, outside any round (``_down``)."""
 
-    __slots__ = ("_down", "_excluded", "_last", "_p", "_started", "_total", "_up")
+    __slots__ = ("_backends", "_down", "_excluded", "_idx", "_last", "_round", "_started",
+                 "_total", "_up")  # fmt: skip
 
-    def __init__(self, p: SmoothWeightedRoundRobin, up: Sequence[bool] | None) -> None:
-        self._p, self._up = p, up
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        idx: tuple[int, ...],
+        round_: Callable[[Sequence[bool] | None], tuple[int, int]],
+        up: Sequence[bool] | None,
+    ) -> None:
+        self._backends, self._idx, self._round, self._up = backends, idx, round_, up
         self._started = False  # the first round run
-        self._last = -1  # the position handed out last (-1: none, or outside the round)
-        self._total = 0  # the weight taking part in the round
-        self._excluded: list[bool] | None = None  # out of the round: not up, passed over
+        self._last = -1  # the position handed out last (-1: none, or outside any round)
+        self._total = 0  # the weight taking part in the round (least_conn: of the tie)
+        self._excluded: list[bool] | None = None  # out: not up, or handed out (once needed)
         self._down: list[int] = []  # those not up, not handed out yet (last first)
 
-    def resume(self, best: int, total: int) -> None:
-        """Go on from a round already run, ``best`` handed out."""
+    def resume(self, last: int, total: int) -> None:
+        """Go on from a round already run, ``last`` handed out."""
         self._started = True
-        self._last, self._total = best, total
+        self._last, self._total = last, total
 
     def __iter__(self) -> Iterator[Backend]:
         return self
 
     def __next__(self) -> Backend:
-        p = self._p
-        if not self._started:  # the first: the usual round
-            self._started = True
-            best, total = p._round(self._up)
-            self._last, self._total = best, total
-            if best >= 0:
-                return p._backends[best]
+        raise NotImplementedError  # each walk goes on its own way after the first
+
+    def _first(self) -> Backend | None:
+        """The usual round's choice, the first time; None afterwards (or if it found none)."""
+        if self._started:
+            return None
+        self._started = True
+        last, total = self._round(self._up)
+        self._last, self._total = last, total
+        return self._backends[last] if last >= 0 else None
+
+    def _exclusions(self) -> list[bool]:
+        """Which positions are out of the round (built only when the first is passed over)."""
         excluded = self._excluded
-        if excluded is None:  # (built only when the first is passed over)
+        if excluded is None:
             up = self._up
-            excluded = self._excluded = [False if up is None else not up[i] for i in p._idx]
+            excluded = self._excluded = [False if up is None else not up[i] for i in self._idx]
             self._down = [k for k in range(len(excluded) - 1, -1, -1) if excluded[k]]
+        return excluded
+
+
+class _SwrrWalk(RoundWalk):
+    """A round among those up (all, without ``up``), then, for each backend passed over, the
+    round again without it: its weight taken back from its ``current`` and from the round's
+    total, the largest of the rest chosen. Those not up come last, outside any round."""
+
+    __slots__ = ("_p",)
+
+    def __init__(self, p: SmoothWeightedRoundRobin, up: Sequence[bool] | None) -> None:
+        super().__init__(p._backends, p._idx, p._round, up)
+        self._p = p
+
+    def __next__(self) -> Backend:
+        first = self._first()
+        if first is not None:
+            return first
+        p = self._p
+        excluded = self._exclusions()
         current, weights = p._current, p._weights
         last, total = self._last, self._total
         if last >= 0:  # passed over: its part in the round undone
