@@ -10,7 +10,7 @@ what was just read straight to the other side's transport (``out``):
   ``BufferedProtocol`` reading into a shared buffer of ours (``bench/l4.py``, same run), this
   costs less both for small messages (one callback per read instead of two, and no checks
   of the other side's write buffer to decide whether the shared buffer may be reused) and in
-  bulk (uvloop reads up to 256 KiB at a time: fewer system calls per MiB than a 64 KiB
+  bulk (uvloop reads up to 256,000 bytes at a time: fewer system calls per MiB than a 64 KiB
   buffer). The bytes object per read is the price; it is released once written.
 * **Backpressure both ways.** A side whose write buffer passes its high-water mark gets
   ``pause_writing`` and pauses reading on the *other* side; ``resume_writing`` at the
