@@ -54,8 +54,14 @@ from run import (  # noqa: E402
     workspace,
 )
 
-SYSTEMS = ("poise", "haproxy", "nginx")
-LABELS = {"poise": "poise (L4)", "haproxy": "HAProxy mode tcp", "nginx": "nginx stream"}
+SYSTEMS = ("poise", "haproxy", "nginx", "poise-base")
+LABELS = {
+    "poise": "poise (L4)",
+    "haproxy": "HAProxy mode tcp",
+    "nginx": "nginx stream",
+    "poise-base": "poise (L4), --base-src tree",
+}
+BASE_SRC: list[str] = []  # --base-src: another poise source tree, measured as "poise-base"
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
@@ -120,10 +126,10 @@ def poise_tcp_conf(tmp: Path, port: int, backends: Sequence[int]) -> Path:
 
 def start_system(env: Env, system: str, logname: str) -> subprocess.Popen[bytes]:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
-    if system == "poise":
+    if system in ("poise", "poise-base"):
         conf = poise_tcp_conf(tmp, port, backends)
         penv = dict(os.environ)
-        penv["PYTHONPATH"] = str(REPO / "src")
+        penv["PYTHONPATH"] = BASE_SRC[0] if system == "poise-base" else str(REPO / "src")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, CPU_PROXY, cwd=REPO, env=penv)
     if system == "haproxy":
@@ -148,6 +154,7 @@ def l4_table(name: str, rows: list[Measurement]) -> str:
     scenario = SCENARIOS[name]
     ok = {r.system: r for r in rows if r.ok}
     ref = ok["haproxy"].rps if "haproxy" in ok else None
+    ref_cpu = ok["haproxy"].cpu_us_per_req if "haproxy" in ok else None
     bulk = scenario.body_size >= 1 << 20
     out = [
         f"### {name}: GET {scenario.path} ({scenario.body_size} B body) over keep-alive "
@@ -155,8 +162,8 @@ def l4_table(name: str, rows: list[Measurement]) -> str:
         "",
         "| system | rps | ×HAProxy | "  # noqa: RUF001
         + ("MB/s | " if bulk else "")
-        + "p50 | p99 | CPU-µs/req | peak RSS MiB | errors |",
-        "|---|---:|---:|" + ("---:|" if bulk else "") + "---:|---:|---:|---:|---:|",
+        + "p50 | p99 | CPU-µs/req | CPU ×HAProxy | peak RSS MiB | errors |",  # noqa: RUF001
+        "|---|---:|---:|" + ("---:|" if bulk else "") + "---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = LABELS[r.system]
@@ -165,11 +172,14 @@ def l4_table(name: str, rows: list[Measurement]) -> str:
             out.append(f"| {label} | not measured: {first[:120]} |")
             continue
         assert r.rps is not None
+        cpu = r.cpu_us_per_req
+        cpu_ratio = _fmt(cpu / ref_cpu if cpu and ref_cpu else None, ".2f")
         mbs = f"{r.rps * scenario.body_size / 1e6:,.0f} | " if bulk else ""
         out.append(
             f"| {label} | {r.rps:,.0f} | {_fmt(r.rps / ref if ref else None, '.2f')} | {mbs}"
             f"{_ms_fmt(r.latency_ms.get('50'))} | {_ms_fmt(r.latency_ms.get('99'))} "
             f"| {_fmt(r.cpu_us_per_req, '.1f')} "
+            f"| {cpu_ratio} "
             f"| {_fmt(None if r.peak_rss_kib is None else r.peak_rss_kib / 1024, '.1f')} "
             f"| {r.errors} |"
         )
@@ -182,13 +192,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8)
     p.add_argument("--warmup", type=float, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default="poise,haproxy,nginx")
+    p.add_argument(
+        "--base-src",
+        help="another poise source tree (e.g. an older commit's src/), measured as poise-base "
+        "in the same run to compare before/after",
+    )
     p.add_argument("--out", default=str(BENCH_DIR / "results"))
     args = p.parse_args(argv)
+    if args.base_src:
+        BASE_SRC[:] = [str(Path(args.base_src).resolve())]
     scenarios = [s for s in args.scenarios.split(",") if s]
     systems = [s for s in args.systems.split(",") if s]
     if any(s not in SCENARIOS for s in scenarios) or any(s not in SYSTEMS for s in systems):
         p.error("unknown scenario or system")
+    if "poise-base" in systems and not BASE_SRC:
+        p.error("poise-base needs --base-src")
     if not shutil.which("wrk"):
         print("wrk is not installed: apt-get install -y nginx-light haproxy wrk", file=sys.stderr)
         return 2
@@ -236,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"warm-up {args.warmup:g}s, measured {args.duration:g}s, {args.rounds} rounds in "
         f"rotating order, medians shown; proxy on cpu{CPU_PROXY}, backends + wrk on "
         f"cpu{CPU_LOAD}. nginx stream: "
-        + ("measured" if "nginx" in systems else "not available (no stream module installed)"),
+        + ("measured" if "nginx" in systems else "not available (no stream module installed)")
+        + (f"; poise-base: poise from {BASE_SRC[0]}" if "poise-base" in systems else ""),
         "",
     ]
     for name in scenarios:

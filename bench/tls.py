@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as base
 
-SYSTEMS = ("poise", "nginx")
+SYSTEMS = ("poise", "nginx", "haproxy")
 SCENARIOS = {
     "keepalive": "64 keep-alive TLS connections",
     "handshake": "64 connections, Connection: close (one full handshake per request)",
@@ -93,6 +93,25 @@ def nginx_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path)
     return conf
 
 
+def haproxy_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path) -> Path:
+    pem = tmp / "bench.pem"  # HAProxy takes the certificate and its key in one file
+    pem.write_text(cert.read_text() + key.read_text())
+    servers = "".join(
+        f"    server s{i} {base.LOOPBACK}:{b} check inter 2s\n" for i, b in enumerate(backends, 1)
+    )
+    conf = tmp / "haproxy-tls.cfg"
+    conf.write_text(
+        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        "defaults\n    mode http\n    timeout connect 3s\n"
+        "    timeout client 60s\n    timeout server 60s\n    option forwardfor\n"
+        "    http-reuse always\n\n"
+        f"frontend fe\n    bind {base.LOOPBACK}:{port} ssl crt {pem}\n"
+        "    default_backend be\n\n"
+        "backend be\n    balance roundrobin\n    option httpchk HEAD /\n" + servers
+    )
+    return conf
+
+
 def start(env: base.Env, system: str, cert: Path, key: Path, logname: str) -> Any:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
     if system == "poise":
@@ -102,6 +121,9 @@ def start(env: base.Env, system: str, cert: Path, key: Path, logname: str) -> An
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, base.CPU_PROXY, cwd=base.REPO, env=penv)
+    if system == "haproxy":
+        conf = haproxy_conf(tmp, port, backends, cert, key)
+        return env.procs.start(logname, ["haproxy", "-db", "-f", str(conf)], base.CPU_PROXY)
     conf = nginx_conf(tmp, port, backends, cert, key)
     return env.procs.start(logname, base.nginx_argv(tmp, conf, "nginx"), base.CPU_PROXY)
 
@@ -195,20 +217,26 @@ def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
     for scenario, title in SCENARIOS.items():
         by = {r.system: r for r in rows if r.scenario == scenario and r.ok}
         ref = by["nginx"].rps if "nginx" in by else None
+        ref_cpu = by["nginx"].cpu_us_per_req if "nginx" in by else None
         out += [f"### {scenario}: {title}", "",
-                "| system | rps | ×nginx | p50 | p99 | CPU-µs/req | peak RSS MiB | errors |",  # noqa: RUF001
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                "| system | rps | ×nginx | p50 | p99 | CPU-µs/req | CPU ×nginx | peak RSS MiB "  # noqa: RUF001
+                "| errors |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for system in SYSTEMS:
+            if system not in {r.system for r in rows}:
+                continue
             r = by.get(system)
             if r is None or r.rps is None:
-                out.append(f"| {system} | FAILED | — | — | — | — | — | — |")
+                out.append(f"| {system} | FAILED | — | — | — | — | — | — | — |")
                 continue
             ratio = base._fmt(r.rps / ref if ref else None, ".2f")
+            cpu = r.cpu_us_per_req
+            cpu_ratio = base._fmt(cpu / ref_cpu if cpu and ref_cpu else None, ".2f")
             rss = base._fmt(None if r.peak_rss_kib is None else r.peak_rss_kib / 1024, ".1f")
             out.append(
                 f"| {system} | {r.rps:,.0f} | {ratio} | {base._ms_fmt(r.latency_ms.get('50'))} "
                 f"| {base._ms_fmt(r.latency_ms.get('99'))} | {base._fmt(r.cpu_us_per_req, '.1f')} "
-                f"| {rss} | {r.errors} |"
+                f"| {cpu_ratio} | {rss} | {r.errors} |"
             )
         out.append("")
     out.append("Negotiated (one probe per system): " + "; ".join(
@@ -218,13 +246,19 @@ def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="HTTPS: poise vs nginx (see bench/README.md)")
+    p = argparse.ArgumentParser(
+        description="HTTPS: poise vs nginx and HAProxy (see bench/README.md)"
+    )
     p.add_argument("--duration", type=float, default=8)
     p.add_argument("--warmup", type=float, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--out", default=str(base.BENCH_DIR / "results"))
     args = p.parse_args(argv)
-    for tool in ("wrk", "nginx", "openssl"):
+    chosen = [s for s in args.systems.split(",") if s]
+    if any(s not in SYSTEMS for s in chosen):
+        p.error("unknown system")
+    for tool in ("wrk", "nginx", "openssl", *(["haproxy"] if "haproxy" in chosen else [])):
         if not shutil.which(tool):
             print(f"{tool} is missing: apt-get install -y nginx-light wrk openssl", file=sys.stderr)
             return 2
@@ -238,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         cert, key = make_certificate(tmp)
         info["backend"] = base.start_backends(env, "nginx")
         for scenario in SCENARIOS:
-            systems = list(SYSTEMS)
+            systems = list(chosen)
             for rnd in range(args.rounds):
                 base.log(f"{scenario}, round {rnd + 1}/{args.rounds}")
                 for system in systems:
@@ -252,16 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     results = [
         base.median_of([r for r in rounds if r.scenario == sc and r.system == sy])
         for sc in SCENARIOS
-        for sy in SYSTEMS
+        for sy in chosen
     ]
     md = "\n".join([
         f"# poise HTTPS benchmark — {started:%Y-%m-%d %H:%M:%S} UTC", "",
         f"{info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python "
-        f"{info['python']} ({info['openssl_python']}); {info['nginx']}; {info['wrk']}; "
+        f"{info['python']} ({info['openssl_python']}); {info['nginx']}; {info['haproxy']}; "
+        f"{info['wrk']}; "
         f"commit {info['git_commit']}; load average {info['loadavg_start']} at start, "
         f"{info['loadavg_end']} at end (a shared machine: other work ran meanwhile); warm-up "
         f"{args.warmup:g}s, measured {args.duration:g}s, {args.rounds} rounds, medians; "
-        "ECDSA P-256 certificate for both; proxy on cpu1, nginx backends + wrk on cpu0"
+        "the same ECDSA P-256 certificate for each; proxy on cpu1, nginx backends + wrk on cpu0"
         + ("" if procs.pin else " (NOT pinned)"), "",
         table(results, negotiated),
     ])  # fmt: skip

@@ -117,14 +117,13 @@ def accept(l4: L4, peer: tuple[str, int] = ("192.0.2.7", 4000)) -> tuple[Front, 
 
 
 def feed(end: Any, data: bytes) -> None:
-    end.get_buffer(len(data))[: len(data)] = data
-    end.buffer_updated(len(data))
+    end.data_received(data)
 
 
 def connect(front: Front, index: int = 0) -> tuple[Back, FakeTransport]:
     relay = front.relay
     backend = front.listener.hub.table.groups["u"].backends[index]
-    back = Back(relay, backend, front.buf)
+    back = Back(relay, backend)
     relay.attempt = back
     transport = FakeTransport(("10.0.0.1", 1))
     back.connection_made(transport)  # type: ignore[arg-type]
@@ -204,26 +203,13 @@ def test_backend_reset_resets_the_client_and_releases_the_load() -> None:
 def test_a_late_connect_closes_itself() -> None:
     l4 = hub()
     front, _client = accept(l4)
-    stale = Back(front.relay, l4.table.groups["u"].backends[0], front.buf)
+    stale = Back(front.relay, l4.table.groups["u"].backends[0])
     _, current = connect(front, 1)  # a newer attempt won
     transport = FakeTransport()
     stale.connection_made(transport)  # type: ignore[arg-type]
     assert transport.closed and not current.closed
     stale.connection_lost(None)  # not ours: the relay goes on
     assert front.relay.phase is Phase.RELAYING
-
-
-def test_buffer_handed_over_when_the_transport_keeps_it() -> None:
-    l4 = hub()
-    front, _ = accept(l4)
-    _back, server = connect(front)
-    view = l4.buf.view
-    server.keep = True  # a partial send: the transport holds a view of our buffer
-    feed(front, b"abc")
-    assert l4.buf.view is not view and l4.buf.renewals == 1
-    feed(front, b"def")  # already pending: copied, the new buffer stays ours
-    assert l4.buf.renewals == 1
-    assert server.written[-2:] == [b"abc", b"def"]
 
 
 def test_backpressure_pauses_the_other_side() -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from poise.config.model import Config, ListenerConfig, TcpListenerConfig
 from poise.l4 import proxy_protocol
-from poise.l4.relay import Back, Buffer, End, Front, Phase, Relay
+from poise.l4.relay import Back, End, Front, Phase, Relay
 from poise.l4.sni import SniRouter
 from poise.models import Backend
 from poise.netreasons import describe_error
@@ -317,7 +317,7 @@ class TcpListener:
                 stats.retries += 1
             relay.tried = (*relay.tried, backend)
             self._take(group, relay, backend)
-            back = Back(relay, backend, hub.buf)
+            back = Back(relay, backend)
             relay.attempt, relay.expired = back, False
             relay.deadline = hub.clock() + self.connect_timeout
             started = loop.time()
@@ -412,7 +412,6 @@ class L4:
             lc.name: TcpListener(self, lc, lc.tcp) for lc in config.listeners if lc.tcp is not None
         }
         self._counters: dict[str, BackendCounters] = {}
-        self.buf = Buffer()
         self.clock: Callable[[], float] = time.monotonic  # what deadlines are counted on
         self.now = 0.0
         self.draining = False
@@ -506,7 +505,6 @@ class L4:
         return {
             "listeners": {name: ln.statistics() for name, ln in self.listeners.items()},
             "backends": backends,
-            "buffer_renewals": self.buf.renewals,
         }
 
     def __repr__(self) -> str:
