@@ -501,26 +501,14 @@ class Server:
                     self.start_source(name, source)
                 if self.watch_config and self.controls:
                     tasks.append(tg.create_task(self._watch_config(), name="config:watch"))
-                for name, group in self.table.groups.items():
-                    if group.config.health_check.enabled and self.controls:
-                        self._start_checker(tg, name)
-                # The first round of checks runs before we accept traffic, so a dead backend
-                # is known dead before the first request (bounded by the probe timeouts).
-                if self.checkers:
-                    waits = [c.first_round.wait() for c in self.checkers]
-                    limit = max(c.hc.timeout for c in self.checkers) + 1.0
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(limit):
-                            await asyncio.gather(*waits)
+                if self.controls:
+                    self._start_checkers(tg)
+                await self._first_checks()
                 await self.l4.ready.wait()
                 for server in self.listeners:
                     await server.start_serving()
                 if self.role == "single":
-                    for lc in self.config.listeners:
-                        host, port = self.addresses[lc.name]
-                        shown = f"[{host}]" if ":" in host else host
-                        scheme = "https" if lc.name in self.tls else lc.protocol
-                        log.info("listening on %s://%s:%d (%s)", scheme, shown, port, lc.name)
+                    self._log_listening()
                 self.started.set()
                 await self._stop.wait()
                 await self._drain(ctx)
@@ -531,18 +519,44 @@ class Server:
                     task.cancel()  # the group then ends: cancelled children are not errors
         finally:
             self._tg = None
-            for listener in self.listeners:
-                listener.close()  # (already closed after a drain; not when start-up failed)
-            ctx.stop()
-            if self.admin is not None:
-                await self.admin.close()
-            if self.registry_api is not None:
-                await self.registry_api.close()
-            if self.registry is not None:
-                await self.registry.close()
-            for group in ctx.table.groups.values():
-                for pool in group.pools:
-                    pool.close_all()
+            await self._close(ctx)
+
+    def _start_checkers(self, tg: asyncio.TaskGroup) -> None:
+        for name, group in self.table.groups.items():
+            if group.config.health_check.enabled:
+                self._start_checker(tg, name)
+
+    async def _first_checks(self) -> None:
+        """The first round of checks runs before we accept traffic, so a dead backend is
+        known dead before the first request (bounded by the probe timeouts)."""
+        if self.checkers:
+            waits = [c.first_round.wait() for c in self.checkers]
+            limit = max(c.hc.timeout for c in self.checkers) + 1.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    await asyncio.gather(*waits)
+
+    def _log_listening(self) -> None:
+        for lc in self.config.listeners:
+            host, port = self.addresses[lc.name]
+            shown = f"[{host}]" if ":" in host else host
+            scheme = "https" if lc.name in self.tls else lc.protocol
+            log.info("listening on %s://%s:%d (%s)", scheme, shown, port, lc.name)
+
+    async def _close(self, ctx: Context) -> None:
+        """The end of serve, however it ends: listeners, admin, registry, pools."""
+        for listener in self.listeners:
+            listener.close()  # (already closed after a drain; not when start-up failed)
+        ctx.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.registry_api is not None:
+            await self.registry_api.close()
+        if self.registry is not None:
+            await self.registry.close()
+        for group in ctx.table.groups.values():
+            for pool in group.pools:
+                pool.close_all()
 
     async def _bind(self, loop: asyncio.AbstractEventLoop, ctx: Context) -> None:
         for lc in self.config.listeners:

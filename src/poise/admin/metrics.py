@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from poise.l7.context import BUCKETS
 
 if TYPE_CHECKING:
+    from poise.registry.service import RegistryService
     from poise.server import Server
 
 # Requests poise answered with an error status: Stats key -> (kind, status). Each such
@@ -120,6 +121,33 @@ def render(server: Server) -> str:
     out.family("poise_ejections_total", "counter", "Backends ejected by passive health.")
     out.sample("poise_ejections_total", stats.get("ejections", 0))
 
+    _backends(out, server, dp)
+
+    out.family("poise_health_checks_total", "counter", "Active health probes by result.")
+    for checker in server.checkers:
+        for b, n, failed in zip(checker.backends, checker.probes, checker.failed, strict=True):
+            labels = {"upstream": checker.group, "backend": b.authority}
+            out.sample("poise_health_checks_total", n - failed, result="ok", **labels)
+            out.sample("poise_health_checks_total", failed, result="fail", **labels)
+
+    if server.tls:
+        _tls(out, server, dp)
+
+    if server.l4.listeners:
+        _l4(out, dp["l4"])
+
+    if server.workers is not None:
+        workers = server.workers()
+        out.family("poise_workers", "gauge", "Worker processes serving (--workers N).")
+        out.sample("poise_workers", sum(1 for w in workers if w["state"] == "serving"))
+
+    if server.registry is not None:
+        _registry(out, server.registry)
+    return out.text()
+
+
+def _backends(out: _Out, server: Server, dp: dict[str, Any]) -> None:
+    """Per backend: responses by status class, and its state and connection gauges."""
     table = server.ctx.table if server.ctx is not None else server.table
     board: dict[str, Any] = server.board.statistics()
     responses = _Out()
@@ -165,53 +193,40 @@ def render(server: Server) -> str:
         for value, labels in samples[key]:
             out.sample(key, value, **labels)
 
-    out.family("poise_health_checks_total", "counter", "Active health probes by result.")
-    for checker in server.checkers:
-        for b, n, failed in zip(checker.backends, checker.probes, checker.failed, strict=True):
-            labels = {"upstream": checker.group, "backend": b.authority}
-            out.sample("poise_health_checks_total", n - failed, result="ok", **labels)
-            out.sample("poise_health_checks_total", failed, result="fail", **labels)
 
-    if server.tls:
-        counted: dict[str, dict[str, int]] = dp.get("tls", {})  # summed over the workers
-        out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
-        for name, tls in server.tls.items():
-            c = counted.get(name, tls.counters())
-            out.sample("poise_tls_handshakes_total", c["handshakes"], listener=name)
-        done = "poise_tls_handshakes_completed_total"
-        out.family(done, "counter", "TLS handshakes completed: full, or resuming a session.")
-        for name, tls in server.tls.items():
-            c = counted.get(name, tls.counters())
-            out.sample(done, c["full"], listener=name, type="full")
-            out.sample(done, c["resumed"], listener=name, type="resumed")
-        out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
-        for name, tls in server.tls.items():
-            out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")
-            out.sample("poise_tls_reloads_total", tls.reload_failures, listener=name, result="fail")
-        expiry = "poise_tls_certificate_not_after_seconds"
-        out.family(expiry, "gauge", "When each served certificate expires (Unix time).")
-        for name, tls in server.tls.items():
-            for cert, info in zip(tls.cfg.certificates, tls.certs.infos, strict=True):
-                out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
+def _tls(out: _Out, server: Server, dp: dict[str, Any]) -> None:
+    """TLS listeners: handshakes, reloads, certificate expiry."""
+    counted: dict[str, dict[str, int]] = dp.get("tls", {})  # summed over the workers
+    out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
+    for name, tls in server.tls.items():
+        c = counted.get(name, tls.counters())
+        out.sample("poise_tls_handshakes_total", c["handshakes"], listener=name)
+    done = "poise_tls_handshakes_completed_total"
+    out.family(done, "counter", "TLS handshakes completed: full, or resuming a session.")
+    for name, tls in server.tls.items():
+        c = counted.get(name, tls.counters())
+        out.sample(done, c["full"], listener=name, type="full")
+        out.sample(done, c["resumed"], listener=name, type="resumed")
+    out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
+    for name, tls in server.tls.items():
+        out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")
+        out.sample("poise_tls_reloads_total", tls.reload_failures, listener=name, result="fail")
+    expiry = "poise_tls_certificate_not_after_seconds"
+    out.family(expiry, "gauge", "When each served certificate expires (Unix time).")
+    for name, tls in server.tls.items():
+        for cert, info in zip(tls.cfg.certificates, tls.certs.infos, strict=True):
+            out.sample(expiry, info.not_after.timestamp(), listener=name, cert=cert.cert)
 
-    if server.l4.listeners:
-        _l4(out, dp["l4"])
 
-    if server.workers is not None:
-        workers = server.workers()
-        out.family("poise_workers", "gauge", "Worker processes serving (--workers N).")
-        out.sample("poise_workers", sum(1 for w in workers if w["state"] == "serving"))
-
-    if server.registry is not None:
-        reg = server.registry
-        out.family("poise_registry_instances", "gauge", "Instances of the followed services.")
-        for service, instances in sorted(reg.reported.items()):
-            out.sample("poise_registry_instances", len(instances), service=service)
-        out.family("poise_registry_reachable", "gauge", "1 when the registry store answers.")
-        out.sample("poise_registry_reachable", int(reg.reachable), store=reg.store.name)
-        out.family("poise_registry_revision", "gauge", "The registry revision last listed.")
-        out.sample("poise_registry_revision", reg.revision)
-    return out.text()
+def _registry(out: _Out, reg: RegistryService) -> None:
+    """The registry this process follows."""
+    out.family("poise_registry_instances", "gauge", "Instances of the followed services.")
+    for service, instances in sorted(reg.reported.items()):
+        out.sample("poise_registry_instances", len(instances), service=service)
+    out.family("poise_registry_reachable", "gauge", "1 when the registry store answers.")
+    out.sample("poise_registry_reachable", int(reg.reachable), store=reg.store.name)
+    out.family("poise_registry_revision", "gauge", "The registry revision last listed.")
+    out.sample("poise_registry_revision", reg.revision)
 
 
 _L4_ERRORS = {

@@ -398,9 +398,9 @@ def _backends(
     return tuple(result)
 
 
-def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
-    """A name, or an object with a name and the options that policy takes."""
-    name_path = key_path(path, "name")
+def _policy_options(c: Checker, value: object, path: str) -> tuple[str, dict[str, object]] | None:
+    """The canonical name of the policy ``value`` names, and its options (those its alias
+    implies, then those written); None (reported) when there is no known name."""
     obj: Mapping[str, object] | None = None
     if isinstance(value, Mapping):
         obj = c.mapping(value, path, _POLICY_KEYS)
@@ -413,15 +413,26 @@ def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
         )
         name = None
     if name is None:
-        return PolicyConfig()
+        return None
     alias = name.lower().replace("-", "_")
     canonical = CANONICAL.get(alias)
     if canonical is None:
-        c.error(name_path, f"unknown policy {name!r} (available: {_AVAILABLE_POLICIES})")
-        return PolicyConfig()
+        c.error(
+            key_path(path, "name"), f"unknown policy {name!r} (available: {_AVAILABLE_POLICIES})"
+        )
+        return None
     options: dict[str, object] = dict(ALIAS_OPTIONS.get(alias, {}))
     if obj is not None:
         options.update({k: v for k, v in obj.items() if k != "name"})
+    return canonical, options
+
+
+def _policy(c: Checker, value: object, path: str) -> PolicyConfig:
+    """A name, or an object with a name and the options that policy takes."""
+    named = _policy_options(c, value, path)
+    if named is None:
+        return PolicyConfig()
+    canonical, options = named
     keyed = canonical in KEYED
 
     def only_for(option: str, allowed: bool, which: str) -> bool:

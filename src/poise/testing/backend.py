@@ -251,30 +251,7 @@ class HttpBackend(_TcpServer):
             return 0, False
 
         status, body = response.status, response.body
-        headers = list(response.headers)
-        names = {name.lower() for name, _ in headers}
-        bodiless = status < 200 or status in (204, 304)
-        send_body = request.method != "HEAD" and not bodiless
-        chunked = False
-        if isinstance(body, bytes | bytearray | memoryview):
-            if not bodiless and not names & {"content-length", "transfer-encoding"}:
-                headers.append(("Content-Length", str(len(body))))
-        elif not bodiless and "content-length" not in names:
-            if request.version == "1.1":
-                chunked = True
-                if "transfer-encoding" not in names:
-                    headers.append(("Transfer-Encoding", "chunked"))
-            else:
-                keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
-        connection = ",".join(v for k, v in headers if k.lower() == "connection").lower()
-        if "close" in connection:
-            keep_alive = False
-        if status != 101 and "connection" not in names:
-            if not keep_alive:
-                headers.append(("Connection", "close"))
-            elif request.version == "1.0":
-                headers.append(("Connection", "keep-alive"))
-
+        headers, send_body, chunked, keep_alive = _framing(response, request, keep_alive)
         head = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in headers]
         head.append("\r\n")
@@ -335,6 +312,38 @@ class HttpBackend(_TcpServer):
             data = await reader.read(_READ_SIZE)
             if not data:
                 return
+
+
+def _framing(
+    response: Response, request: RecordedRequest, keep_alive: bool
+) -> tuple[list[tuple[str, str]], bool, bool, bool]:
+    """The head fields to send with ``response`` (its own, and the framing it leaves out),
+    whether to send its body, whether chunked, and whether to keep the connection open."""
+    status, body = response.status, response.body
+    headers = list(response.headers)
+    names = {name.lower() for name, _ in headers}
+    bodiless = status < 200 or status in (204, 304)
+    send_body = request.method != "HEAD" and not bodiless
+    chunked = False
+    if isinstance(body, bytes | bytearray | memoryview):
+        if not bodiless and not names & {"content-length", "transfer-encoding"}:
+            headers.append(("Content-Length", str(len(body))))
+    elif not bodiless and "content-length" not in names:
+        if request.version == "1.1":
+            chunked = True
+            if "transfer-encoding" not in names:
+                headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+    connection = ",".join(v for k, v in headers if k.lower() == "connection").lower()
+    if "close" in connection:
+        keep_alive = False
+    if status != 101 and "connection" not in names:
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        elif request.version == "1.0":
+            headers.append(("Connection", "keep-alive"))
+    return headers, send_body, chunked, keep_alive
 
 
 def _reason(status: int) -> str:
