@@ -27,7 +27,7 @@ Snapshot = dict[str, Any]
 def snapshot(server: Server) -> Snapshot:
     """This process's data-plane numbers."""
     ctx = server.ctx
-    table = ctx.table if ctx is not None else server.table
+    table = server.current_table
     backends: dict[str, dict[str, dict[str, Any]]] = {}
     for name, group in table.groups.items():
         status = server.board.statuses.get(name)

@@ -143,7 +143,7 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
     if problems:
         raise ConfigError(problems, new.source)
     ctx = server.ctx
-    table = ctx.table if ctx is not None else server.table
+    table = server.current_table
     board = server.board
     # sources of new or changed file/DNS upstreams are read first: a bad file refuses it all
     sources: dict[str, FileSource | DnsSource] = {}

@@ -96,7 +96,7 @@ class Server:
         self.table = build_table(config, self.rng, self.board.statuses)
         self.board.install = self._install
         # the TCP listeners, if any; they read the current table, wherever it was swapped
-        self.l4 = L4(config, self._current_table, self.rng.random)
+        self.l4 = L4(config, lambda: self.current_table, self.rng.random)
         self.ctx: Context | None = None
         self.checkers: list[GroupChecker] = []
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
@@ -172,7 +172,7 @@ class Server:
     # -- runtime changes of static upstreams (the admin API) ----------------------------------
 
     def _static(self, group: str) -> UpstreamConfig:
-        table = self.ctx.table if self.ctx is not None else self.table
+        table = self.current_table
         if group not in table.groups:
             raise KeyError(f"no upstream named {group!r}")
         up = table.groups[group].config
@@ -208,12 +208,16 @@ class Server:
         changed = dataclasses.replace(up.backends[i], weight=weight)
         self.set_members(group, (*up.backends[:i], changed, *up.backends[i + 1 :]))
 
-    def _current_table(self) -> RoutingTable:
+    @property
+    def current_table(self) -> RoutingTable:
+        """The routing table in force: the data plane's (``ctx.table``) once serving,
+        ``self.table`` before. The one place that chooses between the two: the admin API,
+        metrics, data-plane snapshots, workers' syncs, reloads and L4 all read it here."""
         return self.ctx.table if self.ctx is not None else self.table
 
     def _install(self, group: str, view: View) -> None:
         """Swap in a routing table with ``group``'s new view: one assignment."""
-        table = self.ctx.table if self.ctx is not None else self.table
+        table = self.current_table
         new = table.with_group(table.groups[group].with_view(view))
         if self.ctx is not None:
             self.ctx.table = new
@@ -233,7 +237,7 @@ class Server:
         keep their health, ejections, operator state and pooled connections; newcomers start
         healthy, ramp up under slow start (not when ``initial``), and get probed at once.
         In-flight requests finish on the backends they are on, also on ones that left."""
-        table = self.ctx.table if self.ctx is not None else self.table
+        table = self.current_table
         old = table.groups[group]
         cfg = dataclasses.replace(old.config, backends=backends)
         ok = reported if reported is not None else [True] * len(backends)

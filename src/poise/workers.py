@@ -250,14 +250,10 @@ class Supervisor:
             if transport is not None and not transport.is_closing():
                 transport.write(data)
 
-    def _table_groups(self) -> Any:
-        s = self.server
-        return (s.ctx.table if s.ctx is not None else s.table).groups
-
     def _resolved(self) -> Config:
         """The config in force, each upstream with the backends it has now (discovered from
         the registry, a file or DNS, or changed through the admin API)."""
-        groups = self._table_groups()
+        groups = self.server.current_table.groups
         config = self.server.config
         upstreams = {
             name: dataclasses.replace(up, backends=groups[name].config.backends)
@@ -552,7 +548,7 @@ def run(config: Config, workers: int, *, watch_config: bool = False) -> int:
 def shared_state(server: Server) -> dict[str, GroupState]:
     """``server``'s shared state, by upstream: what a ``Sync`` carries."""
     statuses = server.board.statuses
-    table = server.ctx.table if server.ctx is not None else server.table
+    table = server.current_table
     return {
         name: GroupState(
             group.config.backends,
@@ -568,7 +564,7 @@ def apply_sync(server: Server, state: dict[str, GroupState]) -> None:
     """Make ``server``'s shared state the control process's."""
     now = server.board.clock()
     for name, shared in state.items():
-        table = server.ctx.table if server.ctx is not None else server.table
+        table = server.current_table
         group = table.groups.get(name)
         if group is None:
             continue

@@ -140,12 +140,12 @@ class AdminApi:
             data={
                 name: self._upstream(name, detail=True, dp=dp)
                 for dp in (self.server.dataplane(),)  # summed over workers once, not per upstream
-                for name in self._table().groups
+                for name in self.server.current_table.groups
             }
         )
 
     async def upstream(self, request: Request, upstream: str) -> Reply:
-        if upstream not in self._table().groups:
+        if upstream not in self.server.current_table.groups:
             raise HttpError(404, f"no upstream named {upstream!r}")
         return Reply(data=self._upstream(upstream, detail=True))
 
@@ -253,10 +253,6 @@ class AdminApi:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _table(self) -> Any:
-        s = self.server
-        return s.ctx.table if s.ctx is not None else s.table
-
     def _do(self, action: Any, *args: Any) -> None:
         from poise.errors import ConfigError
 
@@ -273,7 +269,7 @@ class AdminApi:
         self, name: str, *, detail: bool = False, dp: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         s = self.server
-        group = self._table().groups[name]
+        group = self.server.current_table.groups[name]
         up = group.config
         board = s.board.statistics().get(name, {})
         facts = board.get("backends", {}) if isinstance(board, dict) else {}

@@ -148,7 +148,7 @@ def render(server: Server) -> str:
 
 def _backends(out: _Out, server: Server, dp: dict[str, Any]) -> None:
     """Per backend: responses by status class, and its state and connection gauges."""
-    table = server.ctx.table if server.ctx is not None else server.table
+    table = server.current_table
     board: dict[str, Any] = server.board.statistics()
     responses = _Out()
     responses.family(
