@@ -352,14 +352,11 @@ def test_start_leaves_the_per_response_state_as_reset_does(response: bytes) -> N
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, left for the main session: for an HTTP/1.0 client a chunked or "
-    "close-delimited response is forwarded raw, and its second read reaches "
-    "_content_length(self._low_head), which holds no Content-Length (ValueError on a fresh "
-    "connection, the previous response's length on a reused one)",
-)
 def test_a_chunked_response_to_an_http10_client_spanning_two_reads_is_forwarded() -> None:
+    """An HTTP/1.0 client gets the body de-chunked and close-delimited: a read after the
+    first must not be counted by a Content-Length the response does not have (it raised
+    ValueError on a fresh connection, and used the previous response's on a reused one)."""
+
     async def scenario() -> None:
         rig = Rig(idle=1)
         up = rig.ups[0]
@@ -367,5 +364,26 @@ def test_a_chunked_response_to_an_http10_client_spanning_two_reads_is_forwarded(
         up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         up.data_received(b"5\r\nworld\r\n0\r\n\r\n")
         assert rig.sink.data().endswith(b"helloworld")
+
+    run(scenario())
+
+
+def test_a_close_delimited_response_to_an_http10_client_on_a_reused_connection() -> None:
+    """The connection answered a Content-Length response before: its length must not be
+    used to count the next response, which has none."""
+
+    async def scenario() -> None:
+        rig = Rig(idle=1)
+        up = rig.ups[0]
+        rig.client.data_received(GET)
+        up.data_received(OK)
+        assert up.ex is None and not up.closed, "back in the pool"
+        rig.client.data_received(b"GET /y HTTP/1.0\r\nHost: svc.test\r\n\r\n")
+        assert rig.client.queue and rig.client.queue[0].upstream is up
+        up.data_received(b"HTTP/1.1 200 OK\r\nServer: s\r\n\r\nhello")
+        up.data_received(b"world, and more than the last response's length")
+        up.eof_received()
+        up.connection_lost(None)
+        assert rig.sink.data().endswith(b"helloworld, and more than the last response's length")
 
     run(scenario())

@@ -300,7 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
         # then the silence is ours, not the backend's.
         if not client.write_paused:
             self.deadline = self.ctx.clock() + self.timeout
-        if self.mode == _RAW and self.remaining < 0 and self.head_done:
+        if self.mode == _RAW and self.remaining < 0 and self.head_done and self._low_head:
             # A Content-Length body longer than one read: count the rest instead of feeding
             # llhttp, which would copy every chunk into a new bytes object for on_body.
             self.remaining = _content_length(self._low_head) - self._received
@@ -462,6 +462,7 @@ class UpstreamConnection(asyncio.Protocol):
                     raise BadResponse("unsupported transfer coding")
             else:
                 self.close_delimited = True
+            self._low_head = b""  # no Content-Length to count the body by
             if ex.http10:
                 self.mode = _RAW
                 ex.keep_alive = False  # the end of the body is the end of the connection
