@@ -33,6 +33,7 @@ from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 if TYPE_CHECKING:
     from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
+    from poise.l7.request import RequestMemo
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
 
@@ -134,6 +135,7 @@ class Context:
         "date",
         "drain_grace",
         "draining",
+        "first_heads",
         "forwarded",
         "generation",
         "header_kinds",
@@ -208,6 +210,10 @@ class Context:
         from here, so open ones follow the new values)."""
         old, self.config = self.config, config
         self.generation += 1
+        # request heads remembered for the first read of new connections, by (listener,
+        # peer, TLS fields): see client.ClientConnection.data_received (valid for this
+        # generation only, so dropped here)
+        self.first_heads: dict[tuple[str, bytes, bytes], RequestMemo] = {}
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
