@@ -489,3 +489,26 @@ def test_a_reload_applies_new_request_limits_to_open_connections() -> None:
         assert b"\r\nhelloHTTP/1.1 414 " in sink.data()
 
     asyncio.run(run())
+
+
+def test_trusted_proxies_are_known_per_peer_and_follow_a_reload() -> None:
+    """Context.is_trusted keeps its answers by peer address: each right, and a reload that
+    changes proxy.trusted_proxies is followed by the connections made after it."""
+
+    async def run() -> None:
+        rig = Rig(trusted_proxies=["127.0.0.2/32"])
+        spoof = GET.replace(b"User-Agent: t\r\n", b"User-Agent: t\r\nX-Forwarded-For: 10.9.9.9\r\n")
+        for _ in range(2):  # the second time from the cache
+            assert rig.ctx.is_trusted("127.0.0.2") and not rig.ctx.is_trusted("127.0.0.3")
+            assert not rig.ctx.is_trusted("not an address")
+            sent, _ = rig.exchange(rig.client()[0], spoof, [OK + b"hello"])
+            assert b"X-Forwarded-For: 10.9.9.9, 127.0.0.2\r\n" in sent
+            sent, _ = rig.exchange(rig.client("127.0.0.3")[0], spoof, [OK + b"hello"])
+            assert b"X-Forwarded-For: 127.0.0.3\r\n" in sent
+        rig.doc["proxy"] = {"trusted_proxies": ["127.0.0.3/32"]}
+        rig.ctx.configure(parse_config(rig.doc))
+        assert not rig.ctx.is_trusted("127.0.0.2") and rig.ctx.is_trusted("127.0.0.3")
+        sent, _ = rig.exchange(rig.client()[0], spoof, [OK + b"hello"])
+        assert b"X-Forwarded-For: 127.0.0.2\r\n" in sent
+
+    asyncio.run(run())

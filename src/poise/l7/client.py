@@ -181,8 +181,13 @@ class ClientConnection(asyncio.Protocol):
         ctx.stats.connections_accepted += 1
         ctx.clients.add(self)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
-        self.trusted = ctx.is_trusted(self.peer.decode("ascii"))
+        if peer:
+            host = str(peer[0])
+            self.peer = host.encode("ascii")
+            # (is_trusted says False at once when no proxy is trusted, the usual case)
+            self.trusted = bool(ctx.trusted) and ctx.is_trusted(host)
+        else:
+            self.peer = b"unknown"
         # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request
         # (and so is a client certificate's subject: the handshake is over by now).
         if self.tls is None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("poise.proxy")
 
 TICK = 0.25
+TRUST_CACHE_MAX = 4096  # peer addresses whose is_trusted answer is kept
 BODY_RATE_GRACE = 5.0  # seconds before limits.min_body_rate applies to a request body
 
 
@@ -157,6 +158,7 @@ class Context:
         "stats",
         "table",
         "tasks",
+        "trust_cache",
         "trusted",
         "tunnel_idle",
         "tunnels",
@@ -227,6 +229,8 @@ class Context:
         self.max_target: int = config.limits.max_target
         self.max_body_size: int = config.limits.max_body_size
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
+        # is_trusted's answers by peer address (parsing one costs more than the lookup)
+        self.trust_cache: dict[str, bool] = {}
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
         self.tunnel_idle = t.tunnel_idle
@@ -345,11 +349,20 @@ class Context:
         """Whether ``peer`` is a proxy whose X-Forwarded-* headers are believed."""
         if not self.trusted:
             return False
+        known = self.trust_cache.get(peer)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(peer)
         except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+            trusted = False
+        else:
+            trusted = any(ip in net for net in self.trusted)
+        cache = self.trust_cache
+        if len(cache) >= TRUST_CACHE_MAX:
+            cache.clear()
+        cache[peer] = trusted
+        return trusted
 
     def begin_drain(self) -> None:
         """Stop keeping client connections alive, without losing a request on the wire.
