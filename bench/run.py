@@ -55,7 +55,7 @@ SYSTEM_LABELS = {
     "haproxy": "HAProxy",
     "ceiling": "ceiling (minimal Python proxy)",
     "poise-pure": "poise, pure Python",
-    "poise-base": "poise, --base-src tree (pure Python)",
+    "poise-base": "poise, --base-src tree",
 }
 BASE_SRC: list[str] = []  # --base-src: another poise source tree, measured as "poise-base"
 
