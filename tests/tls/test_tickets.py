@@ -108,6 +108,32 @@ def test_rotation_keeps_the_previous_key_for_one_period() -> None:
     assert set(ring.secrets) == {ring.epoch() - 1, ring.epoch(), ring.epoch() + 1}
 
 
+@pytest.mark.parametrize("generate", [True, False])
+def test_keys_kept_between_ticket_calls_are_the_ones_worked_out_afresh(generate: bool) -> None:
+    """TicketKeys skips its refresh while the clock stays in the period it saw and the
+    secrets do not change: at every step it must give what a new TicketKeys (which works
+    everything out from the secrets) gives."""
+    clock = Clock()
+    supervisor = tickets.TicketSecrets(60, clock=clock)
+    ring = supervisor if generate else tickets.TicketSecrets(60, generate=False, clock=clock)
+    if not generate:
+        ring.install(supervisor.export())
+    keys = tickets.TicketKeys(b"id", ring)
+    for step in [0, 1, 58, 0.5, 0.5, -1, 30, 30, -60, -0.25, 120, 7, 59.9, 0.2]:
+        clock.now += step
+        if step == 7:
+            ring.install(supervisor.export()) if not generate else ring.advance()
+        fresh = tickets.TicketKeys(b"id", ring)
+        current = fresh.encrypting()
+        assert keys.encrypting() == current, step
+        if current is not None:
+            assert keys.find(current.name) == fresh.find(current.name)
+        for e in range(ring.epoch() - 3, ring.epoch() + 3):
+            if e in supervisor.secrets:
+                name = tickets.derive(supervisor.secrets[e], b"id").name
+                assert keys.find(name) == fresh.find(name), (step, e)
+
+
 def test_workers_with_the_supervisors_secrets_make_the_same_keys() -> None:
     clock = Clock()
     supervisor = tickets.TicketSecrets(60, clock=clock)

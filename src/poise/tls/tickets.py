@@ -190,6 +190,9 @@ class TicketKeys:
         self.secrets = secrets
         self.files = files  # from session_ticket_keys: fixed secrets, the first encrypts
         self._seen: tuple[int, int] | None = None
+        # the period seen, on the secrets' clock: while the clock is in it and the secrets
+        # have not changed (their version), _refresh has nothing to do
+        self._since = self._until = 0.0
         self._current: TicketKey | None = None
         self._by_name: dict[bytes, TicketKey] = {}
         self.issued = 0  # tickets encrypted
@@ -199,6 +202,7 @@ class TicketKeys:
     def set_files(self, files: tuple[bytes, ...]) -> None:
         self.files = files
         self._seen = None
+        self._since = self._until = 0.0
 
     def _refresh(self) -> None:
         s = self.secrets
@@ -209,8 +213,16 @@ class TicketKeys:
                 self._by_name = {k.name: k for k in derived}
                 self._seen = (0, 0)
             return
+        seen_before = self._seen
+        if (
+            seen_before is not None
+            and s.version == seen_before[1]
+            and self._since <= s.clock() < self._until
+        ):
+            return  # the same period and secrets (every ticket but the first of a period)
         now = s.advance()
         seen = (now, s.version)
+        self._since, self._until = now * s.period, (now + 1) * s.period
         if seen == self._seen:
             return
         usable = {e: v for e, v in s.secrets.items() if now - 1 <= e <= now + 1}
