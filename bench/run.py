@@ -48,14 +48,16 @@ CPU_PROXY = "1"  # the system under test
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEMS = ("poise", "nginx", "haproxy")
 # optional: the minimal unhardened Python proxy, a ceiling for what Python costs (not default)
-EXTRA_SYSTEMS = ("ceiling", "poise-pure")
+EXTRA_SYSTEMS = ("ceiling", "poise-pure", "poise-base")
 SYSTEM_LABELS = {
     "poise": "poise",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "ceiling": "ceiling (minimal Python proxy)",
     "poise-pure": "poise, pure Python",
+    "poise-base": "poise, --base-src tree",
 }
+BASE_SRC: list[str] = []  # --base-src: another poise source tree, measured as "poise-base"
 
 
 @dataclass(frozen=True)
@@ -583,10 +585,12 @@ class Env:
 
 def start_system(env: Env, system: str, logname: str) -> subprocess.Popen[bytes]:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
-    if system in ("poise", "poise-pure"):
+    if system in ("poise", "poise-pure", "poise-base"):
         conf = poise_conf(tmp, port, backends)
         penv = dict(os.environ)
         src = str(POISE_SRC if system == "poise" else REPO / "src")
+        if system == "poise-base":
+            src = BASE_SRC[0]
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, CPU_PROXY, cwd=REPO, env=penv)
@@ -904,6 +908,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="poise as `pip install .` builds it (hot path compiled with mypyc: the default) "
         "or the pure-Python source tree",
     )
+    p.add_argument(
+        "--base-src",
+        help="another poise source tree (e.g. an older commit's src/, from `git archive REV "
+        "src | tar -x -C DIR`), measured as the system poise-base, to compare before and after",
+    )
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results directory")
     p.add_argument(
         "--backend",
@@ -918,6 +927,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad += [s for s in args.system_list if s not in SYSTEMS + EXTRA_SYSTEMS]
     if bad or not args.scenario_list or not args.system_list:
         p.error(f"unknown or empty scenarios/systems: {bad}")
+    if "poise-base" in args.system_list and not args.base_src:
+        p.error("poise-base needs --base-src")
+    if args.base_src:
+        BASE_SRC[:] = [str(Path(args.base_src).resolve())]
     if args.duration < 1:
         p.error("--duration must be at least 1 second (wrk's resolution)")
     return args

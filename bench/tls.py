@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as base
 
 SYSTEMS = ("poise", "nginx", "haproxy")
+ALL_SYSTEMS = ("poise", "poise-base", "nginx", "haproxy")  # poise-base: --base-src's tree
 SCENARIOS = {
     "keepalive": "64 keep-alive TLS connections",
     "handshake": "64 connections, Connection: close (one full handshake per request)",
@@ -114,10 +115,10 @@ def haproxy_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Pat
 
 def start(env: base.Env, system: str, cert: Path, key: Path, logname: str) -> Any:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
-    if system == "poise":
+    if system in ("poise", "poise-base"):
         conf = poise_conf(tmp, port, backends, cert, key)
         penv = dict(os.environ)
-        src = str(base.REPO / "src")
+        src = base.BASE_SRC[0] if system == "poise-base" else str(base.REPO / "src")
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, base.CPU_PROXY, cwd=base.REPO, env=penv)
@@ -215,6 +216,8 @@ def measure(
 def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
     out = []
     for scenario, title in SCENARIOS.items():
+        if scenario not in {r.scenario for r in rows}:
+            continue
         by = {r.system: r for r in rows if r.scenario == scenario and r.ok}
         ref = by["nginx"].rps if "nginx" in by else None
         ref_cpu = by["nginx"].cpu_us_per_req if "nginx" in by else None
@@ -222,7 +225,7 @@ def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
                 "| system | rps | ×nginx | p50 | p99 | CPU-µs/req | CPU ×nginx | peak RSS MiB "  # noqa: RUF001
                 "| errors |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for system in SYSTEMS:
+        for system in ALL_SYSTEMS:
             if system not in {r.system for r in rows}:
                 continue
             r = by.get(system)
@@ -252,12 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8)
     p.add_argument("--warmup", type=float, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=", ".join(ALL_SYSTEMS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=", ".join(SCENARIOS))
+    p.add_argument(
+        "--base-src", help="another poise source tree, measured as poise-base (before/after)"
+    )
     p.add_argument("--out", default=str(base.BENCH_DIR / "results"))
     args = p.parse_args(argv)
     chosen = [s for s in args.systems.split(",") if s]
-    if any(s not in SYSTEMS for s in chosen):
-        p.error("unknown system")
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if any(s not in ALL_SYSTEMS for s in chosen) or any(s not in SCENARIOS for s in scenarios):
+        p.error("unknown system or scenario")
+    if "poise-base" in chosen:
+        if not args.base_src:
+            p.error("poise-base needs --base-src")
+        base.BASE_SRC[:] = [str(Path(args.base_src).resolve())]
     for tool in ("wrk", "nginx", "openssl", *(["haproxy"] if "haproxy" in chosen else [])):
         if not shutil.which(tool):
             print(f"{tool} is missing: apt-get install -y nginx-light wrk openssl", file=sys.stderr)
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         env = base.Env(tmp, procs, base.free_port(), [base.free_port() for _ in range(3)])
         cert, key = make_certificate(tmp)
         info["backend"] = base.start_backends(env, "nginx")
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             systems = list(chosen)
             for rnd in range(args.rounds):
                 base.log(f"{scenario}, round {rnd + 1}/{args.rounds}")
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = base.loadavg()
     results = [
         base.median_of([r for r in rounds if r.scenario == sc and r.system == sy])
-        for sc in SCENARIOS
+        for sc in scenarios
         for sy in chosen
     ]
     md = "\n".join([

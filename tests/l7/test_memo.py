@@ -32,10 +32,11 @@ OK_HEAD = OK  # what a backend answers to HEAD: the same head, no body
 class Sink:
     """A transport that keeps what is written to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.2") -> None:
         self.out: list[bytes] = []
         self.closed = False
         self.paused = False
+        self.peer = peer
 
     def data(self) -> bytes:
         return b"".join(bytes(b) for b in self.out)
@@ -47,7 +48,7 @@ class Sink:
         self.out.extend(bytes(d) for d in data)
 
     def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.2", 40000) if name == "peername" else None
+        return (self.peer, 40000) if name == "peername" else None
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -95,9 +96,9 @@ class Rig:
         group.pools[0].put(up, 0.0)
         return up
 
-    def client(self) -> tuple[ClientConnection, Sink]:
+    def client(self, peer: str = "127.0.0.2") -> tuple[ClientConnection, Sink]:
         client = ClientConnection(self.ctx, "web")
-        sink = Sink()
+        sink = Sink(peer)
         client.connection_made(sink)  # type: ignore[arg-type]
         return client, sink
 
@@ -193,6 +194,80 @@ def test_two_pipelined_copies_in_one_read_are_both_answered_in_order() -> None:
         plain = OK.replace(b"Connection: keep-alive\r\n", b"")
         assert sink.data().endswith(b"one!!" + plain + b"two!!")
         assert not client.queue
+
+    asyncio.run(run())
+
+
+CLOSE = GET.replace(b"User-Agent: t\r\n", b"User-Agent: t\r\nConnection: close\r\n")
+
+
+def test_a_new_connection_from_the_same_peer_takes_the_head_remembered_on_the_last() -> None:
+    async def run() -> None:
+        rig = Rig()
+        first, _ = rig.client()
+        reference = rig.exchange(first, CLOSE, [OK + b"hello"])
+        assert first.closed and reference[1].endswith(b"\r\n\r\nhello")
+        assert b"Connection: close\r\n" in reference[1]
+        second, _ = rig.client()
+        got = rig.exchange(second, CLOSE, [OK + b"hello"])
+        assert got == reference
+        assert second._begun == 0  # not parsed: taken from the first connection's memo
+        assert second.closed
+        assert (rig.ctx.stats.requests, rig.ctx.stats.responses) == (2, 2)
+        assert not rig.ctx.clients
+
+    asyncio.run(run())
+
+
+def test_a_new_connection_from_another_peer_does_not_take_its_head() -> None:
+    async def run() -> None:
+        rig = Rig()
+        rig.exchange(rig.client()[0], CLOSE, [OK + b"hello"])
+        other, _ = rig.client("127.0.0.3")
+        sent, _ = rig.exchange(other, CLOSE, [OK + b"hello"])
+        assert b"X-Forwarded-For: 127.0.0.3\r\n" in sent
+        assert b"127.0.0.2" not in sent
+        assert other._begun == 1  # parsed
+
+    asyncio.run(run())
+
+
+def test_a_head_remembered_for_new_connections_is_dropped_on_reload() -> None:
+    async def run() -> None:
+        rig = Rig()
+        rig.exchange(rig.client()[0], CLOSE, [OK + b"hello"])
+        rig.doc["proxy"] = {"via": True}
+        rig.ctx.configure(parse_config(rig.doc))
+        sent, _ = rig.exchange(rig.client()[0], CLOSE, [OK + b"hello"])
+        assert b"Via: 1.1 poise\r\n" in sent
+
+    asyncio.run(run())
+
+
+def test_bytes_after_a_remembered_request_without_keep_alive_are_refused_as_when_parsed() -> None:
+    """llhttp refuses anything but CR/LF after a request without keep-alive; a head taken
+    from a memo was never fed to the parser, so the connection must refuse it itself."""
+
+    async def run() -> None:
+        rig = Rig()
+        results = []
+        for _ in range(2):  # the first parses CLOSE, the second takes it from the memo
+            client, sink = rig.client()
+            bad = rig.ctx.stats.bad_requests
+            client.data_received(CLOSE)
+            client.data_received(b"\r\n")  # skipped by llhttp too
+            assert rig.ctx.stats.bad_requests == bad
+            client.data_received(GET.replace(b"/a?x=1", b"/smuggled"))
+            assert client.queue[0].upstream is rig.up
+            rig.up.data_received(OK + b"hello")
+            results.append(
+                (rig.ctx.stats.bad_requests - bad, client._begun, sink.data(), client.closed)
+            )
+        (bad1, begun1, out1, closed1), (bad2, begun2, out2, closed2) = results
+        assert (begun1, begun2) == (1, 0)
+        assert bad1 == bad2 == 1
+        assert out1 == out2 and out1.endswith(b"\r\n\r\nhello") and closed1 and closed2
+        assert b"/smuggled" not in b"".join(rig.up_transport.out)
 
     asyncio.run(run())
 
@@ -412,5 +487,28 @@ def test_a_reload_applies_new_request_limits_to_open_connections() -> None:
         client.data_received(long_target)  # the same bytes, now over the limit
         assert sink.data().endswith(b"Connection: close\r\n\r\nURI Too Long\n")
         assert b"\r\nhelloHTTP/1.1 414 " in sink.data()
+
+    asyncio.run(run())
+
+
+def test_trusted_proxies_are_known_per_peer_and_follow_a_reload() -> None:
+    """Context.is_trusted keeps its answers by peer address: each right, and a reload that
+    changes proxy.trusted_proxies is followed by the connections made after it."""
+
+    async def run() -> None:
+        rig = Rig(trusted_proxies=["127.0.0.2/32"])
+        spoof = GET.replace(b"User-Agent: t\r\n", b"User-Agent: t\r\nX-Forwarded-For: 10.9.9.9\r\n")
+        for _ in range(2):  # the second time from the cache
+            assert rig.ctx.is_trusted("127.0.0.2") and not rig.ctx.is_trusted("127.0.0.3")
+            assert not rig.ctx.is_trusted("not an address")
+            sent, _ = rig.exchange(rig.client()[0], spoof, [OK + b"hello"])
+            assert b"X-Forwarded-For: 10.9.9.9, 127.0.0.2\r\n" in sent
+            sent, _ = rig.exchange(rig.client("127.0.0.3")[0], spoof, [OK + b"hello"])
+            assert b"X-Forwarded-For: 127.0.0.3\r\n" in sent
+        rig.doc["proxy"] = {"trusted_proxies": ["127.0.0.3/32"]}
+        rig.ctx.configure(parse_config(rig.doc))
+        assert not rig.ctx.is_trusted("127.0.0.2") and rig.ctx.is_trusted("127.0.0.3")
+        sent, _ = rig.exchange(rig.client()[0], spoof, [OK + b"hello"])
+        assert b"X-Forwarded-For: 127.0.0.2\r\n" in sent
 
     asyncio.run(run())

@@ -3,6 +3,10 @@ clock, and resumption against a listener's real front context over 127.0.0.1 soc
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import hmac
+import os
 import socket
 import ssl
 import threading
@@ -42,6 +46,52 @@ def test_the_ssl_ctx_pointer_layout_holds_on_this_python() -> None:
     assert tickets.ctx_pointer(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)) != ptr
 
 
+def test_the_ticket_hmac_is_keyed_right_with_its_parameters_built_once_per_key() -> None:
+    """mac_init keeps the OSSL_PARAM array of each key (bounded): whether built or reused,
+    the MAC libssl then computes is HMAC-SHA256 under that key."""
+    lib = tickets.libssl()
+    assert lib is not None, tickets.lib_error()
+    if not lib.evp:
+        pytest.skip("OpenSSL 1.1.1: HMAC_Init_ex, no parameter array")
+    c = lib.lib
+    c.EVP_MAC_fetch.restype, c.EVP_MAC_fetch.argtypes = ctypes.c_void_p, [ctypes.c_void_p] * 3
+    c.EVP_MAC_CTX_new.restype, c.EVP_MAC_CTX_new.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    c.EVP_MAC_CTX_free.argtypes = [ctypes.c_void_p]
+    c.EVP_MAC_free.argtypes = [ctypes.c_void_p]
+    c.EVP_MAC_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    c.EVP_MAC_update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    c.EVP_MAC_final.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    mac = c.EVP_MAC_fetch(None, b"HMAC", None)
+    assert mac
+
+    def mac_with(key: bytes, data: bytes) -> bytes:
+        hctx = c.EVP_MAC_CTX_new(mac)
+        try:
+            assert lib.mac_init(hctx, key) == 1
+            assert c.EVP_MAC_init(hctx, None, 0, None) == 1
+            assert c.EVP_MAC_update(hctx, data, len(data)) == 1
+            out, size = ctypes.create_string_buffer(64), ctypes.c_size_t()
+            assert c.EVP_MAC_final(hctx, out, ctypes.byref(size), 64) == 1
+            return out.raw[: size.value]
+        finally:
+            c.EVP_MAC_CTX_free(hctx)
+
+    try:
+        keys = [os.urandom(32) for _ in range(40)]
+        for round_ in range(2):
+            for i, key in enumerate(keys):
+                data = b"ticket %d %d" % (round_, i)
+                # a copy: the cached array must not depend on the caller's bytes object
+                assert mac_with(bytes(bytearray(key)), data) == hmac.digest(
+                    key, data, hashlib.sha256
+                )
+                assert len(lib._params) <= 16
+        first = keys[-1]
+        assert mac_with(first, b"x") == mac_with(first, b"x")
+    finally:
+        c.EVP_MAC_free(mac)
+
+
 def test_rotation_keeps_the_previous_key_for_one_period() -> None:
     clock = Clock()
     ring = tickets.TicketSecrets(3600, clock=clock)
@@ -56,6 +106,32 @@ def test_rotation_keeps_the_previous_key_for_one_period() -> None:
     assert keys.find(first.name) is None  # two periods on: forgotten
     assert keys.find(second.name) is not None
     assert set(ring.secrets) == {ring.epoch() - 1, ring.epoch(), ring.epoch() + 1}
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_keys_kept_between_ticket_calls_are_the_ones_worked_out_afresh(generate: bool) -> None:
+    """TicketKeys skips its refresh while the clock stays in the period it saw and the
+    secrets do not change: at every step it must give what a new TicketKeys (which works
+    everything out from the secrets) gives."""
+    clock = Clock()
+    supervisor = tickets.TicketSecrets(60, clock=clock)
+    ring = supervisor if generate else tickets.TicketSecrets(60, generate=False, clock=clock)
+    if not generate:
+        ring.install(supervisor.export())
+    keys = tickets.TicketKeys(b"id", ring)
+    for step in [0, 1, 58, 0.5, 0.5, -1, 30, 30, -60, -0.25, 120, 7, 59.9, 0.2]:
+        clock.now += step
+        if step == 7:
+            ring.install(supervisor.export()) if not generate else ring.advance()
+        fresh = tickets.TicketKeys(b"id", ring)
+        current = fresh.encrypting()
+        assert keys.encrypting() == current, step
+        if current is not None:
+            assert keys.find(current.name) == fresh.find(current.name)
+        for e in range(ring.epoch() - 3, ring.epoch() + 3):
+            if e in supervisor.secrets:
+                name = tickets.derive(supervisor.secrets[e], b"id").name
+                assert keys.find(name) == fresh.find(name), (step, e)
 
 
 def test_workers_with_the_supervisors_secrets_make_the_same_keys() -> None:

@@ -62,6 +62,7 @@ CRLF: Final = b"\r\n"
 EOH: Final = b"\r\n\r\n"  # the end of a head
 MEMO_MAX: Final = 1024  # bytes: a longer request head is not remembered (memory per connection)
 MEMO_MISSES: Final = 4  # heads in a row that were not the remembered one: stop remembering
+FIRST_HEADS_MAX: Final = 256  # (listener, peer) pairs whose last head new connections may reuse
 NAMES_MAX: Final = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
 LINGER: Final = 2.0  # seconds to drain a client after an error response before closing
 QUEUE_BODY_LIMIT: Final = 1 << 20  # body bytes held for not-yet-started pipelined requests
@@ -73,6 +74,7 @@ _PAUSE_QUEUE: Final = 2  # client reading paused: too much held for queued reque
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_after_close",
         "_begun",
         "_cl",
         "_clean",
@@ -155,6 +157,9 @@ class ClientConnection(asyncio.Protocol):
         self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
         self._misses = 0  # requests since the last one that was _memo's (see MEMO_MISSES)
         self._begun = 0  # requests whose parsing began (on_message_begin)
+        # a remembered request without keep-alive was taken (_repeat): the parser, which did
+        # not see it, must act as llhttp does after one (see data_received)
+        self._after_close = False
         # The raw bytes the request line is checked on (see _check_line): the read being
         # parsed, whether the parser was between requests when it came, the read the
         # current request began in, whether it began at that read's start, the later reads
@@ -176,8 +181,13 @@ class ClientConnection(asyncio.Protocol):
         ctx.stats.connections_accepted += 1
         ctx.clients.add(self)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]).encode("ascii") if peer else b"unknown"
-        self.trusted = ctx.is_trusted(self.peer.decode("ascii"))
+        if peer:
+            host = str(peer[0])
+            self.peer = host.encode("ascii")
+            # (is_trusted says False at once when no proxy is trusted, the usual case)
+            self.trusted = bool(ctx.trusted) and ctx.is_trusted(host)
+        else:
+            self.peer = b"unknown"
         # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request
         # (and so is a client certificate's subject: the handshake is over by now).
         if self.tls is None:
@@ -241,7 +251,21 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         memo = self._memo
-        if memo is not None and self.cur is None:
+        if memo is None and self._begun == 0:  # (so self.cur is None)
+            # The first read of a connection: a client that opens one connection per
+            # request (Connection: close) sends the same head on each, from the same peer,
+            # which gives the same result (the key holds all that the head is built from).
+            first = self.ctx.first_heads.get((self.listener, self.peer, self.tls_fields))
+            if (
+                first is not None
+                and data == first.raw
+                and self.parser is not None
+                and first.generation == self.ctx.generation
+            ):
+                self._memo = first
+                self._repeat(first)
+                return
+        elif memo is not None and self.cur is None:
             if (
                 data == memo.raw
                 and self.parser is not None
@@ -275,7 +299,13 @@ class ClientConnection(asyncio.Protocol):
                 return
         begun = self._begun
         try:
-            parser.feed_data(data)
+            if self._after_close:
+                # llhttp after a request without keep-alive: CR and LF are skipped, anything
+                # else is an error
+                if data.strip(b"\r\n"):
+                    raise httptools.HttpParserError("Data after `Connection: close`")
+            else:
+                parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             reason = exc.__context__
             if isinstance(reason, Reject):
@@ -328,13 +358,19 @@ class ClientConnection(asyncio.Protocol):
             and ex.error is None
             and self.parser is not None
         ):
-            self._memo = RequestMemo(data, self.ctx.generation, ex)
+            self._memo = memo = RequestMemo(data, self.ctx.generation, ex)
+            first = self.ctx.first_heads
+            if len(first) >= FIRST_HEADS_MAX:
+                first.clear()
+            first[(self.listener, self.peer, self.tls_fields)] = memo
 
     def _repeat(self, memo: RequestMemo) -> None:
         """The same bodiless request head as before, in one read: what the parser callbacks
         would do for it, without parsing and rebuilding it again."""
         ex = memo.exchange()
         ex.t0 = self.ctx.clock()
+        if not ex.keep_alive:
+            self._after_close = True
         ctx = self.ctx
         ctx.stats.requests += 1
         self.deadline = _INF

@@ -33,12 +33,14 @@ from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 if TYPE_CHECKING:
     from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
+    from poise.l7.request import RequestMemo
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
 
 log = logging.getLogger("poise.proxy")
 
 TICK = 0.25
+TRUST_CACHE_MAX = 4096  # peer addresses whose is_trusted answer is kept
 BODY_RATE_GRACE = 5.0  # seconds before limits.min_body_rate applies to a request body
 
 
@@ -134,6 +136,7 @@ class Context:
         "date",
         "drain_grace",
         "draining",
+        "first_heads",
         "forwarded",
         "generation",
         "header_kinds",
@@ -155,6 +158,7 @@ class Context:
         "stats",
         "table",
         "tasks",
+        "trust_cache",
         "trusted",
         "tunnel_idle",
         "tunnels",
@@ -208,6 +212,10 @@ class Context:
         from here, so open ones follow the new values)."""
         old, self.config = self.config, config
         self.generation += 1
+        # request heads remembered for the first read of new connections, by (listener,
+        # peer, TLS fields): see client.ClientConnection.data_received (valid for this
+        # generation only, so dropped here)
+        self.first_heads: dict[tuple[str, bytes, bytes], RequestMemo] = {}
         t = config.timeouts
         self.client_header_timeout = t.client_header
         self.client_idle_timeout = t.client_idle
@@ -221,6 +229,8 @@ class Context:
         self.max_target: int = config.limits.max_target
         self.max_body_size: int = config.limits.max_body_size
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.proxy.trusted_proxies)
+        # is_trusted's answers by peer address (parsing one costs more than the lookup)
+        self.trust_cache: dict[str, bool] = {}
         self.forwarded = config.proxy.forwarded
         self.via = config.proxy.via
         self.tunnel_idle = t.tunnel_idle
@@ -339,11 +349,20 @@ class Context:
         """Whether ``peer`` is a proxy whose X-Forwarded-* headers are believed."""
         if not self.trusted:
             return False
+        known = self.trust_cache.get(peer)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(peer)
         except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+            trusted = False
+        else:
+            trusted = any(ip in net for net in self.trusted)
+        cache = self.trust_cache
+        if len(cache) >= TRUST_CACHE_MAX:
+            cache.clear()
+        cache[peer] = trusted
+        return trusted
 
     def begin_drain(self) -> None:
         """Stop keeping client connections alive, without losing a request on the wire.

@@ -96,7 +96,10 @@ class RequestMemo:
     made of it. A keep-alive client that sends the very same head again (a poller, a
     health checker, a load generator) gets it from here instead of parsing and rebuilding it
     again: the same bytes, under the same settings (``generation``) and on the same
-    connection (its peer and TLS fields are the same), give the same result."""
+    connection (its peer and TLS fields are the same), give the same result. The last one
+    remembered per listener, peer and TLS fields also serves the first read of the next
+    connection with those (``Context.first_heads``): a client that opens a connection per
+    request sends the same head on each."""
 
     __slots__ = (
         "client", "generation", "head", "headers", "host", "is_head", "keep_alive", "method",

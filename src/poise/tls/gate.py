@@ -58,14 +58,23 @@ def protocol_version_alert(record_version: bytes) -> bytes:
     return b"\x15" + record_version + b"\x00\x02\x02" + bytes((_PROTOCOL_VERSION,))
 
 
+_PROTOCOLS: dict[type, Any] = {}  # _ssl_protocol's answers by the loop's class
+
+
 def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
     """The loop's own TLS protocol class: uvloop's with uvloop, else asyncio's."""
+    found = _PROTOCOLS.get(type(loop))
+    if found is not None:
+        return found
     try:
         import uvloop
         from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]  # not in its stubs
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.sslproto.SSLProtocol
-    return SSLProtocol if isinstance(loop, uvloop.Loop) else asyncio.sslproto.SSLProtocol
+        found = asyncio.sslproto.SSLProtocol
+    else:
+        found = SSLProtocol if isinstance(loop, uvloop.Loop) else asyncio.sslproto.SSLProtocol
+    _PROTOCOLS[type(loop)] = found
+    return found
 
 
 def _retrieve(waiter: asyncio.Future[None]) -> None:

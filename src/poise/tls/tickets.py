@@ -83,6 +83,7 @@ _SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72  # the pre-3.0 callback, for OpenSSL 1.1
 _OSSL_PARAM_UTF8_STRING = 4
 _OSSL_PARAM_OCTET_STRING = 5
 _UNMODIFIED = ctypes.c_size_t(-1).value
+_DIGEST = b"SHA256"  # the ticket HMAC's digest (a constant: the OSSL_PARAM points into it)
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -189,6 +190,9 @@ class TicketKeys:
         self.secrets = secrets
         self.files = files  # from session_ticket_keys: fixed secrets, the first encrypts
         self._seen: tuple[int, int] | None = None
+        # the period seen, on the secrets' clock: while the clock is in it and the secrets
+        # have not changed (their version), _refresh has nothing to do
+        self._since = self._until = 0.0
         self._current: TicketKey | None = None
         self._by_name: dict[bytes, TicketKey] = {}
         self.issued = 0  # tickets encrypted
@@ -198,6 +202,7 @@ class TicketKeys:
     def set_files(self, files: tuple[bytes, ...]) -> None:
         self.files = files
         self._seen = None
+        self._since = self._until = 0.0
 
     def _refresh(self) -> None:
         s = self.secrets
@@ -208,8 +213,16 @@ class TicketKeys:
                 self._by_name = {k.name: k for k in derived}
                 self._seen = (0, 0)
             return
+        seen_before = self._seen
+        if (
+            seen_before is not None
+            and s.version == seen_before[1]
+            and self._since <= s.clock() < self._until
+        ):
+            return  # the same period and secrets (every ticket but the first of a period)
         now = s.advance()
         seen = (now, s.version)
+        self._since, self._until = now * s.period, (now + 1) * s.period
         if seen == self._seen:
             return
         usable = {e: v for e, v in s.secrets.items() if now - 1 <= e <= now + 1}
@@ -287,6 +300,7 @@ class _Lib:
             f = lib.EVP_sha256
             f.restype, f.argtypes = _P, []
         self.cipher = lib.EVP_aes_256_cbc()
+        self._params: dict[bytes, ctypes.Array[_Param]] = {}  # by HMAC key, see mac_init
         self.offset = object.__basicsize__  # PySSLContext: PyObject_HEAD, then SSL_CTX *ctx
         self._check()
 
@@ -314,14 +328,22 @@ class _Lib:
 
     def mac_init(self, hctx: int, key: bytes) -> int:
         if self.evp:
-            digest = b"SHA256"
-            params = (_Param * 3)(
-                _Param(b"key", _OSSL_PARAM_OCTET_STRING,
-                       ctypes.cast(ctypes.c_char_p(key), _P), len(key), _UNMODIFIED),
-                _Param(b"digest", _OSSL_PARAM_UTF8_STRING,
-                       ctypes.cast(ctypes.c_char_p(digest), _P), len(digest), _UNMODIFIED),
-                _Param(None, 0, None, 0, 0),
-            )  # fmt: skip
+            # the OSSL_PARAM array for a key is built once (it points into ``key``, which
+            # the dict keeps alive): building it is most of this call's cost, and it runs on
+            # every ticket issued or accepted
+            params = self._params.get(key)
+            if params is None:
+                if len(self._params) >= 16:  # keys rotate: forget the old ones' arrays
+                    self._params.clear()
+                digest = _DIGEST
+                params = (_Param * 3)(
+                    _Param(b"key", _OSSL_PARAM_OCTET_STRING,
+                           ctypes.cast(ctypes.c_char_p(key), _P), len(key), _UNMODIFIED),
+                    _Param(b"digest", _OSSL_PARAM_UTF8_STRING,
+                           ctypes.cast(ctypes.c_char_p(digest), _P), len(digest), _UNMODIFIED),
+                    _Param(None, 0, None, 0, 0),
+                )  # fmt: skip
+                self._params[key] = params
             return int(self.lib.EVP_MAC_CTX_set_params(hctx, params))
         return int(self.lib.HMAC_Init_ex(hctx, key, len(key), self.lib.EVP_sha256(), None))
 
