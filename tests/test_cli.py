@@ -93,6 +93,22 @@ def test_run_refuses_a_bad_workers_count(value: str, capsys: pytest.CaptureFixtu
     assert "--workers: expected a number from 1 to 256 or 'auto'" in capsys.readouterr().err
 
 
+def test_workers_auto_counts_cpus_with_or_without_an_affinity_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from poise.cli import usable_cpus
+
+    if hasattr(os, "sched_getaffinity"):
+        assert usable_cpus() == len(os.sched_getaffinity(0))
+        monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cpus() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cpus() == 1
+
+
 def test_run_with_backend_flags_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     backend_port, front = free_port(), free_port()
     backend = subprocess.Popen(

@@ -226,16 +226,25 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``--workers auto``): its affinity mask where the
+    system has one (Linux), else every CPU (macOS has no sched_getaffinity)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import logging
-    import os
 
     from poise.config import load_config, parse_config
     from poise.logs import setup_logging
     from poise.server import run
 
     if args.workers == "auto":
-        workers = len(os.sched_getaffinity(0))
+        workers = usable_cpus()
     elif args.workers.isdigit() and 1 <= int(args.workers) <= 256:
         workers = int(args.workers)
     else:
