@@ -1,6 +1,7 @@
-"""Build: the HTTP hot path compiled with mypyc when a C compiler is at hand, pure Python
-otherwise (same source, same behaviour; compiled, a proxied request costs 17% less CPU, see
-bench/results/mypyc-latest.md).
+"""Build: the HTTP hot path compiled with mypyc, and the head scanner in C
+(src/poise/l7/_scan.c, the twin of src/poise/l7/scan.py), when a C compiler is at hand; pure
+Python otherwise (same source, same behaviour; compiled, a proxied request costs 17% less CPU,
+see bench/results/mypyc-latest.md, and heads that differ cost less again, bench/README.md).
 
 * ``pip install .`` compiles ``HOT`` (about a minute); without a working C compiler or mypyc
   it says so and installs the pure-Python package.
@@ -20,7 +21,7 @@ import sysconfig
 import tempfile
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # the modules every proxied request runs through (tests/test_compiled.py runs the proxy's
@@ -84,12 +85,13 @@ def _compiler_works() -> bool:
 def _extensions() -> list[Any]:
     if not _wanted() or not _compiler_works():
         return []
+    native = [Extension("poise.l7._scan", ["src/poise/l7/_scan.c"], extra_compile_args=["-O2"])]
     try:
         from mypyc.build import mypycify
     except ImportError:
-        _say("mypyc is not available: pure Python")
-        return []
-    _say(f"compiling {len(HOT)} hot-path modules with mypyc")
+        _say("mypyc is not available: the head scanner only")
+        return native
+    _say(f"compiling the head scanner (src/poise/l7/_scan.c) and {len(HOT)} hot-path modules")
     try:
         # imports outside the compiled set are type-checked from their sources; third-party
         # packages are not installed in the build environment
@@ -97,9 +99,9 @@ def _extensions() -> list[Any]:
             ["--ignore-missing-imports", *HOT], opt_level="3", debug_level="0", group_name="poise"
         )
     except (Exception, SystemExit) as exc:  # e.g. a newer mypy with a new complaint
-        _say(f"mypyc could not translate the modules ({exc!r}): pure Python")
-        return []
-    return list(modules)
+        _say(f"mypyc could not translate the modules ({exc!r}): the head scanner only")
+        return native
+    return [*native, *modules]
 
 
 class OptionalBuildExt(build_ext):

@@ -9,6 +9,10 @@ is the user-space CPU the proxy adds on top of the four syscalls a proxied reque
     python bench/hotpath.py [--requests 200000] [--policy NAME|JSON] [--header 'X-User: u1']
                             [--varied] [--new-connections]
 
+``--varied``: every request differs as in the socket benchmark's varied scenario
+(bench/varied.lua): eight header fields, the target, a cookie and a request id change, and
+every response carries its own request id (64 of each, in turn).
+
 ``--new-connections``: every request comes on a new client connection and asks for
 ``Connection: close`` (wrk -H 'Connection: close'): the µs then include the connection's
 set-up and tear-down (``ClientConnection()``, ``connection_made``, ``connection_lost``), as
@@ -40,6 +44,15 @@ RESPONSE = (
     b"Content-Type: application/octet-stream\r\nContent-Length: 16\r\n"
     b"Last-Modified: Sun, 22 Nov 2026 04:26:15 GMT\r\nConnection: keep-alive\r\n"
     b'ETag: "6740a0a7-10"\r\nAccept-Ranges: bytes\r\n\r\n0123456789abcdef'
+)
+
+
+VARIED = (
+    b"\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
+    b"\r\nAccept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    b"\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate"
+    b"\r\nReferer: http://127.0.0.1/page/%d\r\nCookie: session=%d; theme=dark"
+    b"\r\nX-Request-Id: %032x\r\n\r\n"
 )
 
 
@@ -87,7 +100,11 @@ async def main(
     extra = b"".join(h.encode("latin-1") + b"\r\n" for h in headers)
     request = REQUEST[:-2] + extra + b"\r\n"
     # --varied: no two heads alike (nothing to reuse from the previous one), as real traffic
-    requests = [request.replace(b"GET / ", b"GET /?n=%d " % i) for i in range(64)]
+    # and bench/varied.lua: eight fields, the target, a cookie and a request id differing
+    requests = [
+        request.replace(b"GET / ", b"GET /?n=%d " % i).replace(b"\r\n\r\n", VARIED % (i, i, i))
+        for i in range(64)
+    ]
     responses = [
         RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %032x\r\n\r\n" % i) for i in range(64)
     ]

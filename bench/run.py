@@ -811,7 +811,12 @@ def table(scenario: Scenario, rows: list[Measurement]) -> str:
     ref = {k: by[k].rps if k in by else None for k in ("nginx", "haproxy")}
     out = [
         f"### {scenario.name}: GET {scenario.path}"
-        + ("?n=COUNTER, the backend adding a request id" if scenario.varied else "")
+        + (
+            "?n=COUNTER with 8 header fields (cookie and request id per request, "
+            "bench/varied.lua), the backend adding a request id"
+            if scenario.varied
+            else ""
+        )
         + f" ({scenario.body_size} B body), "
         f"wrk -t1 -c{scenario.connections}",
         "",

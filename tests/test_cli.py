@@ -47,7 +47,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     # an editable (development) install is pure Python; `pip install .` compiles (setup.py)
     assert capsys.readouterr().out.strip() in (
         f"poise {__version__} (pure Python)",
+        f"poise {__version__} (pure Python, C head scanner)",
         f"poise {__version__} (compiled (mypyc))",
+        f"poise {__version__} (compiled (mypyc, C head scanner))",
     )
 
 

@@ -49,14 +49,14 @@ def test_the_compiled_hot_path_passes_the_proxy_tests(tmp_path: Path) -> None:
     )  # fmt: skip
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     src = tmp_path / "src"
-    for module in ("l7/client", "l7/upstream", "l7/context", "l7/request", "l7/http"):
+    for module in ("l7/client", "l7/upstream", "l7/context", "l7/request", "l7/http", "l7/_scan"):
         assert list((src / "poise").glob(f"{module}.*.so")), f"{module} was not compiled"
     env["PYTHONPATH"] = str(src)
     which = subprocess.run(
         [sys.executable, "-c", "import poise; print(poise.build())"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert which.stdout.strip() == "compiled (mypyc)", which.stdout + which.stderr
+    assert which.stdout.strip() == "compiled (mypyc, C head scanner)", which.stdout + which.stderr
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *PROXY_TESTS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,

@@ -95,7 +95,7 @@ def layout_entries() -> dict[str, list[str]]:
             rest = m.group(3)
         else:
             rest = line
-        entries[current] += re.findall(r"(?<![\w*/.])(\w+(?:\.py|\.html|/))(?![\w*])", rest)
+        entries[current] += re.findall(r"(?<![\w*/.])(\w+(?:\.py|\.html|\.c|/))(?![\w*])", rest)
     return entries
 
 
@@ -126,7 +126,7 @@ def test_layout_lists_every_module() -> None:
             continue
         if path.is_dir():
             rel = f"src/poise/{path.relative_to(SRC)}/"
-        elif path.suffix in (".py", ".html"):
+        elif path.suffix in (".py", ".html", ".c"):
             rel = f"src/poise/{path.relative_to(SRC)}"
         else:
             continue

@@ -26,6 +26,7 @@ from json.encoder import encode_basestring_ascii as _q
 from typing import TYPE_CHECKING
 
 from poise.config.model import AccessLogConfig
+from poise.l7.request import field_list
 
 if TYPE_CHECKING:
     from poise.l7.request import Exchange
@@ -134,8 +135,9 @@ def _combined(ex: Exchange, client: bytes, now: float) -> str:
         f"{t.tm_min:02d}:{t.tm_sec:02d} +0000"
     )
     request = (ex.method + b" " + ex.target).decode("latin-1").replace('"', "%22")
-    referer = _field(ex.headers, b"referer")
-    agent = _field(ex.headers, b"user-agent")
+    fields = field_list(ex)
+    referer = _field(fields, b"referer")
+    agent = _field(fields, b"user-agent")
     who = (ex.client or client).decode("latin-1")
     return (
         f'{who} - - [{stamp}] "{request} HTTP/1.1" {ex.status} '

@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-httptools (llhttp) parses the byte stream and calls back per event; each request becomes an
-``Exchange`` appended to ``queue``. Only ``queue[0]`` is active: it is routed, given a pooled
-(or new) upstream connection, and its head and body are written there as they arrive. Later
-pipelined requests wait in the queue with their body bytes held (reading pauses past a
-bound), so responses leave in request order (RFC 9112 §9.3.2).
+A read that is one whole plain request head (l7/scan.py: bodiless HTTP/1.1, nothing to
+judge) takes one scan, in C when built (``_plain``); everything else goes to httptools
+(llhttp), which parses the byte stream and calls back per event. Either way each request
+becomes an ``Exchange`` appended to ``queue``. Only ``queue[0]`` is active: it is routed,
+given a pooled (or new) upstream connection, and its head and body are written there as they
+arrive. Later pipelined requests wait in the queue with their body bytes held (reading pauses
+past a bound), so responses leave in request order (RFC 9112 §9.3.2).
 
 The request head is rebuilt, never copied (docs/http-rules.md): the request line is re-emitted as
 HTTP/1.1, hop-by-hop fields and every field named by ``Connection`` are dropped (RFC 9110
@@ -40,6 +42,7 @@ from poise.l7.request import (
     Exchange,
     Reject,
     RequestMemo,
+    field_list,
     forwarding_fields,
     origin_form,
     settle,
@@ -282,6 +285,16 @@ class ClientConnection(asyncio.Protocol):
                 if sum(map(len, self.held)) > QUEUE_BODY_LIMIT:
                     self._pause(_PAUSE_QUEUE)
             return
+        if self.cur is None and not self._after_close:
+            # between requests: a plain head in one read takes one scan (l7/scan.py);
+            # anything else is parsed below, which decides everything scan_request leaves
+            ctx = self.ctx
+            got = ctx.scan_request(
+                data, ctx.max_target, ctx.max_headers, ctx.max_header_bytes, ctx.dropped_fields
+            )
+            if got is not None:
+                self._plain(data, got)
+                return
         self._feed = data
         self._fresh = fresh = self.cur is None  # the parser is between requests
         if not self.in_body:
@@ -378,6 +391,46 @@ class ClientConnection(asyncio.Protocol):
         queue.append(ex)
         if len(queue) > 32:
             self._pause(_PAUSE_QUEUE)
+        if not queue[0].started and not self.closed:
+            self._start(queue[0])
+
+    def _plain(self, data: bytes, got: tuple[bytes, bytes, bytes, bytes, bool]) -> None:
+        """A plain request head, scanned (l7/scan.py): what the parser callbacks would make
+        of it. It has no body, and is HTTP/1.1 in origin form with a valid Host."""
+        method, target, host, fields, keep_alive = got
+        ctx = self.ctx
+        ex = Exchange()
+        ex.t0 = ctx.clock()
+        ex.method = method
+        ex.target = target
+        ex.host = host
+        ex.fields = fields
+        ex.is_head = method == b"HEAD"
+        ex.request_done = True
+        if not keep_alive:
+            ex.keep_alive = False
+            self._after_close = True
+        if ctx.plain_forwarding:
+            ex.head = b"".join(
+                (method, b" ", target, b" HTTP/1.1\r\nHost: ", host, CRLF, fields,
+                 self.forwarded, b"X-Forwarded-Host: ", host, CRLF, CRLF)
+            )  # fmt: skip
+        else:
+            ex.head = b"".join(
+                (method, b" ", target, b" HTTP/1.1\r\n",
+                 *forwarding_fields(ctx, ex, peer=self.peer, trusted=self.trusted, fwd=None,
+                                   host=host, headers=field_list(ex), https=self.tls is not None),
+                 self.tls_fields, CRLF)
+            )  # fmt: skip
+        self._begun += 1
+        ctx.stats.requests += 1
+        self.deadline = _INF
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) > 32:
+            self._pause(_PAUSE_QUEUE)
+        if len(data) <= MEMO_MAX and self._misses < MEMO_MISSES:
+            self._remember(data)
         if not queue[0].started and not self.closed:
             self._start(queue[0])
 
@@ -674,7 +727,7 @@ class ClientConnection(asyncio.Protocol):
         tried = ex.tried
         key = None
         if group.key is not None:
-            key = keys.extract(group.key, ex.client or self.peer, ex.target, ex.headers)
+            key = keys.extract(group.key, ex.client or self.peer, ex.target, field_list(ex))
             if group.sticky is not None:
                 ex.sticky = group.sticky
                 ex.sticky_key = key
@@ -896,7 +949,7 @@ class ClientConnection(asyncio.Protocol):
         if not retry.repeatable(
             cfg,
             ex.method.decode(),
-            ex.headers,
+            field_list(ex),
             has_body=ex.has_body,
             body_kept=ex.kept is not None,
             body_bytes=ex.body_bytes,

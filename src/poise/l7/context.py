@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from poise.accesslog import AccessLog
 from poise.config.model import Config
-from poise.l7 import http
+from poise.l7 import http, scan
 from poise.l7.http import DateCache
 from poise.routing import RoutingTable
 from poise.tls.contexts import ClientTls, group_tls, upstream_tls
@@ -136,6 +136,7 @@ class Context:
         "date",
         "drain_grace",
         "draining",
+        "dropped_fields",
         "first_heads",
         "forwarded",
         "generation",
@@ -152,9 +153,12 @@ class Context:
         "name_kinds",
         "now",
         "on_ejected",
+        "plain_forwarding",
         "retries_active",
         "retry_body_max",
         "rng",
+        "scan_request",
+        "scan_response",
         "stats",
         "table",
         "tasks",
@@ -201,6 +205,12 @@ class Context:
         # membership is recognised as stale)
         self.on_ejected: Callable[[str, int, Outliers], None] = lambda group, index, o: None
         self.upstream_tls: dict[str, ClientTls] = {} if upstream_tls_ is None else upstream_tls_
+        # the plain-head scanners (l7/scan.py: C when built); tests put in ones that answer
+        # None, which leaves every head to the general path, to compare the two
+        self.scan_request: Callable[
+            [bytes, int, int, int, tuple[bytes, ...]], scan.RequestScan | None
+        ] = scan.scan_request
+        self.scan_response: Callable[[bytes], scan.ResponseScan | None] = scan.scan_response
         self.config = config  # what configure() compares a new config with
         # counts configure() calls: what a connection derived from the settings (a request
         # head it rebuilt, see client.RequestMemo) is valid for one generation only
@@ -237,6 +247,9 @@ class Context:
         self.upstream_response_timeout = t.upstream_response
         self.x_forwarded = config.proxy.x_forwarded
         self.x_forwarded_server = config.proxy.x_forwarded_server
+        # the forwarding fields are the usual X-Forwarded-For/-Proto/-Host and nothing else:
+        # a request head is rebuilt by one join (ClientConnection._plain)
+        self.plain_forwarding = self.x_forwarded and not self.forwarded and not self.via
         ups = config.upstreams.values()
         self.retry_body_max = max(
             (u.retry.max_body for u in ups if u.retry.attempts > 1), default=0
@@ -261,6 +274,8 @@ class Context:
             for lc in config.listeners
             if lc.tls is not None and lc.tls.client_subject_header
         }
+        # (the same names for the head scanner, l7/scan.py)
+        self.dropped_fields: tuple[bytes, ...] = tuple(sorted(subject_fields))
         if subject_fields:
             self.header_kinds = {
                 **http.REQUEST_HEADER_KIND,

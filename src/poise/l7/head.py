@@ -8,12 +8,10 @@ plain function of its arguments: no I/O, no clock, no parser state.
 
 It applies the rules of docs/http-rules.md that concern the head, as
 ``ClientConnection.on_url``/``on_header``/``on_headers_complete`` apply them on top of
-httptools. It is NOT wired into ClientConnection: in pure Python it is slower than httptools's
-callbacks (about 6 µs for a two-field head, measured with timeit, against about 9 µs for a
-whole proxied request and response in bench/hotpath.py --varied), so it is the tested
-reference for the native (compiled) codec of issue #18, which must behave exactly like it
-(tests/l7/test_head.py: hand-written cases, the black-box cases, and a differential test
-against h11).
+httptools. It is not on the request path: there, plain heads take one scan (l7/scan.py, in C
+src/poise/l7/_scan.c) and every other head goes through httptools and those callbacks. This
+module is the written-out statement of the rules, checked against the live path's black-box
+cases and against h11 (tests/l7/test_head.py).
 
 Deliberately stricter than h11 (and the same as poise's httptools path): only methods llhttp
 knows; HTTP/1.0 and HTTP/1.1 only (``HTTP/2.0`` → 505); no obs-fold, DEL or other control

@@ -72,7 +72,11 @@ class Exchange:
     unreachable = 0
     stale_retries = 0
     upgrade: bytes | None = None  # the Upgrade value forwarded (a WebSocket handshake, say)
+    # the request's fields, flat (name, b": ", value, CRLF, ...); read them with field_list()
     headers: list[bytes] = []
+    # a plain head's forwarded fields as they came ("Name: value\r\n" each, see l7/scan.py),
+    # until field_list() splits them into ``headers`` (most requests never need that)
+    fields: bytes | None = None
     client: bytes | None = None  # the client address from a trusted proxy's chain
     status = 0  # the backend's final status
     load: Load | None = None  # the group's load, while this exchange counts in it
@@ -102,8 +106,8 @@ class RequestMemo:
     request sends the same head on each."""
 
     __slots__ = (
-        "client", "generation", "head", "headers", "host", "is_head", "keep_alive", "method",
-        "raw", "target",
+        "client", "fields", "generation", "head", "headers", "host", "is_head", "keep_alive",
+        "method", "raw", "target",
     )  # fmt: skip
 
     def __init__(self, raw: bytes, generation: int, ex: Exchange) -> None:
@@ -116,6 +120,7 @@ class RequestMemo:
         self.keep_alive = ex.keep_alive
         self.is_head = ex.is_head
         self.headers = ex.headers
+        self.fields = ex.fields
         self.client = ex.client
 
     def exchange(self) -> Exchange:
@@ -128,9 +133,25 @@ class RequestMemo:
         ex.keep_alive = self.keep_alive
         ex.is_head = self.is_head
         ex.headers = self.headers
+        ex.fields = self.fields
         ex.client = self.client
         ex.request_done = True
         return ex
+
+
+def field_list(ex: Exchange) -> list[bytes]:
+    """The request's fields, flat: name, b": ", value, CRLF, repeated. A plain head's
+    (``ex.fields``) are split on first use: only hashing on a header or cookie, a retry's
+    Idempotency-Key check and the combined access log read them."""
+    fields = ex.fields
+    if fields is not None:
+        ex.fields = None
+        out: list[bytes] = []
+        for line in fields.split(CRLF)[:-1]:  # each line ends with CRLF: the last piece is b""
+            name, _, value = line.partition(b": ")  # a name holds no colon
+            out += (name, b": ", value, CRLF)
+        ex.headers = out
+    return ex.headers
 
 
 def forwarding_fields(

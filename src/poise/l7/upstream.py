@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-A connection is *idle* (in its backend's pool) or *busy* with exactly one ``Exchange``. The
-response is parsed by httptools only to validate it and find where it ends; its head is
+A connection is *idle* (in its backend's pool) or *busy* with exactly one ``Exchange``. A
+plain response head (l7/scan.py: a status from 200 to 499, a Content-Length) in the first read
+takes one scan and its body is counted (``_replay``). Any other response is parsed by
+httptools only to validate it and find where it ends; its head is
 rebuilt (hop-by-hop and Connection-nominated fields dropped, framing re-declared, RFC 9110
 §7.6.1) and body bytes are forwarded as they arrive, batched into one ``writelines`` per read.
 
@@ -242,7 +244,26 @@ class UpstreamConnection(asyncio.Protocol):
                 pass  # a Content-Length body being counted: see _count
             elif replay:
                 assert memo is not None
-                stray = self._replay(ex, client, memo, data, out)
+                stray = self._replay(
+                    ex, client, data, out, status=memo.status, rewritten=memo.rewritten,
+                    length=memo.length, start=len(memo.head), keep=True,
+                )  # fmt: skip
+            elif (
+                first
+                and not ex.is_head
+                and (got := self.ctx.scan_response(data)) is not None
+                and ex.group is not None
+                and got[0] not in ex.group.retry_statuses
+            ):
+                # a plain response head (l7/scan.py): what on_headers_complete would make
+                # of it, without httptools; the body is counted
+                status, rewritten, length, end, keep = got
+                stray = self._replay(
+                    ex, client, data, out, status=status, rewritten=rewritten, length=length,
+                    start=end, keep=keep,
+                )  # fmt: skip
+                if keep and end < MEMO_MAX and self._misses < MEMO_MISSES:
+                    self._memo = ResponseMemo(data[:end], status, rewritten, length)
             elif not self.head_done:
                 # The head is processed from raw bytes (see on_headers_complete): keep them
                 # until it is complete. Usually the whole head is in the first read.
@@ -310,14 +331,20 @@ class UpstreamConnection(asyncio.Protocol):
         self,
         ex: Exchange,
         client: ClientConnection,
-        memo: ResponseMemo,
         data: bytes,
         out: list[bytes | memoryview],
+        *,
+        status: int,
+        rewritten: bytes,
+        length: int,
+        start: int,
+        keep: bool,
     ) -> bool:
-        """``data`` starts with the same response head as ``memo``'s: what on_headers_complete
-        would make of it, without parsing and rewriting it again; the body is counted. True
-        when bytes beyond the body arrived."""
-        status = memo.status
+        """``data`` starts with a plain response head (``start`` bytes) that was remembered
+        (a ResponseMemo) or scanned (l7/scan.py): ``status``, the ``rewritten`` head without
+        what poise adds per request, the Content-Length. What on_headers_complete would make
+        of it, without parsing it; the body is counted. True when bytes beyond the body
+        arrived."""
         ex.status = status
         self.pool.responses[status // 100] += 1
         group = ex.group
@@ -325,18 +352,16 @@ class UpstreamConnection(asyncio.Protocol):
         o = group.outliers
         if o is not None and o.any_streak:
             self._judge(ex, client, group, status, b"")  # not a retried status: see caller
-        length = memo.length
         if self.ctx.access is not None:
             ex.body_out = length
         self.mode = _RAW
-        out.append(memo.rewritten + self._tail(ex, client, b""))
-        self.keep = True
+        out.append(rewritten + self._tail(ex, client, b""))
+        self.keep = keep
         self.head_done = True
         ex.response_started = True
-        start = len(memo.head)
         if length == 0:
             self.complete = True
-            return len(data) > start
+            return len(data) > start and _stray(data[start:])
         self.remaining = length
         n = len(data) - start
         if n == 0:
@@ -351,7 +376,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.remaining -= n
             return False
         out.append(data if n == self.remaining else data[: self.remaining])
-        stray = n > self.remaining
+        stray = n > self.remaining and _stray(data[self.remaining :])
         self.remaining = -1
         self.complete = True
         return stray
@@ -680,6 +705,12 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "busy" if self.ex is not None else "idle"
         return f"UpstreamConnection({self.backend.authority}, {state})"
+
+
+def _stray(rest: bytes | memoryview) -> bool:
+    """Bytes after a response that make its connection unusable: anything but the empty
+    lines llhttp skips between messages (some servers end a body with an extra CRLF)."""
+    return bytes(rest).strip(b"\r\n") != b""
 
 
 def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
