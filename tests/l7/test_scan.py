@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -397,3 +398,68 @@ def test_the_pure_build_uses_the_python_scanner_and_says_so() -> None:
 
 def test_the_scanner_source_is_in_the_repository() -> None:
     assert (Path(scan.__file__).parent / "_scan.c").exists()
+
+
+# -- 4. a third opinion: h11 reads what a scanner answers for the same way ------------------
+
+_H11_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+
+
+def _h11_request(data: bytes) -> h11.Request:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request), (data, event)
+    return event
+
+
+def _h11_response(data: bytes) -> h11.Response:
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, h11.Response), (data, event)
+    return event
+
+
+def _pairs(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        out.append((name, value.strip(b" \t")))
+    return out
+
+
+def test_h11_reads_every_scanned_head_the_same_way(built: ModuleType | None) -> None:
+    scanner = scanners(built)[0]
+    requests = responses = 0
+    for head in (*REQUESTS, *RESPONSES):
+        for data in (head, *mutations(head)):
+            got = scanner[0](data, *LIMITS)
+            if got is not None:
+                requests += 1
+                method, target, host, fields, _ = got
+                event = _h11_request(data)
+                assert (event.method, event.target) == (method, target)
+                theirs = event.headers.raw_items()
+                assert [v for n, v in theirs if n.lower() == b"host"] == [host]
+                kept = [
+                    (n, v)
+                    for n, v in theirs
+                    if n.lower() not in _H11_HOP | {b"host", b"proxy-authorization"}
+                    and b"_" not in n
+                ]
+                assert kept == _pairs(fields.split(b"\r\n")[:-1]), data
+            answer = scanner[1](data)
+            if answer is not None:
+                responses += 1
+                status, rewritten, length, end, _ = answer
+                response = _h11_response(data)
+                assert response.status_code == status
+                theirs = response.headers.raw_items()
+                assert [int(v) for n, v in theirs if n.lower() == b"content-length"] == [length]
+                kept = [(n, v) for n, v in theirs if n.lower() not in _H11_HOP]
+                kept = [(n, v) for n, v in kept if n.lower() != b"proxy-authenticate"]
+                assert kept == _pairs(rewritten.split(b"\r\n")[1:]), data
+                assert data[end - 4 : end] == b"\r\n\r\n"
+    assert requests > 500 and responses > 500
