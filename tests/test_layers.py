@@ -62,14 +62,16 @@ TYPE_CYCLES = {
     frozenset(
         {
             "poise.accesslog",
+            "poise.l7.attempts",
             "poise.l7.client",
             "poise.l7.context",
             "poise.l7.request",
             "poise.l7.tunnel",
             "poise.l7.upstream",
         }
-    ): "the client and upstream connections and their exchange name each other's types "
-    "(issue #19: the client's cold paths to move out, the upstream to see only lifecycle)",
+    ): "the client and upstream connections and their exchange name each other's types; "
+    "attempts.py (the client's cold paths) takes the client connection, typed (issue #19: "
+    "the upstream to see only lifecycle)",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
     frozenset(

@@ -1,8 +1,8 @@
 """The hand-inlined shortcuts on the request path equal the general code they stand for.
 
 The per-request path copies a few general functions inline, each for its common case:
-``ClientConnection._dispatch`` takes a pooled connection as ``Pool.take`` does and attaches
-it as ``ClientConnection._attach`` does; ``ClientConnection.response_complete`` settles the
+``ClientConnection.dispatch`` takes a pooled connection as ``Pool.take`` does and attaches
+it as ``ClientConnection.attach`` does; ``ClientConnection.response_complete`` settles the
 load as ``request.settle`` does and ends the exchange as ``ClientConnection._finish`` does;
 ``UpstreamConnection.start`` resets the per-response state as ``_reset`` does. Each test runs
 the same scenario through the shortcut and through the general function, on protocols driven
@@ -128,7 +128,7 @@ class Rig:
         return None
 
 
-# -- _dispatch: Pool.take, inlined -------------------------------------------------------
+# -- dispatch: Pool.take, inlined --------------------------------------------------------
 
 
 class Idle:
@@ -179,13 +179,13 @@ def test_dispatch_takes_the_connection_pool_take_would(closed: list[bool]) -> No
     run(scenario())
 
 
-# -- _dispatch: _attach, inlined -----------------------------------------------------------
+# -- dispatch: attach, inlined -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("paused", [False, True])
 def test_dispatch_attaches_a_pooled_connection_as_attach_does(paused: bool) -> None:
     """The same request to a pooled connection (the shortcut) and to a new one (connect,
-    then ``_attach``): the same bytes go out, with the same deadline and reading state."""
+    then ``attach``): the same bytes go out, with the same deadline and reading state."""
 
     async def scenario() -> None:
         results = []

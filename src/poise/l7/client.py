@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from poise.balancing import keys
-from poise.l7 import http, retry
+from poise.l7 import attempts, http
 from poise.l7.request import (
     Exchange,
     Reject,
@@ -49,14 +48,12 @@ from poise.l7.request import (
 )
 from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
-from poise.netreasons import describe_error
 
 if TYPE_CHECKING:
     from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
     from poise.tls.contexts import ListenerTls
-    from poise.upstream.limits import Admission
     from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
@@ -384,15 +381,19 @@ class ClientConnection(asyncio.Protocol):
         ex.t0 = self.ctx.clock()
         if not ex.keep_alive:
             self._after_close = True
-        ctx = self.ctx
-        ctx.stats.requests += 1
+        self._enqueue(ex)
+        queue = self.queue
+        if not queue[0].started and not self.closed:
+            self._start(queue[0])
+
+    def _enqueue(self, ex: Exchange) -> None:
+        """A whole bodiless request (remembered or scanned): counted and queued."""
+        self.ctx.stats.requests += 1
         self.deadline = _INF
         queue = self.queue
         queue.append(ex)
         if len(queue) > 32:
-            self._pause(_PAUSE_QUEUE)
-        if not queue[0].started and not self.closed:
-            self._start(queue[0])
+            self._pause(_PAUSE_QUEUE)  # a pipelining client far ahead of its responses
 
     def _plain(self, data: bytes, got: tuple[bytes, bytes, bytes, bytes, bool]) -> None:
         """A plain request head, scanned (l7/scan.py): what the parser callbacks would make
@@ -423,14 +424,10 @@ class ClientConnection(asyncio.Protocol):
                  self.tls_fields, CRLF)
             )  # fmt: skip
         self._begun += 1
-        ctx.stats.requests += 1
-        self.deadline = _INF
-        queue = self.queue
-        queue.append(ex)
-        if len(queue) > 32:
-            self._pause(_PAUSE_QUEUE)
+        self._enqueue(ex)
         if len(data) <= MEMO_MAX and self._misses < MEMO_MISSES:
             self._remember(data)
+        queue = self.queue
         if not queue[0].started and not self.closed:
             self._start(queue[0])
 
@@ -715,12 +712,12 @@ class ClientConnection(asyncio.Protocol):
             group = table.route(self.listener, http.host_without_port(ex.host), path)
         if group is None:
             self.ctx.stats.no_route += 1
-            self._answer(ex, 404, "Not Found")
+            self.answer(ex, 404, "Not Found")
             return
         ex.group = group
-        self._dispatch(ex, group)
+        self.dispatch(ex, group)
 
-    def _dispatch(self, ex: Exchange, group: Group) -> None:
+    def dispatch(self, ex: Exchange, group: Group) -> None:
         """Send ``ex`` to the next usable backend it has not tried yet. ``group`` is read from
         the current routing table (health may have changed since the first attempt)."""
         up = group.up
@@ -732,7 +729,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.sticky = group.sticky
                 ex.sticky_key = key
         if group.special:
-            chosen = self._choose(ex, group, key)
+            chosen = attempts.choose(self, ex, group, key)
             if chosen is None:
                 return
             backend = chosen
@@ -746,7 +743,7 @@ class ClientConnection(asyncio.Protocol):
             if picked is None:
                 picked = group.picker.pick(key, up, tried)
             if picked is None:
-                self._none_left(ex)
+                attempts.none_left(self, ex)
                 return
             backend = picked
         ex.tried = (*tried, backend)
@@ -768,148 +765,19 @@ class ClientConnection(asyncio.Protocol):
         while conn is not None and conn.closed:
             conn = idle.pop() if idle else None
         if conn is None:
-            self.ctx.spawn(self._connect(ex, backend))
+            self.ctx.spawn(attempts.connect(self, ex, backend))
             return
         pool.reuses += 1
-        # _attach, inlined for the common case (a pooled connection, no body held back)
+        # attach, inlined for the common case (a pooled connection, no body held back)
         ex.upstream = conn
         if ex.pending:
-            self._attach(ex, conn)
+            self.attach(ex, conn)
             return
         conn.start(ex, self, None)
         if self.write_paused:
             conn.pause_reading()
 
-    def _choose(self, ex: Exchange, group: Group, key: bytes | None) -> Backend | None:
-        """Dispatch's slow path, for groups with draining or slow-starting backends or request
-        limits. None when ``ex`` was answered or parked instead."""
-        up, tried = group.up, ex.tried
-        if tried and group.healthy is not None and _any_untried(group, group.healthy, tried):
-            up = group.healthy  # a retry in panic mode: a backend usable in its own right
-        sticky_ok, ramp, adm, load = group.sticky_ok, group.ramp, group.admission, group.load
-        skipped: Backend | None = None  # a slow-starting backend passed over by chance
-        limited = False
-        first = True
-        for backend in group.picker.candidates(key, up):
-            i = backend.index
-            pinned = first and sticky_ok is not None and group.sticky is not None
-            first = False
-            if backend in tried:
-                continue
-            # a draining backend still serves the clients its sticky cookie pins to it
-            if not up[i] and not (
-                pinned and sticky_ok[i] and group.sticky.values[i] == key  # type: ignore[index,union-attr]
-            ):
-                continue
-            if (
-                adm is not None
-                and load is not None
-                and (adm.group_full() or adm.backend_full(load.active[i]))
-            ):
-                limited = True
-                continue
-            if ramp is not None and ramp[i] < 1.0 and self.ctx.rng.random() >= ramp[i]:
-                skipped = skipped or backend
-                continue
-            return backend
-        if skipped is not None:
-            return skipped
-        if limited:
-            assert adm is not None
-            self._park(ex, adm)
-        else:
-            self._none_left(ex)
-        return None
-
-    def _none_left(self, ex: Exchange) -> None:
-        """No backend is left to try for ``ex``."""
-        if ex.unreachable >= len(ex.tried):
-            # None is up, or every one tried refused (or did not answer) the connection:
-            # nothing was sent anywhere, no server could take the request (HAProxy's 503).
-            self.ctx.stats.no_healthy_backend += 1
-            self._answer(ex, 503, "No healthy server available")
-        else:  # a backend had the request and failed it
-            self.ctx.stats.upstream_errors += 1
-            self._answer(ex, 502, "Bad Gateway")
-
-    def _park(self, ex: Exchange, adm: Admission) -> None:
-        """No backend has a free slot: wait in the group's queue, or 503 when it is full."""
-        ctx = self.ctx
-        if ex.queued_until:
-            adm.park_first(_Parked(self, ex), ex.queued_until)  # woken, but beaten to it
-            return
-        waiter = _Parked(self, ex)
-        now = ctx.clock()
-        if adm.park(waiter, now):
-            ex.queued_until = now + adm.cfg.queue_timeout
-            ctx.stats.queued += 1
-        else:
-            ctx.stats.queue_full += 1
-            self._answer(ex, 503, "Upstream busy: too many requests waiting")
-
-    async def _connect(self, ex: Exchange, backend: Backend) -> None:
-        ctx = self.ctx
-        group = ex.group
-        assert group is not None
-        pool: Pool[UpstreamConnection] = group.pools[backend.index]
-        timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
-        total = group.retry_timeout or ctx.upstream_response_timeout
-        t = ctx.tls_for(group.name) if backend.scheme == "https" else None
-        connect_timeout = ctx.config.timeouts.upstream_connect
-        now = ctx.clock()
-        if not ex.until:  # the first try: retry.timeout counts from now
-            ex.until = now + total
-        left = ex.until - now  # retry.timeout bounds the connect too
-        cut = left < connect_timeout
-        if cut:
-            connect_timeout = max(left, 0.0)
-        try:
-            # upstream_connect bounds the TLS handshake too; a failed one sent nothing
-            _, conn = await asyncio.wait_for(
-                ctx.loop.create_connection(
-                    lambda: UpstreamConnection(ctx, pool, backend, timeout, total),
-                    backend.host,
-                    backend.port,
-                    ssl=t.context if t is not None else None,
-                    server_hostname=t.name_for(backend.host) if t is not None else None,
-                ),
-                connect_timeout,
-            )
-        except (TimeoutError, OSError) as exc:
-            ctx.stats.upstream_connect_errors += 1
-            if not isinstance(exc, ssl.SSLError):
-                ex.unreachable += 1
-            reason = describe_error(exc)
-            log.debug("connect to %s failed: %s", backend.authority, reason)
-            if ex.load is not None:
-                settle(ex, ok=False)
-            expired = ctx.clock() >= ex.until
-            if not (cut and expired and isinstance(exc, TimeoutError)):
-                # (a connect cut short by the request's total timeout says nothing of the
-                # backend)
-                self.passive_failure(group, backend, reason)
-            if not self.closed and self.queue and self.queue[0] is ex:
-                # Nothing was sent: another backend may take it, whatever the method.
-                current = ctx.table.groups.get(group.name, group)
-                if expired:
-                    ctx.stats.upstream_timeouts += 1
-                    self._answer(ex, 504, "Gateway Timeout")
-                elif len(ex.tried) < group.config.retry.attempts and "connect" in (
-                    group.config.retry.on
-                ):
-                    ctx.stats.retries += 1
-                    self._dispatch(ex, current)
-                else:
-                    self._none_left(ex)
-            return
-        pool.connects += 1
-        if self.closed or not self.queue or self.queue[0] is not ex:
-            if not pool.put(conn, ctx.now):
-                conn.close()
-            return
-        self._attach(ex, conn)
-
-    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+    def attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.upstream = conn
         pending = ex.pending
         ex.pending = ()
@@ -920,112 +788,25 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
+    # -- what the upstream protocol reports (the decisions are in attempts.py) -------------
+
     def passive_failure(
         self, group: Group, backend: Backend, reason: str, *, connection: bool = True
     ) -> None:
-        """Passive health: count a failure of ``backend``; route around it once ejected.
-        ``connection`` is False for a failure status (see ``Outliers.probe_passed``)."""
-        outliers = group.outliers
-        ctx = self.ctx
-        # the loop's clock rather than the coarse ctx.now: when an ejection began matters
-        # to Outliers.probe_passed (failures are off the fast path)
-        if outliers is not None and outliers.failure(
-            backend.index, ctx.loop.time(), reason, connection=connection
-        ):
-            ctx.stats.ejections += 1
-            ctx.on_ejected(group.name, backend.index, outliers)
+        """A failure of ``backend`` for passive health (``attempts.passive_failure``)."""
+        attempts.passive_failure(self.ctx, group, backend, reason, connection=connection)
 
     def may_retry(self, ex: Exchange, condition: str | int) -> bool:
-        """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",
-        or a response status). RFC 9110 §9.2.2: only a request that is safe to repeat (an
-        idempotent method, or an Idempotency-Key when allowed) whose body poise still holds;
-        within the attempts, to a backend not yet tried, and within the retry budget."""
-        group = ex.group
-        if group is None or ex.response_started or self.closed:
-            return False
-        cfg = group.config.retry
-        if len(ex.tried) >= cfg.attempts or not retry.listed(cfg, group.retry_statuses, condition):
-            return False
-        if not retry.repeatable(
-            cfg,
-            ex.method.decode(),
-            field_list(ex),
-            has_body=ex.has_body,
-            body_kept=ex.kept is not None,
-            body_bytes=ex.body_bytes,
-        ):
-            return False
-        ctx = self.ctx
-        if ex.until and ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
-            return False
-        current = ctx.table.groups.get(group.name, group)
-        if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
-            return False
-        if not ex.retrying and not retry.within_budget(cfg, ctx.retries_active, ctx.inflight):
-            ctx.stats.retries_over_budget += 1
-            return False
-        return True
+        """Whether ``ex`` may go to another backend (``attempts.may_retry``)."""
+        return attempts.may_retry(self, ex, condition)
 
     def retry(self, ex: Exchange) -> None:
-        """Send ``ex`` again, to another backend (``may_retry`` said it may)."""
-        ctx = self.ctx
-        ctx.stats.retries += 1
-        if not ex.retrying:
-            ex.retrying = True
-            ctx.retries_active += 1
-        ex.upstream = None
-        if ex.kept:
-            ex.pending = tuple(ex.kept)
-        assert ex.group is not None
-        self._dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
+        """Send ``ex`` again, to another backend (``attempts.retry``)."""
+        attempts.retry(self, ex)
 
     def upstream_failed(self, ex: Exchange, condition: str, reusable_retry: bool) -> None:
-        """The upstream connection of ``ex`` failed: ``condition`` is "reset" (lost before
-        any response byte), "broken" (lost or malformed mid-response) or "timeout". Called by
-        UpstreamConnection."""
-        ex.upstream = None
-        if (
-            reusable_retry
-            and ex.stale_retries == 0
-            and not ex.has_body
-            and not self.closed
-            and ex.method.decode() in http.IDEMPOTENT_METHODS
-            and ex.backend is not None
-        ):
-            # A reused keep-alive connection the backend had already closed: nothing was
-            # processed, so the request goes again on a fresh connection (not a retry: no
-            # backend failed; it still counts in the backend's load).
-            ex.stale_retries += 1
-            self.ctx.spawn(self._connect(ex, ex.backend))
-            return
-        stats = self.ctx.stats
-        if condition == "timeout":
-            stats.attempt_timeouts += 1
-        elif condition == "reset":
-            stats.attempt_resets += 1
-        else:
-            stats.attempt_broken += 1
-        if ex.load is not None:
-            settle(ex, ok=False)
-        if self.closed:
-            return
-        if ex.response_started:
-            # Part of the response is already out: the only honest signal is to cut the
-            # connection, so the client sees a truncated message, never a spliced one.
-            if ex.group is not None and ex.backend is not None:
-                self.passive_failure(ex.group, ex.backend, condition)
-            self.close()
-            return
-        if ex.group is not None and ex.backend is not None:
-            self.passive_failure(ex.group, ex.backend, condition)
-        if self.may_retry(ex, condition):
-            self.retry(ex)
-        elif condition == "timeout":
-            self.ctx.stats.upstream_timeouts += 1
-            self._answer(ex, 504, "Gateway Timeout")
-        else:
-            self.ctx.stats.upstream_errors += 1
-            self._answer(ex, 502, "Bad Gateway")
+        """The upstream connection of ``ex`` failed (``attempts.upstream_failed``)."""
+        attempts.upstream_failed(self, ex, condition, reusable_retry)
 
     def response_complete(self, ex: Exchange) -> None:
         """The whole response of ``ex`` has been written to the transport."""
@@ -1132,7 +913,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.cur is None:
             self.deadline = self.ctx.clock() + self.ctx.client_idle_timeout
 
-    def _answer(self, ex: Exchange, status: int, message: str) -> None:
+    def answer(self, ex: Exchange, status: int, message: str) -> None:
         """Answer ``ex`` ourselves (an error): keep-alive only when its request is complete."""
         close = not ex.request_done or not ex.keep_alive or self.ctx.draining
         self._send_error(
@@ -1272,10 +1053,6 @@ class ClientConnection(asyncio.Protocol):
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
 
 
-def _any_untried(group: Group, usable: tuple[bool, ...], tried: tuple[Backend, ...]) -> bool:
-    return any(usable[b.index] and b not in tried for b in group.backends)
-
-
 def _abandon(ex: Exchange, ctx: Context) -> None:
     """``ex`` will get no (more) response: drop its upstream connection, whose state is now
     unknown, and take it out of the load figures. The client went away or broke the rules,
@@ -1289,26 +1066,3 @@ def _abandon(ex: Exchange, ctx: Context) -> None:
     if ex.retrying:
         ex.retrying = False
         ctx.retries_active -= 1
-
-
-class _Parked:
-    """A request waiting in its group's queue for a free slot (``upstream.limits``)."""
-
-    __slots__ = ("client", "ex")
-
-    def __init__(self, client: ClientConnection, ex: Exchange) -> None:
-        self.client = client
-        self.ex = ex
-
-    def gone(self) -> bool:
-        client, ex = self.client, self.ex
-        return client.closed or not client.queue or client.queue[0] is not ex
-
-    def resume(self) -> None:
-        ex = self.ex
-        assert ex.group is not None
-        self.client._dispatch(ex, self.client.ctx.table.groups.get(ex.group.name, ex.group))
-
-    def expire(self) -> None:
-        self.client.ctx.stats.queue_timeouts += 1
-        self.client._answer(self.ex, 503, "Upstream busy: no backend free within the queue timeout")

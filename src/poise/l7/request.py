@@ -67,7 +67,7 @@ class Exchange:
     tried: tuple[Backend, ...] = ()
     # attempts whose backend could not be reached (connect refused or timed out): nothing was
     # sent to it. When every attempt failed so, no server could take the request: 503, not
-    # 502 (ClientConnection._none_left). A failed TLS handshake is not counted: that backend
+    # 502 (attempts.none_left). A failed TLS handshake is not counted: that backend
     # answered, badly.
     unreachable = 0
     stale_retries = 0

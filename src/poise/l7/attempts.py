@@ -1,0 +1,310 @@
+"""An exchange's attempts: backend choice beyond the common case, waiting for a slot,
+connecting, and what a failed attempt leads to (passive health, a retry, or an error answer).
+
+These are the request path's cold parts, taken out of the client protocol
+(``ClientConnection`` keeps the byte stream, the pipeline, flow control and timeouts, and the
+common case of dispatch, which runs on every request): plain functions of the client
+connection and the exchange. ``ClientConnection.dispatch`` calls ``choose`` for groups with
+draining or slow-starting backends or request limits, and ``connect`` when no pooled
+connection is idle; the upstream protocol reports failures through the client's lifecycle
+methods, which land here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+from poise.l7 import http
+from poise.l7 import retry as retry_rules
+from poise.l7.request import Exchange, field_list, settle
+from poise.l7.upstream import UpstreamConnection
+from poise.netreasons import describe_error
+
+if TYPE_CHECKING:
+    from poise.l7.client import ClientConnection
+    from poise.l7.context import Context
+    from poise.models import Backend
+    from poise.routing import Group
+    from poise.upstream.limits import Admission
+    from poise.upstream.pool import Pool
+
+log = logging.getLogger("poise.proxy")
+
+
+def choose(
+    client: ClientConnection, ex: Exchange, group: Group, key: bytes | None
+) -> Backend | None:
+    """Dispatch's slow path, for groups with draining or slow-starting backends or request
+    limits. None when ``ex`` was answered or parked instead."""
+    up, tried = group.up, ex.tried
+    if tried and group.healthy is not None and _any_untried(group, group.healthy, tried):
+        up = group.healthy  # a retry in panic mode: a backend usable in its own right
+    sticky_ok, ramp, adm, load = group.sticky_ok, group.ramp, group.admission, group.load
+    skipped: Backend | None = None  # a slow-starting backend passed over by chance
+    limited = False
+    first = True
+    for backend in group.picker.candidates(key, up):
+        i = backend.index
+        pinned = first and sticky_ok is not None and group.sticky is not None
+        first = False
+        if backend in tried:
+            continue
+        # a draining backend still serves the clients its sticky cookie pins to it
+        if not up[i] and not (
+            pinned and sticky_ok[i] and group.sticky.values[i] == key  # type: ignore[index,union-attr]
+        ):
+            continue
+        if (
+            adm is not None
+            and load is not None
+            and (adm.group_full() or adm.backend_full(load.active[i]))
+        ):
+            limited = True
+            continue
+        if ramp is not None and ramp[i] < 1.0 and client.ctx.rng.random() >= ramp[i]:
+            skipped = skipped or backend
+            continue
+        return backend
+    if skipped is not None:
+        return skipped
+    if limited:
+        assert adm is not None
+        park(client, ex, adm)
+    else:
+        none_left(client, ex)
+    return None
+
+
+def none_left(client: ClientConnection, ex: Exchange) -> None:
+    """No backend is left to try for ``ex``."""
+    if ex.unreachable >= len(ex.tried):
+        # None is up, or every one tried refused (or did not answer) the connection:
+        # nothing was sent anywhere, no server could take the request (HAProxy's 503).
+        client.ctx.stats.no_healthy_backend += 1
+        client.answer(ex, 503, "No healthy server available")
+    else:  # a backend had the request and failed it
+        client.ctx.stats.upstream_errors += 1
+        client.answer(ex, 502, "Bad Gateway")
+
+
+def park(client: ClientConnection, ex: Exchange, adm: Admission) -> None:
+    """No backend has a free slot: wait in the group's queue, or 503 when it is full."""
+    ctx = client.ctx
+    if ex.queued_until:
+        adm.park_first(Parked(client, ex), ex.queued_until)  # woken, but beaten to it
+        return
+    waiter = Parked(client, ex)
+    now = ctx.clock()
+    if adm.park(waiter, now):
+        ex.queued_until = now + adm.cfg.queue_timeout
+        ctx.stats.queued += 1
+    else:
+        ctx.stats.queue_full += 1
+        client.answer(ex, 503, "Upstream busy: too many requests waiting")
+
+
+async def connect(client: ClientConnection, ex: Exchange, backend: Backend) -> None:
+    ctx = client.ctx
+    group = ex.group
+    assert group is not None
+    pool: Pool[UpstreamConnection] = group.pools[backend.index]
+    timeout = group.config.retry.per_try_timeout or ctx.upstream_response_timeout
+    total = group.retry_timeout or ctx.upstream_response_timeout
+    t = ctx.tls_for(group.name) if backend.scheme == "https" else None
+    connect_timeout = ctx.config.timeouts.upstream_connect
+    now = ctx.clock()
+    if not ex.until:  # the first try: retry.timeout counts from now
+        ex.until = now + total
+    left = ex.until - now  # retry.timeout bounds the connect too
+    cut = left < connect_timeout
+    if cut:
+        connect_timeout = max(left, 0.0)
+    try:
+        # upstream_connect bounds the TLS handshake too; a failed one sent nothing
+        _, conn = await asyncio.wait_for(
+            ctx.loop.create_connection(
+                lambda: UpstreamConnection(ctx, pool, backend, timeout, total),
+                backend.host,
+                backend.port,
+                ssl=t.context if t is not None else None,
+                server_hostname=t.name_for(backend.host) if t is not None else None,
+            ),
+            connect_timeout,
+        )
+    except (TimeoutError, OSError) as exc:
+        ctx.stats.upstream_connect_errors += 1
+        if not isinstance(exc, ssl.SSLError):
+            ex.unreachable += 1
+        reason = describe_error(exc)
+        log.debug("connect to %s failed: %s", backend.authority, reason)
+        if ex.load is not None:
+            settle(ex, ok=False)
+        expired = ctx.clock() >= ex.until
+        if not (cut and expired and isinstance(exc, TimeoutError)):
+            # (a connect cut short by the request's total timeout says nothing of the
+            # backend)
+            passive_failure(client.ctx, group, backend, reason)
+        if not client.closed and client.queue and client.queue[0] is ex:
+            # Nothing was sent: another backend may take it, whatever the method.
+            current = ctx.table.groups.get(group.name, group)
+            if expired:
+                ctx.stats.upstream_timeouts += 1
+                client.answer(ex, 504, "Gateway Timeout")
+            elif len(ex.tried) < group.config.retry.attempts and "connect" in (
+                group.config.retry.on
+            ):
+                ctx.stats.retries += 1
+                client.dispatch(ex, current)
+            else:
+                none_left(client, ex)
+        return
+    pool.connects += 1
+    if client.closed or not client.queue or client.queue[0] is not ex:
+        if not pool.put(conn, ctx.now):
+            conn.close()
+        return
+    client.attach(ex, conn)
+
+
+def retry(client: ClientConnection, ex: Exchange) -> None:
+    """Send ``ex`` again, to another backend (``may_retry`` said it may)."""
+    ctx = client.ctx
+    ctx.stats.retries += 1
+    if not ex.retrying:
+        ex.retrying = True
+        ctx.retries_active += 1
+    ex.upstream = None
+    if ex.kept:
+        ex.pending = tuple(ex.kept)
+    assert ex.group is not None
+    client.dispatch(ex, ctx.table.groups.get(ex.group.name, ex.group))
+
+
+def upstream_failed(
+    client: ClientConnection, ex: Exchange, condition: str, reusable_retry: bool
+) -> None:
+    """The upstream connection of ``ex`` failed: ``condition`` is "reset" (lost before
+    any response byte), "broken" (lost or malformed mid-response) or "timeout". Called by
+    UpstreamConnection."""
+    ex.upstream = None
+    if (
+        reusable_retry
+        and ex.stale_retries == 0
+        and not ex.has_body
+        and not client.closed
+        and ex.method.decode() in http.IDEMPOTENT_METHODS
+        and ex.backend is not None
+    ):
+        # A reused keep-alive connection the backend had already closed: nothing was
+        # processed, so the request goes again on a fresh connection (not a retry: no
+        # backend failed; it still counts in the backend's load).
+        ex.stale_retries += 1
+        client.ctx.spawn(connect(client, ex, ex.backend))
+        return
+    stats = client.ctx.stats
+    if condition == "timeout":
+        stats.attempt_timeouts += 1
+    elif condition == "reset":
+        stats.attempt_resets += 1
+    else:
+        stats.attempt_broken += 1
+    if ex.load is not None:
+        settle(ex, ok=False)
+    if client.closed:
+        return
+    if ex.response_started:
+        # Part of the response is already out: the only honest signal is to cut the
+        # connection, so the client sees a truncated message, never a spliced one.
+        if ex.group is not None and ex.backend is not None:
+            passive_failure(client.ctx, ex.group, ex.backend, condition)
+        client.close()
+        return
+    if ex.group is not None and ex.backend is not None:
+        passive_failure(client.ctx, ex.group, ex.backend, condition)
+    if may_retry(client, ex, condition):
+        retry(client, ex)
+    elif condition == "timeout":
+        client.ctx.stats.upstream_timeouts += 1
+        client.answer(ex, 504, "Gateway Timeout")
+    else:
+        client.ctx.stats.upstream_errors += 1
+        client.answer(ex, 502, "Bad Gateway")
+
+
+def may_retry(client: ClientConnection, ex: Exchange, condition: str | int) -> bool:
+    """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",
+    or a response status). RFC 9110 §9.2.2: only a request that is safe to repeat (an
+    idempotent method, or an Idempotency-Key when allowed) whose body poise still holds;
+    within the attempts, to a backend not yet tried, and within the retry budget."""
+    group = ex.group
+    if group is None or ex.response_started or client.closed:
+        return False
+    cfg = group.config.retry
+    if len(ex.tried) >= cfg.attempts or not retry_rules.listed(
+        cfg, group.retry_statuses, condition
+    ):
+        return False
+    if not retry_rules.repeatable(
+        cfg,
+        ex.method.decode(),
+        field_list(ex),
+        has_body=ex.has_body,
+        body_kept=ex.kept is not None,
+        body_bytes=ex.body_bytes,
+    ):
+        return False
+    ctx = client.ctx
+    if ex.until and ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
+        return False
+    current = ctx.table.groups.get(group.name, group)
+    if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
+        return False
+    if not ex.retrying and not retry_rules.within_budget(cfg, ctx.retries_active, ctx.inflight):
+        ctx.stats.retries_over_budget += 1
+        return False
+    return True
+
+
+def passive_failure(
+    ctx: Context, group: Group, backend: Backend, reason: str, *, connection: bool = True
+) -> None:
+    """Passive health: count a failure of ``backend``; route around it once ejected.
+    ``connection`` is False for a failure status (see ``Outliers.probe_passed``)."""
+    outliers = group.outliers
+    # the loop's clock rather than the coarse ctx.now: when an ejection began matters
+    # to Outliers.probe_passed (failures are off the fast path)
+    if outliers is not None and outliers.failure(
+        backend.index, ctx.loop.time(), reason, connection=connection
+    ):
+        ctx.stats.ejections += 1
+        ctx.on_ejected(group.name, backend.index, outliers)
+
+
+def _any_untried(group: Group, usable: tuple[bool, ...], tried: tuple[Backend, ...]) -> bool:
+    return any(usable[b.index] and b not in tried for b in group.backends)
+
+
+class Parked:
+    """A request waiting in its group's queue for a free slot (``upstream.limits``)."""
+
+    __slots__ = ("client", "ex")
+
+    def __init__(self, client: ClientConnection, ex: Exchange) -> None:
+        self.client = client
+        self.ex = ex
+
+    def gone(self) -> bool:
+        client, ex = self.client, self.ex
+        return client.closed or not client.queue or client.queue[0] is not ex
+
+    def resume(self) -> None:
+        ex = self.ex
+        assert ex.group is not None
+        self.client.dispatch(ex, self.client.ctx.table.groups.get(ex.group.name, ex.group))
+
+    def expire(self) -> None:
+        self.client.ctx.stats.queue_timeouts += 1
+        self.client.answer(self.ex, 503, "Upstream busy: no backend free within the queue timeout")
