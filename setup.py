@@ -28,6 +28,8 @@ from setuptools.command.build_ext import build_ext
 # tests against this build)
 HOT = [
     "src/poise/l7/client.py",
+    "src/poise/l7/reader.py",
+    "src/poise/l7/attempts.py",
     "src/poise/l7/upstream.py",
     "src/poise/l7/context.py",
     "src/poise/l7/request.py",

@@ -65,13 +65,14 @@ TYPE_CYCLES = {
             "poise.l7.attempts",
             "poise.l7.client",
             "poise.l7.context",
+            "poise.l7.reader",
             "poise.l7.request",
             "poise.l7.tunnel",
             "poise.l7.upstream",
         }
     ): "the client and upstream connections and their exchange name each other's types; "
-    "attempts.py (the client's cold paths) takes the client connection, typed (issue #19: "
-    "the upstream to see only lifecycle)",
+    "attempts.py (the client's cold paths) and reader.py (its request half) take the client "
+    "connection, typed (issue #19: the upstream to see only lifecycle)",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
     frozenset(

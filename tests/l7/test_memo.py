@@ -125,7 +125,7 @@ def test_a_repeated_request_head_is_forwarded_the_same_and_counted() -> None:
         rig = Rig()
         client, _ = rig.client()
         first = rig.exchange(client, GET, [OK + b"hello"])
-        assert client._memo is not None  # the head was remembered
+        assert client.reader._memo is not None  # the head was remembered
         second = rig.exchange(client, GET, [OK + b"hello"])
         assert second == first
         assert first[0].startswith(b"GET /a?x=1 HTTP/1.1\r\nHost: svc.test\r\n")
@@ -175,7 +175,7 @@ def test_requests_with_a_body_are_not_remembered() -> None:
         for body in (b"abc", b"xyz"):
             sent, _ = rig.exchange(client, post + body, [OK + b"hello"])
             assert sent.endswith(b"\r\n\r\n" + body)
-        assert client._memo is None
+        assert client.reader._memo is None
 
     asyncio.run(run())
 
@@ -211,7 +211,7 @@ def test_a_new_connection_from_the_same_peer_takes_the_head_remembered_on_the_la
         second, _ = rig.client()
         got = rig.exchange(second, CLOSE, [OK + b"hello"])
         assert got == reference
-        assert second._begun == 0  # not parsed: taken from the first connection's memo
+        assert second.reader._begun == 0  # not parsed: taken from the first connection's memo
         assert second.closed
         assert (rig.ctx.stats.requests, rig.ctx.stats.responses) == (2, 2)
         assert not rig.ctx.clients
@@ -227,7 +227,7 @@ def test_a_new_connection_from_another_peer_does_not_take_its_head() -> None:
         sent, _ = rig.exchange(other, CLOSE, [OK + b"hello"])
         assert b"X-Forwarded-For: 127.0.0.3\r\n" in sent
         assert b"127.0.0.2" not in sent
-        assert other._begun == 1  # parsed
+        assert other.reader._begun == 1  # parsed
 
     asyncio.run(run())
 
@@ -261,7 +261,7 @@ def test_bytes_after_a_remembered_request_without_keep_alive_are_refused_as_when
             assert client.queue[0].upstream is rig.up
             rig.up.data_received(OK + b"hello")
             results.append(
-                (rig.ctx.stats.bad_requests - bad, client._begun, sink.data(), client.closed)
+                (rig.ctx.stats.bad_requests - bad, client.reader._begun, sink.data(), client.closed)
             )
         (bad1, begun1, out1, closed1), (bad2, begun2, out2, closed2) = results
         assert (begun1, begun2) == (1, 0)
@@ -353,7 +353,7 @@ def test_a_connection_whose_heads_keep_changing_stops_remembering() -> None:
             reply = OK.replace(b"Server: s", b"Server: s%d" % i)
             rig.exchange(client, head, [reply + b"hello"])
         # the 4th miss in a row was not remembered, nor anything after it, on either side
-        assert client._memo is not None and client._memo.raw == heads[3]
+        assert client.reader._memo is not None and client.reader._memo.raw == heads[3]
         assert rig.up._memo is not None and b"Server: s3\r\n" in rig.up._memo.head
         # the remembered head coming again is still used, and remembering starts again
         sent, got = rig.exchange(
@@ -361,7 +361,7 @@ def test_a_connection_whose_heads_keep_changing_stops_remembering() -> None:
         )
         assert sent.startswith(b"GET /v3 ") and got.endswith(b"hello")
         rig.exchange(client, heads[7], [OK + b"hello"])
-        assert client._memo.raw == heads[7]
+        assert client.reader._memo.raw == heads[7]
 
     asyncio.run(run())
 

@@ -3,7 +3,7 @@
 The per-request path copies a few general functions inline, each for its common case:
 ``ClientConnection.dispatch`` takes a pooled connection as ``Pool.take`` does and attaches
 it as ``ClientConnection.attach`` does; ``ClientConnection.response_complete`` settles the
-load as ``request.settle`` does and ends the exchange as ``ClientConnection._finish`` does;
+load as ``request.settle`` does and ends the exchange as ``ClientConnection.finish`` does;
 ``UpstreamConnection.start`` resets the per-response state as ``_reset`` does. Each test runs
 the same scenario through the shortcut and through the general function, on protocols driven
 with in-memory transports, and compares everything observable: pool idle lists and counters,
@@ -223,12 +223,12 @@ def test_dispatch_attaches_a_pooled_connection_as_attach_does(paused: bool) -> N
     run(scenario())
 
 
-# -- response_complete: settle and _finish, inlined ------------------------------------------
+# -- response_complete: settle and finish, inlined -------------------------------------------
 
 
 def reference_response_complete(client: ClientConnection, ex: Exchange) -> None:
     """``ClientConnection.response_complete`` with its shortcuts replaced by the general
-    functions they stand for: ``settle`` and ``_finish``."""
+    functions they stand for: ``settle`` and ``finish``."""
     ex.response_done = True
     ex.upstream = None
     if ex.load is not None:
@@ -246,7 +246,7 @@ def reference_response_complete(client: ClientConnection, ex: Exchange) -> None:
         if ctx.access is not None:
             ctx.access.record(ex, client.peer, now - t0, "ok")
     if ex.request_done:
-        client._finish(ex)
+        client.finish(ex)
     else:
         client.close()
 

@@ -338,10 +338,10 @@ class Context:
                     inflight += 1
                 if c.deadline < now:
                     expired.append(c)
-                elif min_rate and c.in_body and c.cur is not None:
+                elif min_rate and c.reader.in_body and (cur := c.reader.cur) is not None:
                     # slow POST: after a grace period, the body must average min_rate bytes/s
-                    elapsed = now - c.cur.body_started
-                    if elapsed > BODY_RATE_GRACE and c.cur.body_bytes < min_rate * elapsed:
+                    elapsed = now - cur.body_started
+                    if elapsed > BODY_RATE_GRACE and cur.body_bytes < min_rate * elapsed:
                         expired.append(c)
                 elif c.queue:
                     up = c.queue[0].upstream  # only the head of the queue has an upstream
