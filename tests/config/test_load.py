@@ -969,6 +969,25 @@ def test_policy_option_mistakes_are_reported_with_paths() -> None:
         assert any(p.startswith(prefix) for p in problems), (prefix, problems)
 
 
+def test_a_header_key_with_an_underscore_is_refused_because_it_could_never_match() -> None:
+    doc = {
+        "listeners": [{"listen": ":1", "upstream": "u"}],
+        "upstreams": {
+            "u": {"backends": ["http://127.0.0.1:1"],
+                  "policy": {"name": "consistent_hash", "key": "header:X_User"}},
+        },
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        parse_config(doc)
+    assert exc.value.problems == [
+        "upstreams.u.policy.key: 'header:X_User' never matches: poise drops request header "
+        "fields whose name contains '_' (as nginx does by default), so no request reaches the "
+        "balancer with it; use the name with '-'"
+    ]
+    doc["upstreams"]["u"]["policy"]["key"] = "header:X-User"
+    assert parse_config(doc).upstreams["u"].policy.key == "header:x-user"
+
+
 def test_timeouts_drain_idle_is_a_positive_duration() -> None:
     data = minimal()
     assert parse_config(data).timeouts.drain_idle == 1.0

@@ -95,7 +95,16 @@ def check_key_source(value: object) -> str:
         raise ValueError(
             f"expected a key source such as 'header:X-User', got {describe_type(value)}"
         )
-    return str(KeySource.parse(value))
+    source = KeySource.parse(value)
+    if source.kind == "header" and b"_" in source.name:
+        # the proxy drops request fields whose name holds "_" (docs/http.md): such a key
+        # would never be found, and every request would take the fallback
+        raise ValueError(
+            f"{value!r} never matches: poise drops request header fields whose name contains "
+            "'_' (as nginx does by default), so no request reaches the balancer with it; "
+            "use the name with '-'"
+        )
+    return str(source)
 
 
 def check_positive_number(value: object) -> float:
