@@ -153,13 +153,13 @@ async def test_backend_reset_reaches_the_client() -> None:
     ):
         reader, writer = await connect(addr)
         writer.write(b"x")
-        started = time.monotonic()
+        # at once, not at a timer: the listener's idle timeout is an hour (a bound of
+        # seconds tells the two apart on a loaded machine too)
         with pytest.raises(ConnectionResetError):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(20):
                 while await reader.read(100):
                     pass
                 raise AssertionError("clean EOF instead of a reset")
-        assert time.monotonic() - started < 2
         writer.close()
         await eventually(lambda: server.statistics()["l4"]["listeners"]["t"]["backend_resets"] == 1)
 
@@ -177,12 +177,17 @@ async def test_refused_backend_is_skipped_for_the_next_one() -> None:
 
 
 async def test_no_backend_reachable_closes_the_client_promptly() -> None:
-    doc = tcp_doc([f"tcp://127.0.0.1:{dead_port()}", f"tcp://127.0.0.1:{dead_port()}"])
+    # Refused connects fail at once: the client is closed without waiting for a connect
+    # timeout, set long here so that the bound below tells the two apart on a loaded machine.
+    doc = tcp_doc(
+        [f"tcp://127.0.0.1:{dead_port()}", f"tcp://127.0.0.1:{dead_port()}"],
+        connect_timeout="60s",
+    )
     async with running_tcp(doc) as (server, addr):
         reader, writer = await connect(addr)
         started = time.monotonic()
-        assert await read_end(reader, timeout=3) == b""
-        assert time.monotonic() - started < 1.0
+        assert await read_end(reader, timeout=30) == b""
+        assert time.monotonic() - started < 30
         writer.close()
         stats = server.statistics()["l4"]["listeners"]["t"]
         assert (stats["connect_errors"], stats["no_backend"]) == (2, 1)

@@ -320,10 +320,12 @@ async def test_a_stalled_client_hello_is_closed_at_client_header(ca: CA) -> None
         writer.write(hello[: len(hello) // 2])
         await writer.drain()
         await eventually(lambda: peeking(server) == [len(hello) // 2])
-        assert await read_end(reader, timeout=5) == b""
+        assert await read_end(reader, timeout=20) == b""
         elapsed = time.monotonic() - started
         writer.close()
-        assert 0.4 < elapsed < 3, elapsed
+        # closed by client_header (0.5 s), not sooner, and not by the listener's idle
+        # timeout (an hour): the upper bound leaves a loaded machine plenty of room
+        assert 0.4 < elapsed < 20, elapsed
         await eventually(lambda: stats(server)["active"] == 0)
         st = stats(server)
         assert (st["sni_timeouts"], st["closed"]) == (1, 1)
