@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from poise.admin.metrics import render
 from poise.testing import HttpBackend, echo_handler
 from tests.integration.support import exchange, running
 from tests.tls.certgen import CA, Pair
@@ -237,8 +238,6 @@ async def test_redirect_listener(pki: dict[str, Any]) -> None:
 
 
 async def test_tls_metrics(pki: dict[str, Any]) -> None:
-    from poise.admin.metrics import render
-
     async with (
         HttpBackend("b1", echo_handler) as backend,
         running(https_doc(backend.url, sni_tls(pki))) as (server, _),
@@ -265,6 +264,9 @@ async def test_plain_http_to_the_https_port_gets_a_400_saying_so(pki: dict[str, 
             assert b"\r\nConnection: close" in head
             assert body == b"The plain HTTP request was sent to HTTPS port\n"
         assert server.statistics()["tls"]["web"]["plain_http"] == 2
+        text = render(server)
+        assert 'poise_tls_refused_total{listener="web",reason="plain_http"} 2\n' in text
+        assert 'poise_tls_refused_total{listener="web",reason="tls_version"} 0\n' in text
         assert proxied(backend) == []
         reply, _ = await get(url_of(server, "web"), client_context(pki["ca"]), "a.example.test")
         assert reply.status == 200
@@ -288,6 +290,8 @@ async def test_a_client_without_an_accepted_version_gets_a_protocol_version_aler
                 raw = await exchange(plain, tls10_hello(), timeout=5, bytewise=bytewise)
                 assert raw == b"\x15\x03\x01\x00\x02\x02\x46"  # alert, fatal, protocol_version
             assert server.statistics()["tls"]["web"]["version_alerts"] == 2
+            text = render(server)
+            assert 'poise_tls_refused_total{listener="web",reason="tls_version"} 2\n' in text
         # a TLS 1.3-only listener and a client that stops at TLS 1.2: the client hears why
         tls13 = {**sni_tls(pki), "min_version": "1.3"}
         async with running(https_doc(backend.url, tls13)) as (server, _):

@@ -207,6 +207,14 @@ def _tls(out: _Out, server: Server, dp: dict[str, Any]) -> None:
         c = counted.get(name, tls.counters())
         out.sample(done, c["full"], listener=name, type="full")
         out.sample(done, c["resumed"], listener=name, type="resumed")
+    refused = "poise_tls_refused_total"
+    out.family(refused, "counter", "Connections refused before a TLS handshake, by reason.")
+    for name, tls in server.tls.items():
+        c = counted.get(name, tls.counters())
+        # plain HTTP to the HTTPS port (answered 400), a ClientHello without an accepted
+        # version (answered with a protocol_version alert): see tls/gate.py
+        out.sample(refused, c["plain_http"], listener=name, reason="plain_http")
+        out.sample(refused, c["version_alerts"], listener=name, reason="tls_version")
     out.family("poise_tls_reloads_total", "counter", "Certificate reloads by result.")
     for name, tls in server.tls.items():
         out.sample("poise_tls_reloads_total", tls.reloads, listener=name, result="ok")
