@@ -135,38 +135,52 @@ async def connect(client: ClientConnection, ex: Exchange, backend: Backend) -> N
             connect_timeout,
         )
     except (TimeoutError, OSError) as exc:
-        ctx.stats.upstream_connect_errors += 1
-        if not isinstance(exc, ssl.SSLError):
-            ex.unreachable += 1
-        reason = describe_error(exc)
-        log.debug("connect to %s failed: %s", backend.authority, reason)
-        if ex.load is not None:
-            settle(ex, ok=False)
-        expired = ctx.clock() >= ex.until
-        if not (cut and expired and isinstance(exc, TimeoutError)):
-            # (a connect cut short by the request's total timeout says nothing of the
-            # backend)
-            passive_failure(client.ctx, group, backend, reason)
-        if not client.closed and client.queue and client.queue[0] is ex:
-            # Nothing was sent: another backend may take it, whatever the method.
-            current = ctx.table.groups.get(group.name, group)
-            if expired:
-                ctx.stats.upstream_timeouts += 1
-                client.answer(ex, 504, "Gateway Timeout")
-            elif len(ex.tried) < group.config.retry.attempts and "connect" in (
-                group.config.retry.on
-            ):
-                ctx.stats.retries += 1
-                client.dispatch(ex, current)
-            else:
-                none_left(client, ex)
+        _connect_failed(client, ex, backend, exc, cut=cut)
         return
     pool.connects += 1
     if client.closed or not client.queue or client.queue[0] is not ex:
         if not pool.put(conn, ctx.now):
             conn.close()
         return
+    transport = conn.transport
+    if conn.closed or transport is None or transport.is_closing():
+        # The backend closed it before anything was sent (it accepted and went away: killed,
+        # say, between the connect and now): a failed connect, not an error of poise's.
+        _connect_failed(client, ex, backend, ConnectionResetError("closed at once"), cut=False)
+        return
     client.attach(ex, conn)
+
+
+def _connect_failed(
+    client: ClientConnection, ex: Exchange, backend: Backend, exc: OSError, *, cut: bool
+) -> None:
+    """A connect to ``backend`` for ``ex`` failed (``cut``: it was given only what was left
+    of the request's retry.timeout). Nothing was sent, so another backend may take it."""
+    ctx = client.ctx
+    group = ex.group
+    assert group is not None
+    ctx.stats.upstream_connect_errors += 1
+    if not isinstance(exc, ssl.SSLError):
+        ex.unreachable += 1
+    reason = describe_error(exc)
+    log.debug("connect to %s failed: %s", backend.authority, reason)
+    if ex.load is not None:
+        settle(ex, ok=False)
+    expired = ctx.clock() >= ex.until
+    if not (cut and expired and isinstance(exc, TimeoutError)):
+        # (a connect cut short by the request's total timeout says nothing of the backend)
+        passive_failure(ctx, group, backend, reason)
+    if not client.closed and client.queue and client.queue[0] is ex:
+        # Nothing was sent: another backend may take it, whatever the method.
+        current = ctx.table.groups.get(group.name, group)
+        if expired:
+            ctx.stats.upstream_timeouts += 1
+            client.answer(ex, 504, "Gateway Timeout")
+        elif len(ex.tried) < group.config.retry.attempts and "connect" in group.config.retry.on:
+            ctx.stats.retries += 1
+            client.dispatch(ex, current)
+        else:
+            none_left(client, ex)
 
 
 def retry(client: ClientConnection, ex: Exchange) -> None:
