@@ -13,6 +13,9 @@ is the user-space CPU the proxy adds on top of the four syscalls a proxied reque
 (bench/varied.lua): eight header fields, the target, a cookie and a request id change, and
 every response carries its own request id (64 of each, in turn).
 
+``--post``: every request is a POST with a 13-byte JSON body (Content-Length), in the same
+read as its head.
+
 ``--new-connections``: every request comes on a new client connection and asks for
 ``Connection: close`` (wrk -H 'Connection: close'): the µs then include the connection's
 set-up and tear-down (``ClientConnection()``, ``connection_made``, ``connection_lost``), as
@@ -94,6 +97,7 @@ async def main(
     headers: tuple[str, ...] = (),
     varied: bool = False,
     new_connections: bool = False,
+    post: bool = False,
 ) -> None:
     if new_connections:
         headers = (*headers, "Connection: close")
@@ -110,6 +114,16 @@ async def main(
     ]
     if not varied:
         requests, responses = [request], [RESPONSE]
+    if post:  # a small JSON body with every request, by Content-Length, in the head's read
+        body = b'{"name":"ab"}'
+        requests = [
+            r.replace(b"GET ", b"POST ", 1).replace(
+                b"\r\n\r\n",
+                b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body),
+            )
+            + body
+            for r in requests
+        ]
     backends = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     doc: dict[str, object] = {
         "listeners": [{"name": "b", "listen": "127.0.0.1:0", "upstream": "u"}],
@@ -197,6 +211,11 @@ if __name__ == "__main__":
         help="every request target and response head differs (nothing repeats)",
     )
     ap.add_argument(
+        "--post",
+        action="store_true",
+        help="POST with a 13-byte JSON body (Content-Length) instead of GET",
+    )
+    ap.add_argument(
         "--new-connections",
         action="store_true",
         help="one new client connection per request, with Connection: close",
@@ -211,5 +230,6 @@ if __name__ == "__main__":
             headers=tuple(args.header),
             varied=args.varied,
             new_connections=args.new_connections,
+            post=args.post,
         )
     )

@@ -26,6 +26,9 @@ REQUESTS = [
     b"Expect: 100-continue\r\n\r\n",
     b"POST /form HTTP/1.1\r\nHost: 10.0.0.1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
     b"PUT /p HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n",
+    b"POST /api/items?x=1 HTTP/1.1\r\nHost: api.test\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 13\r\nIdempotency-Key: k1\r\n\r\n" + b'{"name":"ab"}',
+    b"PATCH /i HTTP/1.1\r\nContent-Length: 5\r\nHost: h\r\nConnection: close\r\n\r\nhel",
 ]
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 04:31:14 GMT\r\n"

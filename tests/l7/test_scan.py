@@ -33,7 +33,7 @@ from poise.l7.context import Context
 from poise.l7.upstream import UpstreamConnection
 from poise.routing import build_table
 
-LIMITS = (8192, 100, 65536, ())
+LIMITS = (8192, 100, 65536, 0, ())
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +64,34 @@ def test_a_plain_request_head_is_scanned() -> None:
         b"User-Agent: curl/8.0\r\nAccept: */*\r\nCookie: sid=abc; theme=dark\r\n"
         b"X-Request-Id: 1234\r\n",
         True,
+        None,
+        len(REQUESTS[1]),
     )
 
 
 def test_hop_by_hop_fields_and_names_with_underscores_are_left_out() -> None:
-    assert req(REQUESTS[2]) == (b"HEAD", b"/x", b"[::1]:80", b"", False)
-    assert req(REQUESTS[3])[3:] == (
+    assert req(REQUESTS[2]) == (b"HEAD", b"/x", b"[::1]:80", b"", False, None, len(REQUESTS[2]))
+    assert req(REQUESTS[3])[3:5] == (
         b"Authorization: Bearer x\r\nAccept-Language: fr\xc3\xa9\r\nX-T: a\tb\r\n",
         True,
     )
+
+
+def test_a_content_length_body_may_follow_the_head_up_to_its_length(native: ModuleType) -> None:
+    head = b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 007\r\nX-A: 1\r\n\r\n"
+    for f in (scan._scan_request, native.scan_request):
+        for body in (b"", b"abc", b"abcdefg"):
+            # the digits as sent (the general path forwards them so), where the head ends
+            assert f(head + body, *LIMITS) == (
+                b"POST", b"/api", b"a", b"X-A: 1\r\n", True, b"007", len(head)
+            )  # fmt: skip
+        assert f(head + b"abcdefgGET", *LIMITS) is None  # a pipelined request: parsed
+        assert f(head, 8192, 100, 65536, 7, ()) is not None
+        assert f(head, 8192, 100, 65536, 6, ()) is None  # over max_body_size: a 413, parsed
+        assert f(REQUESTS[6], *LIMITS)[5] == b"0"
+        assert f(REQUESTS[6] + b"x", *LIMITS) is None
     # the client-certificate subject fields (Context.dropped_fields), in any case
-    got = req(REQUESTS[4], 8192, 100, 65536, (b"x-client-subject",))
+    got = req(REQUESTS[4], 8192, 100, 65536, 0, (b"x-client-subject",))
     assert got[3] == b"X-User: u1\r\nExpect: 100-continue\r\n"
 
 
@@ -82,7 +99,9 @@ def test_hop_by_hop_fields_and_names_with_underscores_are_left_out() -> None:
     "head",
     [
         REQUESTS[5],  # forwarding fields: the general path judges them
-        REQUESTS[6],  # a body (Content-Length), even an empty one
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",  # no Host
@@ -117,11 +136,11 @@ def test_anything_not_plain_is_left_to_the_general_path(head: bytes, native: Mod
 def test_the_limits_leave_a_head_to_the_general_path(native: ModuleType) -> None:
     head = b"GET /" + b"a" * 99 + b" HTTP/1.1\r\nHost: a\r\nX: 1\r\nY: 2\r\n\r\n"
     for f in (scan._scan_request, native.scan_request):
-        assert f(head, 100, 3, 1000, ()) is not None
-        assert f(head, 99, 3, 1000, ()) is None  # the target's length
-        assert f(head, 100, 2, 1000, ()) is None  # the number of fields
-        assert f(head, 100, 3, len(head) - 1, ()) is None  # the head's size
-        assert f(head, 100, 3, len(head), ()) is not None
+        assert f(head, 100, 3, 1000, 0, ()) is not None
+        assert f(head, 99, 3, 1000, 0, ()) is None  # the target's length
+        assert f(head, 100, 2, 1000, 0, ()) is None  # the number of fields
+        assert f(head, 100, 3, len(head) - 1, 0, ()) is None  # the head's size
+        assert f(head, 100, 3, len(head), 0, ()) is not None
 
 
 def test_a_plain_response_head_is_scanned() -> None:
@@ -174,9 +193,9 @@ def test_the_scanners_refuse_wrong_argument_types(native: ModuleType) -> None:
     with pytest.raises(TypeError):
         native.scan_request("GET", *LIMITS)
     with pytest.raises(TypeError):
-        native.scan_request(REQUESTS[0], 1, 2, 3, [b"x"])
+        native.scan_request(REQUESTS[0], 1, 2, 3, 0, [b"x"])
     with pytest.raises(TypeError):
-        native.scan_request(REQUESTS[0], 1, 2, 3, ("x",))
+        native.scan_request(REQUESTS[0], 1, 2, 3, 0, ("x",))
     with pytest.raises(TypeError):
         native.scan_request(REQUESTS[0])
     with pytest.raises(TypeError):
@@ -188,10 +207,11 @@ def test_the_scanners_refuse_wrong_argument_types(native: ModuleType) -> None:
 
 def both_agree(native: ModuleType, data: bytes) -> None:
     drop = (b"x-client-subject",)
-    assert native.scan_request(data, 8192, 100, 65536, drop) == scan._scan_request(
-        data, 8192, 100, 65536, drop
+    assert native.scan_request(data, 8192, 100, 65536, 0, drop) == scan._scan_request(
+        data, 8192, 100, 65536, 0, drop
     ), data
-    assert native.scan_request(data, 8, 3, 64, ()) == scan._scan_request(data, 8, 3, 64, ()), data
+    small = (8, 3, 64, 5, ())
+    assert native.scan_request(data, *small) == scan._scan_request(data, *small), data
     assert native.scan_response(data) == scan._scan_response(data), data
 
 
@@ -291,8 +311,9 @@ class Proxy:
         self.sink = Sink("10.1.2.3")
         self.client.connection_made(self.sink)  # type: ignore[arg-type]
 
-    def run(self, request: bytes, response: bytes) -> dict[str, Any]:
-        self.client.data_received(request)
+    def run(self, request: bytes | list[bytes], response: bytes) -> dict[str, Any]:
+        for read in [request] if isinstance(request, bytes) else request:
+            self.client.data_received(read)
         ex = self.client.queue[0] if self.client.queue else None
         at_backend = self.up_sink.data()
         if ex is not None and ex.upstream is self.up:
@@ -316,7 +337,7 @@ def same_as_general(
     scanner: tuple[Any, Any], request: bytes, response: bytes, **settings: Any
 ) -> bool:
     """Run both ways; True when the scanners answered for the request or the response."""
-    answered = scanner[0](request, *LIMITS[:3], (b"x-client-subject",)) is not None
+    answered = scanner[0](request, *LIMITS[:4], (b"x-client-subject",)) is not None
     answered = answered or scanner[1](response) is not None
     if answered:
         fast = Proxy(scanner, **settings).run(request, response)
@@ -371,6 +392,29 @@ def test_the_proxy_does_the_same_with_a_scanned_response(built: ModuleType | Non
             for mutated in mutations(data):
                 answered += same_as_general(scanner, REQUESTS[0], mutated)
         assert answered > 500
+
+    asyncio.run(run())
+
+
+def test_a_scanned_body_in_any_number_of_reads_reaches_the_backend_as_a_parsed_one(
+    built: ModuleType | None,
+) -> None:
+    """A request with a Content-Length body, split at every position into two reads, and
+    into one read per byte; then the next request on the same connection."""
+
+    async def run() -> None:
+        scanner = the_scanner(built)
+        for data in REQUESTS[7:9]:
+            complete = data if data.startswith(b"POST") else data + b"lo"
+            splits = [[complete[:k], complete[k:]] for k in range(1, len(complete))]
+            splits.append([complete[k : k + 1] for k in range(len(complete))])
+            splits.append([complete + REQUESTS[1]])  # a pipelined request after the body
+            splits.append([complete, REQUESTS[1]])
+            for reads in splits:
+                for settings_ in ({}, {"trusted_proxies": ["10.0.0.0/8"]}):
+                    fast = Proxy(scanner, **settings_).run(reads, OK)
+                    general = Proxy(None, **settings_).run(reads, OK)
+                    assert fast == general, reads
 
     asyncio.run(run())
 
@@ -437,17 +481,15 @@ def test_h11_reads_every_scanned_head_the_same_way(built: ModuleType | None) -> 
             got = scanner[0](data, *LIMITS)
             if got is not None:
                 requests += 1
-                method, target, host, fields, _ = got
+                method, target, host, fields, _, length, _ = got
                 event = _h11_request(data)
                 assert (event.method, event.target) == (method, target)
                 theirs = event.headers.raw_items()
                 assert [v for n, v in theirs if n.lower() == b"host"] == [host]
-                kept = [
-                    (n, v)
-                    for n, v in theirs
-                    if n.lower() not in _H11_HOP | {b"host", b"proxy-authorization"}
-                    and b"_" not in n
-                ]
+                declared = [v for n, v in theirs if n.lower() == b"content-length"]
+                assert declared == ([] if length is None else [length])
+                left_out = _H11_HOP | {b"host", b"proxy-authorization", b"content-length"}
+                kept = [(n, v) for n, v in theirs if n.lower() not in left_out and b"_" not in n]
                 assert kept == _pairs(fields.split(b"\r\n")[:-1]), data
             answer = scanner[1](data)
             if answer is not None:

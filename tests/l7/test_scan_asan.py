@@ -37,7 +37,7 @@ corpus += [b"HTTP/1.1 200 OK\\r\\nContent-Length: 1\\r\\n" + rng.randbytes(rng.r
            for _ in range(3000)]
 answered = 0
 for data in corpus:
-    for args in ((8192, 100, 65536, (b"x-client-subject",)), (4, 2, 40, ())):
+    for args in ((8192, 100, 65536, 0, (b"x-client-subject",)), (4, 2, 40, 3, ())):
         answered += m.scan_request(data, *args) is not None
     answered += m.scan_response(data) is not None
 print("scanned", len(corpus), "answered", answered)

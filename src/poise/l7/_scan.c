@@ -1,6 +1,6 @@
 /* The native twin of src/poise/l7/scan.py: one pass over a plain HTTP/1.1 head.
  *
- * scan_request(data, max_target, max_headers, max_header_bytes, drop)
+ * scan_request(data, max_target, max_headers, max_header_bytes, max_body, drop)
  * scan_response(data)
  *
  * Both answer None ("not plain: take the general path", which parses with httptools and
@@ -176,8 +176,8 @@ as_size(PyObject *o, Py_ssize_t *out)
 
 /* The request scan proper: s[0:n] ends with the empty line, runs has room for its fields. */
 static PyObject *
-request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_target,
-               Py_ssize_t max_headers, PyObject *drop, Runs *runs)
+request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t all, Py_ssize_t max_target,
+               Py_ssize_t max_headers, long long max_body, PyObject *drop, Runs *runs)
 {
     Py_ssize_t ndrop = PyTuple_GET_SIZE(drop);
     Py_ssize_t i = 0;
@@ -205,7 +205,7 @@ request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_target,
         Py_RETURN_NONE;
     i += 11;
 
-    Py_ssize_t h0 = -1, h1 = -1, fields = 0;
+    Py_ssize_t h0 = -1, h1 = -1, c0 = -1, c1 = -1, fields = 0;
     int keep = 1;
     for (;;) {
         if (s[i] == '\r') {
@@ -249,10 +249,21 @@ request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_target,
                 Py_RETURN_NONE;
             continue;
         }
-        if (IEQ(name, len, "content-length") || IEQ(name, len, "transfer-encoding") ||
+        if (IEQ(name, len, "content-length")) {
+            if (c0 >= 0 || ve - vs > 18)
+                Py_RETURN_NONE; /* a second one, or too long: the general path decides */
+            for (Py_ssize_t k = vs; k < ve; k++) {
+                if (s[k] < '0' || s[k] > '9')
+                    Py_RETURN_NONE;
+            }
+            c0 = vs;
+            c1 = ve;
+            continue;
+        }
+        if (IEQ(name, len, "transfer-encoding") ||
             IEQ(name, len, "x-forwarded-for") || IEQ(name, len, "x-forwarded-proto") ||
             IEQ(name, len, "x-forwarded-host") || IEQ(name, len, "forwarded"))
-            Py_RETURN_NONE; /* a body, or forwarding fields to judge */
+            Py_RETURN_NONE; /* chunked, or forwarding fields to judge */
         if (IEQ(name, len, "keep-alive") || IEQ(name, len, "proxy-connection") ||
             IEQ(name, len, "te") || IEQ(name, len, "trailer") || IEQ(name, len, "upgrade") ||
             IEQ(name, len, "proxy-authorization") || memchr(name, '_', (size_t)len) != NULL)
@@ -267,15 +278,35 @@ request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_target,
     }
     if (h0 < 0)
         Py_RETURN_NONE;
+    PyObject *length = Py_None;
+    if (c0 >= 0) {
+        long long cl = 0;
+        for (Py_ssize_t k = c0; k < c1; k++)
+            cl = cl * 10 + (s[k] - '0'); /* at most 18 digits: no overflow */
+        /* over limits.max_body_size: the general path answers 413; bytes beyond the body
+         * in this read (a pipelined request): the general path parses them */
+        if ((max_body > 0 && cl > max_body) || (long long)(all - n) > cl)
+            Py_RETURN_NONE;
+    } else if (all != n) {
+        Py_RETURN_NONE; /* a bodiless request and more bytes: pipelined, parsed */
+    }
 
     PyObject *target = PyBytes_FromStringAndSize((const char *)s + t0, t1 - t0);
     PyObject *host = PyBytes_FromStringAndSize((const char *)s + h0, h1 - h0);
     PyObject *block = runs_join(runs, s);
-    PyObject *out = PyTuple_New(5);
-    if (target == NULL || host == NULL || block == NULL || out == NULL) {
+    if (c0 >= 0)
+        length = PyBytes_FromStringAndSize((const char *)s + c0, c1 - c0);
+    else
+        Py_INCREF(length);
+    PyObject *end = PyLong_FromSsize_t(n);
+    PyObject *out = PyTuple_New(7);
+    if (target == NULL || host == NULL || block == NULL || length == NULL || end == NULL ||
+        out == NULL) {
         Py_XDECREF(target);
         Py_XDECREF(host);
         Py_XDECREF(block);
+        Py_XDECREF(length);
+        Py_XDECREF(end);
         Py_XDECREF(out);
         return NULL;
     }
@@ -285,6 +316,8 @@ request_fields(const unsigned char *s, Py_ssize_t n, Py_ssize_t max_target,
     PyTuple_SET_ITEM(out, 2, host);
     PyTuple_SET_ITEM(out, 3, block);
     PyTuple_SET_ITEM(out, 4, PyBool_FromLong(keep));
+    PyTuple_SET_ITEM(out, 5, length);
+    PyTuple_SET_ITEM(out, 6, end);
     return out;
 }
 
@@ -292,18 +325,18 @@ static PyObject *
 scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    Py_ssize_t max_target, max_headers, max_header_bytes;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "scan_request() takes 5 arguments");
+    Py_ssize_t max_target, max_headers, max_header_bytes, max_body;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan_request() takes 6 arguments");
         return NULL;
     }
-    PyObject *data = args[0], *drop = args[4];
+    PyObject *data = args[0], *drop = args[5];
     if (!PyBytes_CheckExact(data) || !PyTuple_CheckExact(drop)) {
-        PyErr_SetString(PyExc_TypeError, "scan_request(bytes, int, int, int, tuple)");
+        PyErr_SetString(PyExc_TypeError, "scan_request(bytes, int, int, int, int, tuple)");
         return NULL;
     }
     if (!as_size(args[1], &max_target) || !as_size(args[2], &max_headers) ||
-        !as_size(args[3], &max_header_bytes))
+        !as_size(args[3], &max_header_bytes) || !as_size(args[4], &max_body))
         return NULL;
     for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(drop); d++) {
         if (!PyBytes_CheckExact(PyTuple_GET_ITEM(drop, d))) {
@@ -312,15 +345,23 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
-    /* one whole head and nothing after it: the last four bytes are the empty line, so every
-     * loop stops (at a CR, which no table holds) before the end */
-    if (n < 18 || n > max_header_bytes || memcmp(s + n - 4, "\r\n\r\n", 4) != 0)
-        Py_RETURN_NONE;
+    Py_ssize_t all = PyBytes_GET_SIZE(data);
+    /* the head is s[0:n], up to its first empty line: its last four bytes are "\r\n\r\n",
+     * so every loop over it stops (at a CR, which no table holds) before its end */
+    Py_ssize_t n = -1;
+    for (Py_ssize_t k = 0; k + 4 <= all && k + 4 <= max_header_bytes; k++) {
+        if (s[k] == '\r' && s[k + 1] == '\n' && s[k + 2] == '\r' && s[k + 3] == '\n') {
+            n = k + 4;
+            break;
+        }
+    }
+    if (n < 18)
+        Py_RETURN_NONE; /* not all here, longer than max_header_bytes, or too short */
     Runs runs;
     if (!runs_init(&runs, n))
         return NULL;
-    PyObject *out = request_fields(s, n, max_target, max_headers, drop, &runs);
+    PyObject *out =
+        request_fields(s, n, all, max_target, max_headers, (long long)max_body, drop, &runs);
     runs_free(&runs);
     return out;
 }
@@ -430,7 +471,8 @@ scan_response(PyObject *module, PyObject *data)
 
 static PyMethodDef scan_methods[] = {
     {"scan_request", (PyCFunction)(void (*)(void))scan_request, METH_FASTCALL,
-     "A plain HTTP/1.1 request head: (method, target, host, fields, keep_alive), or None."},
+     "A plain HTTP/1.1 request head: (method, target, host, fields, keep_alive, "
+     "content_length, end), or None."},
     {"scan_response", scan_response, METH_O,
      "A plain HTTP/1.1 response head: (status, rewritten, length, end, keep_alive), or None."},
     {NULL, NULL, 0, NULL},

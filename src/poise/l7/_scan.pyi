@@ -4,7 +4,8 @@ def scan_request(
     max_target: int,
     max_headers: int,
     max_header_bytes: int,
+    max_body: int,
     drop: tuple[bytes, ...],
     /,
-) -> tuple[bytes, bytes, bytes, bytes, bool] | None: ...
+) -> tuple[bytes, bytes, bytes, bytes, bool, bytes | None, int] | None: ...
 def scan_response(data: bytes, /) -> tuple[int, bytes, int, int, bool] | None: ...

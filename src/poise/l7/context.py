@@ -208,7 +208,7 @@ class Context:
         # the plain-head scanners (l7/scan.py: C when built); tests put in ones that answer
         # None, which leaves every head to the general path, to compare the two
         self.scan_request: Callable[
-            [bytes, int, int, int, tuple[bytes, ...]], scan.RequestScan | None
+            [bytes, int, int, int, int, tuple[bytes, ...]], scan.RequestScan | None
         ] = scan.scan_request
         self.scan_response: Callable[[bytes], scan.ResponseScan | None] = scan.scan_response
         self.config = config  # what configure() compares a new config with

@@ -37,6 +37,7 @@ from poise.l7.request import (
     forwarding_fields,
     origin_form,
 )
+from poise.l7.scan import RequestScan
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
@@ -74,6 +75,7 @@ class RequestReader:
         "_headers",
         "_kinds",
         "_known",
+        "_left",
         "_memo",
         "_misses",
         "_more",
@@ -108,6 +110,7 @@ class RequestReader:
         self._upgrade: bytes | None = None
         self._head_size = 0  # bytes of the current request head, as parsed
         self._head_raw = 0  # bytes received while not in a body (a guard, see feed)
+        self._left = 0  # body bytes of a scanned request still to come (_count_body)
         self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
         self._misses = 0  # requests since the last one that was _memo's (see MEMO_MISSES)
         self._begun = 0  # requests whose parsing began (on_message_begin)
@@ -161,13 +164,17 @@ class RequestReader:
         parser = self.parser
         if parser is None:  # (the client holds the bytes of an upgrade, or drops them)
             return
+        if self._left:  # the body of a scanned request (_plain)
+            self._count_body(client, data)
+            return
         if self.cur is None and not self._after_close:
             # between requests: a plain head in one read takes one scan (l7/scan.py);
             # anything else is parsed below, which decides everything scan_request leaves
             ctx = self.ctx
             got = ctx.scan_request(
-                data, ctx.max_target, ctx.max_headers, ctx.max_header_bytes, ctx.dropped_fields
-            )
+                data, ctx.max_target, ctx.max_headers, ctx.max_header_bytes, ctx.max_body_size,
+                ctx.dropped_fields,
+            )  # fmt: skip
             if got is not None:
                 self._plain(data, got)
                 return
@@ -277,12 +284,13 @@ class RequestReader:
         if len(queue) > 32:
             client.pause(PAUSE_QUEUE)  # a pipelining client far ahead of its responses
 
-    def _plain(self, data: bytes, got: tuple[bytes, bytes, bytes, bytes, bool]) -> None:
+    def _plain(self, data: bytes, got: RequestScan) -> None:
         """A plain request head, scanned (l7/scan.py): what the parser callbacks would make
-        of it. It has no body, and is HTTP/1.1 in origin form with a valid Host."""
+        of it. HTTP/1.1 in origin form with a valid Host; its body, if it has one, is framed
+        by Content-Length and counted here (_count_body), without httptools."""
         client = self.client
         assert client is not None  # (None once the connection is gone)
-        method, target, host, fields, keep_alive = got
+        method, target, host, fields, keep_alive, length, end = got
         ctx = self.ctx
         ex = Exchange()
         ex.t0 = ctx.clock()
@@ -291,24 +299,73 @@ class RequestReader:
         ex.host = host
         ex.fields = fields
         ex.is_head = method == b"HEAD"
-        ex.request_done = True
         if not keep_alive:
             ex.keep_alive = False
             self._after_close = True
+        framing = b""
+        if length is not None:
+            framing = b"Content-Length: " + length + CRLF
+            ex.has_body = length.strip(b"0") != b""
         if ctx.plain_forwarding:
             ex.head = b"".join(
                 (method, b" ", target, b" HTTP/1.1\r\nHost: ", host, CRLF, fields,
-                 client.forwarded, b"X-Forwarded-Host: ", host, CRLF, CRLF)
+                 client.forwarded, b"X-Forwarded-Host: ", host, CRLF, framing, CRLF)
             )  # fmt: skip
         else:
-            ex.head = _general_head(client, ex, target, host, field_list(ex), fwd=None, framing=b"")
+            ex.head = _general_head(
+                client, ex, target, host, field_list(ex), fwd=None, framing=framing
+            )
         self._begun += 1
+        if ex.has_body:
+            self.cur = ex
+            self._left = int(length or b"0")
+            self._body_begins(client, ex)
+            ctx.stats.requests += 1
+            client.queue.append(ex)
+            if len(client.queue) > 32:
+                client.pause(PAUSE_QUEUE)  # a pipelining client far ahead of its responses
+            if len(data) > end:
+                self._count_body(client, data[end:])
+            return  # (the client starts it: ClientConnection.data_received)
+        ex.request_done = True
         self._enqueue(ex)
         if len(data) <= MEMO_MAX and self._misses < MEMO_MISSES:
             self._remember(data)
         queue = client.queue
         if not queue[0].started and not client.closed:
             client.start(queue[0])
+
+    def _body_begins(self, client: ClientConnection, ex: Exchange) -> None:
+        """The head of ``ex`` announced a body: keep it for a retry if one may be needed,
+        and time its arrival."""
+        ctx = self.ctx
+        if ctx.retry_body_max and (
+            ex.method.decode() in http.IDEMPOTENT_METHODS
+            or (ctx.idempotency_keys and http.has_field(field_list(ex), b"idempotency-key"))
+        ):
+            ex.kept = []  # a retry must send the body again: keep it (up to a bound)
+        self.in_body = True
+        self._head_raw = 0
+        ex.body_started = now = ctx.clock()  # for limits.min_body_rate, checked by the sweep
+        client.deadline = now + ctx.client_body_timeout
+
+    def _count_body(self, client: ClientConnection, data: bytes) -> None:
+        """Body bytes of a scanned request (``_left`` more to come): what llhttp would call
+        on_body and on_message_complete with; bytes after the body are read as they would
+        be after a parsed one."""
+        left = self._left
+        body = data if len(data) <= left else data[:left]
+        self._left = left - len(body)
+        try:
+            self.on_body(body)
+        except Reject as exc:
+            self._left = 0
+            client.reject(exc.status, exc.message)
+            return
+        if not self._left:
+            self.on_message_complete()
+            if len(data) > left and self.parser is not None:
+                self.feed(data[left:])
 
     def on_message_begin(self) -> None:
         client = self.client
@@ -436,15 +493,7 @@ class RequestReader:
         host = ex.host
         ctx = self.ctx
         if ex.has_body:
-            if ctx.retry_body_max and (
-                method.decode() in http.IDEMPOTENT_METHODS
-                or (ctx.idempotency_keys and http.has_field(headers, b"idempotency-key"))
-            ):
-                ex.kept = []  # a retry must send the body again: keep it (up to a bound)
-            self.in_body = True
-            self._head_raw = 0
-            ex.body_started = now = ctx.clock()  # for limits.min_body_rate, checked by the sweep
-            client.deadline = now + ctx.client_body_timeout
+            self._body_begins(client, ex)
         else:
             client.deadline = _INF
         if self._fwd is not None or not ctx.plain_forwarding:

@@ -9,8 +9,8 @@ or ``None``, which means "not plain": the general path (httptools and
 ``on_headers_complete``) takes the bytes and decides everything, rejections included.
 
 The contract that makes this safe: **a scanner answers only where the general path would
-accept the head and make the same of it.** Anything it is not sure of is ``None``: a body
-(Content-Length or Transfer-Encoding in a request), forwarding fields to judge, a
+accept the head and make the same of it.** Anything it is not sure of is ``None``: a chunked
+request body, a Content-Length over ``limits.max_body_size``, forwarding fields to judge, a
 ``Connection`` token other than ``keep-alive``/``close``, HTTP/1.0, a field not written
 ``Name: value`` (one space, no trailing whitespace), more fields or bytes than the limits,
 a status poise treats specially (1xx, 204, 304, 5xx), a response without Content-Length.
@@ -18,12 +18,16 @@ tests/l7/test_scan.py checks the contract: the C and Python scanners agree on ev
 (hand-written, generated, and every byte of every position mutated), and on every input a
 scanner answers for, the proxy's output equals the general path's.
 
-``scan_request(data, max_target, max_headers, max_header_bytes, drop)``: ``data`` is one
-whole read that must be exactly one request head (nothing after the empty line). ``drop``
-holds lower-case field names removed from every request (the client-certificate subject
-fields, see Context). Answers ``(method, target, host, fields, keep_alive)``: ``fields`` is
-the forwarded fields as they came, ``Name: value\\r\\n`` each (Host, ``Connection``, the
-hop-by-hop fields and names with ``_`` left out, as the general path leaves them out).
+``scan_request(data, max_target, max_headers, max_header_bytes, max_body, drop)``: ``data``
+is a read that begins with a request head, followed by nothing, or by no more than the
+Content-Length's worth of body (a pipelined request after it is left to the general path).
+``drop`` holds lower-case field names removed from every request (the client-certificate
+subject fields, see Context); ``max_body`` is ``limits.max_body_size`` (0: none). Answers
+``(method, target, host, fields, keep_alive, content_length, end)``: ``fields`` is the
+forwarded fields as they came, ``Name: value\\r\\n`` each (Host, ``Connection``,
+``Content-Length``, the hop-by-hop fields and names with ``_`` left out, as the general path
+leaves them out); ``content_length`` the field's digits as sent (None without one); ``end``
+where the head ends (the body, if any, starts there).
 
 ``scan_response(data)``: ``data`` starts with a response head (a first read; body bytes may
 follow). Answers ``(status, rewritten, length, end, keep_alive)``: ``rewritten`` is the status
@@ -43,7 +47,7 @@ from collections.abc import Callable
 from typing import Final
 
 # what scan_request and scan_response answer (see above)
-RequestScan = tuple[bytes, bytes, bytes, bytes, bool]
+RequestScan = tuple[bytes, bytes, bytes, bytes, bool, bytes | None, int]
 ResponseScan = tuple[int, bytes, int, int, bool]
 
 CRLF: Final = b"\r\n"
@@ -86,7 +90,6 @@ _LENGTH: Final = re.compile(rb"[0-9]{1,18}")
 
 # request fields: None = not plain (the general path decides), True = dropped
 _REQUEST_SPECIAL: Final[dict[bytes, bool | None]] = {
-    b"content-length": None,
     b"transfer-encoding": None,
     b"x-forwarded-for": None,
     b"x-forwarded-proto": None,
@@ -104,13 +107,18 @@ _RESPONSE_DROPPED: Final = frozenset(
 )
 
 
-def _scan_request(
-    data: bytes, max_target: int, max_headers: int, max_header_bytes: int, drop: tuple[bytes, ...]
+def _scan_request(  # noqa: PLR0917 (positional, as its C twin's)
+    data: bytes,
+    max_target: int,
+    max_headers: int,
+    max_header_bytes: int,
+    max_body: int,
+    drop: tuple[bytes, ...],
 ) -> RequestScan | None:
-    n = len(data)
-    if n < 18 or n > max_header_bytes:
-        return None
-    m = _PLAIN_REQUEST.fullmatch(data)  # the syntax, at once
+    n = data.find(b"\r\n\r\n", 0, max_header_bytes) + 4  # the head is data[:n]
+    if n < 18:
+        return None  # not all here, longer than max_header_bytes, or too short
+    m = _PLAIN_REQUEST.fullmatch(data, 0, n)  # the syntax, at once
     if m is None or len(m.group(2)) > max_target:
         return None
     text = b"\r\n" + m.group(3)  # "\r\nName: value" per field, then "\r\n"
@@ -118,22 +126,29 @@ def _scan_request(
         return None
     low = text.lower()
     if _SPECIAL.findall(low) != [b"host"] or any(b"\r\n" + d + b":" in low for d in drop):
-        return _request_fields(data, m.end(2) + 11, drop, max_headers, m)
+        return _request_fields(data, m, n, drop=drop, max_headers=max_headers, max_body=max_body)
     # the usual head: nothing special but its Host field, which is taken out
     i = low.find(b"\r\nhost: ")
     j = text.find(b"\r\n", i + 2)
     host = text[i + 8 : j]
-    if not _HOST.fullmatch(host):
-        return None
-    return m.group(1), m.group(2), host, (text[:i] + text[j:])[2:], True
+    if not _HOST.fullmatch(host) or len(data) != n:
+        return None  # (more bytes after a bodiless request: pipelined, parsed)
+    return m.group(1), m.group(2), host, (text[:i] + text[j:])[2:], True, None, n
 
 
 def _request_fields(
-    data: bytes, pos: int, drop: tuple[bytes, ...], max_headers: int, m: re.Match[bytes]
+    data: bytes,
+    m: re.Match[bytes],
+    n: int,
+    *,
+    drop: tuple[bytes, ...],
+    max_headers: int,
+    max_body: int,
 ) -> RequestScan | None:
     """_scan_request for a head with more than a Host to look at: field by field."""
-    n = len(data)
+    pos = m.end(2) + 11  # after the request line
     host: bytes | None = None
+    length: bytes | None = None
     keep = True
     fields = 0
     kept: list[bytes] = []
@@ -157,14 +172,26 @@ def _request_fields(
                 keep = False
             elif lvalue != b"keep-alive":
                 return None
+        elif lname == b"content-length":
+            if length is not None or not _LENGTH.fullmatch(value):
+                return None
+            length = value
         elif lname in _REQUEST_SPECIAL:
             if _REQUEST_SPECIAL[lname] is None:
                 return None
         elif name.find(b"_") < 0 and lname not in drop:
             kept.append(f.group(0))
-    if pos + 2 != n or host is None:
+    if pos + 2 != n or host is None or not _body_fits(len(data) - n, length, max_body):
         return None
-    return m.group(1), m.group(2), host, b"".join(kept), keep
+    return m.group(1), m.group(2), host, b"".join(kept), keep, length, n
+
+
+def _body_fits(after: int, length: bytes | None, max_body: int) -> bool:
+    """``after`` bytes follow the head: no more than the body (a pipelined request after it
+    is parsed), which is within limits.max_body_size (else the general path answers 413)."""
+    if length is None:
+        return after == 0
+    return not (max_body and int(length) > max_body) and after <= int(length)
 
 
 def _scan_response(data: bytes) -> ResponseScan | None:
@@ -250,7 +277,7 @@ def _response_fields(data: bytes) -> ResponseScan | None:
     return status, b"".join(kept), length, pos, keep
 
 
-scan_request: Callable[[bytes, int, int, int, tuple[bytes, ...]], RequestScan | None]
+scan_request: Callable[[bytes, int, int, int, int, tuple[bytes, ...]], RequestScan | None]
 scan_response: Callable[[bytes], ResponseScan | None]
 scan_request, scan_response = _scan_request, _scan_response
 NATIVE = False
