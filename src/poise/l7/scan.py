@@ -115,7 +115,13 @@ def _scan_request(  # noqa: PLR0917 (positional, as its C twin's)
     max_body: int,
     drop: tuple[bytes, ...],
 ) -> RequestScan | None:
-    n = data.find(b"\r\n\r\n", 0, max_header_bytes) + 4  # the head is data[:n]
+    # the head is data[:n]: the whole read when it ends with an empty line (the usual read, a
+    # bodiless head; an earlier empty line leaves it to the general path), else up to the
+    # first empty line
+    if len(data) <= max_header_bytes and data.endswith(b"\r\n\r\n"):
+        n = len(data)
+    else:
+        n = data.find(b"\r\n\r\n", 0, max_header_bytes) + 4
     if n < 18:
         return None  # not all here, longer than max_header_bytes, or too short
     m = _PLAIN_REQUEST.fullmatch(data, 0, n)  # the syntax, at once
