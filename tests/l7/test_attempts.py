@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.l7.test_memo import GET, Sink
+from tests.l7.test_shortcuts import ConnectLoop
 
 from poise.config import parse_config
 from poise.l7.client import ClientConnection
@@ -22,22 +23,18 @@ from poise.l7.context import Context
 from poise.routing import build_table
 
 
-class DroppingLoop(asyncio.SelectorEventLoop):
-    """``create_connection`` succeeds in memory; the first ``drops`` connections are then
-    closed by their peer before the caller gets them back."""
+class DroppingLoop(ConnectLoop):
+    """In-memory connections (``ConnectLoop``); the first ``drops`` of them are closed by
+    their peer before the caller gets them back."""
 
     def __init__(self, drops: int) -> None:
         super().__init__()
         self.drops = drops
-        self.sinks: list[Sink] = []
 
     async def create_connection(  # type: ignore[override]
         self, factory: Callable[[], Any], *args: Any, **kwargs: Any
     ) -> tuple[Sink, Any]:
-        protocol = factory()
-        sink = Sink()
-        protocol.connection_made(sink)
-        self.sinks.append(sink)
+        sink, protocol = await super().create_connection(factory, *args, **kwargs)
         if self.drops:
             self.drops -= 1
             sink.closed = True  # the transport is closing ...
@@ -79,7 +76,7 @@ def scenario(backends: int, drops: int) -> tuple[bytes, list[bytes], dict[str, i
             "retries": s.retries,
             "no_healthy": s.no_healthy_backend,
         }
-        return sink.data(), [b.data() for b in loop.sinks], counts
+        return sink.data(), [b.data() for b, _ in loop.made], counts
 
     try:
         return loop.run_until_complete(go())
