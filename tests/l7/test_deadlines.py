@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.l7.test_memo import GET, Rig
+from tests.l7.test_memo import GET, Rig, Sink
+
+from poise.l7.client import ClientConnection
 
 
 class FakeClock:
@@ -60,5 +62,47 @@ def test_the_idle_timeout_counts_from_the_end_of_the_last_response() -> None:
         clock.t = done_at + idle + 0.01
         rig.ctx._tick()
         assert client.closed
+
+    asyncio.run(run())
+
+
+class HalfClosingSink(Sink):
+    """A transport that can send FIN (write_eof), as a TCP transport can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eof = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
+def test_a_408_for_a_trickling_body_is_sent_with_a_lingering_close() -> None:
+    """The client is still sending when its body is cut off: poise answers 408, sends FIN and
+    drops what still arrives for a moment, rather than closing at once, which could reset the
+    connection under the 408 before the client reads it (found as a CI flake). Then, after
+    the linger, the connection is closed."""
+
+    async def run() -> None:
+        rig = Rig()
+        clock = FakeClock(1_000_000.0)
+        rig.ctx.clock = clock
+        rig.ctx.now = clock.t
+        client = ClientConnection(rig.ctx, "web")
+        sink = HalfClosingSink()
+        client.connection_made(sink)  # type: ignore[arg-type]
+        client.data_received(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx")
+        clock.t += rig.ctx.client_body_timeout + 0.01  # the body stopped arriving
+        rig.ctx._tick()
+        assert sink.data().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert sink.eof and not sink.closed and not client.closed
+        client.data_received(b"xxxx")  # still arriving: read and dropped
+        assert sink.data().count(b"HTTP/1.1 ") == 1
+        clock.t += 2.5  # LINGER
+        rig.ctx._tick()
+        assert sink.closed
 
     asyncio.run(run())

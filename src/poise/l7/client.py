@@ -153,8 +153,7 @@ class ClientConnection(asyncio.Protocol):
         for ex in self.queue:
             _abandon(ex, self.ctx)
         self.queue.clear()
-        self.reader.parser = None
-        self.reader.client = None  # (the two would keep each other alive)
+        self.reader.parser = self.reader.client = None  # (the two would keep each other alive)
 
     def eof_received(self) -> bool | None:
         """The client shut down its sending side. Requests already read still get their
@@ -512,24 +511,23 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.ctx.stats.client_timeouts += 1
+        answer = False
         if self.reader.in_body and self.queue and not self.queue[-1].response_started:
             # A request body that stopped arriving (slow POST): answer if nothing was sent.
-            ex = self.queue[-1]
-            _abandon(ex, self.ctx)
-            if len(self.queue) == 1:
-                assert self.transport is not None
-                self.ctx.stats.client_408 += 1
-                self.transport.write(
-                    http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
-                )
+            _abandon(self.queue[-1], self.ctx)
+            answer = len(self.queue) == 1
         elif self.reader.cur is not None and not self.queue:
-            # A request head that did not arrive in time (slowloris).
-            assert self.transport is not None
-            self.ctx.stats.client_408 += 1
-            self.transport.write(
-                http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
-            )
-        self.close()
+            answer = True  # a request head that did not arrive in time (slowloris)
+        if not answer:
+            self.close()
+            return
+        assert self.transport is not None
+        self.ctx.stats.client_408 += 1
+        self.transport.write(
+            http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
+        )
+        self.queue.clear()
+        self._linger()  # a client still sending (a trickle) would get a reset over the 408
 
     def _linger(self) -> None:
         """Close after an error without resetting the client: send FIN once the response is
@@ -538,7 +536,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        self.reader.parser = None
+        reader = self.reader  # nothing more is read as a request, nor timed as one
+        reader.parser = reader.cur = None
+        reader.in_body = False
         self._resume(self.paused)
         if transport.can_write_eof():
             try:
