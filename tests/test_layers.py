@@ -75,16 +75,10 @@ TYPE_CYCLES = {
     "connection, typed (issue #19: the upstream to see only lifecycle)",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
-    frozenset(
-        {
-            "poise.admin.api",
-            "poise.admin.metrics",
-            "poise.dataplane",
-            "poise.reload",
-            "poise.server",
-        }
-    ): "the admin API, metrics, data-plane numbers and reload read a Server, typed "
-    "(issue #19: one owner of membership, server.py a composition root)",
+    frozenset({"poise.admin.api", "poise.admin.metrics", "poise.server"}): "the admin API "
+    "and /metrics are the operator's view of the whole process: the server builds them and "
+    "they read it (listeners, workers, registry, reload), typed; membership, reload and the "
+    "data-plane numbers do not know the Server (poise.membership)",
 }
 
 

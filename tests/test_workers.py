@@ -11,7 +11,7 @@ import pytest
 from poise.config import parse_config
 from poise.messages import Health, Reload, Replicated, State, ToWorker
 from poise.server import Server
-from poise.workers import Link, apply_sync, frame, listen_sockets, shared_state
+from poise.workers import Link, frame, listen_sockets
 
 
 def test_frames_are_decoded_whole_fed_at_once_or_byte_by_byte() -> None:
@@ -58,11 +58,11 @@ def test_a_sync_makes_a_workers_state_the_supervisors() -> None:
 
     async def main() -> None:
         control = Server(parse_config(doc), role="control")
-        control.add_backend("app", "http://127.0.0.1:11")
-        control.publish_health("app", (True, False, True))
-        control.set_backend_state("app", "127.0.0.1:9", "drain")
+        control.membership.add_backend("app", "http://127.0.0.1:11")
+        control.membership.publish_health("app", (True, False, True))
+        control.membership.set_backend_state("app", "127.0.0.1:9", "drain")
         worker = Server(parse_config(doc), role="worker")
-        apply_sync(worker, shared_state(control))
+        worker.membership.apply_shared(control.membership.shared_state())
         assert worker.table.groups["app"].config.backends == (
             control.table.groups["app"].config.backends
         )
@@ -92,8 +92,8 @@ def test_a_reload_turning_health_checks_off_brings_the_workers_down_backends_bac
         control = Server(parse_config(doc(True)), role="control")
         worker = Server(parse_config(doc(True)), role="worker")
         sent: list[Replicated] = []
-        control.replicate = sent.append
-        control.publish_health("app", (False, True))
+        control.membership.replicate = sent.append
+        control.membership.publish_health("app", (False, True))
         for message in sent:
             await apply(worker, message)
         assert worker.table.groups["app"].up == (False, True)
@@ -123,18 +123,18 @@ def test_every_message_kind_travels_through_the_link_and_is_handled() -> None:
     async def main() -> None:
         config = parse_config(doc)
         control = Server(config, role="control")
-        control.add_backend("app", "http://127.0.0.1:11")
+        control.membership.add_backend("app", "http://127.0.0.1:11")
         added = control.table.groups["app"].config.backends
-        control.set_backend_state("app", "127.0.0.1:10", "maint")
+        control.membership.set_backend_state("app", "127.0.0.1:10", "maint")
         moved = parse_config({**doc, "timeouts": {"upstream_connect": 7}})
         to_worker: list[m.ToWorker] = [
-            m.Init(0, config, {"web": [3]}, "info", "text", shared_state(control), {}),
+            m.Init(0, config, {"web": [3]}, "info", "text", control.membership.shared_state(), {}),
             m.Members("app", added, [True, True, False], False),
             m.Health("app", (False, True, True)),
             m.Passed("app", 0, 1.5),
             m.State("app", "127.0.0.1:9", "drain"),
             m.Reload(moved),
-            m.Sync(shared_state(control)),
+            m.Sync(control.membership.shared_state()),
             m.Tickets({"web": {1: b"k" * 32}}),
         ]
         to_supervisor: list[m.ToSupervisor] = [m.Ready(), m.Report({"clients": 3})]
@@ -156,7 +156,7 @@ def test_every_message_kind_travels_through_the_link_and_is_handled() -> None:
             await apply(worker, init)
         await apply(worker, members)
         assert worker.table.groups["app"].config.backends == added
-        status = worker.board.statuses["app"]  # a new one for the new members
+        status = worker.membership.board.statuses["app"]  # a new one for the new members
         assert status.reported == [True, True, False]
         await apply(worker, health)
         assert tuple(status.healthy) == (False, True, True)
@@ -166,7 +166,7 @@ def test_every_message_kind_travels_through_the_link_and_is_handled() -> None:
         await apply(worker, reload)
         assert worker.config.timeouts.upstream_connect == 7
         await apply(worker, sync)
-        assert shared_state(worker) == shared_state(control)
+        assert worker.membership.shared_state() == control.membership.shared_state()
         await apply(worker, tickets)  # no HTTPS listener here: nothing to install
 
         sup = Supervisor(config, 1)

@@ -16,7 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from poise.server import Server
+    from collections.abc import Mapping
+
+    from poise.l4 import L4
+    from poise.membership import Membership
+    from poise.tls.contexts import ListenerTls
 
 # keys whose values are the state now, not running totals
 GAUGES = frozenset({"active", "clients", "tunnels", "idle", "open", "in_flight", "ejected"})
@@ -24,13 +28,14 @@ GAUGES = frozenset({"active", "clients", "tunnels", "idle", "open", "in_flight",
 Snapshot = dict[str, Any]
 
 
-def snapshot(server: Server) -> Snapshot:
-    """This process's data-plane numbers."""
-    ctx = server.ctx
-    table = server.current_table
+def snapshot(membership: Membership, l4: L4, tls: Mapping[str, ListenerTls]) -> Snapshot:
+    """This process's data-plane numbers: its upstreams' (``membership``, with the HTTP data
+    plane's counters once it runs), its TCP listeners' and its HTTPS listeners'."""
+    ctx = membership.ctx
+    table = membership.table
     backends: dict[str, dict[str, dict[str, Any]]] = {}
     for name, group in table.groups.items():
-        status = server.board.statuses.get(name)
+        status = membership.board.statuses.get(name)
         entries: dict[str, dict[str, Any]] = {}
         for b in group.backends:
             pool = group.pools[b.index]
@@ -58,8 +63,8 @@ def snapshot(server: Server) -> Snapshot:
         "clients": clients,
         "tunnels": tunnels,
         "backends": backends,
-        "l4": server.l4.statistics(),
-        "tls": {name: tls.counters() for name, tls in server.tls.items()},
+        "l4": l4.statistics(),
+        "tls": {name: listener.counters() for name, listener in tls.items()},
     }
 
 

@@ -1,4 +1,4 @@
-"""Hot reload: apply a new configuration to a running Server without dropping anything.
+"""Hot reload: apply a new configuration to a running process without dropping anything.
 
 Theory of operation
 -------------------
@@ -16,35 +16,35 @@ prepared before the single switch:
   health, ejection, operator state and pooled connections; an upstream fed by the registry,
   a file or DNS keeps the backends it has discovered while its source is unchanged;
 * the routes of the new listeners are built around those groups;
-* then the new table is installed with one assignment, the worker takes the new timeouts,
-  limits and proxy settings, and the health board the new statuses.
+* then ``Membership.replace`` installs the new table with one assignment, gives the health
+  board the new statuses and retires the pools of removed backends and groups (busy
+  connections finish their exchange, then close); the data plane takes the new timeouts,
+  limits and proxy settings.
 
-Afterwards the background work follows: health checkers restart for groups whose backends
-or check settings changed (carrying each staying backend's probe history), file and DNS
-sources and the registry follow loop restart if what they follow changed, and pools of
-removed backends and groups are retired (busy connections finish their exchange, then
-close). Open client connections, in-flight requests and WebSocket tunnels are untouched:
-they live in the connections, not in the table.
+Afterwards the background work follows (``Membership.restart_background``): health
+checkers restart for groups whose backends or check settings changed (carrying each
+staying backend's probe history), and file and DNS sources and the registry follow loop
+restart if what they follow changed. Open client connections, in-flight requests and
+WebSocket tunnels are untouched: they live in the connections, not in the table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from poise.config.model import BackendConfig, Config, ListenerTlsConfig, UpstreamConfig
 from poise.errors import ConfigError
-from poise.health.state import HealthState
 from poise.health.status import GroupStatus
 from poise.models import authority_of
 from poise.registry.sources import DnsSource, FileSource, SourceError
 from poise.routing import Group, build_group, build_routes, regroup
-from poise.tls.contexts import CertSet, build_cert_set, reloadable
+from poise.tls.contexts import CertSet, ListenerTls, build_cert_set, reloadable
 
 if TYPE_CHECKING:
-    from poise.server import Server
+    from poise.membership import Membership
 
 log = logging.getLogger("poise.reload")
 
@@ -135,25 +135,73 @@ def _dynamic(up: UpstreamConfig) -> bool:
     return bool(up.service or up.file or up.dns)
 
 
-async def apply(server: Server, new: Config) -> dict[str, list[str]]:
-    """Apply ``new`` to ``server`` (serving or not). Raises ConfigError, with nothing
-    changed, when it cannot be applied. Returns what changed, for logs and the API."""
-    old = server.config
-    problems = check(old, new, server.addresses)
+@dataclasses.dataclass
+class _Plan:
+    """A reload's new groups, before anything is switched."""
+
+    groups: dict[str, Group] = dataclasses.field(default_factory=dict)
+    statuses: dict[str, GroupStatus] = dataclasses.field(default_factory=dict)
+    retired: list[Any] = dataclasses.field(default_factory=list)
+    changed: dict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: {"added": [], "changed": [], "removed": []}
+    )
+
+
+async def apply(
+    membership: Membership,
+    new: Config,
+    *,
+    addresses: dict[str, tuple[str, int]],
+    tls: Mapping[str, ListenerTls],
+) -> dict[str, list[str]]:
+    """Apply ``new`` to a running (or not yet serving) process whose upstreams
+    ``membership`` owns, with listeners bound at ``addresses`` and HTTPS listeners ``tls``.
+    Raises ConfigError, with nothing changed, when it cannot be applied. Returns what
+    changed, for logs and the API."""
+    old = membership.config
+    problems = check(old, new, addresses)
     if problems:
         raise ConfigError(problems, new.source)
-    ctx = server.ctx
-    table = server.current_table
-    board = server.board
-    # sources of new or changed file/DNS upstreams are read first: a bad file refuses it all
+    # sources of new or changed file/DNS upstreams are read first, and new certificates
+    # loaded: a bad file or certificate refuses it all
+    sources, found = await _read_sources(membership.controls, old, new, problems)
+    certs = _load_certificates(tls, new, problems)
+    if problems:
+        raise ConfigError(problems, new.source)
+    plan = _plan(membership, old, new, found)
+    old_groups = membership.table.groups
+    # the switch: one table, the worker's settings, the board
+    table = build_routes(new, plan.groups)
+    membership.replace(new, table, plan.statuses, plan.changed["removed"], plan.retired)
+    if membership.ctx is not None:
+        membership.ctx.configure(new)
+    for name, (cfg, cert_set) in certs.items():
+        tls[name].install(cfg, cert_set)
+    membership.restart_background(old, old_groups, sources)
+    changed = plan.changed
+    log.info(
+        "configuration reloaded%s: upstreams added %s, changed %s, removed %s",
+        f" from {new.source}" if new.source else "",
+        ", ".join(changed["added"]) or "none",
+        ", ".join(changed["changed"]) or "none",
+        ", ".join(changed["removed"]) or "none",
+    )
+    return changed
+
+
+async def _read_sources(
+    controls: bool, old: Config, new: Config, problems: list[str]
+) -> tuple[dict[str, FileSource | DnsSource], dict[str, tuple[BackendConfig, ...]]]:
+    """The file and DNS sources of new or changed upstreams, and the backends they list
+    (a bad file is added to ``problems``). A worker reads none: its control process has
+    read them and filled the backends in."""
     sources: dict[str, FileSource | DnsSource] = {}
-    found: dict[str, Any] = {}
+    found: dict[str, tuple[BackendConfig, ...]] = {}
     for name, up in new.upstreams.items():
         before = old.upstreams.get(name)
         if before is not None and _source(before) == _source(up):
             continue
-        if not server.controls:
-            # a worker: its control process has read the source and filled the backends in
+        if not controls:
             if _dynamic(up):
                 found[name] = up.backends
             continue
@@ -170,162 +218,94 @@ async def apply(server: Server, new: Config) -> dict[str, list[str]]:
             except SourceError as exc:
                 src.error = str(exc)
                 found[name] = ()
-    # new certificates are loaded before anything changes: a failure refuses the reload
+    return sources, found
+
+
+def _load_certificates(
+    tls: Mapping[str, ListenerTls], new: Config, problems: list[str]
+) -> dict[str, tuple[ListenerTlsConfig, CertSet]]:
+    """The certificates of HTTPS listeners whose TLS settings changed, loaded (a failure
+    is added to ``problems``)."""
     certs: dict[str, tuple[ListenerTlsConfig, CertSet]] = {}
     for lc in new.listeners:
-        serving = server.tls.get(lc.name)
+        serving = tls.get(lc.name)
         if lc.tls is not None and serving is not None and lc.tls != serving.cfg:
             try:
                 certs[lc.name] = (lc.tls, build_cert_set(lc.tls))
             except (ValueError, OSError) as exc:
                 problems.append(f"listeners.{lc.name}.tls: {exc}")
-    if problems:
-        raise ConfigError(problems, new.source)
+    return certs
 
-    groups: dict[str, Group] = {}
-    statuses: dict[str, GroupStatus] = {}
-    retired: list[Any] = []
-    changed: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+
+def _plan(
+    membership: Membership,
+    old: Config,
+    new: Config,
+    found: Mapping[str, tuple[BackendConfig, ...]],
+) -> _Plan:
+    """Every upstream of ``new`` as a group: a new one fresh, one that stays rebuilt like
+    a membership change; the groups ``new`` no longer has, removed."""
+    plan = _Plan()
+    table = membership.table
     for name, declared in new.upstreams.items():
-        up = declared
         current = table.groups.get(name)
         if current is None:
-            backends = found.get(name, up.backends)
-            up = dataclasses.replace(up, backends=backends)
-            statuses[name] = status = GroupStatus(up)
-            groups[name] = build_group(up, server.rng, status)
-            changed["added"].append(name)
+            up = dataclasses.replace(declared, backends=found.get(name, declared.backends))
+            plan.statuses[name] = status = GroupStatus(up)
+            plan.groups[name] = build_group(up, membership.rng, status)
+            plan.changed["added"].append(name)
             continue
-        prev = current.config
-        old_status = board.statuses[name]
-        before = old.upstreams.get(name)
-        if server.controls and before is not None and not _dynamic(up) and not _dynamic(before):
-            backends, kept, overridden = keep_runtime_changes(
-                before.backends, prev.backends, up.backends
-            )
-            up = dataclasses.replace(up, backends=backends)
-            for change in kept:
-                log.info("reload: upstream %s keeps its admin API change %s", name, change)
-            for change in overridden:
-                log.warning(
-                    "reload: upstream %s: the file changed a backend changed through the admin "
-                    "API, the file wins: %s",
-                    name,
-                    change,
-                )
-        reported = [True] * len(up.backends)
-        if name in found:
-            up = dataclasses.replace(up, backends=found[name])
-            reported = [True] * len(up.backends)
-        elif _dynamic(up) and _source(up) == _source(prev):
-            up = dataclasses.replace(up, backends=prev.backends)  # what was discovered
-            reported = list(old_status.reported)
-        if up == prev:
-            groups[name] = current
+        old_status = membership.board.statuses[name]
+        up, reported = _backends(
+            membership, name, declared=declared, old=old, prev=current.config, found=found
+        )
+        if up == current.config:
+            plan.groups[name] = current
             continue
         old_ids = [b.id for b in current.backends]
         new_ids = [authority_of(b.host, b.port) for b in up.backends]
-        statuses[name] = status = old_status.successor(up, old_ids, new_ids, reported)
-        groups[name], gone = regroup(current, up, server.rng, status)
-        retired += gone
-        changed["changed"].append(name)
+        if reported is None:
+            reported = list(old_status.reported)
+        plan.statuses[name] = status = old_status.successor(up, old_ids, new_ids, reported)
+        plan.groups[name], gone = regroup(current, up, membership.rng, status)
+        plan.retired += gone
+        plan.changed["changed"].append(name)
     for name, current in table.groups.items():
         if name not in new.upstreams:
-            retired += current.pools
-            changed["removed"].append(name)
-
-    # the switch: one table, the worker's settings, the board
-    new_table = build_routes(new, groups)
-    for name in changed["removed"]:
-        board.remove(name)
-    for name, status in statuses.items():
-        board.replace(name, status, groups[name].backends)
-    server.config = new
-    server.table = new_table
-    if ctx is not None:
-        ctx.configure(new)
-        ctx.table = new_table
-        for group in groups.values():
-            if group.admission is not None:
-                group.admission.set_scheduler(ctx.loop.call_soon)
-    for name, (cfg, cert_set) in certs.items():
-        server.tls[name].install(cfg, cert_set)
-    for name in statuses:
-        board.refresh(name)
-    for pool in retired:
-        pool.max_idle = 0
-        pool.close_all()
-
-    _restart_background(server, old, new, table.groups, sources)
-    log.info(
-        "configuration reloaded%s: upstreams added %s, changed %s, removed %s",
-        f" from {new.source}" if new.source else "",
-        ", ".join(changed["added"]) or "none",
-        ", ".join(changed["changed"]) or "none",
-        ", ".join(changed["removed"]) or "none",
-    )
-    return changed
+            plan.retired += current.pools
+            plan.changed["removed"].append(name)
+    return plan
 
 
-def _restart_background(
-    server: Server,
+def _backends(
+    membership: Membership,
+    name: str,
+    *,
+    declared: UpstreamConfig,
     old: Config,
-    new: Config,
-    old_groups: Any,
-    sources: dict[str, FileSource | DnsSource],
-) -> None:
-    tg = server._tg
-    # health checkers
-    for name in list(server._checker_tasks):
-        group = server.table.groups.get(name)
-        before = old_groups.get(name)
-        same = (
-            group is not None
-            and before is not None
-            and group.backends == before.backends
-            and group.config.health_check == before.config.health_check
+    prev: UpstreamConfig,
+    found: Mapping[str, tuple[BackendConfig, ...]],
+) -> tuple[UpstreamConfig, list[bool] | None]:
+    """A staying upstream's new config with the backends it will have, and what the
+    registry reported of them (None: keep what it reported)."""
+    up = declared
+    before = old.upstreams.get(name)
+    if membership.controls and before is not None and not _dynamic(up) and not _dynamic(before):
+        backends, kept, overridden = keep_runtime_changes(
+            before.backends, prev.backends, up.backends
         )
-        if same:
-            continue
-        checker = next(c for c in server.checkers if c.group == name)
-        server._checker_tasks.pop(name).cancel()
-        server.checkers.remove(checker)
-        if group is None or not group.config.health_check.enabled or tg is None:
-            continue
-        states: list[HealthState] | None = None
-        if group.config.health_check == checker.hc:
-            by_id = {b.id: st for b, st in zip(checker.backends, checker.states, strict=True)}
-            hc = checker.hc
-            states = [
-                by_id.get(b.id) or HealthState(rise=hc.rise, fall=hc.fall, history_size=hc.history)
-                for b in group.backends
-            ]
-        server._start_checker(tg, name, states)
-    if tg is not None and server.controls:
-        for name, group in server.table.groups.items():
-            if name not in server._checker_tasks and group.config.health_check.enabled:
-                server._start_checker(tg, name)
-    # file and DNS sources
-    for name in list(server.sources):
-        up = new.upstreams.get(name)
-        if up is None or name in sources or not (up.file or up.dns):
-            server.stop_source(name)
-    for name, source in sources.items():
-        server.stop_source(name)
-        server.start_source(name, source)
-    # the registry follow loop follows the services upstreams name now
-    before = {u.service for u in old.upstreams.values() if u.service}
-    after = {u.service for u in new.upstreams.values() if u.service}
-    if before != after:
-        server.restart_registry_follow()
-
-
-async def reload_file(server: Server) -> dict[str, list[str]]:
-    """Reload from the file the running config came from."""
-    from poise.config import load_config
-
-    path = server.config.source
-    if path is None or path in ("command line", "poise demo"):
-        raise ConfigError(["this configuration did not come from a file: nothing to reload"])
-    new = await asyncio.to_thread(load_config, path)
-    return await apply(server, new)
+        up = dataclasses.replace(up, backends=backends)
+        for change in kept:
+            log.info("reload: upstream %s keeps its admin API change %s", name, change)
+        for change in overridden:
+            log.warning(
+                "reload: upstream %s: the file changed a backend changed through the admin "
+                "API, the file wins: %s",
+                name,
+                change,
+            )
+    if name in found:
+        return dataclasses.replace(up, backends=found[name]), [True] * len(found[name])
+    if _dynamic(up) and _source(up) == _source(prev):
+        return dataclasses.replace(up, backends=prev.backends), None  # what was discovered
+    return up, [True] * len(up.backends)

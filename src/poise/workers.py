@@ -62,7 +62,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar, assert_never, cast
 
 from poise.config.model import Config
-from poise.dataplane import Snapshot, counters_only, merge, snapshot
+from poise.dataplane import Snapshot, counters_only, merge
 from poise.logs import JsonFormatter
 from poise.messages import (
     GroupState,
@@ -212,7 +212,7 @@ class Supervisor:
             raise ValueError("workers: at least 1")
         self.n = workers
         self.server = Server(config, watch_config=watch_config, role="control")
-        self.server.replicate = self._replicate
+        self.server.membership.replicate = self._replicate
         self.server.dataplane = self.dataplane
         self.server.workers = self.describe
         self.server.restart_workers = self.rolling_restart
@@ -253,7 +253,7 @@ class Supervisor:
     def _resolved(self) -> Config:
         """The config in force, each upstream with the backends it has now (discovered from
         the registry, a file or DNS, or changed through the admin API)."""
-        groups = self.server.current_table.groups
+        groups = self.server.table.groups
         config = self.server.config
         upstreams = {
             name: dataclasses.replace(up, backends=groups[name].config.backends)
@@ -264,7 +264,7 @@ class Supervisor:
         return dataclasses.replace(config, upstreams=MappingProxyType(upstreams))
 
     def _sync(self) -> dict[str, GroupState]:
-        return shared_state(self.server)
+        return self.server.membership.shared_state()
 
     def _ticket_secrets(self) -> dict[str, dict[int, bytes]]:
         """Every HTTPS listener's session ticket secrets (tls/tickets.py): generated here,
@@ -288,7 +288,7 @@ class Supervisor:
     # -- numbers in ------------------------------------------------------------------------
 
     def dataplane(self) -> Snapshot:
-        total: Snapshot = merge(snapshot(self.server), self.retired)
+        total: Snapshot = merge(self.server.own_numbers(), self.retired)
         for worker in self.alive:
             if worker.report is not None:
                 total = merge(total, worker.report)
@@ -545,57 +545,22 @@ def run(config: Config, workers: int, *, watch_config: bool = False) -> int:
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def shared_state(server: Server) -> dict[str, GroupState]:
-    """``server``'s shared state, by upstream: what a ``Sync`` carries."""
-    statuses = server.board.statuses
-    table = server.current_table
-    return {
-        name: GroupState(
-            group.config.backends,
-            tuple(statuses[name].reported),
-            tuple(statuses[name].healthy),
-            tuple(statuses[name].admin),
-        )
-        for name, group in table.groups.items()
-    }
-
-
-def apply_sync(server: Server, state: dict[str, GroupState]) -> None:
-    """Make ``server``'s shared state the control process's."""
-    now = server.board.clock()
-    for name, shared in state.items():
-        table = server.current_table
-        group = table.groups.get(name)
-        if group is None:
-            continue
-        if group.config.backends != shared.backends:
-            server.set_members(
-                name, shared.backends, list(shared.reported), initial=server.ctx is None
-            )
-        status = server.board.statuses[name]
-        status.reported = list(shared.reported)
-        status.admin = list(shared.admin)
-        status.set_health(shared.healthy, now)
-        server.board.refresh(name)
-
-
 async def apply(server: Server, message: ToWorker) -> None:
     """Apply one message from the control process (see the module docstring)."""
-    from poise import reload as reloading
-
+    membership = server.membership
     match message:
         case Members(group, backends, reported, initial):
-            server.set_members(group, backends, reported, initial=initial)
+            membership.set_members(group, backends, reported, initial=initial)
         case Health(group, up):
-            server.board.active(group, up)
+            membership.board.active(group, up)
         case Passed(group, index, started):
-            server.board.probe_passed(group, index, started)
+            membership.board.probe_passed(group, index, started)
         case State(group, backend, state):
-            server.board.set_state(group, backend, state)
+            membership.board.set_state(group, backend, state)
         case Reload(config):
-            await reloading.apply(server, config)
+            await server.reload(config)
         case Sync(state):
-            apply_sync(server, state)
+            membership.apply_shared(state)
         case Tickets(secrets):
             for name, ring in secrets.items():
                 tls = server.tls.get(name)
@@ -621,7 +586,7 @@ async def _worker(fd: int) -> int:
     setup_logging(init.level, init.log_format, worker=slot)
     sockets = {name: [socket.socket(fileno=f) for f in fl] for name, fl in init.fds.items()}
     server = Server(init.config, role="worker", sockets=sockets, ticket_secrets=init.tickets)
-    apply_sync(server, init.state)
+    server.membership.apply_shared(init.state)
     for sig in (signal.SIGHUP, signal.SIGUSR2):
         loop.add_signal_handler(sig, lambda: None)  # the supervisor's business
     loop.add_signal_handler(signal.SIGTERM, server.stop)
@@ -647,7 +612,7 @@ async def _worker(fd: int) -> int:
         await server.started.wait()
         link.send(Ready())
         while True:
-            link.send(Report(snapshot(server)))
+            link.send(Report(server.own_numbers()))
             await asyncio.sleep(REPORT_EVERY)
 
     async def orphaned() -> None:
@@ -662,7 +627,7 @@ async def _worker(fd: int) -> int:
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-        link.send(Report(snapshot(server)))
+        link.send(Report(server.own_numbers()))
         link.close()
     return status
 

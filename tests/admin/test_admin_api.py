@@ -257,7 +257,7 @@ async def test_a_broken_backends_file_shows_in_status_and_upstream(tmp_path: Pat
             assert status["sources"]["app"]["error"] == ""
             assert (await c.get(f"{base}/v1/upstreams/app")).json()["source_error"] == ""
             path.write_text('["http://127.0.0.1:notaport"]')
-            await eventually(lambda: bool(server.sources["app"].error))
+            await eventually(lambda: bool(server.membership.sources["app"].error))
             status = (await c.get(f"{base}/v1/status")).json()
             assert "notaport" in status["sources"]["app"]["error"]
             assert status["sources"]["app"]["file"] == str(path)

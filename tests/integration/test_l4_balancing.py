@@ -238,7 +238,7 @@ async def test_operator_drain_and_passive_ejection_apply_to_tcp() -> None:
             held_w.write(b"h")
             assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"h"
             drained = a if a.open_connections else b  # round robin starts at random
-            server.set_backend_state("u", drained.address, "drain")
+            server.membership.set_backend_state("u", drained.address, "drain")
             for i in range(6):
                 assert await roundtrip(addr, b"%d" % i) == b"%d" % i
             assert drained.connections_accepted == 1  # draining: no new connections ...
@@ -259,11 +259,11 @@ async def test_membership_changes_reach_tcp_listeners() -> None:
             held_r, held_w = await connect(addr)  # on a
             held_w.write(b"1")
             assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"1"
-            server.add_backend("u", f"http://127.0.0.1:{b.port}")
+            server.membership.add_backend("u", f"http://127.0.0.1:{b.port}")
             for i in range(2):  # the new group's load starts at zero: ties go round robin
                 assert await roundtrip(addr, b"n%d" % i) == b"n%d" % i
             assert b.connections_accepted >= 1
-            server.remove_backend("u", f"http://127.0.0.1:{a.port}")
+            server.membership.remove_backend("u", f"http://127.0.0.1:{a.port}")
             held_w.write(b"2")  # the relay on the removed backend goes on
             assert await asyncio.wait_for(held_r.readexactly(1), 5) == b"2"
             held_w.close()

@@ -121,7 +121,7 @@ async def test_sticky_cookie_keeps_a_client_on_one_backend_and_restick_when_it_d
             assert "set-cookie" not in (await client.get(url)).headers
             # its backend dies: placed elsewhere, with a new cookie, and stays there
             await victim.stop()
-            checker = server.checkers[0]
+            checker = server.membership.checkers[0]
             for _ in range(200):
                 if not all(s.up for s in checker.states):
                     break

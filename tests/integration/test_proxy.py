@@ -49,7 +49,7 @@ async def test_dead_backend_skipped_then_back_after_recovery(five: list[HttpBack
     async with running(doc) as (server, url), httpx.AsyncClient() as client:
         victim = five[2]
         await victim.stop()
-        checker = server.checkers[0]
+        checker = server.membership.checkers[0]
         await eventually(lambda: not checker.states[2].up)
         bodies = {(await client.get(url)).text for _ in range(20)}
         assert bodies == {"b0\n", "b1\n", "b3\n", "b4\n"}
@@ -66,7 +66,7 @@ async def test_all_dead_gives_503_no_healthy_server(five: list[HttpBackend]) -> 
     async with running(doc) as (server, url), httpx.AsyncClient() as client:
         for b in five:
             await b.stop()
-        await eventually(lambda: not any(s.up for s in server.checkers[0].states))
+        await eventually(lambda: not any(s.up for s in server.membership.checkers[0].states))
         r = await client.get(url + "/anything")
         assert r.status_code == 503
         assert r.text == "No healthy server available\n"

@@ -139,13 +139,15 @@ async def test_operator_state_and_health_checks_survive_membership_changes() -> 
         reg = store(server)
         await reg.register(instance(a, "a-1"))
         await eventually(lambda: len(server.table.groups["app"].backends) == 1)
-        server.set_backend_state("app", a.url, "drain")
+        server.membership.set_backend_state("app", a.url, "drain")
         await reg.register(instance(b, "b-1"))
         await eventually(lambda: len(server.table.groups["app"].backends) == 2)
         # the operator's drain of a outlived the change; b was probed and is up
-        statuses = server.board.statistics()["app"]["backends"]
+        statuses = server.membership.board.statistics()["app"]["backends"]
         assert statuses[a.url]["state"] == "drain"
-        await eventually(lambda: any(len(s.history) > 0 for s in server.checkers[0].states))
+        await eventually(
+            lambda: any(len(s.history) > 0 for s in server.membership.checkers[0].states)
+        )
         assert set(await served_by(client, url, 4)) == {"b\n"}
         await b.stop()  # b dies: the active checks (restarted for the new membership) see it
         await eventually(lambda: not server.table.groups["app"].up[1], timeout=10)

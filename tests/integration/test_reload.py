@@ -60,7 +60,7 @@ async def test_reload_under_load_changes_backends_and_policy_with_no_failed_requ
 
         loops = [asyncio.create_task(loop()) for _ in range(3)]
         await eventually(lambda: ok > 20)
-        server.set_backend_state("app", a.url, "drain")
+        server.membership.set_backend_state("app", a.url, "drain")
         pool_b = server.table.groups["app"].pools[1]
         versions = [
             doc([a.url, b.url, c.url]),  # add c
@@ -79,7 +79,7 @@ async def test_reload_under_load_changes_backends_and_policy_with_no_failed_requ
         assert [x.url for x in group.backends] == [b.url, c.url]
         assert group.config.policy.name == "least_conn"
         assert group.pools[0] is pool_b  # b's pooled connections were kept
-        assert server.checkers[0].states[0].history  # b's probe history too
+        assert server.membership.checkers[0].states[0].history  # b's probe history too
 
 
 async def test_a_bad_or_impossible_reload_changes_nothing() -> None:
@@ -247,15 +247,15 @@ async def test_turning_health_checks_off_by_reload_brings_a_down_backend_back() 
         httpx.AsyncClient(timeout=5) as client,
     ):
         port = int(url.rsplit(":", 1)[1])
-        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        await eventually(lambda: server.membership.board.statuses["app"].healthy == [False])
         assert (await client.get(url + "/x")).status_code == 503
         off = doc([a.url], health_check={**checked, "enabled": False})
         await server.reload(parse_config(same_listener(off, port)))
         r = await client.get(url + "/x")
         assert (r.status_code, r.text) == (200, "served\n")
-        assert server.checkers == []
+        assert server.membership.checkers == []
         await server.reload(parse_config(same_listener(doc([a.url], health_check=checked), port)))
-        await eventually(lambda: server.board.statuses["app"].healthy == [False])
+        await eventually(lambda: server.membership.board.statuses["app"].healthy == [False])
         assert (await client.get(url + "/x")).status_code == 503
 
 
@@ -272,11 +272,11 @@ async def test_a_reload_keeps_admin_api_changes_unless_the_file_changed_that_bac
         return [{"url": url, "weight": w} for url, w in entries]
 
     server = Server(parse_config(doc(backends((a, 1), (b, 1), (c, 1)))))
-    server.set_backend_weight("app", "127.0.0.1:9001", 5)
-    server.set_backend_weight("app", "127.0.0.1:9002", 7)
-    server.remove_backend("app", "127.0.0.1:9003")
-    server.add_backend("app", d, weight=2)
-    server.set_backend_state("app", "127.0.0.1:9001", "drain")
+    server.membership.set_backend_weight("app", "127.0.0.1:9001", 5)
+    server.membership.set_backend_weight("app", "127.0.0.1:9002", 7)
+    server.membership.remove_backend("app", "127.0.0.1:9003")
+    server.membership.add_backend("app", d, weight=2)
+    server.membership.set_backend_state("app", "127.0.0.1:9001", "drain")
 
     def running() -> list[tuple[str, int]]:
         return [(x.url, x.weight) for x in server.table.groups["app"].config.backends]
@@ -285,7 +285,7 @@ async def test_a_reload_keeps_admin_api_changes_unless_the_file_changed_that_bac
     with caplog.at_level("INFO", logger="poise.reload"):
         await server.reload(parse_config(doc(backends((a, 1), (b, 1), (c, 1)))))
     assert running() == [(a, 5), (b, 7), (d, 2)]
-    assert server.board.statuses["app"].admin[0] == "drain"
+    assert server.membership.board.statuses["app"].admin[0] == "drain"
     assert "keeps its admin API change 127.0.0.1:9003: removed" in caplog.text
     # the file changes b's weight and lists c again with another weight: the file wins for
     # those two; a's change and the added d stay

@@ -243,7 +243,7 @@ async def test_consecutive_5xx_eject_for_a_growing_time() -> None:
             url,
         ),
     ):
-        outliers = server.board.statuses["app"].outliers
+        outliers = server.membership.board.statuses["app"].outliers
         async with httpx.AsyncClient() as client:
             first = [(await client.get(url + "/")).status_code for _ in range(3)]
             assert first == [500, 500, 200]  # ejected after two in a row
@@ -280,7 +280,7 @@ async def test_connect_failures_eject_a_dead_backend() -> None:
         assert codes == [200] * 6
         assert server.ctx is not None
         assert server.ctx.stats.upstream_connect_errors == 3  # then it was out of rotation
-        assert server.board.statuses["app"].outliers.ejected[0]
+        assert server.membership.board.statuses["app"].outliers.ejected[0]
 
 
 # -- panic, admin states, slow start -------------------------------------------------------
@@ -329,7 +329,7 @@ async def test_maint_and_drain_states() -> None:
                 r = await client.get(url + "/")
                 cookie = r.headers["set-cookie"].split(";")[0]
                 pinned = r.text.strip()
-                server.set_backend_state("app", f"http://{backends['ab'.index(pinned)].url[7:]}",
+                server.membership.set_backend_state("app", f"http://{backends['ab'.index(pinned)].url[7:]}",
                                      "drain")  # fmt: skip
                 # pinned clients keep their backend while it drains ...
                 with_cookie = {
@@ -343,16 +343,16 @@ async def test_maint_and_drain_states() -> None:
                     fresh.add((await client.get(url + "/")).text)
                 other = "b" if pinned == "a" else "a"
                 assert fresh == {other + "\n"}
-                server.set_backend_state("app", backends[2].url, "enabled")
+                server.membership.set_backend_state("app", backends[2].url, "enabled")
                 seen = set()
                 for _ in range(20):
                     client.cookies.clear()
                     seen.add((await client.get(url + "/")).text)
                 assert "c\n" in seen
             with pytest.raises(KeyError):
-                server.set_backend_state("app", "http://127.0.0.1:9", "drain")
+                server.membership.set_backend_state("app", "http://127.0.0.1:9", "drain")
             with pytest.raises(ValueError):
-                server.set_backend_state("app", backends[0].url, "sleeping")
+                server.membership.set_backend_state("app", backends[0].url, "sleeping")
 
 
 async def test_all_in_maintenance_is_503() -> None:

@@ -146,11 +146,11 @@ async def test_operator_states_membership_and_reloads_reach_every_worker(tmp_pat
         supervised(full([a.url, b.url], health=HEALTH)) as (sup, url),
     ):
         await routes_to(url, {"a", "b"})
-        sup.server.set_backend_state("app", a.url, "maint")
+        sup.server.membership.set_backend_state("app", a.url, "maint")
         await routes_to(url, {"b"})
-        sup.server.add_backend("app", c.url)
+        sup.server.membership.add_backend("app", c.url)
         await routes_to(url, {"b", "c"})
-        sup.server.set_backend_state("app", a.url, "enabled")
+        sup.server.membership.set_backend_state("app", a.url, "enabled")
         await routes_to(url, {"a", "b", "c"})
         # a reload: b leaves, and the policy changes; a new worker gets the same state
         port = sup.addresses["web"][1]

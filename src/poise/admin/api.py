@@ -48,6 +48,8 @@ from poise.health.status import STATES
 from poise.httpd import HttpError, HttpServer, Reply, Request, Router, require_bearer
 
 if TYPE_CHECKING:
+    # (a type-only cycle: the server builds the admin API, which reads the whole process
+    # through it; tests/test_layers.py lists it with the reason)
     from poise.server import Server
 
 SECRET_FIELDS = ("token", "secret")
@@ -111,7 +113,7 @@ class AdminApi:
                 "requests": dp["stats"].get("requests", 0),
                 "workers": s.workers() if s.workers is not None else None,
                 # file and DNS sources: their backend count and error ("" when good)
-                "sources": {name: src.statistics() for name, src in s.sources.items()},
+                "sources": {name: src.statistics() for name, src in s.membership.sources.items()},
                 "registry": None
                 if s.registry is None
                 else {
@@ -140,12 +142,12 @@ class AdminApi:
             data={
                 name: self._upstream(name, detail=True, dp=dp)
                 for dp in (self.server.dataplane(),)  # summed over workers once, not per upstream
-                for name in self.server.current_table.groups
+                for name in self.server.table.groups
             }
         )
 
     async def upstream(self, request: Request, upstream: str) -> Reply:
-        if upstream not in self.server.current_table.groups:
+        if upstream not in self.server.table.groups:
             raise HttpError(404, f"no upstream named {upstream!r}")
         return Reply(data=self._upstream(upstream, detail=True))
 
@@ -202,12 +204,12 @@ class AdminApi:
         state = _field(request, "state")
         if state not in STATES:
             raise HttpError(400, f"state: {state!r} is not one of {', '.join(STATES)}")
-        self._do(self.server.set_backend_state, upstream, backend, state)
+        self._do(self.server.membership.set_backend_state, upstream, backend, state)
         return Reply(data=self._upstream(upstream, detail=True))
 
     async def set_weight(self, request: Request, upstream: str, backend: str) -> Reply:
         weight = _checked(check_weight, _field(request, "weight"), "weight")
-        self._do(self.server.set_backend_weight, upstream, backend, weight)
+        self._do(self.server.membership.set_backend_weight, upstream, backend, weight)
         return Reply(data=self._upstream(upstream, detail=True))
 
     async def add_backend(self, request: Request, upstream: str) -> Reply:
@@ -215,7 +217,7 @@ class AdminApi:
         if not isinstance(body, dict) or "url" not in body or set(body) - {"url", "weight"}:
             raise HttpError(400, 'body: expected {"url": ..., "weight": n}')
         weight = _checked(check_weight, body.get("weight", 1), "weight")
-        self._do(self.server.add_backend, upstream, body["url"], weight)
+        self._do(self.server.membership.add_backend, upstream, body["url"], weight)
         return Reply(201, self._upstream(upstream, detail=True))
 
     async def reload(self, request: Request) -> Reply:
@@ -248,7 +250,7 @@ class AdminApi:
         return Reply(data=done)
 
     async def remove_backend(self, request: Request, upstream: str, backend: str) -> Reply:
-        self._do(self.server.remove_backend, upstream, backend)
+        self._do(self.server.membership.remove_backend, upstream, backend)
         return Reply(data=self._upstream(upstream, detail=True))
 
     # -- helpers ---------------------------------------------------------------------------
@@ -269,11 +271,11 @@ class AdminApi:
         self, name: str, *, detail: bool = False, dp: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         s = self.server
-        group = self.server.current_table.groups[name]
+        group = self.server.table.groups[name]
         up = group.config
-        board = s.board.statistics().get(name, {})
+        board = s.membership.board.statistics().get(name, {})
         facts = board.get("backends", {}) if isinstance(board, dict) else {}
-        checker = next((c for c in s.checkers if c.group == name), None)
+        checker = next((c for c in s.membership.checkers if c.group == name), None)
         checks: dict[str, Any] = {}
         if checker is not None:
             for b, st in zip(checker.backends, checker.states, strict=True):
@@ -291,7 +293,7 @@ class AdminApi:
             if up.dns
             else {"static": True}
         )
-        feed = s.sources.get(name)  # a file or DNS source: its last error, "" when good
+        feed = s.membership.sources.get(name)  # a file or DNS source: its last error, "" when good
         source_error = feed.error if feed is not None else None
         traffic: dict[str, Any] = (dp or s.dataplane())["backends"].get(name, {})
         backends = []

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from poise.l7.context import BUCKETS
 
 if TYPE_CHECKING:
+    # (a type-only cycle: the server builds the admin API, which reads the whole process
+    # through it; tests/test_layers.py lists it with the reason)
     from poise.registry.service import RegistryService
     from poise.server import Server
 
@@ -124,7 +126,7 @@ def render(server: Server) -> str:
     _backends(out, server, dp)
 
     out.family("poise_health_checks_total", "counter", "Active health probes by result.")
-    for checker in server.checkers:
+    for checker in server.membership.checkers:
         for b, n, failed in zip(checker.backends, checker.probes, checker.failed, strict=True):
             labels = {"upstream": checker.group, "backend": b.authority}
             out.sample("poise_health_checks_total", n - failed, result="ok", **labels)
@@ -148,8 +150,8 @@ def render(server: Server) -> str:
 
 def _backends(out: _Out, server: Server, dp: dict[str, Any]) -> None:
     """Per backend: responses by status class, and its state and connection gauges."""
-    table = server.current_table
-    board: dict[str, Any] = server.board.statistics()
+    table = server.table
+    board: dict[str, Any] = server.membership.board.statistics()
     responses = _Out()
     responses.family(
         "poise_backend_responses_total", "counter", "Responses from backends by status class."
