@@ -36,7 +36,7 @@ async def next_event(events: AsyncGenerator[Event, None], timeout: float = 10.0)
 async def up_again(store: EtcdStore, timeout: float = 30.0) -> None:
     """Once etcd is back: wait for the store's background probe to reach it."""
     deadline = time.monotonic() + timeout
-    while store.down_since is not None:
+    while store.gateway.down_since is not None:
         assert time.monotonic() < deadline, f"{store!r} still down after {timeout:g}s"
         await asyncio.sleep(0.02)
 
