@@ -29,8 +29,12 @@ from setuptools.command.build_ext import build_ext
 HOT = [
     "src/poise/l7/client.py",
     "src/poise/l7/reader.py",
+    "src/poise/l7/memo.py",
     "src/poise/l7/attempts.py",
     "src/poise/l7/upstream.py",
+    "src/poise/l7/response.py",
+    "src/poise/l7/verdicts.py",
+    "src/poise/failures.py",
     "src/poise/l7/context.py",
     "src/poise/l7/request.py",
     "src/poise/l7/http.py",

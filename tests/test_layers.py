@@ -65,14 +65,21 @@ TYPE_CYCLES = {
             "poise.l7.attempts",
             "poise.l7.client",
             "poise.l7.context",
+            "poise.l7.memo",
             "poise.l7.reader",
             "poise.l7.request",
+            "poise.l7.response",
             "poise.l7.tunnel",
             "poise.l7.upstream",
+            "poise.l7.verdicts",
         }
     ): "the client and upstream connections and their exchange name each other's types; "
-    "attempts.py (the client's cold paths) and reader.py (its request half) take the client "
-    "connection, typed (issue #19: the upstream to see only lifecycle)",
+    "attempts.py (the client's cold paths), reader.py (its request half), memo.py (its "
+    "repeated heads), response.py (the "
+    "response head towards it) and verdicts.py (retry and passive-health decisions) take the "
+    "connections, the exchange and the context, typed; at run time none imports the other's "
+    "module back (the upstream reports to the client only lifecycle: complete, failed, "
+    "retry, tunnel, write pause)",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
     frozenset({"poise.admin.api", "poise.admin.metrics", "poise.server"}): "the admin API "

@@ -4,11 +4,8 @@
 
     PoiseError
     ├── ConfigError          bad configuration; ``problems`` lists every one, with its dotted path
-    ├── ProxyError           a request could not be proxied; carries source, retryable, status
-    │   ├── NoHealthyBackend       503, nothing to send the request to
-    │   ├── UpstreamConnectError   502, connecting to a backend failed (nothing was sent: retryable)
-    │   ├── UpstreamTimeout        504, the backend did not answer in time
-    │   └── UpstreamProtocolError  502, the backend broke HTTP framing or closed mid-response
+    ├── ProxyError           a request could not be sent anywhere (client-side balancing)
+    │   └── NoHealthyBackend       503, no usable instance of the service
     └── RegistryError        the service registry refused or could not do something
         ├── InvalidInstance      400, a registration is malformed; ``problems`` names each field
         ├── NotRegistered        404, heartbeat or lookup of an instance that is not there
@@ -16,13 +13,18 @@
         ├── StoreUnavailable     503, the store (etcd) cannot be reached
         └── RegistryUnreachable  503, (SDK side) the registry API does not answer
 
+Each class carries the HTTP status it maps to (``status``): the registry API answers a
+RegistryError with it, by type. The proxy itself raises none of these on the request path:
+a failed request is answered from the failure table (failures.py), which names the status,
+message, counters, retry condition and passive-health reason of each kind of failure.
+
 Foreign exceptions (OSError, httptools errors) are translated once, where they are caught,
 with ``raise ... from exc``.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from poise import failures
 
 
 class PoiseError(Exception):
@@ -41,42 +43,14 @@ class ConfigError(PoiseError):
         super().__init__(f"invalid configuration{where}:\n{lines}")
 
 
-class ErrorSource(Enum):
-    CLIENT = "client"
-    UPSTREAM = "upstream"
-    INTERNAL = "internal"
-
-
 class ProxyError(PoiseError):
-    """A request failed. ``status`` is what the client gets; ``retryable`` says whether another
-    backend may be tried (only when nothing of the request can have been processed)."""
+    """A request could not be sent anywhere. ``status`` is what an HTTP answer would say."""
 
     status = 502
-    source = ErrorSource.UPSTREAM
-    retryable = False
-    public_message = "Bad Gateway"
 
 
 class NoHealthyBackend(ProxyError):
-    status = 503
-    source = ErrorSource.INTERNAL
-    public_message = "No healthy server available"
-
-
-class UpstreamConnectError(ProxyError):
-    status = 502
-    retryable = True
-    public_message = "Bad Gateway"
-
-
-class UpstreamTimeout(ProxyError):
-    status = 504
-    public_message = "Gateway Timeout"
-
-
-class UpstreamProtocolError(ProxyError):
-    status = 502
-    public_message = "Bad Gateway"
+    status = failures.NO_HEALTHY_BACKEND.status
 
 
 class RegistryError(PoiseError):

@@ -1,5 +1,6 @@
-"""The repeated-head shortcuts (client.RequestMemo, upstream.ResponseMemo): a head that comes
-again must give exactly what parsing it again would give, whatever the reads look like.
+"""The repeated-head shortcuts (l7/memo.py's RequestMemo, l7/response.py's ResponseMemo): a
+head that comes again must give exactly what parsing it again would give, whatever the reads
+look like.
 
 The protocols are driven directly with in-memory transports: a fresh connection (which
 has nothing remembered) is the reference for what a reused one must produce.
@@ -125,7 +126,7 @@ def test_a_repeated_request_head_is_forwarded_the_same_and_counted() -> None:
         rig = Rig()
         client, _ = rig.client()
         first = rig.exchange(client, GET, [OK + b"hello"])
-        assert client.reader._memo is not None  # the head was remembered
+        assert client.reader.memo is not None  # the head was remembered
         second = rig.exchange(client, GET, [OK + b"hello"])
         assert second == first
         assert first[0].startswith(b"GET /a?x=1 HTTP/1.1\r\nHost: svc.test\r\n")
@@ -175,7 +176,7 @@ def test_requests_with_a_body_are_not_remembered() -> None:
         for body in (b"abc", b"xyz"):
             sent, _ = rig.exchange(client, post + body, [OK + b"hello"])
             assert sent.endswith(b"\r\n\r\n" + body)
-        assert client.reader._memo is None
+        assert client.reader.memo is None
 
     asyncio.run(run())
 
@@ -353,7 +354,7 @@ def test_a_connection_whose_heads_keep_changing_stops_remembering() -> None:
             reply = OK.replace(b"Server: s", b"Server: s%d" % i)
             rig.exchange(client, head, [reply + b"hello"])
         # the 4th miss in a row was not remembered, nor anything after it, on either side
-        assert client.reader._memo is not None and client.reader._memo.raw == heads[3]
+        assert client.reader.memo is not None and client.reader.memo.raw == heads[3]
         assert rig.up._memo is not None and b"Server: s3\r\n" in rig.up._memo.head
         # the remembered head coming again is still used, and remembering starts again
         sent, got = rig.exchange(
@@ -361,7 +362,7 @@ def test_a_connection_whose_heads_keep_changing_stops_remembering() -> None:
         )
         assert sent.startswith(b"GET /v3 ") and got.endswith(b"hello")
         rig.exchange(client, heads[7], [OK + b"hello"])
-        assert client.reader._memo.raw == heads[7]
+        assert client.reader.memo.raw == heads[7]
 
     asyncio.run(run())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from poise import failures
 from poise.l7.context import BUCKETS
 
 if TYPE_CHECKING:
@@ -18,26 +19,12 @@ if TYPE_CHECKING:
     from poise.server import Server
 
 # Requests poise answered with an error status: Stats key -> (kind, status). Each such
-# answer counts once, under the one reason it was given for (l7/context.py, Stats).
-_ERRORS = {
-    "no_route": ("no_route", "404"),
-    "client_408": ("client_timeout", "408"),
-    "upstream_errors": ("upstream_error", "502"),
-    "no_healthy_backend": ("no_healthy_backend", "503"),
-    "queue_full": ("queue_full", "503"),
-    "queue_timeouts": ("queue_timeout", "503"),
-    "connections_refused": ("connection_refused", "503"),
-    "upstream_timeouts": ("upstream_timeout", "504"),
-}
+# answer counts once, under the one reason it was given for (the table: failures.py).
+_ERRORS = {a.counter: (a.kind, str(a.status)) for a in failures.ANSWERS}
 BAD_REQUEST_STATUSES = ("400", "413", "414", "431", "500", "501", "505")
 
-# Attempts at a backend that failed, retried or not: Stats key -> outcome
-_ATTEMPTS = {
-    "upstream_connect_errors": "connect_error",
-    "attempt_timeouts": "timeout",
-    "attempt_resets": "reset",
-    "attempt_broken": "broken",
-}
+# Attempts at a backend that failed, retried or not: Stats key -> outcome (failures.py)
+_ATTEMPTS = {f.counter: f.outcome for f in failures.ATTEMPT_FAILURES}
 
 
 # a backend no process has reported on yet

@@ -17,15 +17,16 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
+from poise import failures
+from poise.failures import Answer, AttemptFailure
 from poise.l7 import http
-from poise.l7 import retry as retry_rules
-from poise.l7.request import Exchange, field_list, settle
+from poise.l7.request import Exchange, settle
 from poise.l7.upstream import UpstreamConnection
+from poise.l7.verdicts import may_retry, passive_failure
 from poise.netreasons import describe_error
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
-    from poise.l7.context import Context
     from poise.models import Backend
     from poise.routing import Group
     from poise.upstream.limits import Admission
@@ -83,11 +84,15 @@ def none_left(client: ClientConnection, ex: Exchange) -> None:
     if ex.unreachable >= len(ex.tried):
         # None is up, or every one tried refused (or did not answer) the connection:
         # nothing was sent anywhere, no server could take the request (HAProxy's 503).
-        client.ctx.stats.no_healthy_backend += 1
-        client.answer(ex, 503, "No healthy server available")
+        give(client, ex, failures.NO_HEALTHY_BACKEND)
     else:  # a backend had the request and failed it
-        client.ctx.stats.upstream_errors += 1
-        client.answer(ex, 502, "Bad Gateway")
+        give(client, ex, failures.UPSTREAM_ERROR)
+
+
+def give(client: ClientConnection, ex: Exchange, answer: Answer) -> None:
+    """Answer ``ex`` with one of poise's own errors (failures.py), counted once."""
+    client.ctx.stats.count(answer.counter)
+    client.answer(ex, answer.status, answer.message)
 
 
 def park(client: ClientConnection, ex: Exchange, adm: Admission) -> None:
@@ -102,8 +107,7 @@ def park(client: ClientConnection, ex: Exchange, adm: Admission) -> None:
         ex.queued_until = now + adm.cfg.queue_timeout
         ctx.stats.queued += 1
     else:
-        ctx.stats.queue_full += 1
-        client.answer(ex, 503, "Upstream busy: too many requests waiting")
+        give(client, ex, failures.QUEUE_FULL)
 
 
 async def connect(client: ClientConnection, ex: Exchange, backend: Backend) -> None:
@@ -159,7 +163,7 @@ def _connect_failed(
     ctx = client.ctx
     group = ex.group
     assert group is not None
-    ctx.stats.upstream_connect_errors += 1
+    ctx.stats.count(failures.CONNECT.counter)
     if not isinstance(exc, ssl.SSLError):
         ex.unreachable += 1
     reason = describe_error(exc)
@@ -174,9 +178,11 @@ def _connect_failed(
         # Nothing was sent: another backend may take it, whatever the method.
         current = ctx.table.groups.get(group.name, group)
         if expired:
-            ctx.stats.upstream_timeouts += 1
-            client.answer(ex, 504, "Gateway Timeout")
-        elif len(ex.tried) < group.config.retry.attempts and "connect" in group.config.retry.on:
+            give(client, ex, failures.UPSTREAM_TIMEOUT)
+        elif (
+            len(ex.tried) < group.config.retry.attempts
+            and failures.CONNECT.retry_on in group.config.retry.on
+        ):
             ctx.stats.retries += 1
             client.dispatch(ex, current)
         else:
@@ -198,10 +204,10 @@ def retry(client: ClientConnection, ex: Exchange) -> None:
 
 
 def upstream_failed(
-    client: ClientConnection, ex: Exchange, condition: str, reusable_retry: bool
+    client: ClientConnection, ex: Exchange, failure: AttemptFailure, reusable_retry: bool
 ) -> None:
-    """The upstream connection of ``ex`` failed: ``condition`` is "reset" (lost before
-    any response byte), "broken" (lost or malformed mid-response) or "timeout". Called by
+    """The upstream connection of ``ex`` failed (failures.py): RESET (lost before any
+    response byte), BROKEN (lost or malformed mid-response) or TIMEOUT. Called by
     UpstreamConnection."""
     ex.upstream = None
     if (
@@ -218,13 +224,8 @@ def upstream_failed(
         ex.stale_retries += 1
         client.ctx.spawn(connect(client, ex, ex.backend))
         return
-    stats = client.ctx.stats
-    if condition == "timeout":
-        stats.attempt_timeouts += 1
-    elif condition == "reset":
-        stats.attempt_resets += 1
-    else:
-        stats.attempt_broken += 1
+    ctx = client.ctx
+    ctx.stats.count(failure.counter)
     if ex.load is not None:
         settle(ex, ok=False)
     if client.closed:
@@ -233,68 +234,15 @@ def upstream_failed(
         # Part of the response is already out: the only honest signal is to cut the
         # connection, so the client sees a truncated message, never a spliced one.
         if ex.group is not None and ex.backend is not None:
-            passive_failure(client.ctx, ex.group, ex.backend, condition)
+            passive_failure(ctx, ex.group, ex.backend, failure.passive)
         client.close()
         return
     if ex.group is not None and ex.backend is not None:
-        passive_failure(client.ctx, ex.group, ex.backend, condition)
-    if may_retry(client, ex, condition):
+        passive_failure(ctx, ex.group, ex.backend, failure.passive)
+    if may_retry(ctx, ex, failure.retry_on, client_closed=client.closed):
         retry(client, ex)
-    elif condition == "timeout":
-        client.ctx.stats.upstream_timeouts += 1
-        client.answer(ex, 504, "Gateway Timeout")
     else:
-        client.ctx.stats.upstream_errors += 1
-        client.answer(ex, 502, "Bad Gateway")
-
-
-def may_retry(client: ClientConnection, ex: Exchange, condition: str | int) -> bool:
-    """Whether ``ex`` may go to another backend after ``condition`` ("reset", "timeout",
-    or a response status). RFC 9110 §9.2.2: only a request that is safe to repeat (an
-    idempotent method, or an Idempotency-Key when allowed) whose body poise still holds;
-    within the attempts, to a backend not yet tried, and within the retry budget."""
-    group = ex.group
-    if group is None or ex.response_started or client.closed:
-        return False
-    cfg = group.config.retry
-    if len(ex.tried) >= cfg.attempts or not retry_rules.listed(
-        cfg, group.retry_statuses, condition
-    ):
-        return False
-    if not retry_rules.repeatable(
-        cfg,
-        ex.method.decode(),
-        field_list(ex),
-        has_body=ex.has_body,
-        body_kept=ex.kept is not None,
-        body_bytes=ex.body_bytes,
-    ):
-        return False
-    ctx = client.ctx
-    if ex.until and ctx.clock() >= ex.until:  # retry.timeout: no time left for another try
-        return False
-    current = ctx.table.groups.get(group.name, group)
-    if not any(current.up[b.index] and b not in ex.tried for b in current.backends):
-        return False
-    if not ex.retrying and not retry_rules.within_budget(cfg, ctx.retries_active, ctx.inflight):
-        ctx.stats.retries_over_budget += 1
-        return False
-    return True
-
-
-def passive_failure(
-    ctx: Context, group: Group, backend: Backend, reason: str, *, connection: bool = True
-) -> None:
-    """Passive health: count a failure of ``backend``; route around it once ejected.
-    ``connection`` is False for a failure status (see ``Outliers.probe_passed``)."""
-    outliers = group.outliers
-    # the loop's clock rather than the coarse ctx.now: when an ejection began matters
-    # to Outliers.probe_passed (failures are off the fast path)
-    if outliers is not None and outliers.failure(
-        backend.index, ctx.loop.time(), reason, connection=connection
-    ):
-        ctx.stats.ejections += 1
-        ctx.on_ejected(group.name, backend.index, outliers)
+        give(client, ex, failure.answer)
 
 
 def _any_untried(group: Group, usable: tuple[bool, ...], tried: tuple[Backend, ...]) -> bool:
@@ -320,5 +268,4 @@ class Parked:
         self.client.dispatch(ex, self.client.ctx.table.groups.get(ex.group.name, ex.group))
 
     def expire(self) -> None:
-        self.client.ctx.stats.queue_timeouts += 1
-        self.client.answer(self.ex, 503, "Upstream busy: no backend free within the queue timeout")
+        give(self.client, self.ex, failures.QUEUE_TIMEOUT)

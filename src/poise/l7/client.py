@@ -35,6 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final, cast
 
+from poise import failures
 from poise.balancing import keys
 from poise.l7 import attempts, http
 from poise.l7.reader import PAUSE_QUEUE, QUEUE_BODY_LIMIT, RequestReader
@@ -47,8 +48,8 @@ from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from poise.failures import AttemptFailure
     from poise.l7.context import Context
-    from poise.models import Backend
     from poise.routing import Group
     from poise.tls.contexts import ListenerTls
     from poise.upstream.pool import Pool
@@ -141,9 +142,10 @@ class ClientConnection(asyncio.Protocol):
             self.drain_at = ctx.clock() + ctx.drain_grace
         elif len(ctx.clients) > ctx.limits.max_connections:
             # Refuse politely rather than let accept() pressure hurt everyone in flight.
-            ctx.stats.connections_refused += 1
+            refused = failures.CONNECTIONS_REFUSED
+            ctx.stats.count(refused.counter)
             transport.write(
-                http.error_response(503, "Too many connections", ctx.date.value, close=True)
+                http.error_response(refused.status, refused.message, ctx.date.value, close=True)
             )
             self._linger()
 
@@ -216,8 +218,7 @@ class ClientConnection(asyncio.Protocol):
             path = ex.target if qpos < 0 else ex.target[:qpos]
             group = table.route(self.listener, http.host_without_port(ex.host), path)
         if group is None:
-            self.ctx.stats.no_route += 1
-            self.answer(ex, 404, "Not Found")
+            attempts.give(self, ex, failures.NO_ROUTE)
             return
         ex.group = group
         self.dispatch(ex, group)
@@ -295,23 +296,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- what the upstream protocol reports (the decisions are in attempts.py) -------------
 
-    def passive_failure(
-        self, group: Group, backend: Backend, reason: str, *, connection: bool = True
-    ) -> None:
-        """A failure of ``backend`` for passive health (``attempts.passive_failure``)."""
-        attempts.passive_failure(self.ctx, group, backend, reason, connection=connection)
-
-    def may_retry(self, ex: Exchange, condition: str | int) -> bool:
-        """Whether ``ex`` may go to another backend (``attempts.may_retry``)."""
-        return attempts.may_retry(self, ex, condition)
-
     def retry(self, ex: Exchange) -> None:
-        """Send ``ex`` again, to another backend (``attempts.retry``)."""
+        """Send ``ex`` again, to another backend (``attempts.retry``): the response was a
+        status the group retries (``verdicts.judge_status`` said so)."""
         attempts.retry(self, ex)
 
-    def upstream_failed(self, ex: Exchange, condition: str, reusable_retry: bool) -> None:
+    def upstream_failed(self, ex: Exchange, failure: AttemptFailure, reusable_retry: bool) -> None:
         """The upstream connection of ``ex`` failed (``attempts.upstream_failed``)."""
-        attempts.upstream_failed(self, ex, condition, reusable_retry)
+        attempts.upstream_failed(self, ex, failure, reusable_retry)
 
     def response_complete(self, ex: Exchange) -> None:
         """The whole response of ``ex`` has been written to the transport."""
@@ -522,9 +514,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         assert self.transport is not None
-        self.ctx.stats.client_408 += 1
+        late = failures.CLIENT_TIMEOUT
+        self.ctx.stats.count(late.counter)
         self.transport.write(
-            http.error_response(408, "Request Timeout", self.ctx.date.value, close=True)
+            http.error_response(late.status, late.message, self.ctx.date.value, close=True)
         )
         self.queue.clear()
         self._linger()  # a client still sending (a trickle) would get a reset over the 408

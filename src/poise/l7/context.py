@@ -33,7 +33,7 @@ from poise.tls.contexts import ClientTls, group_tls, upstream_tls
 if TYPE_CHECKING:
     from poise.health.passive import Outliers
     from poise.l7.client import ClientConnection
-    from poise.l7.request import RequestMemo
+    from poise.l7.memo import RequestMemo
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
 
@@ -87,6 +87,10 @@ class Stats:
 
     # bad requests by the status they were answered with (400, 413, 414, 431, 501, 505)
     rejects: dict[int, int] = field(default_factory=dict)
+
+    def count(self, counter: str) -> None:
+        """One more of ``counter`` (a field named by failures.py's table)."""
+        setattr(self, counter, getattr(self, counter) + 1)
 
     def as_dict(self) -> dict[str, int]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rejects"}
@@ -213,7 +217,7 @@ class Context:
         self.scan_response: Callable[[bytes], scan.ResponseScan | None] = scan.scan_response
         self.config = config  # what configure() compares a new config with
         # counts configure() calls: what a connection derived from the settings (a request
-        # head it rebuilt, see client.RequestMemo) is valid for one generation only
+        # head it rebuilt, see l7/memo.py) is valid for one generation only
         self.generation = 0
         self.configure(config)
 

@@ -7,7 +7,7 @@ it into requests on the client's queue, by the cheapest way that gives the same 
 
 1. the same bytes as the last plain head remembered on this connection (or, on a new
    connection, from the same listener, address and client certificate): what poise made of
-   them then (``RequestMemo``, ``_repeat``);
+   them then (l7/memo.py, ``_repeat``);
 2. one whole plain head (l7/scan.py, in C when built): one scan (``_plain``);
 3. anything else: httptools (llhttp), which calls back per event (``on_message_begin`` ...
    ``on_message_complete``); the callbacks check what llhttp leaves to poise and rebuild the
@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from poise.l7 import http
+from poise.l7.memo import MEMO_MISSES, RequestMemo, recall, remember
 from poise.l7.request import (
     Exchange,
     Reject,
-    RequestMemo,
     field_list,
     forwarding_fields,
     origin_form,
@@ -47,9 +47,6 @@ log = logging.getLogger("poise.proxy")
 
 CRLF: Final = b"\r\n"
 EOH: Final = b"\r\n\r\n"  # the end of a head
-MEMO_MAX: Final = 1024  # bytes: a longer request head is not remembered (memory per connection)
-MEMO_MISSES: Final = 4  # heads in a row that were not the remembered one: stop remembering
-FIRST_HEADS_MAX: Final = 256  # (listener, peer) pairs whose last head new connections may reuse
 NAMES_MAX: Final = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
 QUEUE_BODY_LIMIT: Final = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF: Final = float("inf")
@@ -76,8 +73,6 @@ class RequestReader:
         "_kinds",
         "_known",
         "_left",
-        "_memo",
-        "_misses",
         "_more",
         "_n_headers",
         "_names",
@@ -88,6 +83,8 @@ class RequestReader:
         "ctx",
         "cur",
         "in_body",
+        "memo",
+        "misses",
         "parser",
     )
 
@@ -111,8 +108,8 @@ class RequestReader:
         self._head_size = 0  # bytes of the current request head, as parsed
         self._head_raw = 0  # bytes received while not in a body (a guard, see feed)
         self._left = 0  # body bytes of a scanned request still to come (_count_body)
-        self._memo: RequestMemo | None = None  # the last bodiless request head, see _repeat
-        self._misses = 0  # requests since the last one that was _memo's (see MEMO_MISSES)
+        self.memo: RequestMemo | None = None  # the last bodiless request head (l7/memo.py)
+        self.misses = 0  # heads since the last one that was memo's (memo.MEMO_MISSES)
         self._begun = 0  # requests whose parsing began (on_message_begin)
         # a remembered request without keep-alive was taken (_repeat): the parser, which did
         # not see it, must act as llhttp does after one (see feed)
@@ -136,31 +133,11 @@ class RequestReader:
     def feed(self, data: bytes) -> None:
         client = self.client
         assert client is not None  # (None once the connection is gone)
-        memo = self._memo
-        if memo is None and self._begun == 0:  # (so self.cur is None)
-            # The first read of a connection: a client that opens one connection per
-            # request (Connection: close) sends the same head on each, from the same peer,
-            # which gives the same result (the key holds all that the head is built from).
-            first = self.ctx.first_heads.get((client.listener, client.peer, client.tls_fields))
-            if (
-                first is not None
-                and data == first.raw
-                and self.parser is not None
-                and first.generation == self.ctx.generation
-            ):
-                self._memo = first
-                self._repeat(first)
-                return
-        elif memo is not None and self.cur is None:
-            if (
-                data == memo.raw
-                and self.parser is not None
-                and memo.generation == self.ctx.generation
-            ):
-                self._misses = 0
+        if self.cur is None and (self.memo is not None or self._begun == 0):
+            memo = recall(self, data, self.ctx, client)
+            if memo is not None:
                 self._repeat(memo)
                 return
-            self._misses += 1
         parser = self.parser
         if parser is None:  # (the client holds the bytes of an upgrade, or drops them)
             return
@@ -231,33 +208,11 @@ class RequestReader:
                 fresh
                 and self._begun == begun + 1
                 and self.cur is None
-                and len(data) <= MEMO_MAX
-                and self._misses < MEMO_MISSES
-                and data[-4:] == EOH
+                and self.misses < MEMO_MISSES
             ):
-                self._remember(data)
+                remember(self, data, self.ctx, client)
         self._feed = b""  # (not kept: it may be a large piece of a body)
         self._clean = None
-
-    def _remember(self, data: bytes) -> None:
-        """``data`` was one whole request head, parsed: keep what poise made of it for when
-        the same bytes come again (see _repeat), if the request is plain enough."""
-        client = self.client
-        assert client is not None  # (None once the connection is gone)
-        ex = client.queue[-1] if client.queue else None
-        if (
-            ex is not None
-            and not ex.has_body
-            and not ex.http10
-            and ex.upgrade is None
-            and ex.error is None
-            and self.parser is not None
-        ):
-            self._memo = memo = RequestMemo(data, self.ctx.generation, ex)
-            first = self.ctx.first_heads
-            if len(first) >= FIRST_HEADS_MAX:
-                first.clear()
-            first[(client.listener, client.peer, client.tls_fields)] = memo
 
     def _repeat(self, memo: RequestMemo) -> None:
         """The same bodiless request head as before, in one read: what the parser callbacks
@@ -329,8 +284,8 @@ class RequestReader:
             return  # (the client starts it: ClientConnection.data_received)
         ex.request_done = True
         self._enqueue(ex)
-        if len(data) <= MEMO_MAX and self._misses < MEMO_MISSES:
-            self._remember(data)
+        if self.misses < MEMO_MISSES:
+            remember(self, data, self.ctx, client)
         queue = client.queue
         if not queue[0].started and not client.closed:
             client.start(queue[0])

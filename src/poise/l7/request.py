@@ -95,50 +95,6 @@ class Exchange:
         return f"Exchange({self.method.decode()} {self.target[:80]!r})"
 
 
-class RequestMemo:
-    """A bodiless request head as the client sent it (``raw``, one whole read) and what poise
-    made of it. A keep-alive client that sends the very same head again (a poller, a
-    health checker, a load generator) gets it from here instead of parsing and rebuilding it
-    again: the same bytes, under the same settings (``generation``) and on the same
-    connection (its peer and TLS fields are the same), give the same result. The last one
-    remembered per listener, peer and TLS fields also serves the first read of the next
-    connection with those (``Context.first_heads``): a client that opens a connection per
-    request sends the same head on each."""
-
-    __slots__ = (
-        "client", "fields", "generation", "head", "headers", "host", "is_head", "keep_alive",
-        "method", "raw", "target",
-    )  # fmt: skip
-
-    def __init__(self, raw: bytes, generation: int, ex: Exchange) -> None:
-        self.raw = raw
-        self.generation = generation
-        self.method = ex.method
-        self.target = ex.target
-        self.host = ex.host
-        self.head = ex.head
-        self.keep_alive = ex.keep_alive
-        self.is_head = ex.is_head
-        self.headers = ex.headers
-        self.fields = ex.fields
-        self.client = ex.client
-
-    def exchange(self) -> Exchange:
-        """A new Exchange for the request, complete (it has no body)."""
-        ex = Exchange()
-        ex.method = self.method
-        ex.target = self.target
-        ex.host = self.host
-        ex.head = self.head
-        ex.keep_alive = self.keep_alive
-        ex.is_head = self.is_head
-        ex.headers = self.headers
-        ex.fields = self.fields
-        ex.client = self.client
-        ex.request_done = True
-        return ex
-
-
 def field_list(ex: Exchange) -> list[bytes]:
     """The request's fields, flat: name, b": ", value, CRLF, repeated. A plain head's
     (``ex.fields``) are split on first use: only hashing on a header or cookie, a retry's
@@ -224,3 +180,10 @@ def settle(ex: Exchange, *, ok: bool) -> None:
         if adm is not None:
             ex.admission = None
             adm.released()
+
+
+def with_host(head: bytes, backend: Backend) -> bytes:
+    """An HTTP/1.0 request head without Host goes out as HTTP/1.1, which requires one
+    (RFC 9112 §3.2): it names the backend, as nginx does by default."""
+    i = head.index(b"\r\n") + 2
+    return head[:i] + b"Host: " + backend.authority.encode() + b"\r\n" + head[i:]

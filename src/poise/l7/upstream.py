@@ -33,34 +33,39 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from poise.l7 import http
-from poise.l7.request import settle
+from poise import failures
+from poise.l7.request import settle, with_host
+from poise.l7.response import (
+    BODY_CHUNK,
+    BODY_NONE,
+    BODY_RAW,
+    BODY_TUNNEL,
+    COUNT_FROM,
+    MEMO_MAX,
+    MEMO_MISSES,
+    BadResponse,
+    ResponseMemo,
+    content_length,
+    framing,
+    head_tail,
+    rewrite_head,
+    send_out,
+    stray_bytes,
+    upgrade_head,
+)
+from poise.l7.verdicts import judge_status
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
     from poise.l7.context import Context
     from poise.l7.request import Exchange
     from poise.models import Backend
-    from poise.routing import Group
     from poise.upstream.pool import Pool
 
 log = logging.getLogger("poise.proxy")
 
 CRLF: Final = b"\r\n"
 _INF: Final = float("inf")
-COUNT_FROM: Final = 16 * 1024  # body bytes in the head's read above which llhttp is stopped
-MEMO_MAX: Final = 2048  # bytes: a longer response head is not remembered (memory per connection)
-MEMO_MISSES: Final = 4  # responses in a row that were not the remembered one: stop remembering
-
-# how a response body travels to the client
-_NONE: Final = 0
-_RAW: Final = 1  # bytes as they are (Content-Length, or close-delimited to an HTTP/1.0 client)
-_CHUNK: Final = 2  # re-chunked
-_TUNNEL: Final = 3  # 101 Switching Protocols: the connection becomes a tunnel
-
-
-class BadResponse(Exception):
-    """Raised inside a parser callback: the backend broke HTTP/1.1."""
 
 
 class _RetryStatus(Exception):
@@ -71,63 +76,13 @@ class _CountBody(Exception):
     """Raised by on_headers_complete to stop llhttp before a large Content-Length body."""
 
 
-def _content_length(low_block: bytes) -> int:
-    i = low_block.find(b"\r\ncontent-length:")
-    j = low_block.find(b"\r\n", i + 2)
-    return int(low_block[i + 17 : j if j >= 0 else len(low_block)].strip(b" \t"))
-
-
-class ResponseMemo:
-    """A response head a backend sent (``head``, raw) and what poise made of it: its status,
-    the rewritten status line and fields (without what poise adds per request, see
-    UpstreamConnection._tail) and its Content-Length. When the same head comes again on the
-    connection (a backend answering the same request the same way within the second of its
-    Date field), it is taken from here instead of parsed and rewritten again: the same bytes
-    give the same result. Only plain responses are kept: a status below 500 with a
-    Content-Length body, keep-alive."""
-
-    __slots__ = ("head", "length", "rewritten", "status")
-
-    def __init__(self, head: bytes, status: int, rewritten: bytes, length: int) -> None:
-        self.head = head
-        self.status = status
-        self.rewritten = rewritten
-        self.length = length
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_body_from",
-        "_body_src",
-        "_head_start",
-        "_headbuf",
-        "_low_head",
-        "_memo",
-        "_misses",
-        "_received",
-        "backend",
-        "client",
-        "close_delimited",
-        "closed",
-        "complete",
-        "ctx",
-        "deadline",
-        "ex",
-        "got_bytes",
-        "head_done",
-        "idle_since",
-        "interim",
-        "keep",
-        "mode",
-        "out",
-        "parser",
-        "pool",
-        "remaining",
-        "reused",
-        "timeout",
-        "total",
-        "transport",
-    )
+        "_body_from", "_body_src", "_head_start", "_headbuf", "_low_head", "_memo", "_misses",
+        "_received", "backend", "client", "close_delimited", "closed", "complete", "ctx",
+        "deadline", "ex", "got_bytes", "head_done", "idle_since", "interim", "keep", "mode",
+        "out", "parser", "pool", "remaining", "reused", "timeout", "total", "transport",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -172,7 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.keep = False
         self.close_delimited = False
-        self.mode = _NONE
+        self.mode = BODY_NONE
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -194,15 +149,15 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         if self.close_delimited and self.head_done:
             # EOF is how this response ends (RFC 9112 §6.3 item 8).
-            if self.mode == _CHUNK and not client.closed:
+            if self.mode == BODY_CHUNK and not client.closed:
                 assert client.transport is not None
                 client.transport.write(b"0\r\n\r\n")
             client.response_complete(ex)
             return
         # Died mid-exchange. A reused idle connection that never produced a byte was most
         # likely closed by the backend's keep-alive timer just as we sent: safe to replay.
-        condition = "broken" if self.got_bytes else "reset"
-        client.upstream_failed(ex, condition, self.reused and not self.got_bytes)
+        failure = failures.BROKEN if self.got_bytes else failures.RESET
+        client.upstream_failed(ex, failure, self.reused and not self.got_bytes)
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -228,16 +183,8 @@ class UpstreamConnection(asyncio.Protocol):
         memo = self._memo
         replay = False
         if first and memo is not None:
-            if (
-                data.startswith(memo.head)
-                and not ex.is_head
-                and ex.group is not None
-                and memo.status not in ex.group.retry_statuses
-            ):
-                replay = True
-                self._misses = 0
-            else:
-                self._misses += 1
+            replay = memo.fits(data, ex)
+            self._misses = 0 if replay else self._misses + 1
         counting = self.remaining >= 0
         try:
             if counting:
@@ -279,13 +226,13 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self.mode != _TUNNEL:
+            if self.mode != BODY_TUNNEL:
                 self._broken(ex, client, out, BadResponse("unexpected protocol switch"))
                 return
             # 101 Switching Protocols: what follows its head is the new protocol's.
             rest = data[int(exc.args[0]) :]  # the offset is into what was just fed
             if out and not client.closed:
-                _send(client.transport, out)  # type: ignore[arg-type]
+                send_out(client.transport, out)  # type: ignore[arg-type]
             self.ex = self.client = None
             client.start_tunnel(self, rest)
             return
@@ -312,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
             if counting:
                 stray = self._count(data, out)
         if out and not client.closed:
-            _send(client.transport, out)  # type: ignore[arg-type]
+            send_out(client.transport, out)  # type: ignore[arg-type]
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
             return
@@ -321,10 +268,10 @@ class UpstreamConnection(asyncio.Protocol):
         # then the silence is ours, not the backend's.
         if not client.write_paused:
             self.deadline = self.ctx.clock() + self.timeout
-        if self.mode == _RAW and self.remaining < 0 and self.head_done and self._low_head:
+        if self.mode == BODY_RAW and self.remaining < 0 and self.head_done and self._low_head:
             # A Content-Length body longer than one read: count the rest instead of feeding
             # llhttp, which would copy every chunk into a new bytes object for on_body.
-            self.remaining = _content_length(self._low_head) - self._received
+            self.remaining = content_length(self._low_head) - self._received
             self.parser = httptools.HttpResponseParser(self)  # the old one expects the body
 
     def _replay(
@@ -350,18 +297,20 @@ class UpstreamConnection(asyncio.Protocol):
         group = ex.group
         assert group is not None
         o = group.outliers
-        if o is not None and o.any_streak:
-            self._judge(ex, client, group, status, b"")  # not a retried status: see caller
+        if o is not None and o.any_streak:  # (not a retried status: see the caller)
+            judge_status(
+                self.ctx, ex, self.backend, status, b"", forwarded=True, client_closed=False
+            )
         if self.ctx.access is not None:
             ex.body_out = length
-        self.mode = _RAW
-        out.append(rewritten + self._tail(ex, client, b""))
+        self.mode = BODY_RAW
+        out.append(rewritten + head_tail(self.ctx, self.backend, ex, client, b""))
         self.keep = keep
         self.head_done = True
         ex.response_started = True
         if length == 0:
             self.complete = True
-            return len(data) > start and _stray(data[start:])
+            return len(data) > start and stray_bytes(data[start:])
         self.remaining = length
         n = len(data) - start
         if n == 0:
@@ -376,7 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.remaining -= n
             return False
         out.append(data if n == self.remaining else data[: self.remaining])
-        stray = n > self.remaining and _stray(data[self.remaining :])
+        stray = n > self.remaining and stray_bytes(data[self.remaining :])
         self.remaining = -1
         self.complete = True
         return stray
@@ -417,46 +366,14 @@ class UpstreamConnection(asyncio.Protocol):
         end = buf.find(b"\r\n\r\n", start)
         self._head_start = end + 4
         eol = buf.find(b"\r\n", start)
-        block = buf[eol:end]  # "\r\nName: value" per field
-        low = block.lower()
-        found = http.RESPONSE_SCAN_RE.findall(low)
-        te: bytes | None = None
-        if found in (http.CL_CONNECTION, http.CONNECTION_CL):
-            # The most common shape (nginx, most servers): drop "Connection: keep-alive".
-            i = low.find(b"\r\nconnection:")
-            j = low.find(b"\r\n", i + 2)
-            if j < 0:
-                j = len(low)
-            if low[i + 13 : j].strip(b" \t") in http.PLAIN_CONNECTION:
-                block = block[:i] + block[j:]
-            else:
-                block, te = http.strip_hop_fields(block, low)
-            has_cl = True
-        elif not found:
-            has_cl = False
-        elif found == http.CL_ONLY:
-            has_cl = True
-        else:
-            has_cl = b"\r\ncontent-length:" in found
-            block, te = http.strip_hop_fields(block, low)
+        line, block, low, has_cl, te = rewrite_head(buf, start, eol, end)
         status = self.parser.get_status_code()
-        if buf.startswith(b"HTTP/1.1 ", start):
-            line = buf[start:eol]
-        else:
-            line = b"HTTP/1.1" + buf[start + 8 : eol]
         if status < 200:
             if status == 101:
                 if ex.upgrade is None:
                     raise BadResponse("101 without an upgrade request")
-                i = low.find(b"\r\nupgrade:")
-                if i < 0:
-                    raise BadResponse("101 without an Upgrade header")
-                j = low.find(b"\r\n", i + 2)
-                value = buf[eol + i + 10 : eol + (j if j >= 0 else len(low))].strip(b" \t")
-                self.out.append(
-                    line + block + b"\r\nConnection: Upgrade\r\nUpgrade: " + value + b"\r\n\r\n"
-                )
-                self.mode = _TUNNEL
+                self.out.append(upgrade_head(line, block, low, buf[eol:end]))
+                self.mode = BODY_TUNNEL
                 self.head_done = True
                 ex.response_started = True
                 return
@@ -471,32 +388,21 @@ class UpstreamConnection(asyncio.Protocol):
         group = ex.group
         assert group is not None
         if (
-            status >= 500 or (group.outliers is not None and group.outliers.any_streak)
-        ) and self._judge(ex, client, group, status, low):
+            (status >= 500 or (group.outliers is not None and group.outliers.any_streak))
+            and judge_status(
+                self.ctx, ex, self.backend, status, low,
+                forwarded=bool(self.out), client_closed=client.closed,
+            )
+        ):  # fmt: skip
             raise _RetryStatus
         no_body = ex.is_head or status in (204, 304)
         if has_cl and self.ctx.access is not None:
-            ex.body_out = _content_length(low)
-        if has_cl or no_body:
-            self._low_head = low  # Content-Length is read from it only if the body is long
-            self.mode = _NONE if no_body else _RAW
-            tail = b""
-        else:
-            if te is not None:
-                if http.connection_tokens(te)[-1:] != [b"chunked"]:
-                    raise BadResponse("unsupported transfer coding")
-            else:
-                self.close_delimited = True
-            self._low_head = b""  # no Content-Length to count the body by
-            if ex.http10:
-                self.mode = _RAW
-                ex.keep_alive = False  # the end of the body is the end of the connection
-                tail = b""
-            else:
-                self.mode = _CHUNK
-                tail = b"\r\nTransfer-Encoding: chunked"
+            ex.body_out = content_length(low)
+        self.mode, tail, self.close_delimited = framing(ex, has_cl, te, no_body=no_body)
+        # Content-Length is read from the head only if the body is long
+        self._low_head = low if has_cl or no_body else b""
         rewritten = line + block
-        self.out.append(rewritten + self._tail(ex, client, tail))
+        self.out.append(rewritten + head_tail(self.ctx, self.backend, ex, client, tail))
         self.keep = keep = self.parser.should_keep_alive()
         self.head_done = True
         ex.response_started = True
@@ -504,76 +410,35 @@ class UpstreamConnection(asyncio.Protocol):
         if (
             keep
             and has_cl
-            and self.mode == _RAW
+            and self.mode == BODY_RAW
             and status < 500
             and not ex.is_head
             and end - start < MEMO_MAX
             and self._misses < MEMO_MISSES
         ):
-            length = ex.body_out if ex.body_out is not None else _content_length(low)
+            length = ex.body_out if ex.body_out is not None else content_length(low)
             self._memo = ResponseMemo(buf[start : end + 4], status, rewritten, length)
-        if self.mode == _RAW and len(buf) - end > COUNT_FROM:
+        if self.mode == BODY_RAW and len(buf) - end > COUNT_FROM:
             # Much body follows in this very read: stop llhttp here so it does not copy it
             # into a new bytes object for on_body (data_received continues from end + 4).
-            self.remaining = _content_length(low)
+            self.remaining = content_length(low)
             self._body_src = buf
             self._body_from = end + 4
             raise _CountBody
 
-    def _tail(self, ex: Exchange, client: ClientConnection, tail: bytes) -> bytes:
-        """The end of a response head towards the client: the fields poise adds, and how
-        the connection goes on."""
-        ctx = self.ctx
-        if ctx.x_forwarded_server:
-            tail += b"\r\nX-Forwarded-Server: " + self.backend.authority.encode()
-        if ctx.via:
-            tail += b"\r\nVia: 1.1 poise"
-        sticky = ex.sticky
-        if sticky is not None and ex.sticky_key != sticky.values[self.backend.index]:
-            tail += b"\r\nSet-Cookie: " + sticky.set_cookie(self.backend)
-        # a client that half-closed gets "close" with the last response it is owed
-        if not ex.keep_alive or (client.close_after and len(client.queue) <= 1) or ctx.draining:
-            ex.keep_alive = False
-            tail += b"\r\nConnection: close\r\n\r\n"
-        elif ex.http10:
-            tail += b"\r\nConnection: keep-alive\r\n\r\n"
-        else:
-            tail += b"\r\n\r\n"
-        return tail
-
-    def _judge(
-        self, ex: Exchange, client: ClientConnection, group: Group, status: int, low: bytes
-    ) -> bool:
-        """Passive health's verdict on a response status, and whether to retry instead of
-        forwarding it (a 5xx listed in retry.on, before anything reached the client)."""
-        o = group.outliers
-        i = self.backend.index
-        if o is not None:
-            if status in o.statuses:
-                client.passive_failure(group, self.backend, f"status {status}", connection=False)
-            elif status == 503 and b"\r\nretry-after:" in low:
-                seconds = http.retry_after_seconds(http.field_value(low, b"retry-after"))
-                ctx = self.ctx
-                if seconds is not None and o.retry_after(i, ctx.now, seconds):
-                    ctx.stats.ejections += 1
-                    ctx.on_ejected(group.name, i, o)
-            elif o.streak[i]:
-                o.success(i)
-        return status in group.retry_statuses and not self.out and client.may_retry(ex, status)
-
     def on_body(self, body: bytes) -> None:
         mode = self.mode
-        if mode == _RAW:
+        if mode == BODY_RAW:
             self.out.append(body)
             self._received += len(body)
-        elif mode == _CHUNK:
+        elif mode == BODY_CHUNK:
             self.out += (b"%x\r\n" % len(body), body, CRLF)
 
     def on_message_complete(self) -> None:
         if self.interim:
             self.interim = False
             return
-        if self.mode == _CHUNK:
+        if self.mode == BODY_CHUNK:
             self.out.append(b"0\r\n\r\n")
         self.complete = True
 
@@ -587,16 +452,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_start = 0
         self.complete = self.head_done = self.interim = self.got_bytes = self.keep = False
         self.close_delimited = False
-        self.mode = _NONE
+        self.mode = BODY_NONE
         self._received = 0
         transport = self.transport
         assert transport is not None
-        head = ex.head
-        if not ex.host:
-            # An HTTP/1.0 request without Host goes out as HTTP/1.1, which requires one
-            # (RFC 9112 §3.2): name the backend, as nginx does by default.
-            i = head.index(b"\r\n") + 2
-            head = head[:i] + b"Host: " + self.backend.authority.encode() + b"\r\n" + head[i:]
+        head = ex.head if ex.host else with_host(ex.head, self.backend)
         if body:
             transport.writelines((head, *body))
         else:
@@ -666,7 +526,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
-        client.upstream_failed(ex, "timeout", False)
+        client.upstream_failed(ex, failures.TIMEOUT, False)
 
     def _release(self, ex: Exchange, client: ClientConnection, *, reusable: bool) -> None:
         self.ex = self.client = None
@@ -697,28 +557,11 @@ class UpstreamConnection(asyncio.Protocol):
             # The response itself was whole; what followed it was not ours to forward.
             if out and not client.closed:
                 assert client.transport is not None
-                _send(client.transport, out)
+                send_out(client.transport, out)
             client.response_complete(ex)
         else:
-            client.upstream_failed(ex, "broken", False)
+            client.upstream_failed(ex, failures.BROKEN, False)
 
     def __repr__(self) -> str:
         state = "busy" if self.ex is not None else "idle"
         return f"UpstreamConnection({self.backend.authority}, {state})"
-
-
-def _stray(rest: bytes | memoryview) -> bool:
-    """Bytes after a response that make its connection unusable: anything but the empty
-    lines llhttp skips between messages (some servers end a body with an extra CRLF)."""
-    return bytes(rest).strip(b"\r\n") != b""
-
-
-def _send(transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
-    """One write per read. Small pieces are joined (one contiguous buffer is cheaper than a
-    writev); large body chunks go as they are, without a copy."""
-    if len(out) == 1:
-        transport.write(out[0])
-    elif len(out[-1]) < 16384:
-        transport.write(b"".join(out))
-    else:
-        transport.writelines(out)
