@@ -11,99 +11,85 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 
 from poise.balancing.base import Policy, first_usable
 from poise.balancing.load import Load
-from poise.balancing.simple import RoundWalk
+from poise.balancing.simple import RoundPolicy, RoundWalk
 from poise.models import Backend
 
 
-class LeastConn(Policy):
+class LeastConn(RoundPolicy):
     """Fewest requests in flight relative to weight (active / weight) among those up; ties
     (all idle, the usual case under light load) are broken by smooth weighted round robin
     among the tied backends, as nginx does, so weights 5,1,1 share sequential requests
     5:1:1 and equal backends take turns. A backend passed over (tried, at a limit) takes no
     part: the pick is made again among the others (see :mod:`poise.balancing.base`)."""
 
-    __slots__ = ("_backends", "_current", "_idx", "_load", "_total", "_weights")
+    __slots__ = ("_load",)
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
-        self._backends = tuple(backends)
-        self._idx = tuple(b.index for b in self._backends)
+        super().__init__(backends)
         self._load = load
-        self._weights = tuple(b.weight for b in self._backends)
-        self._total = sum(self._weights)
-        self._current = [0] * len(self._backends)  # smooth WRR among ties
 
-    def candidates(
-        self, key: bytes | None = None, up: Sequence[bool] | None = None
-    ) -> Iterable[Backend]:
-        if not self._backends:
-            return ()
+    def _walk(self, up: Sequence[bool] | None) -> RoundWalk:
         return _LeastWalk(self, up)
-
-    def pick(
-        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
-    ) -> Backend | None:
-        chosen, total = self._round(up)
-        if chosen < 0:
-            return None
-        x = self._backends[chosen]
-        if x not in tried:
-            return x
-        walk = _LeastWalk(self, up)
-        walk.resume(chosen, total)
-        return first_usable(walk, up, tried)
 
     def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
         """The least loaded of those up, chosen by a smooth WRR round among those tied with
         it: (its position or -1 if none is up, the tie's weight)."""
+        if not self._weights:
+            return -1, 0
+        if up is not None and False in up:
+            return self._round_among(up)
+        if max(self._load.active) == 0:  # all up and idle: all tied, a round among all
+            current, w = self._current, self._weights
+            chosen = 0
+            for i in range(len(w)):
+                current[i] += w[i]
+                if current[i] > current[chosen]:
+                    chosen = i
+            current[chosen] -= self._total
+            return chosen, self._total
+        return self._round_busy()
+
+    def _round_busy(self) -> tuple[int, int]:
+        """``_round`` with all up, the usual case: no test per backend."""
         active, w, current = self._load.active, self._weights, self._current
-        n = len(w)
-        chosen, total = -1, 0
-        if not n:
-            return chosen, total
-        if up is None or False not in up:  # all up, the usual case: no test per backend
-            if max(active) == 0:  # all idle: all tied, a round among all
-                chosen = 0
-                for i in range(n):
-                    current[i] += w[i]
-                    if current[i] > current[chosen]:
-                        chosen = i
-                total = self._total
-            else:
-                # the least active/weight (compared multiplied out: no division), the first
-                # of equals
-                best, ba, bw = 0, active[0], w[0]
-                for i in range(1, n):
-                    a = active[i]
-                    if a * bw < ba * w[i]:
-                        best, ba, bw = i, a, w[i]
-                chosen = best  # a round among those tied with it (all after it)
-                for i in range(best, n):
-                    wi = w[i]
-                    if active[i] * bw == ba * wi:
-                        c = current[i] + wi
-                        current[i] = c
-                        total += wi
-                        if c > current[chosen]:
-                            chosen = i
-        else:
-            idx = self._idx
-            best, ba, bw = -1, 0, 1
-            for i in range(n):
-                if up[idx[i]]:
-                    a = active[i]
-                    if best < 0 or a * bw < ba * w[i]:
-                        best, ba, bw = i, a, w[i]
-            if best < 0:
-                return chosen, total
-            chosen = best
-            for i in range(best, n):
-                wi = w[i]
-                if active[i] * bw == ba * wi and up[idx[i]]:
-                    c = current[i] + wi
-                    current[i] = c
-                    total += wi
-                    if c > current[chosen]:
-                        chosen = i
+        # the least active/weight (compared multiplied out: no division), the first of equals
+        best, ba, bw = 0, active[0], w[0]
+        for i in range(1, len(w)):
+            a = active[i]
+            if a * bw < ba * w[i]:
+                best, ba, bw = i, a, w[i]
+        chosen, total = best, 0  # a round among those tied with it (all after it)
+        for i in range(best, len(w)):
+            wi = w[i]
+            if active[i] * bw == ba * wi:
+                c = current[i] + wi
+                current[i] = c
+                total += wi
+                if c > current[chosen]:
+                    chosen = i
+        current[chosen] -= total
+        return chosen, total
+
+    def _round_among(self, up: Sequence[bool]) -> tuple[int, int]:
+        """``_round`` with some backends not up."""
+        active, w, current, idx = self._load.active, self._weights, self._current, self._idx
+        best, ba, bw = -1, 0, 1
+        for i in range(len(w)):
+            if up[idx[i]]:
+                a = active[i]
+                if best < 0 or a * bw < ba * w[i]:
+                    best, ba, bw = i, a, w[i]
+        if best < 0:
+            return -1, 0
+        chosen, total = best, 0
+        for i in range(best, len(w)):
+            wi = w[i]
+            if active[i] * bw == ba * wi and up[idx[i]]:
+                c = current[i] + wi
+                current[i] = c
+                total += wi
+                if c > current[chosen]:
+                    chosen = i
         current[chosen] -= total
         return chosen, total
 
@@ -167,29 +153,22 @@ class _LeastWalk(RoundWalk):
         return p._backends[chosen]
 
 
-class PowerOfTwo(Policy):
-    """Power of two choices, least request: sample two distinct backends at random and
-    prefer the one with the better score ``weight / (active + 1) ** bias`` (with equal
-    weights: fewer in flight). Never picks the worse of its two; if both are passed over,
-    new pairs are drawn from the rest, so no backend is favoured for its position."""
+class TwoChoices(Policy):
+    """What power of two choices and peak EWMA share: sample two distinct backends at random
+    and take the better (``better``); if both are passed over, new pairs are drawn from the
+    rest (``_Pairs``), so no backend is favoured for its position."""
 
-    __slots__ = ("_backends", "_bias", "_bits", "_equal", "_load", "_rng", "_weights")
+    __slots__ = ("_backends", "_bits", "_load", "_rng")
 
-    def __init__(
-        self, backends: Sequence[Backend], rng: random.Random, load: Load, bias: float = 1.0
-    ) -> None:
+    def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
         self._backends = tuple(backends)
         self._rng = rng
         self._bits = rng.getrandbits
         self._load = load
-        self._bias = bias
-        self._weights = tuple(b.weight for b in self._backends)
-        # equal weights (and a positive bias, as config requires): the better is simply the
-        # one with fewer in flight
-        self._equal = len(set(self._weights)) <= 1 and bias > 0
 
-    def score(self, i: int) -> float:
-        return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
+    def better(self, i: int, j: int) -> tuple[int, int]:
+        """``i`` and ``j``, the better first."""
+        raise NotImplementedError
 
     def candidates(
         self, key: bytes | None = None, up: Sequence[bool] | None = None
@@ -217,6 +196,28 @@ class PowerOfTwo(Policy):
         i, j = _two(self._bits, len(self._backends))
         return self.better(i, j)
 
+
+class PowerOfTwo(TwoChoices):
+    """Power of two choices, least request: sample two distinct backends at random and
+    prefer the one with the better score ``weight / (active + 1) ** bias`` (with equal
+    weights: fewer in flight). Never picks the worse of its two; if both are passed over,
+    new pairs are drawn from the rest, so no backend is favoured for its position."""
+
+    __slots__ = ("_bias", "_equal", "_weights")
+
+    def __init__(
+        self, backends: Sequence[Backend], rng: random.Random, load: Load, bias: float = 1.0
+    ) -> None:
+        super().__init__(backends, rng, load)
+        self._bias = bias
+        self._weights = tuple(b.weight for b in self._backends)
+        # equal weights (and a positive bias, as config requires): the better is simply the
+        # one with fewer in flight
+        self._equal = len(set(self._weights)) <= 1 and bias > 0
+
+    def score(self, i: int) -> float:
+        return float(self._backends[i].weight / (self._load.active[i] + 1) ** self._bias)
+
     def better(self, i: int, j: int) -> tuple[int, int]:
         """``i`` and ``j``, the better first."""
         active = self._load.active
@@ -235,11 +236,11 @@ class PowerOfTwo(Policy):
         return f"PowerOfTwo({self._load.active})"
 
 
-class PeakEwma(Policy):
+class PeakEwma(TwoChoices):
     """Power of two choices over peak-EWMA latency x (in flight + 1): latency-aware, and a
     backend slowed down gets clearly less traffic while still being probed."""
 
-    __slots__ = ("_backends", "_bits", "_load", "_now", "_rng")
+    __slots__ = ("_now",)
 
     def __init__(
         self,
@@ -248,42 +249,13 @@ class PeakEwma(Policy):
         load: Load,
         now: Callable[[], float],
     ) -> None:
-        self._backends = tuple(backends)
-        self._rng = rng
-        self._bits = rng.getrandbits
-        self._load = load
+        super().__init__(backends, rng, load)
         self._now = now
 
     def cost(self, i: int, now: float) -> float:
         load = self._load
         # an unmeasured backend costs like a fast one, so it gets measured
         return (load.cost_latency(i, now) + 1e-4) * (load.active[i] + 1) / self._backends[i].weight
-
-    def candidates(
-        self, key: bytes | None = None, up: Sequence[bool] | None = None
-    ) -> Iterable[Backend]:
-        b = self._backends
-        if len(b) < 2:
-            return b
-        i, j = self._two()
-        return _Pairs(self, i, j)
-
-    def pick(
-        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
-    ) -> Backend | None:
-        b = self._backends
-        if len(b) < 2:
-            return first_usable(b, up, tried)
-        i, j = self._two()
-        x = b[i]
-        if up[x.index] and x not in tried:
-            return x
-        return first_usable(_Pairs(self, i, j, 1), up, tried)
-
-    def _two(self) -> tuple[int, int]:
-        """The two sampled positions, the cheaper first."""
-        i, j = _two(self._bits, len(self._backends))
-        return self.better(i, j)
 
     def better(self, i: int, j: int) -> tuple[int, int]:
         """``i`` and ``j``, the cheaper first."""
@@ -312,7 +284,7 @@ class _Pairs:
 
     __slots__ = ("_given", "_i", "_j", "_p", "_rest")
 
-    def __init__(self, p: PowerOfTwo | PeakEwma, i: int, j: int, given: int = 0) -> None:
+    def __init__(self, p: TwoChoices, i: int, j: int, given: int = 0) -> None:
         self._p, self._i, self._j = p, i, j
         self._given = given  # how many of the pair were handed out
         self._rest: list[int] | None = None

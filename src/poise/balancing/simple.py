@@ -15,7 +15,48 @@ from poise.balancing.base import Policy, first_usable
 from poise.models import Backend
 
 
-class SmoothWeightedRoundRobin(Policy):
+class RoundPolicy(Policy):
+    """What smooth WRR and least_conn share: a pick is one round among the backends up
+    (``_round``: the position chosen and the weight taking part); once that one is passed
+    over, the pick goes on as a walk from that round (``_walk``, a ``RoundWalk``)."""
+
+    __slots__ = ("_backends", "_current", "_idx", "_total", "_weights")
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = tuple(backends)
+        self._idx = tuple(b.index for b in self._backends)
+        self._weights = [b.weight for b in self._backends]
+        self._current = [0] * len(self._backends)  # the smooth WRR state
+        self._total = sum(self._weights)
+
+    def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _walk(self, up: Sequence[bool] | None) -> RoundWalk:
+        raise NotImplementedError
+
+    def candidates(
+        self, key: bytes | None = None, up: Sequence[bool] | None = None
+    ) -> Iterable[Backend]:
+        if not self._backends:
+            return ()
+        return self._walk(up)
+
+    def pick(
+        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
+    ) -> Backend | None:
+        chosen, total = self._round(up)
+        if chosen < 0:
+            return None
+        x = self._backends[chosen]
+        if x not in tried:
+            return x
+        walk = self._walk(up)
+        walk.resume(chosen, total)
+        return first_usable(walk, up, tried)
+
+
+class SmoothWeightedRoundRobin(RoundPolicy):
     """nginx's smooth weighted round robin: every pick adds each backend's weight to its
     ``current``, takes the largest, and subtracts the total from it. Weights 5,1,1 give
     ``a a b a c a a`` — never a burst of five ``a`` in a row — and over any window of
@@ -28,38 +69,17 @@ class SmoothWeightedRoundRobin(Policy):
     their weights, as exactly as with all in, rather than one of them taking a missing
     backend's turns."""
 
-    __slots__ = ("_backends", "_current", "_idx", "_total", "_weights")
+    __slots__ = ()
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random) -> None:
-        self._backends = tuple(backends)
-        self._idx = tuple(b.index for b in self._backends)
-        self._weights = [b.weight for b in self._backends]
-        self._current = [0] * len(self._backends)
-        self._total = sum(self._weights)
+        super().__init__(backends)
 
     def set_weight(self, index: int, weight: int) -> None:
         self._total += weight - self._weights[index]
         self._weights[index] = weight
 
-    def candidates(
-        self, key: bytes | None = None, up: Sequence[bool] | None = None
-    ) -> Iterable[Backend]:
-        if not self._backends:
-            return ()
+    def _walk(self, up: Sequence[bool] | None) -> RoundWalk:
         return _SwrrWalk(self, up)
-
-    def pick(
-        self, key: bytes | None, up: Sequence[bool], tried: Container[Backend]
-    ) -> Backend | None:
-        best, total = self._round(up)
-        if best < 0:
-            return None
-        x = self._backends[best]
-        if x not in tried:
-            return x
-        walk = _SwrrWalk(self, up)
-        walk.resume(best, total)
-        return first_usable(walk, up, tried)
 
     def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
         """A round among those up: (the position chosen or -1 if none is up, the weight

@@ -137,6 +137,44 @@ BAD: Final = Rejection(400, "Bad Request")
 
 def parse_request(data: bytes, s: Settings) -> RequestHead | Rejection:
     """``data``: one whole request head, ending with the empty line (b"\\r\\n\\r\\n")."""
+    line = _request_line(data, s)
+    if isinstance(line, Rejection):
+        return line
+    lines, method, target, http10 = line
+    if len(lines) - 1 > s.max_headers:
+        return Rejection(431, "Request Header Fields Too Large")
+    out = RequestHead()
+    out.method = method
+    out.http10 = http10
+    f = _read_fields(lines, s, out)
+    if isinstance(f, Rejection):
+        return f
+    if f.host is None and not http10:
+        return BAD
+    place = _origin(method, target, f.host)
+    if isinstance(place, Rejection):
+        return place
+    out.target, host = place
+    out.host = host
+    headers = http.drop_nominated(f.headers, f.tokens) if f.tokens else f.headers
+    out.headers = headers
+    out.keep_alive = b"keep-alive" in f.tokens if http10 else b"close" not in f.tokens
+    framing = _framing(out, f, s)
+    if isinstance(framing, Rejection):
+        return framing
+    upgrade = f.upgrade
+    if upgrade is not None and method == b"GET" and not http10 and b"upgrade" in f.tokens:
+        out.upgrade = upgrade
+        framing += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
+    out.head = b"".join(
+        (method, b" ", out.target, b" HTTP/1.1\r\n", *_forwarding(s, f.fwd, host, headers),
+         s.tls_fields, framing, CRLF)
+    )  # fmt: skip
+    return out
+
+
+def _request_line(data: bytes, s: Settings) -> tuple[list[bytes], bytes, bytes, bool] | Rejection:
+    """The head's lines (request line first), method, target and whether it is HTTP/1.0."""
     start = 0
     while data[start : start + 2] == CRLF:  # empty lines before the request line
         start += 2
@@ -164,24 +202,32 @@ def parse_request(data: bytes, s: Settings) -> RequestHead | Rejection:
         return Rejection(505, "HTTP Version Not Supported")
     if major != b"1" or minor not in (b"0", b"1"):
         return BAD
-    out = RequestHead()
-    out.method = method
-    out.http10 = http10 = minor == b"0"
-    if len(lines) - 1 > s.max_headers:
-        return Rejection(431, "Request Header Fields Too Large")
+    return lines, method, target, minor == b"0"
 
-    headers: list[bytes] = []
-    host: bytes | None = None
-    cl: bytes | None = None
-    te: bytes | None = None
-    tokens: list[bytes] = []
-    fwd: list[tuple[bytes, bytes, bytes]] = []
-    upgrade: bytes | None = None
+
+class _Fields:
+    """What a head's fields say: the fields forwarded as they are, and the ones poise
+    reads."""
+
+    __slots__ = ("cl", "fwd", "headers", "host", "te", "tokens", "upgrade")
+
+    def __init__(self) -> None:
+        self.headers: list[bytes] = []
+        self.host: bytes | None = None
+        self.cl: bytes | None = None
+        self.te: bytes | None = None
+        self.tokens: list[bytes] = []  # Connection's
+        self.fwd: list[tuple[bytes, bytes, bytes]] = []
+        self.upgrade: bytes | None = None
+
+
+def _read_fields(lines: list[bytes], s: Settings, out: RequestHead) -> _Fields | Rejection:
+    f = _Fields()
     for line in lines[1:]:
-        f = _FIELD.fullmatch(line)
-        if f is None:
+        m = _FIELD.fullmatch(line)
+        if m is None:
             return BAD  # obs-fold, whitespace before the colon, a bad byte
-        name, value = f.group(1), f.group(2)
+        name, value = m.group(1), m.group(2)
         lname = name.lower()
         kind = http.REQUEST_HEADER_KIND.get(lname, http.PLAIN)
         if kind == http.PLAIN:
@@ -189,26 +235,29 @@ def parse_request(data: bytes, s: Settings) -> RequestHead | Rejection:
                 continue
             if lname == b"expect" and value.lower() == b"100-continue":
                 out.expect_continue = True
-            headers += (name, b": ", value, CRLF)
+            f.headers += (name, b": ", value, CRLF)
         elif kind == http.HOST:
-            if host is not None or not http.HOST_RE.fullmatch(value):
+            if f.host is not None or not http.HOST_RE.fullmatch(value):
                 return BAD
-            host = value
+            f.host = value
         elif kind == http.CONTENT_LENGTH:
-            if cl is not None or not http.CONTENT_LENGTH_RE.fullmatch(value):
+            if f.cl is not None or not http.CONTENT_LENGTH_RE.fullmatch(value):
                 return BAD
-            cl = value
+            f.cl = value
         elif kind == http.TRANSFER_ENCODING:
-            te = value if te is None else te + b"," + value
+            f.te = value if f.te is None else f.te + b"," + value
         elif kind == http.CONNECTION:
-            tokens += http.connection_tokens(value)
+            f.tokens += http.connection_tokens(value)
         elif kind == http.FORWARDED:
-            fwd.append((lname, name, value))
+            f.fwd.append((lname, name, value))
         elif lname == b"upgrade":
-            upgrade = value
-    if host is None and not http10:
-        return BAD
+            f.upgrade = value
+    return f
 
+
+def _origin(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes] | Rejection:
+    """The target in origin form and the host (an absolute-form target's authority wins
+    over Host, RFC 9112 §3.2.2)."""
     if target[:1] != b"/":
         low = target[:8].lower()
         if low.startswith(b"http://") or low.startswith(b"https://"):
@@ -229,15 +278,14 @@ def parse_request(data: bytes, s: Settings) -> RequestHead | Rejection:
             return BAD
     if not target.isascii() or target.find(b"\\") >= 0 or target.find(b"#") >= 0:
         return BAD
-    out.target = target
-    out.host = host = host or b""
+    return target, host or b""
 
-    if tokens:
-        headers = http.drop_nominated(headers, tokens)
-    out.headers = headers
-    out.keep_alive = b"keep-alive" in tokens if http10 else b"close" not in tokens
+
+def _framing(out: RequestHead, f: _Fields, s: Settings) -> bytes | Rejection:
+    """How the body is framed towards the backend: its framing field."""
+    te, cl = f.te, f.cl
     if te is not None:
-        if http10 or cl is not None:
+        if out.http10 or cl is not None:
             return BAD
         codings = http.connection_tokens(te)
         if codings != [b"chunked"]:
@@ -245,22 +293,13 @@ def parse_request(data: bytes, s: Settings) -> RequestHead | Rejection:
                 return BAD
             return Rejection(501, "Not Implemented")
         out.chunked = True
-        framing = b"Transfer-Encoding: chunked\r\n"
-    elif cl is not None:
+        return b"Transfer-Encoding: chunked\r\n"
+    if cl is not None:
         out.content_length = n = int(cl)
         if s.max_body_size and n > s.max_body_size:
             return Rejection(413, "Content Too Large")
-        framing = b"Content-Length: " + cl + CRLF
-    else:
-        framing = b""
-    if upgrade is not None and method == b"GET" and not http10 and b"upgrade" in tokens:
-        out.upgrade = upgrade
-        framing += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
-    out.head = b"".join(
-        (method, b" ", target, b" HTTP/1.1\r\n", *_forwarding(s, fwd, host, headers),
-         s.tls_fields, framing, CRLF)
-    )  # fmt: skip
-    return out
+        return b"Content-Length: " + cl + CRLF
+    return b""
 
 
 def _forwarding(

@@ -130,7 +130,10 @@ class RequestReader:
         """Parse what comes next as a new HTTP/1.1 stream (a declined upgrade)."""
         self.parser = httptools.HttpRequestParser(self)
 
-    def feed(self, data: bytes) -> None:
+    # One of the two protocol callbacks that parse (issue #19 allows them their branches):
+    # each branch is a way a read can go, and a call per branch would run per request on the
+    # compiled hot path.
+    def feed(self, data: bytes) -> None:  # noqa: PLR0912
         client = self.client
         assert client is not None  # (None once the connection is gone)
         if self.cur is None and (self.memo is not None or self._begun == 0):
@@ -358,29 +361,17 @@ class RequestReader:
         ctx = self.ctx
         if self._n_headers > ctx.max_headers or self._head_size > ctx.max_header_bytes:
             raise Reject(431, "Request Header Fields Too Large")
-        names = self._names
-        kind = names.get(name)
+        kind = self._names.get(name)
         if kind is None:
-            kind = self._kinds.get(name.lower(), http.PLAIN)
-            if kind == http.PLAIN and name.find(b"_") >= 0:
-                # Dropped, as nginx does (underscores_in_headers off): some frameworks read
-                # "_" as "-", so "Transfer_Encoding" would become framing behind the proxy.
-                kind = http.HOP
-            if len(names) < NAMES_MAX and len(name) <= 64:
-                names[name] = kind
+            kind = self._kind_of(name)
         if kind == http.PLAIN:
             self._headers += (name, b": ", value, CRLF)
             return
         ex = self.cur
         assert ex is not None
         if kind == http.HOST:
-            if ex.host:
+            if ex.host or not (value in _HOSTS_SEEN or _valid_host(value)):
                 raise Reject(400, "Bad Request")
-            if value not in _HOSTS_SEEN:  # the regex runs once per distinct Host value
-                if not http.HOST_RE.fullmatch(value):
-                    raise Reject(400, "Bad Request")
-                if len(_HOSTS_SEEN) < 4096:
-                    _HOSTS_SEEN.add(value)
             ex.host = value
         elif kind == http.CONTENT_LENGTH:
             v = value.strip(b" \t")
@@ -400,6 +391,19 @@ class RequestReader:
             self._fwd.append((name.lower(), name, value))
         elif name.lower() == b"upgrade":
             self._upgrade = value  # forwarded only for a real upgrade request (see below)
+
+    def _kind_of(self, name: bytes) -> int:
+        """What poise does with a field of this name (http.REQUEST_HEADER_KIND), kept per
+        spelling in ``Context.name_kinds`` (bounded)."""
+        kind = self._kinds.get(name.lower(), http.PLAIN)
+        if kind == http.PLAIN and name.find(b"_") >= 0:
+            # Dropped, as nginx does (underscores_in_headers off): some frameworks read
+            # "_" as "-", so "Transfer_Encoding" would become framing behind the proxy.
+            kind = http.HOP
+        names = self._names
+        if len(names) < NAMES_MAX and len(name) <= 64:
+            names[name] = kind
+        return kind
 
     def on_headers_complete(self) -> None:
         client = self.client
@@ -622,3 +626,13 @@ def _general_head(
     return b"".join(
         (ex.method, b" ", target, b" HTTP/1.1\r\n", *fields, client.tls_fields, framing, CRLF)
     )
+
+
+def _valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a valid Host; valid ones are remembered (``_HOSTS_SEEN``,
+    bounded), so the regex runs once per distinct Host value."""
+    if not http.HOST_RE.fullmatch(value):
+        return False
+    if len(_HOSTS_SEEN) < 4096:
+        _HOSTS_SEEN.add(value)
+    return True
