@@ -42,6 +42,7 @@ HOT = [
     "src/poise/upstream/pool.py",
     "src/poise/upstream/limits.py",
     "src/poise/routing.py",
+    "src/poise/selection.py",
     "src/poise/models.py",
     "src/poise/health/passive.py",
     "src/poise/health/status.py",

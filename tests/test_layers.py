@@ -1,9 +1,9 @@
 """The package's layering, read from the source with ``ast`` (nothing of poise is imported).
 
-* The pure layers (balancing, health state, routing, retry rules, the PROXY protocol and
-  ClientHello parsers) do no I/O: neither they nor anything they import at run time reach
-  asyncio, sockets, TLS, the server or the connection classes; what is tested on a fake
-  clock stays free of an event loop.
+* The pure layers (balancing, health state, routing, backend selection, the failure table,
+  retry rules and verdicts, the PROXY protocol and ClientHello parsers) do no I/O: neither
+  they nor anything they import at run time reach asyncio, sockets, TLS, the server or the
+  connection classes; what is tested on a fake clock stays free of an event loop.
 * No import cycle among modules beyond the allow-list below, at run time (imports inside
   functions included) and with the type-only imports (``if TYPE_CHECKING:``) counted too.
 
@@ -24,7 +24,10 @@ PURE = (
     "poise.health.passive",
     "poise.health.status",
     "poise.routing",
+    "poise.selection",
+    "poise.failures",
     "poise.l7.retry",
+    "poise.l7.verdicts",
     "poise.l4.proxy_protocol",
     "poise.tls.clienthello",
 )

@@ -4,7 +4,8 @@ The per-request path copies a few general functions inline, each for its common 
 ``ClientConnection.dispatch`` takes a pooled connection as ``Pool.take`` does and attaches
 it as ``ClientConnection.attach`` does; ``ClientConnection.response_complete`` settles the
 load as ``request.settle`` does and ends the exchange as ``ClientConnection.finish`` does;
-``UpstreamConnection.start`` resets the per-response state as ``_reset`` does. Each test runs
+``UpstreamConnection.start`` resets the per-response state as ``_reset`` does; dispatch
+counts the request in its backend's load as ``selection.take`` does. Each test runs
 the same scenario through the shortcut and through the general function, on protocols driven
 with in-memory transports, and compares everything observable: pool idle lists and counters,
 load and admission counts, the queue, deadlines, bytes written, whether a connection closed.
@@ -29,6 +30,7 @@ from poise.l7.context import Context
 from poise.l7.request import Exchange, settle
 from poise.l7.upstream import UpstreamConnection
 from poise.routing import build_table
+from poise.selection import release, take
 from poise.upstream.pool import Pool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -385,5 +387,38 @@ def test_a_close_delimited_response_to_an_http10_client_on_a_reused_connection()
         up.eof_received()
         up.connection_lost(None)
         assert rig.sink.data().endswith(b"helloworld, and more than the last response's length")
+
+    run(scenario())
+
+
+# -- dispatch: selection.take, inlined ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("limited", [False, True])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_dispatch_counts_the_lease_as_selection_take_does(policy: str, limited: bool) -> None:
+    """The load and admission counts after dispatch sends a request to a pooled connection
+    are what ``selection.take`` leaves on the same group, and ``settle`` (``selection.release``)
+    brings both back."""
+    upstream: dict[str, Any] = {"policy": policy}
+    if limited:
+        upstream["limits"] = {"max_requests": 10}
+
+    async def scenario() -> None:
+        fast = Rig(**upstream)
+        slow = Rig(**upstream)
+        fast.client.data_received(GET)
+        ex = fast.client.queue[0]
+        assert ex.upstream is fast.ups[0]  # the inline path: a pooled connection
+        load, adm = take(slow.group, slow.group.backends[0])
+        assert (load is None) == (ex.load is None) and (adm is None) == (ex.admission is None)
+        counts = fast.state()["active"], fast.state()["admission"]
+        assert counts == (slow.state()["active"], slow.state()["admission"])
+        settle(ex, ok=True)
+        release(load, adm, 0, ok=True, latency=0.001, now=1.0)
+        assert (fast.state()["active"], fast.state()["admission"]) == (
+            slow.state()["active"],
+            slow.state()["admission"],
+        )
 
     run(scenario())

@@ -46,6 +46,7 @@ from poise.l4.sni import SniRouter
 from poise.models import Backend
 from poise.netreasons import describe_error
 from poise.routing import Group, RoutingTable
+from poise.selection import release, select, take
 
 log = logging.getLogger("poise.l4")
 
@@ -239,42 +240,15 @@ class TcpListener:
     def _choose(self, group: Group, relay: Relay) -> Backend | None:
         """The first candidate that is up, untried and not at a limit; slow start passes a
         ramping backend over with probability 1 - ramp (taken if nothing else is left)."""
-        up, ramp, adm, load = group.up, group.ramp, group.admission, group.load
-        healthy = group.healthy
-        if (
-            relay.tried
-            and healthy is not None
-            and any(healthy[b.index] and b not in relay.tried for b in group.backends)
-        ):
-            up = healthy  # a retry in panic mode: a backend usable in its own right first
         key = relay.client[0].encode() if group.key is not None else None
-        skipped: Backend | None = None
-        for backend in group.picker.candidates(key, up):
-            i = backend.index
-            if not up[i] or backend in relay.tried:
-                continue
-            if (
-                adm is not None
-                and load is not None
-                and (adm.group_full() or adm.backend_full(load.active[i]))
-            ):
-                continue
-            if ramp is not None and ramp[i] < 1.0 and self.hub.rng() >= ramp[i]:
-                skipped = skipped or backend
-                continue
-            return backend
-        return skipped
+        return select(group, key, relay.tried, self.hub.rng)[0]
 
     def _take(self, group: Group, relay: Relay, backend: Backend) -> None:
         """Count ``relay`` in ``backend``'s load: in the Load and Admission of the group as it
         is now, which ``_release`` uses again even if membership changes meanwhile."""
         relay.backend = backend
         self.hub.counters(group.name).active[backend.id] += 1
-        relay.load, relay.admission = group.load, group.admission
-        if group.load is not None:
-            group.load.active[backend.index] += 1
-            if group.admission is not None:
-                group.admission.active += 1
+        relay.load, relay.admission = take(group, backend)
 
     def _release(self, relay: Relay, *, ok: bool, latency: float) -> None:
         backend = relay.backend
@@ -282,16 +256,10 @@ class TcpListener:
             return
         relay.backend = None
         self.hub.counters(relay.group).active[backend.id] -= 1
-        i = backend.index
         load, adm = relay.load, relay.admission
         relay.load = relay.admission = None
-        if load is not None:
-            if load.latency:
-                load.finished(i, latency, ok, time.monotonic())
-            elif load.active[i] > 0:
-                load.active[i] -= 1
-            if adm is not None:
-                adm.released()
+        now = time.monotonic() if load is not None and load.latency else 0.0
+        release(load, adm, backend.index, ok=ok, latency=latency, now=now)
 
     async def _connect(self, relay: Relay) -> None:
         try:

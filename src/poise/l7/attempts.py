@@ -24,6 +24,7 @@ from poise.l7.request import Exchange, settle
 from poise.l7.upstream import UpstreamConnection
 from poise.l7.verdicts import may_retry, passive_failure
 from poise.netreasons import describe_error
+from poise.selection import select
 
 if TYPE_CHECKING:
     from poise.l7.client import ClientConnection
@@ -40,40 +41,12 @@ def choose(
 ) -> Backend | None:
     """Dispatch's slow path, for groups with draining or slow-starting backends or request
     limits. None when ``ex`` was answered or parked instead."""
-    up, tried = group.up, ex.tried
-    if tried and group.healthy is not None and _any_untried(group, group.healthy, tried):
-        up = group.healthy  # a retry in panic mode: a backend usable in its own right
-    sticky_ok, ramp, adm, load = group.sticky_ok, group.ramp, group.admission, group.load
-    skipped: Backend | None = None  # a slow-starting backend passed over by chance
-    limited = False
-    first = True
-    for backend in group.picker.candidates(key, up):
-        i = backend.index
-        pinned = first and sticky_ok is not None and group.sticky is not None
-        first = False
-        if backend in tried:
-            continue
-        # a draining backend still serves the clients its sticky cookie pins to it
-        if not up[i] and not (
-            pinned and sticky_ok[i] and group.sticky.values[i] == key  # type: ignore[index,union-attr]
-        ):
-            continue
-        if (
-            adm is not None
-            and load is not None
-            and (adm.group_full() or adm.backend_full(load.active[i]))
-        ):
-            limited = True
-            continue
-        if ramp is not None and ramp[i] < 1.0 and client.ctx.rng.random() >= ramp[i]:
-            skipped = skipped or backend
-            continue
+    backend, limited = select(group, key, ex.tried, client.ctx.rng.random, pin=True)
+    if backend is not None:
         return backend
-    if skipped is not None:
-        return skipped
     if limited:
-        assert adm is not None
-        park(client, ex, adm)
+        assert group.admission is not None
+        park(client, ex, group.admission)
     else:
         none_left(client, ex)
     return None
@@ -243,10 +216,6 @@ def upstream_failed(
         retry(client, ex)
     else:
         give(client, ex, failure.answer)
-
-
-def _any_untried(group: Group, usable: tuple[bool, ...], tried: tuple[Backend, ...]) -> bool:
-    return any(usable[b.index] and b not in tried for b in group.backends)
 
 
 class Parked:

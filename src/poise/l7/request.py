@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from poise.l7 import http
+from poise.selection import release
 
 if TYPE_CHECKING:
     from poise.balancing import Load, StickyPick
@@ -170,16 +171,10 @@ def settle(ex: Exchange, *, ok: bool) -> None:
     """Take ``ex`` out of its group's load figures (once), with its latency and outcome."""
     load = ex.load
     if load is not None and ex.backend is not None:
-        ex.load = None
-        if load.latency:
-            now = time.monotonic()
-            load.finished(ex.backend.index, now - ex.sent_at, ok, now)
-        elif load.active[ex.backend.index] > 0:
-            load.active[ex.backend.index] -= 1
         adm = ex.admission
-        if adm is not None:
-            ex.admission = None
-            adm.released()
+        ex.load = ex.admission = None
+        now = time.monotonic() if load.latency else 0.0  # (the clock only for peak EWMA)
+        release(load, adm, ex.backend.index, ok=ok, latency=now - ex.sent_at, now=now)
 
 
 def with_host(head: bytes, backend: Backend) -> bytes:
