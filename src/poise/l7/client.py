@@ -38,7 +38,16 @@ from typing import TYPE_CHECKING, Final, cast
 from poise import failures
 from poise.balancing import keys
 from poise.l7 import attempts, http
-from poise.l7.reader import PAUSE_QUEUE, QUEUE_BODY_LIMIT, RequestReader
+from poise.l7.reader import (
+    CLOSED,
+    HALF_CLOSED,
+    PAUSE_QUEUE,
+    QUEUE_BODY_LIMIT,
+    READING,
+    REFUSED,
+    UPGRADING,
+    RequestReader,
+)
 from poise.l7.request import (
     Exchange,
     field_list,
@@ -80,7 +89,6 @@ class ClientConnection(asyncio.Protocol):
         "tls_fields",
         "transport",
         "trusted",
-        "upgrading",
         "write_paused",
     )
 
@@ -104,7 +112,6 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded = b""
         self.trusted = False
         self.send_deadline = _INF
-        self.upgrading = False  # an upgrade request is waiting for the backend's answer
         self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -155,14 +162,15 @@ class ClientConnection(asyncio.Protocol):
         for ex in self.queue:
             _abandon(ex, self.ctx)
         self.queue.clear()
+        self.reader.state = CLOSED
         self.reader.parser = self.reader.client = None  # (the two would keep each other alive)
 
     def eof_received(self) -> bool | None:
         """The client shut down its sending side. Requests already read still get their
         responses (a half-close is not an abort); then the connection closes."""
-        if self.reader.parser is not None and self.queue and self.reader.cur is None:
+        if self.reader.state == READING and self.queue and self.reader.cur is None:
             self.close_after = True
-            self.reader.parser = None
+            self.reader.state = HALF_CLOSED
             return True
         # Idle, or in the middle of a request that can now never be completed: an abort.
         # Returning None closes the transport; connection_lost abandons any upstream.
@@ -187,8 +195,8 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
-        if reader.parser is None:
-            if self.upgrading:  # held until the backend answers the upgrade (see finish)
+        if reader.state != READING:
+            if reader.state == UPGRADING:  # held until the backend answers (see finish)
                 self.held.append(data)
                 if sum(map(len, self.held)) > QUEUE_BODY_LIMIT:
                     self.pause(PAUSE_QUEUE)
@@ -340,7 +348,7 @@ class ClientConnection(asyncio.Protocol):
                 and self.reader.cur is None
                 and not self.close_after
                 and not ctx.draining
-                and not self.upgrading
+                and self.reader.state != UPGRADING
             ):
                 queue.clear()
                 self.deadline = now + ctx.client_idle_timeout
@@ -355,7 +363,6 @@ class ClientConnection(asyncio.Protocol):
         """The backend answered the upgrade with 101: from now on both connections are one
         byte tunnel. Called by the upstream connection after it wrote the 101 head."""
         ctx = self.ctx
-        self.upgrading = False
         for ex in self.queue:
             if ex.load is not None:
                 settle(ex, ok=True)
@@ -366,8 +373,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
         ctx.clients.discard(self)
         up.detach()
-        self.reader.parser = None
-        self.reader.client = None  # the transport now belongs to the tunnel
+        self.reader.state = CLOSED
+        self.reader.parser = self.reader.client = None  # the transport belongs to the tunnel
         held, self.held = self.held, []
         assert self.transport is not None and up.transport is not None
         tunnel = Tunnel(ctx, self.transport, up.transport, ctx.tunnel_idle)
@@ -395,10 +402,9 @@ class ClientConnection(asyncio.Protocol):
             # the client may send its next request at once, so the connection stays open for
             # the grace, like one idle when the drain began (Context.begin_drain).
             self.drain_at = self.ctx.clock() + self.ctx.drain_grace
-        if self.upgrading:
+        if self.reader.state == UPGRADING:
             # The backend declined to switch protocols: back to HTTP, starting with what the
             # client sent after its upgrade request.
-            self.upgrading = False
             self.reader.restart()
             held, self.held = self.held, []
             self._resume(PAUSE_QUEUE)
@@ -438,7 +444,7 @@ class ClientConnection(asyncio.Protocol):
 
     def reject(self, status: int, message: str) -> None:
         """A request broke the rules: answer in order, then close; parse nothing more."""
-        self.reader.parser = None
+        self.reader.state = REFUSED
         stats = self.ctx.stats
         stats.bad_requests += 1
         stats.rejects[status] = stats.rejects.get(status, 0) + 1
@@ -493,13 +499,13 @@ class ClientConnection(asyncio.Protocol):
             _abandon(ex, self.ctx)
         if self.transport is not None and not self.closed:
             self.closed = True
-            self.reader.parser = None
+            self.reader.state = CLOSED
             self.ctx.clients.discard(self)
             self.transport.abort()  # close() would wait for a flush that never comes
 
     def on_timeout(self) -> None:
         self.deadline = _INF
-        if self.reader.parser is None:  # lingering after an error: time is up
+        if self.reader.state != READING:  # lingering after an error (or not reading): time is up
             self.close()
             return
         self.ctx.stats.client_timeouts += 1
@@ -545,7 +551,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.reader.parser = None
+            self.reader.state = CLOSED
             self.closed = True
             self.ctx.clients.discard(self)
             self.transport.close()

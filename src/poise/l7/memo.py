@@ -74,12 +74,11 @@ class RequestMemo:
 
 
 def recall(
-    reader: RequestReader, data: bytes, ctx: Context, client: ClientConnection
+    reader: RequestReader, data: bytes, ctx: Context, client: ClientConnection, parsing: bool
 ) -> RequestMemo | None:
-    """The remembered head ``data`` is, read between requests; on a connection's first
-    read, one remembered for the same listener, peer and TLS fields (the key holds all that
-    the head is built from)."""
-    parsing = reader.parser is not None  # (not: the connection no longer reads HTTP)
+    """The remembered head ``data`` is, read between requests while ``parsing`` (the reader
+    still reads requests); on a connection's first read, one remembered for the same
+    listener, peer and TLS fields (the key holds all that the head is built from)."""
     memo = reader.memo
     if memo is None:
         first = ctx.first_heads.get((client.listener, client.peer, client.tls_fields))
@@ -101,13 +100,12 @@ def recall(
 
 def remember(reader: RequestReader, data: bytes, ctx: Context, client: ClientConnection) -> None:
     """``data`` was one whole request head, parsed or scanned (the last of the client's
-    queue): keep what poise made of it, if the head is short and the request plain enough
-    (no body, HTTP/1.1, no upgrade, not refused)."""
+    queue), and the reader still reads requests: keep what poise made of it, if the head is
+    short and the request plain enough (no body, HTTP/1.1, no upgrade, not refused)."""
     if (
         len(data) > MEMO_MAX
         or reader.misses >= MEMO_MISSES
         or data[-4:] != b"\r\n\r\n"
-        or reader.parser is None
         or not client.queue
     ):
         return

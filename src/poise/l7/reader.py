@@ -15,10 +15,9 @@ it into requests on the client's queue, by the cheapest way that gives the same 
    (``ClientConnection.reject``), which answers in order and reads nothing more.
 
 Request bodies go to the exchange's upstream connection as they arrive (``on_body``), or
-are held until it has one. The reader keeps the parser state (``parser`` None: nothing more
-is parsed, because the client is closing, lingering after an error, half-closed, or waiting
-for the backend's answer to an upgrade); the client keeps the queue, flow control and
-timeouts.
+are held until it has one. The reader keeps the parser and ``state``: READING, or why nothing more
+is parsed (UPGRADING: waiting for the backend's answer to an upgrade; HALF_CLOSED; REFUSED:
+lingering after an error; CLOSED); the client keeps the queue, flow control and timeouts.
 """
 
 from __future__ import annotations
@@ -47,6 +46,13 @@ log = logging.getLogger("poise.proxy")
 
 CRLF: Final = b"\r\n"
 EOH: Final = b"\r\n\r\n"  # the end of a head
+# what the reader does with the client's bytes (RequestReader.state)
+READING: Final = 0  # parse them into requests
+UPGRADING: Final = 1  # hold them (the client does): the backend decides whether an upgrade is
+# happening (101) or not (the bytes are then the next request)
+HALF_CLOSED: Final = 2  # none come: the client shut its sending side; it still gets responses
+REFUSED: Final = 3  # drop them: a request broke the rules (answered, then a lingering close)
+CLOSED: Final = 4  # drop them: closing, closed, or a tunnel has the transport
 NAMES_MAX: Final = 512  # distinct field-name spellings whose kind Context.name_kinds keeps
 QUEUE_BODY_LIMIT: Final = 1 << 20  # body bytes held for not-yet-started pipelined requests
 _INF: Final = float("inf")
@@ -86,6 +92,7 @@ class RequestReader:
         "memo",
         "misses",
         "parser",
+        "state",
     )
 
     def __init__(self, client: ClientConnection, ctx: Context) -> None:
@@ -95,6 +102,8 @@ class RequestReader:
         self.ctx = ctx
         self._kinds = ctx.header_kinds
         self._names = ctx.name_kinds  # the same by the names' spelling (a cache)
+        self.state = READING
+        # (None once the connection is gone: the parser and the reader refer to each other)
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.cur: Exchange | None = None  # the request being read
         self.in_body = False
@@ -129,6 +138,7 @@ class RequestReader:
     def restart(self) -> None:
         """Parse what comes next as a new HTTP/1.1 stream (a declined upgrade)."""
         self.parser = httptools.HttpRequestParser(self)
+        self.state = READING
 
     # One of the two protocol callbacks that parse (issue #19 allows them their branches):
     # each branch is a way a read can go, and a call per branch would run per request on the
@@ -137,12 +147,12 @@ class RequestReader:
         client = self.client
         assert client is not None  # (None once the connection is gone)
         if self.cur is None and (self.memo is not None or self._begun == 0):
-            memo = recall(self, data, self.ctx, client)
+            memo = recall(self, data, self.ctx, client, self.state == READING)
             if memo is not None:
                 self._repeat(memo)
                 return
         parser = self.parser
-        if parser is None:  # (the client holds the bytes of an upgrade, or drops them)
+        if self.state != READING or parser is None:  # (see data_received)
             return
         if self._left:  # the body of a scanned request (_plain)
             self._count_body(client, data)
@@ -194,8 +204,7 @@ class RequestReader:
             if client.queue and client.queue[-1].upgrade is not None:
                 # What follows belongs to the new protocol if the backend agrees (101), or
                 # is the next HTTP request if it does not: hold it until we know.
-                client.upgrading = True
-                self.parser = None
+                self.state = UPGRADING
                 client.held = [rest] if rest else []
             else:
                 # An upgrade poise did not forward (not a GET, say): the backend answers
@@ -212,6 +221,7 @@ class RequestReader:
                 and self._begun == begun + 1
                 and self.cur is None
                 and self.misses < MEMO_MISSES
+                and self.state == READING
             ):
                 remember(self, data, self.ctx, client)
         self._feed = b""  # (not kept: it may be a large piece of a body)
@@ -287,7 +297,7 @@ class RequestReader:
             return  # (the client starts it: ClientConnection.data_received)
         ex.request_done = True
         self._enqueue(ex)
-        if self.misses < MEMO_MISSES:
+        if self.misses < MEMO_MISSES and self.state == READING:
             remember(self, data, self.ctx, client)
         queue = client.queue
         if not queue[0].started and not client.closed:
@@ -322,7 +332,7 @@ class RequestReader:
             return
         if not self._left:
             self.on_message_complete()
-            if len(data) > left and self.parser is not None:
+            if len(data) > left and self.state == READING:
                 self.feed(data[left:])
 
     def on_message_begin(self) -> None:
