@@ -159,7 +159,7 @@ async def main(
                 tr = FakeTransport()
                 c.connection_made(tr)  # type: ignore[arg-type]
                 c.data_received(requests[i % k])
-                busy = c.queue[0].upstream
+                busy = c.queue[0].conn
                 assert busy is not None
                 busy.data_received(responses[i % k])
                 c.connection_lost(None)  # what the transport's close() leads to
@@ -178,7 +178,7 @@ async def main(
         k = len(requests)
         for i in range(n):
             client.data_received(requests[i % k])
-            busy = client.queue[0].upstream
+            busy = client.queue[0].conn
             assert busy is not None
             busy.data_received(responses[i % k])
         best = min(best, time.perf_counter() - t0)

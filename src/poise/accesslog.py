@@ -74,7 +74,7 @@ class AccessLog:
             body = "null" if ex.body_out is None else ex.body_out
             line = (
                 f'{{"time":"{_stamp(now)}.{int(now % 1 * 1000):03d}Z",'
-                f'"client":{_q((ex.client or client).decode("latin-1"))},'
+                f'"client":{_q((ex.client_ip or client).decode("latin-1"))},'
                 f'"method":{_q(ex.method.decode("latin-1"))},'
                 f'"path":{_q(ex.target.decode("latin-1"))},'
                 f'"status":{ex.status},"bytes":{body},"backend":"{backend}",'
@@ -138,7 +138,7 @@ def _combined(ex: Exchange, client: bytes, now: float) -> str:
     fields = field_list(ex)
     referer = _field(fields, b"referer")
     agent = _field(fields, b"user-agent")
-    who = (ex.client or client).decode("latin-1")
+    who = (ex.client_ip or client).decode("latin-1")
     return (
         f'{who} - - [{stamp}] "{request} HTTP/1.1" {ex.status} '
         f'{"-" if ex.body_out is None else ex.body_out} "{referer}" "{agent}"'

@@ -177,10 +177,10 @@ def _check(path: str) -> int:
     config = load_config(path)
     n = sum(len(u.backends) for u in config.upstreams.values())
     problems = []
-    for name, up in config.upstreams.items():
-        if up.file is not None:  # read as `poise run` reads it: a bad one stops the start
+    for name, ucfg in config.upstreams.items():
+        if ucfg.file is not None:  # read as `poise run` reads it: a bad one stops the start
             try:
-                n += len(FileSource(up.file).read())
+                n += len(FileSource(ucfg.file).read())
             except SourceError as exc:
                 problems.append(f"upstreams.{name}.file: {exc}")
     if problems:

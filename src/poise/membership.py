@@ -85,7 +85,7 @@ class Membership:
         self.controls = controls
         self.upstream_tls = upstream_tls  # by upstream, for its https:// backends
         self.replicate: Replicate | None = None
-        backends = {name: make_backends(up) for name, up in config.upstreams.items()}
+        backends = {name: make_backends(ucfg) for name, ucfg in config.upstreams.items()}
         self.board = HealthBoard(config.upstreams, backends, time.monotonic)
         self._table = build_table(config, rng, self.board.statuses)
         self.board.install = self._install
@@ -175,15 +175,15 @@ class Membership:
     def on_instances(self, service: str, instances: tuple[Instance, ...]) -> None:
         """The registry's instances of ``service`` now (the follow loop's callback)."""
         backends, reported = backends_of(instances)
-        for name, up in self.config.upstreams.items():
-            if up.service == service:
+        for name, ucfg in self.config.upstreams.items():
+            if ucfg.service == service:
                 self.set_members(name, backends, reported)
 
     def seed_registry(self, found: Mapping[str, tuple[Instance, ...]]) -> None:
         """The registry's instances read before serving, by service."""
-        for name, up in self.config.upstreams.items():
-            if up.service:
-                backends, reported = backends_of(found.get(up.service, ()))
+        for name, ucfg in self.config.upstreams.items():
+            if ucfg.service:
+                backends, reported = backends_of(found.get(ucfg.service, ()))
                 self.set_members(name, backends, reported, initial=True)
 
     # -- health verdicts and operator states --------------------------------------------------
@@ -220,32 +220,32 @@ class Membership:
         return up
 
     @staticmethod
-    def _find(up: UpstreamConfig, backend: str) -> int:
-        for i, b in enumerate(up.backends):
+    def _find(ucfg: UpstreamConfig, backend: str) -> int:
+        for i, b in enumerate(ucfg.backends):
             if backend in (b.url, authority_of(b.host, b.port)):
                 return i
-        raise KeyError(f"no backend {backend!r} in upstream {up.name!r}")
+        raise KeyError(f"no backend {backend!r} in upstream {ucfg.name!r}")
 
     def add_backend(self, group: str, url: str, weight: int = 1) -> BackendConfig:
         """Add a backend to a static upstream (it starts healthy and is probed at once)."""
-        up = self._static(group)
+        ucfg = self._static(group)
         added = parse_backends([{"url": url, "weight": weight}], "backend")[0]
-        if any((b.host, b.port) == (added.host, added.port) for b in up.backends):
+        if any((b.host, b.port) == (added.host, added.port) for b in ucfg.backends):
             raise ValueError(f"upstream {group!r} already has {added.url}")
-        self.set_members(group, (*up.backends, added))
+        self.set_members(group, (*ucfg.backends, added))
         return added
 
     def remove_backend(self, group: str, backend: str) -> None:
         """Remove a backend: no new requests; in-flight ones finish."""
-        up = self._static(group)
-        i = self._find(up, backend)
-        self.set_members(group, up.backends[:i] + up.backends[i + 1 :])
+        ucfg = self._static(group)
+        i = self._find(ucfg, backend)
+        self.set_members(group, ucfg.backends[:i] + ucfg.backends[i + 1 :])
 
     def set_backend_weight(self, group: str, backend: str, weight: int) -> None:
-        up = self._static(group)
-        i = self._find(up, backend)
-        changed = dataclasses.replace(up.backends[i], weight=weight)
-        self.set_members(group, (*up.backends[:i], changed, *up.backends[i + 1 :]))
+        ucfg = self._static(group)
+        i = self._find(ucfg, backend)
+        changed = dataclasses.replace(ucfg.backends[i], weight=weight)
+        self.set_members(group, (*ucfg.backends[:i], changed, *ucfg.backends[i + 1 :]))
 
     # -- health checkers -----------------------------------------------------------------------
 
@@ -308,16 +308,16 @@ class Membership:
         """Read backends files (a bad one stops the start, like a bad config) and look DNS
         names up (a failure leaves the group empty until a lookup succeeds)."""
         problems = []
-        for name, up in self.config.upstreams.items():
+        for name, ucfg in self.config.upstreams.items():
             source: FileSource | DnsSource
-            if up.file is not None:
-                source = FileSource(up.file)
+            if ucfg.file is not None:
+                source = FileSource(ucfg.file)
                 try:
                     self.set_members(name, source.read(), initial=True)
                 except SourceError as exc:
                     problems.append(f"upstreams.{name}.file: {exc}")
-            elif up.dns is not None:
-                source = DnsSource(up.dns)
+            elif ucfg.dns is not None:
+                source = DnsSource(ucfg.dns)
                 try:
                     self.set_members(name, await source.resolve(), initial=True)
                 except SourceError as exc:
@@ -443,8 +443,8 @@ class Membership:
                 if name not in running and group.config.health_check.enabled:
                     self._start_checker(name)
         for name in list(self.sources):
-            up = new.upstreams.get(name)
-            if up is None or name in sources or not (up.file or up.dns):
+            ucfg = new.upstreams.get(name)
+            if ucfg is None or name in sources or not (ucfg.file or ucfg.dns):
                 self.stop_source(name)
         for name, source in sources.items():
             self.stop_source(name)

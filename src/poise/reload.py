@@ -127,12 +127,12 @@ def keep_runtime_changes(
     return tuple(out), kept, overridden
 
 
-def _source(up: UpstreamConfig) -> tuple[Any, ...]:
-    return (up.service, up.file, up.dns)
+def _source(ucfg: UpstreamConfig) -> tuple[Any, ...]:
+    return (ucfg.service, ucfg.file, ucfg.dns)
 
 
-def _dynamic(up: UpstreamConfig) -> bool:
-    return bool(up.service or up.file or up.dns)
+def _dynamic(ucfg: UpstreamConfig) -> bool:
+    return bool(ucfg.service or ucfg.file or ucfg.dns)
 
 
 @dataclasses.dataclass
@@ -197,22 +197,22 @@ async def _read_sources(
     read them and filled the backends in."""
     sources: dict[str, FileSource | DnsSource] = {}
     found: dict[str, tuple[BackendConfig, ...]] = {}
-    for name, up in new.upstreams.items():
+    for name, ucfg in new.upstreams.items():
         before = old.upstreams.get(name)
-        if before is not None and _source(before) == _source(up):
+        if before is not None and _source(before) == _source(ucfg):
             continue
         if not controls:
-            if _dynamic(up):
-                found[name] = up.backends
+            if _dynamic(ucfg):
+                found[name] = ucfg.backends
             continue
-        if up.file is not None:
-            sources[name] = file_source = FileSource(up.file)
+        if ucfg.file is not None:
+            sources[name] = file_source = FileSource(ucfg.file)
             try:
                 found[name] = file_source.read()
             except SourceError as exc:
                 problems.append(f"upstreams.{name}.file: {exc}")
-        elif up.dns is not None:
-            sources[name] = src = DnsSource(up.dns)
+        elif ucfg.dns is not None:
+            sources[name] = src = DnsSource(ucfg.dns)
             try:
                 found[name] = await src.resolve()
             except SourceError as exc:
@@ -250,24 +250,24 @@ def _plan(
     for name, declared in new.upstreams.items():
         current = table.groups.get(name)
         if current is None:
-            up = dataclasses.replace(declared, backends=found.get(name, declared.backends))
-            plan.statuses[name] = status = GroupStatus(up)
-            plan.groups[name] = build_group(up, membership.rng, status)
+            ucfg = dataclasses.replace(declared, backends=found.get(name, declared.backends))
+            plan.statuses[name] = status = GroupStatus(ucfg)
+            plan.groups[name] = build_group(ucfg, membership.rng, status)
             plan.changed["added"].append(name)
             continue
         old_status = membership.board.statuses[name]
-        up, reported = _backends(
+        ucfg, reported = _backends(
             membership, name, declared=declared, old=old, prev=current.config, found=found
         )
-        if up == current.config:
+        if ucfg == current.config:
             plan.groups[name] = current
             continue
         old_ids = [b.id for b in current.backends]
-        new_ids = [authority_of(b.host, b.port) for b in up.backends]
+        new_ids = [authority_of(b.host, b.port) for b in ucfg.backends]
         if reported is None:
             reported = list(old_status.reported)
-        plan.statuses[name] = status = old_status.successor(up, old_ids, new_ids, reported)
-        plan.groups[name], gone = regroup(current, up, membership.rng, status)
+        plan.statuses[name] = status = old_status.successor(ucfg, old_ids, new_ids, reported)
+        plan.groups[name], gone = regroup(current, ucfg, membership.rng, status)
         plan.retired += gone
         plan.changed["changed"].append(name)
     for name, current in table.groups.items():
@@ -288,13 +288,13 @@ def _backends(
 ) -> tuple[UpstreamConfig, list[bool] | None]:
     """A staying upstream's new config with the backends it will have, and what the
     registry reported of them (None: keep what it reported)."""
-    up = declared
+    ucfg = declared
     before = old.upstreams.get(name)
-    if membership.controls and before is not None and not _dynamic(up) and not _dynamic(before):
+    if membership.controls and before is not None and not _dynamic(ucfg) and not _dynamic(before):
         backends, kept, overridden = keep_runtime_changes(
-            before.backends, prev.backends, up.backends
+            before.backends, prev.backends, ucfg.backends
         )
-        up = dataclasses.replace(up, backends=backends)
+        ucfg = dataclasses.replace(ucfg, backends=backends)
         for change in kept:
             log.info("reload: upstream %s keeps its admin API change %s", name, change)
         for change in overridden:
@@ -305,7 +305,7 @@ def _backends(
                 change,
             )
     if name in found:
-        return dataclasses.replace(up, backends=found[name]), [True] * len(found[name])
-    if _dynamic(up) and _source(up) == _source(prev):
-        return dataclasses.replace(up, backends=prev.backends), None  # what was discovered
-    return up, [True] * len(up.backends)
+        return dataclasses.replace(ucfg, backends=found[name]), [True] * len(found[name])
+    if _dynamic(ucfg) and _source(ucfg) == _source(prev):
+        return dataclasses.replace(ucfg, backends=prev.backends), None  # what was discovered
+    return ucfg, [True] * len(ucfg.backends)

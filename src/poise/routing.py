@@ -114,64 +114,64 @@ def make_backends(upstream: UpstreamConfig) -> tuple[Backend, ...]:
     )
 
 
-def _limited(up: UpstreamConfig) -> bool:
-    return bool(up.limits.max_requests_per_backend or up.limits.max_requests)
+def _limited(ucfg: UpstreamConfig) -> bool:
+    return bool(ucfg.limits.max_requests_per_backend or ucfg.limits.max_requests)
 
 
-def new_pool(group: str, up: UpstreamConfig, backend: Backend) -> Pool[Any]:
-    return Pool(f"{group}/{backend.authority}", up.pool.max_idle, up.pool.idle_timeout)
+def new_pool(group: str, ucfg: UpstreamConfig, backend: Backend) -> Pool[Any]:
+    return Pool(f"{group}/{backend.authority}", ucfg.pool.max_idle, ucfg.pool.idle_timeout)
 
 
 def build_group(
-    up: UpstreamConfig,
+    ucfg: UpstreamConfig,
     rng: random.Random,
     status: GroupStatus,
     *,
     pools: tuple[Pool[Any], ...] | None = None,
     admission: Admission | None = None,
 ) -> Group:
-    """One group for ``up`` (its backends as configured, or as discovered), viewed through
+    """One group for ``ucfg`` (its backends as configured, or as discovered), viewed through
     ``status``. ``pools`` / ``admission`` carry state over from the group it replaces."""
-    backends = make_backends(up)
+    backends = make_backends(ucfg)
     # the policy's own load figures (None: it reads none; a consistent hash reads them only
     # for bounded load, so it must not be handed the group's plain counts)
-    policy_load = new_load(up.policy, len(backends))
+    policy_load = new_load(ucfg.policy, len(backends))
     # every group counts its requests in flight (one integer per request): limits need
     # them, and the admin API and metrics show them whatever the policy
     load = policy_load if policy_load is not None else Load(len(backends), latency=False)
-    picker = build(up.policy, backends, rng, policy_load, time.monotonic)
-    key = KeySource.parse(up.policy.key) if up.policy.key else None
+    picker = build(ucfg.policy, backends, rng, policy_load, time.monotonic)
+    key = KeySource.parse(ucfg.policy.key) if ucfg.policy.key else None
     sticky = picker if isinstance(picker, StickyPick) else None
-    if _limited(up) and (admission is None or admission.cfg != up.limits):
-        admission = Admission(up.name, up.limits)
-    elif not _limited(up):
+    if _limited(ucfg) and (admission is None or admission.cfg != ucfg.limits):
+        admission = Admission(ucfg.name, ucfg.limits)
+    elif not _limited(ucfg):
         admission = None
     if pools is None:
-        pools = tuple(new_pool(up.name, up, b) for b in backends)
+        pools = tuple(new_pool(ucfg.name, ucfg, b) for b in backends)
     group = Group(
-        up.name, up, backends, picker, (True,) * len(backends), load, key, sticky,
-        outliers=status.outliers if up.passive.enabled else None,
+        ucfg.name, ucfg, backends, picker, (True,) * len(backends), load, key, sticky,
+        outliers=status.outliers if ucfg.passive.enabled else None,
         admission=admission,
-        retry_statuses=frozenset(up.retry.statuses),
-        retry_timeout=up.retry.timeout or 0.0,
+        retry_statuses=frozenset(ucfg.retry.statuses),
+        retry_timeout=ucfg.retry.timeout or 0.0,
         pools=pools,
     )  # fmt: skip
     return group.with_view(status.view(time.monotonic()))
 
 
 def regroup(
-    old: Group, up: UpstreamConfig, rng: random.Random, status: GroupStatus
+    old: Group, ucfg: UpstreamConfig, rng: random.Random, status: GroupStatus
 ) -> tuple[Group, list[Pool[Any]]]:
-    """``old`` with new membership (``up.backends``): backends that stay keep their pools
+    """``old`` with new membership (``ucfg.backends``): backends that stay keep their pools
     (and idle connections), new ones get fresh pools. Returns the group and the pools of the
     backends that left, for the caller to retire. In-flight requests keep the old group
     (and its load counters) until they end; new requests see the new one."""
     kept = {b.id: old.pools[b.index] for b in old.backends if b.index < len(old.pools)}
     pools = []
-    for b in make_backends(up):
+    for b in make_backends(ucfg):
         pool = kept.pop(b.id, None)
-        pools.append(pool if pool is not None else new_pool(up.name, up, b))
-    group = build_group(up, rng, status, pools=tuple(pools), admission=old.admission)
+        pools.append(pool if pool is not None else new_pool(ucfg.name, ucfg, b))
+    group = build_group(ucfg, rng, status, pools=tuple(pools), admission=old.admission)
     return group, list(kept.values())
 
 
@@ -183,9 +183,9 @@ def build_table(
     """The table for ``config``; each group's view comes from ``statuses`` (its facts), or
     everything is up."""
     groups: dict[str, Group] = {}
-    for name, up in config.upstreams.items():
-        status = statuses[name] if statuses is not None else GroupStatus(up)
-        groups[name] = build_group(up, rng, status)
+    for name, ucfg in config.upstreams.items():
+        status = statuses[name] if statuses is not None else GroupStatus(ucfg)
+        groups[name] = build_group(ucfg, rng, status)
     return build_routes(config, groups)
 
 

@@ -226,7 +226,7 @@ class Server:
             self.registry_address = host, port = await self.registry_api.start(*cfg.listen)
             shown = f"[{host}]" if ":" in host else host
             log.info("registry API on http://%s:%d (store: %s)", shown, port, cfg.store)
-        services = {up.service for up in self.config.upstreams.values() if up.service}
+        services = {ucfg.service for ucfg in self.config.upstreams.values() if ucfg.service}
         try:
             found = await self.registry.snapshot(services)
         except RegistryError as exc:

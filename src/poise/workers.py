@@ -256,10 +256,10 @@ class Supervisor:
         groups = self.server.table.groups
         config = self.server.config
         upstreams = {
-            name: dataclasses.replace(up, backends=groups[name].config.backends)
+            name: dataclasses.replace(ucfg, backends=groups[name].config.backends)
             if name in groups
-            else up
-            for name, up in config.upstreams.items()
+            else ucfg
+            for name, ucfg in config.upstreams.items()
         }
         return dataclasses.replace(config, upstreams=MappingProxyType(upstreams))
 

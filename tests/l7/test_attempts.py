@@ -65,11 +65,11 @@ def scenario(backends: int, drops: int) -> tuple[bytes, list[bytes], dict[str, i
         client.data_received(GET)
         for _ in range(200):  # the connect tasks run
             await asyncio.sleep(0)
-            if client.queue and client.queue[0].upstream is not None:
+            if client.queue and client.queue[0].conn is not None:
                 break
         ex = client.queue[0] if client.queue else None
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if ex is not None and ex.conn is not None:
+            ex.conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         s = ctx.stats
         counts = {
             "connect_errors": s.upstream_connect_errors,

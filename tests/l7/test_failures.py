@@ -65,11 +65,11 @@ def scenario(failure: AttemptFailure, retry_on: list[str]) -> tuple[bytes, list[
         for tries in range(2):  # the first attempt fails; a retry, if any, is answered
             for _ in range(200):  # the connect task runs and the request is sent
                 await asyncio.sleep(0)
-                if client.queue and client.queue[0].upstream is not None:
+                if client.queue and client.queue[0].conn is not None:
                     break
             else:
                 break  # no (further) attempt
-            up = client.queue[0].upstream
+            up = client.queue[0].conn
             if tries == 0:
                 CAUSES[failure.outcome](up)
             else:

@@ -111,7 +111,7 @@ class Rig:
         assert isinstance(client.transport, Sink)
         sent, got = len(self.up_transport.out), len(client.transport.out)
         client.data_received(request)
-        up = client.queue[0].upstream if client.queue else None
+        up = client.queue[0].conn if client.queue else None
         assert up is self.up, "the request did not reach the pooled connection"
         for data in reads:
             up.data_received(data)
@@ -190,7 +190,7 @@ def test_two_pipelined_copies_in_one_read_are_both_answered_in_order() -> None:
         assert len(client.queue) == 2
         rig.up.data_received(OK + b"one!!")
         # the second request now runs on the same (released) connection
-        assert client.queue and client.queue[0].upstream is rig.up
+        assert client.queue and client.queue[0].conn is rig.up
         rig.up.data_received(OK + b"two!!")
         plain = OK.replace(b"Connection: keep-alive\r\n", b"")
         assert sink.data().endswith(b"one!!" + plain + b"two!!")
@@ -259,7 +259,7 @@ def test_bytes_after_a_remembered_request_without_keep_alive_are_refused_as_when
             client.data_received(b"\r\n")  # skipped by llhttp too
             assert rig.ctx.stats.bad_requests == bad
             client.data_received(GET.replace(b"/a?x=1", b"/smuggled"))
-            assert client.queue[0].upstream is rig.up
+            assert client.queue[0].conn is rig.up
             rig.up.data_received(OK + b"hello")
             results.append(
                 (rig.ctx.stats.bad_requests - bad, client.reader._begun, sink.data(), client.closed)

@@ -319,7 +319,7 @@ class Proxy:
             self.client.data_received(read)
         ex = self.client.queue[0] if self.client.queue else None
         at_backend = self.up_sink.data()
-        if ex is not None and ex.upstream is self.up:
+        if ex is not None and ex.conn is self.up:
             self.up.data_received(response)
         stats = self.ctx.stats
         return {

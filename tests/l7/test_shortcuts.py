@@ -112,7 +112,7 @@ class Rig:
             # a failure's penalty)
             "samples": [(t > 0.0, e >= 1.0) for t, e in zip(load.stamp, load.ewma, strict=True)],
             "admission": None if adm is None else (adm.active, adm.full),
-            "queue": [(ex.method, ex.target, self.name(ex.upstream)) for ex in client.queue],
+            "queue": [(ex.method, ex.target, self.name(ex.conn)) for ex in client.queue],
             "client": (client.closed, client.deadline, client.drain_at, client.write_paused),
             "client_bytes": self.sink.data(),
             "client_transport_closed": self.sink.closed,
@@ -165,17 +165,17 @@ def test_dispatch_takes_the_connection_pool_take_would(closed: list[bool]) -> No
 
         rig.client.data_received(GET)
         ex = rig.client.queue[0]
-        assert rig.name(ex.upstream) == (None if taken is None else taken.n)
+        assert rig.name(ex.conn) == (None if taken is None else taken.n)
         assert [rig.name(c) for c in rig.pool.idle] == [c.n for c in reference.idle]
         assert rig.pool.reuses == reference.reuses
         if taken is not None:
             assert rig.sinks[taken.n].data().startswith(b"GET /a?x=1 HTTP/1.1\r\n")
         else:  # no usable connection: a new one, as Pool.take's None means
             for _ in range(100):
-                if ex.upstream is not None:
+                if ex.conn is not None:
                     break
                 await asyncio.sleep(0)
-            assert ex.upstream is not None and rig.name(ex.upstream) is None
+            assert ex.conn is not None and rig.name(ex.conn) is None
             assert rig.pool.connects == 1
 
     run(scenario())
@@ -197,10 +197,10 @@ def test_dispatch_attaches_a_pooled_connection_as_attach_does(paused: bool) -> N
             rig.client.data_received(GET)
             ex = rig.client.queue[0]
             for _ in range(100):
-                if ex.upstream is not None:
+                if ex.conn is not None:
                     break
                 await asyncio.sleep(0)
-            up = ex.upstream
+            up = ex.conn
             assert up is not None
             loop = asyncio.get_running_loop()
             assert isinstance(loop, ConnectLoop)
@@ -232,7 +232,7 @@ def reference_response_complete(client: ClientConnection, ex: Exchange) -> None:
     """``ClientConnection.response_complete`` with its shortcuts replaced by the general
     functions they stand for: ``settle`` and ``finish``."""
     ex.response_done = True
-    ex.upstream = None
+    ex.conn = None
     if ex.load is not None:
         settle(ex, ok=ex.status < 500 and ex.status != 429)
     ctx = client.ctx
@@ -268,7 +268,7 @@ async def complete_one(
     rig.client.data_received(GET + GET if flags["pipelined"] else GET)
     rig.clock.t += 0.25
     ex = rig.client.queue[0]
-    up = ex.upstream
+    up = ex.conn
     assert up is not None
     # what the upstream connection does before it reports the response complete
     up.ex = up.client = None
@@ -381,7 +381,7 @@ def test_a_close_delimited_response_to_an_http10_client_on_a_reused_connection()
         up.data_received(OK)
         assert up.ex is None and not up.closed, "back in the pool"
         rig.client.data_received(b"GET /y HTTP/1.0\r\nHost: svc.test\r\n\r\n")
-        assert rig.client.queue and rig.client.queue[0].upstream is up
+        assert rig.client.queue and rig.client.queue[0].conn is up
         up.data_received(b"HTTP/1.1 200 OK\r\nServer: s\r\n\r\nhello")
         up.data_received(b"world, and more than the last response's length")
         up.eof_received()
@@ -409,7 +409,7 @@ def test_dispatch_counts_the_lease_as_selection_take_does(policy: str, limited: 
         slow = Rig(**upstream)
         fast.client.data_received(GET)
         ex = fast.client.queue[0]
-        assert ex.upstream is fast.ups[0]  # the inline path: a pooled connection
+        assert ex.conn is fast.ups[0]  # the inline path: a pooled connection
         load, adm = take(slow.group, slow.group.backends[0])
         assert (load is None) == (ex.load is None) and (adm is None) == (ex.admission is None)
         counts = fast.state()["active"], fast.state()["admission"]

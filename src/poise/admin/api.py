@@ -272,7 +272,7 @@ class AdminApi:
     ) -> dict[str, Any]:
         s = self.server
         group = self.server.table.groups[name]
-        up = group.config
+        ucfg = group.config
         board = s.membership.board.statistics().get(name, {})
         facts = board.get("backends", {}) if isinstance(board, dict) else {}
         checker = next((c for c in s.membership.checkers if c.group == name), None)
@@ -285,12 +285,12 @@ class AdminApi:
                     "history": st.history_dicts() if detail else None,
                 }
         source = (
-            {"service": up.service}
-            if up.service
-            else {"file": up.file}
-            if up.file
-            else {"dns": f"{up.dns.type} {up.dns.name}"}
-            if up.dns
+            {"service": ucfg.service}
+            if ucfg.service
+            else {"file": ucfg.file}
+            if ucfg.file
+            else {"dns": f"{ucfg.dns.type} {ucfg.dns.name}"}
+            if ucfg.dns
             else {"static": True}
         )
         feed = s.membership.sources.get(name)  # a file or DNS source: its last error, "" when good
@@ -314,7 +314,7 @@ class AdminApi:
                 entry["check"] = {k: v for k, v in checks[b.url].items() if v is not None}
             backends.append(entry)
         return {
-            "policy": up.policy.name,
+            "policy": ucfg.policy.name,
             "source": source,
             "source_error": source_error,
             "panic": bool(board.get("panic", False)) if isinstance(board, dict) else False,
@@ -362,7 +362,12 @@ def _redact(value: Any) -> Any:
 def openapi_document() -> dict[str, Any]:
     ok = {"description": "ok"}
     err = {"description": "error (JSON: error, problems)"}
-    up = {"name": "upstream", "in": "path", "required": True, "schema": {"type": "string"}}
+    upstream_param = {
+        "name": "upstream",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
     be = {
         "name": "backend",
         "in": "path",
@@ -393,11 +398,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/status": {"get": op("version, uptime, listeners, registry")},
             "/v1/routes": {"get": op("routes per listener")},
             "/v1/upstreams": {"get": op("every upstream")},
-            "/v1/upstreams/{upstream}": {"get": op("one upstream's backends", [up])},
+            "/v1/upstreams/{upstream}": {"get": op("one upstream's backends", [upstream_param])},
             "/v1/upstreams/{upstream}/backends": {
                 "post": op(
                     "add a backend (static upstreams)",
-                    [up],
+                    [upstream_param],
                     {
                         "type": "object",
                         "required": ["url"],
@@ -406,19 +411,19 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
             "/v1/upstreams/{upstream}/backends/{backend}": {
-                "delete": op("remove a backend (in-flight requests finish)", [up, be])
+                "delete": op("remove a backend (in-flight requests finish)", [upstream_param, be])
             },
             "/v1/upstreams/{upstream}/backends/{backend}/state": {
                 "put": op(
                     "operator state",
-                    [up, be],
+                    [upstream_param, be],
                     {"type": "object", "properties": {"state": {"enum": list(STATES)}}},
                 )
             },
             "/v1/upstreams/{upstream}/backends/{backend}/weight": {
                 "put": op(
                     "weight",
-                    [up, be],
+                    [upstream_param, be],
                     {"type": "object", "properties": {"weight": {"type": "integer"}}},
                 )
             },

@@ -81,8 +81,8 @@ def render(status: dict[str, Any], routes: dict[str, Any], upstreams: dict[str, 
         rows += [[listener, ",".join(r["hosts"]) or "*", r["path"], r["upstream"]] for r in rs]
     out += ["", _table(rows)]
     rows = [["UPSTREAM", "BACKEND", "STATE", "WHY", "WEIGHT", "IN FLIGHT", "2XX", "5XX"]]
-    for name, up in upstreams.items():
-        for b in up["backends"]:
+    for name, info in upstreams.items():
+        for b in info["backends"]:
             state, why = state_of(b)
             inflight = "-" if b.get("in_flight") is None else str(b["in_flight"])
             rows.append(
@@ -97,7 +97,7 @@ def render(status: dict[str, Any], routes: dict[str, Any], upstreams: dict[str, 
                     str(b["responses"]["5xx"]),
                 ]
             )
-        if not up["backends"]:
+        if not info["backends"]:
             rows.append([name, "(no backends)", "", "", "", "", "", ""])
     out += ["", _table(rows)]
     return "\n".join(out) + "\n"

@@ -176,20 +176,20 @@ def _raw_index(raw: object, name: str) -> int | None:
     return None
 
 
-def _check_tcp_policy(c: Checker, up: UpstreamConfig, why: tuple[str, str]) -> None:
-    """A TCP listener relays to ``up``: its policy can hash on the client address only.
+def _check_tcp_policy(c: Checker, ucfg: UpstreamConfig, why: tuple[str, str]) -> None:
+    """A TCP listener relays to ``ucfg``: its policy can hash on the client address only.
     ``why`` says which listener, in the words of each message."""
-    ppath = f"upstreams.{up.name}.policy"
-    if up.policy.name == "sticky":
+    ppath = f"upstreams.{ucfg.name}.policy"
+    if ucfg.policy.name == "sticky":
         c.error(
             ppath,
             f"sticky needs HTTP cookies; {why[0]} (use consistent_hash or hash on the client "
             "address)",
         )
-    elif up.policy.key not in (None, "ip"):
+    elif ucfg.policy.key not in (None, "ip"):
         c.error(
             key_path(ppath, "key"),
-            f"{up.policy.key!r} cannot be read from a TCP connection ({why[1]}); use 'ip'",
+            f"{ucfg.policy.key!r} cannot be read from a TCP connection ({why[1]}); use 'ip'",
         )
 
 
@@ -221,20 +221,20 @@ def check_listener_upstreams(
                     ),
                 )
             for name, why in via.items():
-                up = upstreams.get(name)
-                if up is not None:
-                    _check_tcp_policy(c, up, why)
+                ucfg = upstreams.get(name)
+                if ucfg is not None:
+                    _check_tcp_policy(c, ucfg, why)
             continue
         for j, route in enumerate(lc.routes):
-            up = upstreams.get(route.upstream)
-            if up is None:
+            ucfg = upstreams.get(route.upstream)
+            if ucfg is None:
                 continue
-            tcp = [k for k, b in enumerate(up.backends) if b.scheme == "tcp"]
-            if tcp and up.name not in reported:
-                reported.add(up.name)
+            tcp = [k for k, b in enumerate(ucfg.backends) if b.scheme == "tcp"]
+            if tcp and ucfg.name not in reported:
+                reported.add(ucfg.name)
                 where = f"{lpath}.routes[{j}]" if len(lc.routes) > 1 else lpath
                 c.error(
-                    f"upstreams.{up.name}.backends[{tcp[0]}]",
-                    f"{up.backends[tcp[0]].url!r} is a TCP backend, but HTTP listener "
+                    f"upstreams.{ucfg.name}.backends[{tcp[0]}]",
+                    f"{ucfg.backends[tcp[0]].url!r} is a TCP backend, but HTTP listener "
                     f"{lc.name!r} routes here ({where}); HTTP routes need http:// backends",
                 )

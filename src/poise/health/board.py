@@ -29,7 +29,7 @@ class HealthBoard:
         backends: Mapping[str, tuple[Backend, ...]],
         clock: Callable[[], float],
     ) -> None:
-        self.statuses = {name: GroupStatus(up) for name, up in upstreams.items()}
+        self.statuses = {name: GroupStatus(ucfg) for name, ucfg in upstreams.items()}
         self.backends = dict(backends)
         self.clock = clock
         self.install: Install = lambda group, view: None

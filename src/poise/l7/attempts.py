@@ -169,7 +169,7 @@ def retry(client: ClientConnection, ex: Exchange) -> None:
     if not ex.retrying:
         ex.retrying = True
         ctx.retries_active += 1
-    ex.upstream = None
+    ex.conn = None
     if ex.kept:
         ex.pending = tuple(ex.kept)
     assert ex.group is not None
@@ -182,7 +182,7 @@ def upstream_failed(
     """The upstream connection of ``ex`` failed (failures.py): RESET (lost before any
     response byte), BROKEN (lost or malformed mid-response) or TIMEOUT. Called by
     UpstreamConnection."""
-    ex.upstream = None
+    ex.conn = None
     if (
         reusable_retry
         and ex.stale_retries == 0

@@ -181,17 +181,17 @@ class ClientConnection(asyncio.Protocol):
         # a client that takes nothing for timeouts.client_send is cut off (slow read)
         self.send_deadline = self.ctx.clock() + self.ctx.client_send_timeout
         if self.queue:
-            up = self.queue[0].upstream
-            if up is not None:
-                up.pause_reading()
+            conn = self.queue[0].conn
+            if conn is not None:
+                conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.send_deadline = _INF
         if self.queue:
-            up = self.queue[0].upstream
-            if up is not None:
-                up.resume_reading()
+            conn = self.queue[0].conn
+            if conn is not None:
+                conn.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -238,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         tried = ex.tried
         key = None
         if group.key is not None:
-            key = keys.extract(group.key, ex.client or self.peer, ex.target, field_list(ex))
+            key = keys.extract(group.key, ex.client_ip or self.peer, ex.target, field_list(ex))
             if group.sticky is not None:
                 ex.sticky = group.sticky
                 ex.sticky_key = key
@@ -283,7 +283,7 @@ class ClientConnection(asyncio.Protocol):
             return
         pool.reuses += 1
         # attach, inlined for the common case (a pooled connection, no body held back)
-        ex.upstream = conn
+        ex.conn = conn
         if ex.pending:
             self.attach(ex, conn)
             return
@@ -292,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
             conn.pause_reading()
 
     def attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        ex.upstream = conn
+        ex.conn = conn
         pending = ex.pending
         ex.pending = ()
         if ex.pending_bytes:
@@ -316,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
     def response_complete(self, ex: Exchange) -> None:
         """The whole response of ``ex`` has been written to the transport."""
         ex.response_done = True
-        ex.upstream = None
+        ex.conn = None
         load = ex.load
         if load is not None:
             backend = ex.backend
@@ -359,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
             # rest of the body cannot go anywhere useful: end the connection after the write.
             self.close()
 
-    def start_tunnel(self, up: UpstreamConnection, from_backend: bytes) -> None:
+    def start_tunnel(self, conn: UpstreamConnection, from_backend: bytes) -> None:
         """The backend answered the upgrade with 101: from now on both connections are one
         byte tunnel. Called by the upstream connection after it wrote the 101 head."""
         ctx = self.ctx
@@ -372,12 +372,12 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
         self.closed = True  # as an HTTP connection; the transport lives on in the tunnel
         ctx.clients.discard(self)
-        up.detach()
+        conn.detach()
         self.reader.state = CLOSED
         self.reader.parser = self.reader.client = None  # the transport belongs to the tunnel
         held, self.held = self.held, []
-        assert self.transport is not None and up.transport is not None
-        tunnel = Tunnel(ctx, self.transport, up.transport, ctx.tunnel_idle)
+        assert self.transport is not None and conn.transport is not None
+        tunnel = Tunnel(ctx, self.transport, conn.transport, ctx.tunnel_idle)
         tunnel.send(from_backend, b"".join(held))
         if ctx.draining:
             tunnel.close()
@@ -564,10 +564,10 @@ def _abandon(ex: Exchange, ctx: Context) -> None:
     """``ex`` will get no (more) response: drop its upstream connection, whose state is now
     unknown, and take it out of the load figures. The client went away or broke the rules,
     so nothing counts against the backend."""
-    up = ex.upstream
-    if up is not None:
-        ex.upstream = None
-        up.abandon()
+    conn = ex.conn
+    if conn is not None:
+        ex.conn = None
+        conn.abandon()
     if ex.load is not None:
         settle(ex, ok=True)
     if ex.retrying:

@@ -264,8 +264,8 @@ class Context:
         # reload) and built again, lazily for groups that meet https backends later
         tls = self.upstream_tls
         for name in list(tls):
-            up, before = config.upstreams.get(name), old.upstreams.get(name)
-            if up is None or before is None or up.tls != before.tls:
+            ucfg, before = config.upstreams.get(name), old.upstreams.get(name)
+            if ucfg is None or before is None or ucfg.tls != before.tls:
                 del tls[name]
         missing = {n: u for n, u in config.upstreams.items() if n not in tls}
         tls.update(upstream_tls(missing))
@@ -348,9 +348,9 @@ class Context:
                     if elapsed > BODY_RATE_GRACE and cur.body_bytes < min_rate * elapsed:
                         expired.append(c)
                 elif c.queue:
-                    up = c.queue[0].upstream  # only the head of the queue has an upstream
-                    if up is not None and up.deadline < now:
-                        expired.append(up)
+                    busy = c.queue[0].conn  # only the head of the queue has one
+                    if busy is not None and busy.deadline < now:
+                        expired.append(busy)
             self.inflight = inflight
             expired += [t for t in self.tunnels if t.deadline < now]
             for conn in expired:

@@ -40,7 +40,7 @@ class RequestMemo:
     request sends the same head on each."""
 
     __slots__ = (
-        "client", "fields", "generation", "head", "headers", "host", "is_head", "keep_alive",
+        "client_ip", "fields", "generation", "head", "headers", "host", "is_head", "keep_alive",
         "method", "raw", "target",
     )  # fmt: skip
 
@@ -55,7 +55,7 @@ class RequestMemo:
         self.is_head = ex.is_head
         self.headers = ex.headers
         self.fields = ex.fields
-        self.client = ex.client
+        self.client_ip = ex.client_ip
 
     def exchange(self) -> Exchange:
         """A new Exchange for the request, complete (it has no body)."""
@@ -68,7 +68,7 @@ class RequestMemo:
         ex.is_head = self.is_head
         ex.headers = self.headers
         ex.fields = self.fields
-        ex.client = self.client
+        ex.client_ip = self.client_ip
         ex.request_done = True
         return ex
 

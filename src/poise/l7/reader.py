@@ -533,9 +533,9 @@ class RequestReader:
                 kept += pieces
             else:
                 ex.kept = None  # too large to replay: this request is not retried
-        up = ex.upstream
-        if up is not None:
-            up.send(pieces)
+        conn = ex.conn
+        if conn is not None:
+            conn.send(pieces)
         else:
             ex.pending += pieces
             ex.pending_bytes += len(body)
@@ -555,12 +555,12 @@ class RequestReader:
         if ex.chunked and not ex.response_done:
             if ex.kept is not None:
                 ex.kept.append(b"0\r\n\r\n")
-            if ex.upstream is not None:
-                ex.upstream.send((b"0\r\n\r\n",))
+            if ex.conn is not None:
+                ex.conn.send((b"0\r\n\r\n",))
             else:
                 ex.pending += (b"0\r\n\r\n",)
-        if ex.upstream is not None:
-            ex.upstream.request_sent()
+        if ex.conn is not None:
+            ex.conn.request_sent()
         elif ex.response_done:
             client.finish(ex)
 

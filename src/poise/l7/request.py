@@ -50,7 +50,7 @@ class Exchange:
     is_head = False
     chunked = False
     has_body = False
-    pending: tuple[bytes, ...] = ()  # body pieces held until an upstream is attached
+    pending: tuple[bytes, ...] = ()  # body pieces held until a backend connection is attached
     pending_bytes = 0
     body_bytes = 0  # request body bytes received so far
     body_started = 0.0  # clock reading when the head was complete, if there is a body
@@ -62,7 +62,7 @@ class Exchange:
     response_started = False
     started = False
     error: bytes | None = None  # a canned response to send instead of proxying
-    upstream: UpstreamConnection | None = None
+    conn: UpstreamConnection | None = None  # its backend connection, once it has one
     group: Group | None = None
     backend: Backend | None = None
     tried: tuple[Backend, ...] = ()
@@ -78,7 +78,7 @@ class Exchange:
     # a plain head's forwarded fields as they came ("Name: value\r\n" each, see l7/scan.py),
     # until field_list() splits them into ``headers`` (most requests never need that)
     fields: bytes | None = None
-    client: bytes | None = None  # the client address from a trusted proxy's chain
+    client_ip: bytes | None = None  # the client address from a trusted proxy's chain
     status = 0  # the backend's final status
     load: Load | None = None  # the group's load, while this exchange counts in it
     sticky: StickyPick | None = None  # set: the response may need to (re)pin the client
@@ -138,7 +138,7 @@ def forwarding_fields(
         addr = http.client_address(
             peer.decode(), [got[b"x-forwarded-for"].decode("latin-1")], ctx.trusted
         )
-        ex.client = addr.encode("latin-1")  # hashing on "ip" uses the client, not the proxy
+        ex.client_ip = addr.encode("latin-1")  # hashing on "ip" uses the client, not the proxy
     http.add_forwarding(
         out, got, peer, proto, host, x_forwarded=ctx.x_forwarded, forwarded=ctx.forwarded,
         via=ctx.via,

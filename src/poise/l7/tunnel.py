@@ -54,13 +54,13 @@ class _End(asyncio.Protocol):
 
 
 class Tunnel:
-    __slots__ = ("client", "closed", "ctx", "deadline", "idle", "upstream")
+    __slots__ = ("backend", "client", "closed", "ctx", "deadline", "idle")
 
     def __init__(
         self,
         ctx: Context,
         client: asyncio.BaseTransport,
-        upstream: asyncio.BaseTransport,
+        backend: asyncio.BaseTransport,
         idle: float,
     ) -> None:
         self.ctx = ctx
@@ -68,21 +68,21 @@ class Tunnel:
         self.deadline = ctx.clock() + idle
         self.closed = False
         self.client = _End(self, cast(asyncio.Transport, client))
-        self.upstream = _End(self, cast(asyncio.Transport, upstream))
-        self.client.peer, self.upstream.peer = self.upstream, self.client
-        for end in (self.client, self.upstream):
+        self.backend = _End(self, cast(asyncio.Transport, backend))
+        self.client.peer, self.backend.peer = self.backend, self.client
+        for end in (self.client, self.backend):
             end.transport.set_protocol(end)
             end.transport.resume_reading()  # whatever paused it belonged to the HTTP phase
         ctx.tunnels.add(self)
         ctx.stats.tunnels += 1
 
-    def send(self, to_client: bytes, to_upstream: bytes) -> None:
+    def send(self, to_client: bytes, to_backend: bytes) -> None:
         """Bytes that arrived before the switch: the backend's after its 101, the client's
         after its upgrade request."""
         if to_client:
             self.client.transport.write(to_client)
-        if to_upstream:
-            self.upstream.transport.write(to_upstream)
+        if to_backend:
+            self.backend.transport.write(to_backend)
 
     def on_timeout(self) -> None:
         self.close()
@@ -92,7 +92,7 @@ class Tunnel:
             self.closed = True
             self.ctx.tunnels.discard(self)
             self.client.transport.close()
-            self.upstream.transport.close()
+            self.backend.transport.close()
 
     def __repr__(self) -> str:
         return f"Tunnel(closed={self.closed})"

@@ -458,8 +458,8 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def group_tls(up: UpstreamConfig) -> ClientTls:
-    cfg = up.tls or UpstreamTlsConfig()
+def group_tls(ucfg: UpstreamConfig) -> ClientTls:
+    cfg = ucfg.tls or UpstreamTlsConfig()
     return ClientTls(client_context(cfg), cfg.server_name)
 
 
@@ -468,9 +468,9 @@ def upstream_tls(upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ClientTls
     section, or DNS discovery with scheme https). Groups whose https backends appear only
     later (from the registry) get theirs when first needed (``Context.tls_for``)."""
     return {
-        name: group_tls(up)
-        for name, up in upstreams.items()
-        if up.tls is not None
-        or any(b.scheme == "https" for b in up.backends)
-        or (up.dns is not None and up.dns.scheme == "https")
+        name: group_tls(ucfg)
+        for name, ucfg in upstreams.items()
+        if ucfg.tls is not None
+        or any(b.scheme == "https" for b in ucfg.backends)
+        or (ucfg.dns is not None and ucfg.dns.scheme == "https")
     }
