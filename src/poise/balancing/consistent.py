@@ -113,6 +113,10 @@ class _Consistent(Policy):
         self._cache: dict[bytes, tuple[int, Backend]] = {}
         self._default = default_key
         self._fallback = fallback
+        self._build()
+
+    def _build(self) -> None:
+        """The variant's own structure over ``_backends`` (its ring or table), at creation."""
 
     def candidates(
         self, key: bytes | None = None, up: Sequence[bool] | None = None
@@ -187,6 +191,16 @@ class _Consistent(Policy):
         return _deferring(chain((first,), rest), active, bound)
 
 
+def _unseen(order: Iterable[Backend], seen: set[str], n: int) -> Iterator[Backend]:
+    """The backends of ``order`` not in ``seen`` (which they join), until all ``n`` are."""
+    for b in order:
+        if len(seen) >= n:
+            return
+        if b.id not in seen:
+            seen.add(b.id)
+            yield b
+
+
 def _deferring(order: Iterable[Backend], active: list[int], bound: int) -> Iterator[Backend]:
     """``order`` with the backends at or over ``bound`` moved to the end, order kept."""
     deferred = []
@@ -201,19 +215,7 @@ def _deferring(order: Iterable[Backend], active: list[int], bound: int) -> Itera
 class KetamaRing(_Consistent):
     __slots__ = ("_hashes", "_owners")
 
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        rng: random.Random,
-        load: LoadView | None = None,
-        balance_factor: float | None = None,
-        *,
-        default_key: bytes | None = None,
-        fallback: Picker | None = None,
-    ) -> None:
-        super().__init__(
-            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
-        )
+    def _build(self) -> None:
         # a point is (hash << 32 | position in id order): sorting ints is quick, and ties
         # (practically never) go by id, so the ring does not depend on backend order
         by_id = sorted(self._backends, key=lambda b: b.id)
@@ -236,15 +238,8 @@ class KetamaRing(_Consistent):
     def _rest(self, place: int, first: Backend) -> Iterator[Backend]:
         """The other backends, clockwise from point ``place`` (lazily: usually never run)."""
         owners = self._owners
-        n = self._n
-        seen = {first.id}
-        for j in chain(range(place + 1, len(owners)), range(place)):
-            b = owners[j]
-            if b.id not in seen:
-                seen.add(b.id)
-                yield b
-                if len(seen) == n:
-                    return
+        clockwise = chain(range(place + 1, len(owners)), range(place))
+        return _unseen((owners[j] for j in clockwise), {first.id}, self._n)
 
     def __repr__(self) -> str:
         return f"KetamaRing({self._n} backends, {len(self._hashes)} points)"
@@ -253,19 +248,7 @@ class KetamaRing(_Consistent):
 class Maglev(_Consistent):
     __slots__ = ("_table",)
 
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        rng: random.Random,
-        load: LoadView | None = None,
-        balance_factor: float | None = None,
-        *,
-        default_key: bytes | None = None,
-        fallback: Picker | None = None,
-    ) -> None:
-        super().__init__(
-            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
-        )
+    def _build(self) -> None:
         by_id = sorted(self._backends, key=lambda b: b.id)
         slots = _maglev_slots(
             [hash64(b.id.encode(), b"maglev-offset") for b in by_id],
@@ -287,20 +270,10 @@ class Maglev(_Consistent):
         n = self._n
         seen = {first.id}
         end = slot + 1 + min(MAGLEV_SIZE - 1, 8 * n + 64)
-        for j in range(slot + 1, end):
-            if len(seen) == n:
-                return
-            b = table[j % MAGLEV_SIZE]
-            if b.id not in seen:
-                seen.add(b.id)
-                yield b
+        yield from _unseen((table[j % MAGLEV_SIZE] for j in range(slot + 1, end)), seen, n)
         bs = self._backends
         start = (h >> 17) % n
-        for k in range(n):
-            b = bs[(start + k) % n]
-            if b.id not in seen:
-                seen.add(b.id)
-                yield b
+        yield from _unseen((bs[(start + k) % n] for k in range(n)), seen, n)
 
     def __repr__(self) -> str:
         return f"Maglev({self._n} backends, M={MAGLEV_SIZE})"
@@ -338,19 +311,7 @@ def _maglev_slots(h1: list[int], h2: list[int], weights: list[int]) -> list[int]
 class Rendezvous(_Consistent):
     __slots__ = ("_ids", "_weights")
 
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        rng: random.Random,
-        load: LoadView | None = None,
-        balance_factor: float | None = None,
-        *,
-        default_key: bytes | None = None,
-        fallback: Picker | None = None,
-    ) -> None:
-        super().__init__(
-            backends, rng, load, balance_factor, default_key=default_key, fallback=fallback
-        )
+    def _build(self) -> None:
         self._ids = [hash64(b.id.encode(), b"rendezvous") for b in self._backends]
         weights = [float(max(b.weight, 1)) for b in self._backends]
         # equal weights: -w / ln(u) grows with u, so the raw hash orders the same

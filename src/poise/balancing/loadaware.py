@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from typing import cast
 
 from poise.balancing.base import Policy, first_usable
 from poise.balancing.load import Load
@@ -39,40 +40,23 @@ class LeastConn(RoundPolicy):
         if up is not None and False in up:
             return self._round_among(up)
         if max(self._load.active) == 0:  # all up and idle: all tied, a round among all
-            current, w = self._current, self._weights
-            chosen = 0
-            for i in range(len(w)):
-                current[i] += w[i]
-                if current[i] > current[chosen]:
-                    chosen = i
-            current[chosen] -= self._total
-            return chosen, self._total
+            return self._step(), self._total
         return self._round_busy()
 
     def _round_busy(self) -> tuple[int, int]:
         """``_round`` with all up, the usual case: no test per backend."""
-        active, w, current = self._load.active, self._weights, self._current
+        active, w = self._load.active, self._weights
         # the least active/weight (compared multiplied out: no division), the first of equals
         best, ba, bw = 0, active[0], w[0]
         for i in range(1, len(w)):
             a = active[i]
             if a * bw < ba * w[i]:
                 best, ba, bw = i, a, w[i]
-        chosen, total = best, 0  # a round among those tied with it (all after it)
-        for i in range(best, len(w)):
-            wi = w[i]
-            if active[i] * bw == ba * wi:
-                c = current[i] + wi
-                current[i] = c
-                total += wi
-                if c > current[chosen]:
-                    chosen = i
-        current[chosen] -= total
-        return chosen, total
+        return self._tie_round(best, ba, bw, None)
 
     def _round_among(self, up: Sequence[bool]) -> tuple[int, int]:
         """``_round`` with some backends not up."""
-        active, w, current, idx = self._load.active, self._weights, self._current, self._idx
+        active, w, idx = self._load.active, self._weights, self._idx
         best, ba, bw = -1, 0, 1
         for i in range(len(w)):
             if up[idx[i]]:
@@ -81,10 +65,16 @@ class LeastConn(RoundPolicy):
                     best, ba, bw = i, a, w[i]
         if best < 0:
             return -1, 0
+        return self._tie_round(best, ba, bw, up)
+
+    def _tie_round(self, best: int, ba: int, bw: int, up: Sequence[bool] | None) -> tuple[int, int]:
+        """A smooth WRR round among those (up) tied with ``best`` (``ba`` in flight over
+        weight ``bw``), all after it: (the position chosen, the tie's weight)."""
+        active, w, current, idx = self._load.active, self._weights, self._current, self._idx
         chosen, total = best, 0
         for i in range(best, len(w)):
             wi = w[i]
-            if active[i] * bw == ba * wi and up[idx[i]]:
+            if active[i] * bw == ba * wi and (up is None or up[idx[i]]):
                 c = current[i] + wi
                 current[i] = c
                 total += wi
@@ -103,17 +93,13 @@ class _LeastWalk(RoundWalk):
     WRR round undone and the round goes to the largest ``current`` of the rest of the tie;
     past the tie, a new round among the next least loaded. Those not up come last."""
 
-    __slots__ = ("_p",)
-
-    def __init__(self, p: LeastConn, up: Sequence[bool] | None) -> None:
-        super().__init__(p._backends, p._idx, p._round, up)
-        self._p = p
+    __slots__ = ()
 
     def __next__(self) -> Backend:
         first = self._first()
         if first is not None:
             return first
-        p = self._p
+        p = cast(LeastConn, self._p)
         excluded = self._exclusions()
         active, weights, current = p._load.active, p._weights, p._current
         n = len(excluded)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 
 from poise.balancing.base import Policy, first_usable
 from poise.models import Backend
@@ -31,6 +31,17 @@ class RoundPolicy(Policy):
 
     def _round(self, up: Sequence[bool] | None) -> tuple[int, int]:
         raise NotImplementedError
+
+    def _step(self) -> int:
+        """One round of nginx's algorithm among all: the position chosen."""
+        current, weights = self._current, self._weights
+        best = 0
+        for i in range(len(current)):
+            current[i] += weights[i]
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self._total
+        return best
 
     def _walk(self, up: Sequence[bool] | None) -> RoundWalk:
         raise NotImplementedError
@@ -102,17 +113,6 @@ class SmoothWeightedRoundRobin(RoundPolicy):
             current[best] -= total
         return best, total
 
-    def _step(self) -> int:
-        """One round of nginx's algorithm among all: the position chosen."""
-        current, weights = self._current, self._weights
-        best = 0
-        for i in range(len(current)):
-            current[i] += weights[i]
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self._total
-        return best
-
     def __repr__(self) -> str:
         return f"SmoothWeightedRoundRobin(weights={self._weights})"
 
@@ -123,17 +123,12 @@ class RoundWalk:
     walk goes on without the backends handed out (``_exclusions``), and those not up come
     last, outside any round (``_down``)."""
 
-    __slots__ = ("_backends", "_down", "_excluded", "_idx", "_last", "_round", "_started",
+    __slots__ = ("_backends", "_down", "_excluded", "_idx", "_last", "_p", "_started",
                  "_total", "_up")  # fmt: skip
 
-    def __init__(
-        self,
-        backends: tuple[Backend, ...],
-        idx: tuple[int, ...],
-        round_: Callable[[Sequence[bool] | None], tuple[int, int]],
-        up: Sequence[bool] | None,
-    ) -> None:
-        self._backends, self._idx, self._round, self._up = backends, idx, round_, up
+    def __init__(self, p: RoundPolicy, up: Sequence[bool] | None) -> None:
+        self._p = p
+        self._backends, self._idx, self._up = p._backends, p._idx, up
         self._started = False  # the first round run
         self._last = -1  # the position handed out last (-1: none, or outside any round)
         self._total = 0  # the weight taking part in the round (least_conn: of the tie)
@@ -156,7 +151,7 @@ class RoundWalk:
         if self._started:
             return None
         self._started = True
-        last, total = self._round(self._up)
+        last, total = self._p._round(self._up)
         self._last, self._total = last, total
         return self._backends[last] if last >= 0 else None
 
@@ -175,11 +170,7 @@ class _SwrrWalk(RoundWalk):
     round again without it: its weight taken back from its ``current`` and from the round's
     total, the largest of the rest chosen. Those not up come last, outside any round."""
 
-    __slots__ = ("_p",)
-
-    def __init__(self, p: SmoothWeightedRoundRobin, up: Sequence[bool] | None) -> None:
-        super().__init__(p._backends, p._idx, p._round, up)
-        self._p = p
+    __slots__ = ()
 
     def __next__(self) -> Backend:
         first = self._first()

@@ -140,24 +140,22 @@ class Event:
 
 
 def check_service(name: object, where: str = "service") -> str:
-    if not isinstance(name, str) or not _SERVICE.fullmatch(name):
-        raise InvalidInstance(
-            [
-                f"{where}: {name!r} is not a service name (lower-case letters, digits, '-', '_'; "
-                "1-63 characters, starting with a letter or digit)"
-            ]
-        )
-    return name
+    return _check_name(
+        name, where, _SERVICE, "a service name (lower-case letters, digits, '-', '_'; "
+        "1-63 characters, starting with a letter or digit)",
+    )  # fmt: skip
 
 
 def check_instance_id(value: object, where: str = "id") -> str:
-    if not isinstance(value, str) or not _INSTANCE.fullmatch(value):
-        raise InvalidInstance(
-            [
-                f"{where}: {value!r} is not an instance id (letters, digits, '.', '_', ':', '@', "
-                "'-'; 1-128 characters, starting with a letter or digit)"
-            ]
-        )
+    return _check_name(
+        value, where, _INSTANCE, "an instance id (letters, digits, '.', '_', ':', '@', '-'; "
+        "1-128 characters, starting with a letter or digit)",
+    )  # fmt: skip
+
+
+def _check_name(value: object, where: str, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidInstance([f"{where}: {value!r} is not {what}"])
     return value
 
 

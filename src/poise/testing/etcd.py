@@ -31,10 +31,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
-from poise.testing.procs import free_port
+from poise.testing.procs import Managed, free_port
 
 __all__ = ["EtcdCluster", "EtcdServer", "find_etcd", "obtain_etcd"]
 
@@ -125,7 +124,7 @@ def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any
     return data
 
 
-class EtcdServer:
+class EtcdServer(Managed):
     """One etcd member. Alone (``EtcdServer()``) it is a one-member cluster; ``EtcdCluster``
     builds several that know each other. ``kill()`` then ``start()`` restarts it on the same
     ports and data (a crash and recovery); ``stop()`` also removes the data."""
@@ -275,27 +274,12 @@ class EtcdServer:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"EtcdServer({self.name} {self.url}, {state})"
 
 
-class EtcdCluster:
+class EtcdCluster(Managed):
     """``size`` members on loopback forming one cluster. ``leader()`` finds the current leader
     (by ``/v3/maintenance/status`` of the members still running)."""
 
@@ -340,21 +324,6 @@ class EtcdCluster:
     def stop(self) -> None:
         for member in self.members:
             member.stop()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         up = sum(m.running for m in self.members)

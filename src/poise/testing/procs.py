@@ -72,7 +72,34 @@ def _reap(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
     stderr.close()
 
 
-class BackendProcess:
+class Managed:
+    """A ``with`` block for something started and stopped (a process, a cluster): started on
+    entry (and stopped again if the start fails half-way), stopped on exit."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class BackendProcess(Managed):
     """Parent-side handle on one backend process on ``127.0.0.1:port``.
 
     ``cpu`` pins the process with ``taskset -c`` when taskset is installed (benchmarks).
@@ -208,18 +235,6 @@ class BackendProcess:
         if self._finalizer is not None:
             self._finalizer()  # kills if still running, closes the stderr file
             self._finalizer = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------
