@@ -33,9 +33,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import httpx
 
@@ -44,11 +44,15 @@ from poise.client.core import (
     EJECT,
     RegistrationSpec,
     ServiceView,
+    SpecFields,
+    WatchState,
     backoff,
-    check_reply,
+    blocking_query,
+    decode,
     headers,
     parse_instances,
     parse_policy,
+    parse_services,
 )
 from poise.config.model import PolicyConfig
 from poise.errors import NoHealthyBackend, NotRegistered, RegistryError, RegistryUnreachable
@@ -98,45 +102,27 @@ class AsyncRegistry:
                 method, path, json=body, params=params,
                 timeout=timeout if timeout is not None else self.timeout,
             )  # fmt: skip
-            data = reply.json() if reply.content else None
-        except (httpx.TransportError, ValueError) as exc:
+        except httpx.TransportError as exc:
             raise RegistryUnreachable(f"{what}: registry at {self.url}: {exc!r}") from exc
-        return check_reply(reply.status_code, data, what, reg)
+        return decode(reply.status_code, reply.content, what, self.url, reg)
 
     def register(
         self,
         service: str,
         port: int,
         *,
-        host: str = "127.0.0.1",
-        ttl: str | float | None = "10s",
-        id: str | None = None,
-        weight: int = 1,
-        tags: Iterable[str] = (),
-        meta: Mapping[str, str] | None = None,
-        zone: str = "",
-        scheme: str = "http",
         status: str = PASSING,
         interval: float | None = None,
+        **fields: Unpack[SpecFields],
     ) -> AsyncRegistration:
-        """``async with registry.register("users", port=8001):`` — see the module doc."""
-        reg = RegistrationSpec.make(
-            service,
-            port,
-            host=host,
-            ttl=ttl,
-            id=id,
-            weight=weight,
-            tags=tags,
-            meta=meta,
-            zone=zone,
-            scheme=scheme,
-        )
+        """``async with registry.register("users", port=8001):`` — see the module doc.
+        ``fields``: host, ttl, id, weight, tags, meta, zone, scheme (``SpecFields``; the
+        defaults are ``RegistrationSpec.make``'s)."""
+        reg = RegistrationSpec.make(service, port, **fields)
         return AsyncRegistration(self, reg, status=status, interval=interval)
 
     async def services(self) -> dict[str, int]:
-        data = await self.call("GET", "/v1/services", "list services")
-        return {str(k): int(v) for k, v in dict(data["services"]).items()}
+        return parse_services(await self.call("GET", "/v1/services", "list services"))
 
     async def instances(self, service: str) -> tuple[Instance, ...]:
         return (await self.query(service))[0]
@@ -146,8 +132,7 @@ class AsyncRegistry:
     ) -> tuple[tuple[Instance, ...], int]:
         """List ``service``; with ``index``, a blocking query that returns once the service
         changed after that revision, or after ``wait`` seconds."""
-        params = None if index is None else {"index": str(index), "wait": f"{wait:g}s"}
-        timeout = self.timeout + (wait if index is not None else 0.0)
+        params, timeout = blocking_query(index, wait, self.timeout)
         data = await self.call(
             "GET", f"/v1/services/{service}", f"list {service}", params=params, timeout=timeout
         )
@@ -158,22 +143,16 @@ class AsyncRegistry:
     ) -> AsyncIterator[tuple[Instance, ...]]:
         """The instances of ``service`` now, then after every change (blocking queries). An
         unreachable registry is retried with backoff; the iterator only ends when closed."""
-        index: int | None = None
-        last: tuple[Instance, ...] | None = None
-        failures = 0
+        state = WatchState()
         while True:
             try:
-                found, index = await self.query(service, index, wait)
+                found, index = await self.query(service, state.index, wait)
             except RegistryUnreachable as exc:
-                index = None  # it may come back empty, its revisions starting again from 1
-                failures += 1
-                if failures == 1:
+                if not state.failures:
                     log.warning("watch %s: %s; retrying", service, exc)
-                await asyncio.sleep(backoff(failures))
+                await asyncio.sleep(state.failed())
                 continue
-            failures = 0
-            if found != last:
-                last = found
+            if state.answered(found, index):
                 yield found
 
     def __repr__(self) -> str:

@@ -13,13 +13,14 @@ because a sync resolver is read from many threads at once.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from poise.balancing import Load, build, new_load
 from poise.balancing.keys import KeySource, extract
@@ -53,6 +54,74 @@ def default_id(service: str, port: int) -> str:
 
 def headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class SpecFields(TypedDict, total=False):
+    """The optional fields of a registration (``RegistrationSpec.make``'s keywords), taken
+    as they are by ``register`` of both clients."""
+
+    host: str
+    ttl: str | float | None
+    id: str | None
+    weight: int
+    tags: Iterable[str]
+    meta: Mapping[str, str] | None
+    zone: str
+    scheme: str
+
+
+def blocking_query(
+    index: int | None, wait: float, timeout: float
+) -> tuple[dict[str, str] | None, float]:
+    """A listing's query parameters and timeout: with ``index``, a blocking query that
+    returns once the service changed after that revision, or after ``wait`` seconds."""
+    if index is None:
+        return None, timeout
+    return {"index": str(index), "wait": f"{wait:g}s"}, timeout + wait
+
+
+def decode(
+    status: int, content: bytes, what: str, url: str, reg: RegistrationSpec | None = None
+) -> Any:
+    """A registry API reply (``status``, body ``content``) to ``what`` (as the error says
+    it): the decoded JSON when 2xx, else the matching error (``check_reply``)."""
+    try:
+        data = json.loads(content) if content else None
+    except ValueError as exc:
+        raise RegistryUnreachable(f"{what}: registry at {url}: {exc!r}") from exc
+    return check_reply(status, data, what, reg)
+
+
+def parse_services(data: Any) -> dict[str, int]:
+    """``GET /v1/services`` -> instances by service name."""
+    return {str(k): int(v) for k, v in dict(data["services"]).items()}
+
+
+class WatchState:
+    """A watch by blocking queries, the same for the async and the sync loop: the revision
+    to wait after, the last instances seen and the failures in a row."""
+
+    __slots__ = ("failures", "index", "last")
+
+    def __init__(self) -> None:
+        self.index: int | None = None
+        self.last: tuple[Instance, ...] | None = None
+        self.failures = 0
+
+    def failed(self) -> float:
+        """The registry did not answer: the seconds to wait before asking again."""
+        self.index = None  # it may come back empty, its revisions starting again from 1
+        self.failures += 1
+        return backoff(self.failures)
+
+    def answered(self, found: tuple[Instance, ...], index: int) -> bool:
+        """The instances at revision ``index``: whether they changed (to yield them)."""
+        self.failures = 0
+        self.index = index
+        if found == self.last:
+            return False
+        self.last = found
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import httpx
 
@@ -33,11 +33,14 @@ from poise.client.core import (
     DEFAULT_WAIT,
     RegistrationSpec,
     ServiceView,
-    backoff,
-    check_reply,
+    SpecFields,
+    WatchState,
+    blocking_query,
+    decode,
     headers,
     parse_instances,
     parse_policy,
+    parse_services,
 )
 from poise.config.model import PolicyConfig
 from poise.errors import NoHealthyBackend, RegistryUnreachable
@@ -110,45 +113,26 @@ class Registry:
                 method, path, params=params,
                 timeout=timeout if timeout is not None else self.timeout,
             )  # fmt: skip
-            data = reply.json() if reply.content else None
-        except (httpx.TransportError, ValueError) as exc:
+        except httpx.TransportError as exc:
             raise RegistryUnreachable(f"{what}: registry at {self.url}: {exc!r}") from exc
-        return check_reply(reply.status_code, data, what)
+        return decode(reply.status_code, reply.content, what, self.url)
 
     def register(
         self,
         service: str,
         port: int,
         *,
-        host: str = "127.0.0.1",
-        ttl: str | float | None = "10s",
-        id: str | None = None,
-        weight: int = 1,
-        tags: Iterable[str] = (),
-        meta: Mapping[str, str] | None = None,
-        zone: str = "",
-        scheme: str = "http",
         status: str = PASSING,
         interval: float | None = None,
+        **fields: Unpack[SpecFields],
     ) -> Registration:
-        """``with registry.register("users", port=8001):`` — heartbeats in a daemon thread."""
-        spec = RegistrationSpec.make(
-            service,
-            port,
-            host=host,
-            ttl=ttl,
-            id=id,
-            weight=weight,
-            tags=tags,
-            meta=meta,
-            zone=zone,
-            scheme=scheme,
-        )
+        """``with registry.register("users", port=8001):`` — heartbeats in a daemon thread.
+        ``fields``: as :meth:`AsyncRegistry.register`'s."""
+        spec = RegistrationSpec.make(service, port, **fields)
         return Registration(self.url, self.token, spec, status=status, interval=interval)
 
     def services(self) -> dict[str, int]:
-        data = self.call("GET", "/v1/services", "list services")
-        return {str(k): int(v) for k, v in dict(data["services"]).items()}
+        return parse_services(self.call("GET", "/v1/services", "list services"))
 
     def instances(self, service: str) -> tuple[Instance, ...]:
         return self.query(service)[0]
@@ -156,8 +140,7 @@ class Registry:
     def query(
         self, service: str, index: int | None = None, wait: float = DEFAULT_WAIT
     ) -> tuple[tuple[Instance, ...], int]:
-        params = None if index is None else {"index": str(index), "wait": f"{wait:g}s"}
-        timeout = self.timeout + (wait if index is not None else 0.0)
+        params, timeout = blocking_query(index, wait, self.timeout)
         data = self.call(
             "GET", f"/v1/services/{service}", f"list {service}", params=params, timeout=timeout
         )
@@ -165,20 +148,14 @@ class Registry:
 
     def watch(self, service: str, wait: float = DEFAULT_WAIT) -> Iterator[tuple[Instance, ...]]:
         """The instances now, then after every change; retries while the registry is down."""
-        index: int | None = None
-        last: tuple[Instance, ...] | None = None
-        failures = 0
+        state = WatchState()
         while True:
             try:
-                found, index = self.query(service, index, wait)
+                found, index = self.query(service, state.index, wait)
             except RegistryUnreachable:
-                index = None  # it may come back empty, its revisions starting again from 1
-                failures += 1
-                time.sleep(backoff(failures))
+                time.sleep(state.failed())
                 continue
-            failures = 0
-            if found != last:
-                last = found
+            if state.answered(found, index):
                 yield found
 
     def __repr__(self) -> str:

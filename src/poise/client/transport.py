@@ -144,6 +144,55 @@ class _Counters:
         return {"balanced": self.balanced, "passed_through": self.passed,
                 "retries": self.retries, "failed": self.failed}  # fmt: skip
 
+    # the sans-I/O steps of one balanced request, the same for the sync and async transport
+
+    def _candidates(
+        self,
+        request: httpx.Request,
+        view: ServiceView,
+        resolver: Resolver | AsyncResolver,
+        attempts: int,
+    ) -> list[Backend]:
+        """The instances to try, in the policy's order (from this very view: a backend's
+        index means something only in its own view)."""
+        key = request_key(resolver.policy, request.url.raw_path, request.headers.raw)
+        candidates = view.candidates(key, resolver.ejected, time.monotonic())[:attempts]
+        if not candidates:
+            self.failed += 1
+            raise _no_instance(request, view)
+        return candidates
+
+    def _try_failed(
+        self,
+        view: ServiceView,
+        backend: Backend,
+        start: float,
+        exc: BaseException,
+        resolver: Resolver | AsyncResolver,
+    ) -> bool:
+        """A try raised ``exc``: its end is counted; True when the next instance may be
+        tried (nothing was sent: the connection could not be opened)."""
+        view.finished(backend, time.monotonic() - start, False, time.monotonic())
+        if not isinstance(exc, RETRYABLE):
+            return False
+        resolver.report_failure(backend)
+        return True
+
+    def _answered(
+        self, view: ServiceView, backend: Backend, start: float, status: int
+    ) -> _Done | None:
+        """A response head came: the request's end to report when its body is closed (None:
+        the view keeps no load figures)."""
+        self.balanced += 1
+        if view.load is None:
+            return None
+        return _Done(view, backend, time.monotonic() - start, status < 500)
+
+    def _exhausted(self, failure: BaseException | None) -> BaseException:
+        self.failed += 1
+        assert failure is not None
+        return failure
+
 
 class BalancingTransport(_Counters, httpx.BaseTransport):
     """Sync: ``httpx.Client(transport=BalancingTransport("http://127.0.0.1:8500"))``.
@@ -184,41 +233,28 @@ class BalancingTransport(_Counters, httpx.BaseTransport):
         if not view.backends:
             self.passed += 1
             return self.inner.handle_request(request)
-        key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
-        # from this very view: a backend's index means something only in its own view
-        candidates = view.candidates(key, self.resolver.ejected, time.monotonic())
-        candidates = candidates[: self.attempts]
-        if not candidates:
-            self.failed += 1
-            raise _no_instance(request, view)
-        failure: Exception | None = None
+        candidates = self._candidates(request, view, self.resolver, self.attempts)
+        failure: BaseException | None = None
         for attempt, backend in enumerate(candidates):
-            if attempt:
-                self.retries += 1
+            self.retries += attempt > 0
             view.started(backend)
             start = time.monotonic()
             try:
                 response = self.inner.handle_request(rewrite(request, backend, self.keep_host))
-            except RETRYABLE as exc:
-                view.finished(backend, time.monotonic() - start, False, time.monotonic())
-                self.resolver.report_failure(backend)
+            except BaseException as exc:
+                if not self._try_failed(view, backend, start, exc, self.resolver):
+                    raise
                 failure = exc
                 continue
-            except BaseException:
-                view.finished(backend, time.monotonic() - start, False, time.monotonic())
-                raise
-            self.balanced += 1
-            if view.load is None:
+            done = self._answered(view, backend, start, response.status_code)
+            if done is None:
                 return response
-            done = _Done(view, backend, time.monotonic() - start, response.status_code < 500)
             assert isinstance(response.stream, httpx.SyncByteStream)
             return httpx.Response(
                 response.status_code, headers=response.headers,
                 stream=_Tracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
-        assert failure is not None
-        self.failed += 1
-        raise failure
+        raise self._exhausted(failure)
 
     def close(self) -> None:
         self.inner.close()
@@ -267,43 +303,30 @@ class AsyncBalancingTransport(_Counters, httpx.AsyncBaseTransport):
         if not view.backends:
             self.passed += 1
             return await self.inner.handle_async_request(request)
-        key = request_key(self.resolver.policy, request.url.raw_path, request.headers.raw)
-        # from this very view: a backend's index means something only in its own view
-        candidates = view.candidates(key, self.resolver.ejected, time.monotonic())
-        candidates = candidates[: self.attempts]
-        if not candidates:
-            self.failed += 1
-            raise _no_instance(request, view)
-        failure: Exception | None = None
+        candidates = self._candidates(request, view, self.resolver, self.attempts)
+        failure: BaseException | None = None
         for attempt, backend in enumerate(candidates):
-            if attempt:
-                self.retries += 1
+            self.retries += attempt > 0
             view.started(backend)
             start = time.monotonic()
             try:
                 response = await self.inner.handle_async_request(
                     rewrite(request, backend, self.keep_host)
                 )
-            except RETRYABLE as exc:
-                view.finished(backend, time.monotonic() - start, False, time.monotonic())
-                self.resolver.report_failure(backend)
+            except BaseException as exc:
+                if not self._try_failed(view, backend, start, exc, self.resolver):
+                    raise
                 failure = exc
                 continue
-            except BaseException:
-                view.finished(backend, time.monotonic() - start, False, time.monotonic())
-                raise
-            self.balanced += 1
-            if view.load is None:
+            done = self._answered(view, backend, start, response.status_code)
+            if done is None:
                 return response
-            done = _Done(view, backend, time.monotonic() - start, response.status_code < 500)
             assert isinstance(response.stream, httpx.AsyncByteStream)
             return httpx.Response(
                 response.status_code, headers=response.headers,
                 stream=_AsyncTracked(response.stream, done), extensions=response.extensions,
             )  # fmt: skip
-        assert failure is not None
-        self.failed += 1
-        raise failure
+        raise self._exhausted(failure)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
