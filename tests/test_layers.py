@@ -81,8 +81,8 @@ TYPE_CYCLES = {
     "repeated heads), response.py (the "
     "response head towards it) and verdicts.py (retry and passive-health decisions) take the "
     "connections, the exchange and the context, typed; at run time none imports the other's "
-    "module back (the upstream reports to the client only lifecycle: complete, failed, "
-    "retry, tunnel, write pause)",
+    "module back (the upstream talks to the client only for lifecycle: forward, complete, "
+    "failed, retry, tunnel, write pause)",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
     frozenset({"poise.admin.api", "poise.admin.metrics", "poise.server"}): "the admin API "

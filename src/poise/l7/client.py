@@ -53,6 +53,7 @@ from poise.l7.request import (
     field_list,
     settle,
 )
+from poise.l7.response import send_out
 from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
 
@@ -312,6 +313,12 @@ class ClientConnection(asyncio.Protocol):
     def upstream_failed(self, ex: Exchange, failure: AttemptFailure, reusable_retry: bool) -> None:
         """The upstream connection of ``ex`` failed (``attempts.upstream_failed``)."""
         attempts.upstream_failed(self, ex, failure, reusable_retry)
+
+    def forward(self, out: list[bytes | memoryview]) -> None:
+        """Response bytes from the backend, all of one read: one write (unless closed)."""
+        if not self.closed:
+            assert self.transport is not None
+            send_out(self.transport, out)
 
     def response_complete(self, ex: Exchange) -> None:
         """The whole response of ``ex`` has been written to the transport."""

@@ -49,7 +49,6 @@ from poise.l7.response import (
     framing,
     head_tail,
     rewrite_head,
-    send_out,
     stray_bytes,
     upgrade_head,
 )
@@ -149,9 +148,8 @@ class UpstreamConnection(asyncio.Protocol):
         assert client is not None
         if self.close_delimited and self.head_done:
             # EOF is how this response ends (RFC 9112 §6.3 item 8).
-            if self.mode == BODY_CHUNK and not client.closed:
-                assert client.transport is not None
-                client.transport.write(b"0\r\n\r\n")
+            if self.mode == BODY_CHUNK:
+                client.forward([b"0\r\n\r\n"])
             client.response_complete(ex)
             return
         # Died mid-exchange. A reused idle connection that never produced a byte was most
@@ -234,8 +232,8 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             # 101 Switching Protocols: what follows its head is the new protocol's.
             rest = data[int(exc.args[0]) :]  # the offset is into what was just fed
-            if out and not client.closed:
-                send_out(client.transport, out)  # type: ignore[arg-type]
+            if out:
+                client.forward(out)
             self.ex = self.client = None
             client.start_tunnel(self, rest)
             return
@@ -261,8 +259,8 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             if counting:
                 stray = self._count(data, out)
-        if out and not client.closed:
-            send_out(client.transport, out)  # type: ignore[arg-type]
+        if out:
+            client.forward(out)
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
             return
@@ -558,9 +556,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         if self.complete:
             # The response itself was whole; what followed it was not ours to forward.
-            if out and not client.closed:
-                assert client.transport is not None
-                send_out(client.transport, out)
+            if out:
+                client.forward(out)
             client.response_complete(ex)
         else:
             client.upstream_failed(ex, failures.BROKEN, False)
