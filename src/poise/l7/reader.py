@@ -373,7 +373,7 @@ class RequestReader:
             raise Reject(431, "Request Header Fields Too Large")
         kind = self._names.get(name)
         if kind is None:
-            kind = self._kind_of(name)
+            kind = _field_kind(self._kinds, self._names, name)
         if kind == http.PLAIN:
             self._headers += (name, b": ", value, CRLF)
             return
@@ -401,19 +401,6 @@ class RequestReader:
             self._fwd.append((name.lower(), name, value))
         elif name.lower() == b"upgrade":
             self._upgrade = value  # forwarded only for a real upgrade request (see below)
-
-    def _kind_of(self, name: bytes) -> int:
-        """What poise does with a field of this name (http.REQUEST_HEADER_KIND), kept per
-        spelling in ``Context.name_kinds`` (bounded)."""
-        kind = self._kinds.get(name.lower(), http.PLAIN)
-        if kind == http.PLAIN and name.find(b"_") >= 0:
-            # Dropped, as nginx does (underscores_in_headers off): some frameworks read
-            # "_" as "-", so "Transfer_Encoding" would become framing behind the proxy.
-            kind = http.HOP
-        names = self._names
-        if len(names) < NAMES_MAX and len(name) <= 64:
-            names[name] = kind
-        return kind
 
     def on_headers_complete(self) -> None:
         client = self.client
@@ -646,3 +633,16 @@ def _valid_host(value: bytes) -> bool:
     if len(_HOSTS_SEEN) < 4096:
         _HOSTS_SEEN.add(value)
     return True
+
+
+def _field_kind(kinds: dict[bytes, int], names: dict[bytes, int], name: bytes) -> int:
+    """What poise does with a field of this name (``kinds``: http.REQUEST_HEADER_KIND by
+    lower-case name), remembered per spelling in ``names`` (Context.name_kinds, bounded)."""
+    kind = kinds.get(name.lower(), http.PLAIN)
+    if kind == http.PLAIN and name.find(b"_") >= 0:
+        # Dropped, as nginx does (underscores_in_headers off): some frameworks read
+        # "_" as "-", so "Transfer_Encoding" would become framing behind the proxy.
+        kind = http.HOP
+    if len(names) < NAMES_MAX and len(name) <= 64:
+        names[name] = kind
+    return kind
