@@ -543,6 +543,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         reader = self.reader  # nothing more is read as a request, nor timed as one
+        reader.state = REFUSED
         reader.parser = reader.cur = None
         reader.in_body = False
         self._resume(self.paused)

@@ -103,8 +103,10 @@ class RequestReader:
         self._kinds = ctx.header_kinds
         self._names = ctx.name_kinds  # the same by the names' spelling (a cache)
         self.state = READING
-        # (None once the connection is gone: the parser and the reader refer to each other)
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        # llhttp, made by the first read that needs it: a plain head takes the scan, and a
+        # connection whose requests all do never makes one (None again once the connection is
+        # gone: the parser and the reader refer to each other)
+        self.parser: httptools.HttpRequestParser | None = None
         self.cur: Exchange | None = None  # the request being read
         self.in_body = False
         self._headers: list[bytes] = []
@@ -151,8 +153,7 @@ class RequestReader:
             if memo is not None:
                 self._repeat(memo)
                 return
-        parser = self.parser
-        if self.state != READING or parser is None:  # (see data_received)
+        if self.state != READING:  # (see ClientConnection.data_received)
             return
         if self._left:  # the body of a scanned request (_plain)
             self._count_body(client, data)
@@ -191,6 +192,9 @@ class RequestReader:
                 if data.strip(b"\r\n"):
                     raise httptools.HttpParserError("Data after `Connection: close`")
             else:
+                parser = self.parser
+                if parser is None:
+                    parser = self.parser = httptools.HttpRequestParser(self)
                 parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             reason = exc.__context__
