@@ -255,6 +255,30 @@ def test_a_listener_resumes_until_its_key_is_two_periods_old(
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=["1.2", "1.3"])
+def test_a_client_that_always_offers_its_last_session_resumes_every_time(
+    tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """As wrk and HTTP clients with connection churn do: each connection offers the session
+    of the one before. A resumed connection gets a new ticket (TLS 1.3 tickets are meant for
+    one use, RFC 8446 §C.4), so the next one resumes too."""
+    ca = CA(tmp_path)
+    listener = ListenerTls(
+        "web", listener_cfg(ca.issue("a", ["a.test"])), secrets=tickets.TicketSecrets(3600)
+    )
+    assert listener.tickets is not None
+    session, reused, _, _ = handshake(listener, version)
+    assert not reused
+    seen = []
+    for _ in range(4):
+        issued = listener.tickets.issued
+        session, reused, server_reused, _ = handshake(listener, version, session)
+        # a fresh ticket with every resumption: an OpenSSL client (wrk, curl) does not offer
+        # a TLS 1.3 ticket twice, so without it every other connection was a full handshake
+        seen.append((reused, server_reused, listener.tickets.issued > issued))
+    assert seen == [(True, True, True)] * 4
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["1.2", "1.3"])
 def test_no_resumption_across_client_certificate_settings_even_with_one_key_file(
     tmp_path: Path, version: ssl.TLSVersion
 ) -> None:

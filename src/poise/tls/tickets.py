@@ -25,7 +25,9 @@ in libssl (the library ``_ssl`` itself is linked with) through ``ctypes``:
   context. For a new ticket it gives the current key's name, a random IV, AES-256-CBC with the
   key's AES half and HMAC-SHA256 with its HMAC half (the format OpenSSL's own keys use); for
   a ticket presented by a client it finds the key by name, or answers "unknown" (a full
-  handshake follows). A ticket under an older key that is still accepted is renewed.
+  handshake follows). Every accepted ticket is renewed: the resumed connection gets a
+  fresh ticket under the current key, since a TLS 1.3 ticket is for one use and OpenSSL
+  clients never offer one twice.
 
 Where the keys come from (``TicketSecrets``): time is cut into periods of
 ``session_ticket_rotation`` (aligned on Unix time, so every process agrees on the period
@@ -241,8 +243,7 @@ class TicketKeys:
         return self._current
 
     def find(self, name: bytes) -> tuple[TicketKey, bool] | None:
-        """The key named ``name`` and whether it is the current one (else a ticket under it
-        is renewed), or None."""
+        """The key named ``name`` and whether it is the current one, or None."""
         self._refresh()
         key = self._by_name.get(name)
         if key is None:
@@ -425,13 +426,17 @@ def install(ctx: ssl.SSLContext, keys: TicketKeys) -> Callable[..., int] | None:
             if found is None:
                 keys.unknown += 1
                 return 0  # a full handshake (and a new ticket)
-            key, current = found
+            key = found[0]
             if c.EVP_DecryptInit_ex(cctx, cipher, None, key.aes, ctypes.string_at(iv, 16)) != 1:
                 return -1
             if lib.mac_init(hctx, key.hmac) != 1:
                 return -1
             keys.accepted += 1
-            return 1 if current else 2  # 2: accepted, and renewed under the current key
+            # 2: accepted, and a fresh ticket issued (under the current key) with every
+            # resumption: TLS 1.3 tickets are for one use (RFC 8446 §C.4) and an OpenSSL
+            # client (wrk, curl, most HTTP libraries) never offers one twice, so without a
+            # fresh one every other connection of a returning client was a full handshake
+            return 2
         except Exception:
             log.exception("TLS ticket key callback failed")
             return -1
