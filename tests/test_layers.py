@@ -56,8 +56,8 @@ IO = frozenset(
 IO_EDGES = {
     ("poise.config", "poise.config.load"): "the config package exports the loader, which "
     "validates certificates, CA bundles, ciphers and ticket keys with ssl (config.tls -> "
-    "tls.contexts, tls.tickets) and service names with poise.registry, whose __init__ loads "
-    "the stores (asyncio): the config <-> tls and config <-> registry package cycles of #19. "
+    "tls.checks, tls.certs, tls.tickets, none of which imports the config) and service names "
+    "with poise.registry, whose __init__ loads the stores (asyncio). "
     "The pure layers import poise.config.model only, which loads the package __init__",
 }
 # Import cycles among modules counting the type-only imports (none at run time), and why.
@@ -271,3 +271,35 @@ def test_no_new_import_cycle_with_the_type_only_imports() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+IMPORT_FIRST = """
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "poise" or m.startswith("poise.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {exc!r}")
+print("\\n".join(failed))
+"""
+
+
+def test_every_module_can_be_imported_first() -> None:
+    """A package cycle broke this once: importing poise.tls.contexts (or anything that
+    imported it) before poise.config failed half-way, as the config package imported the
+    TLS checks back from it. Each module is imported first, in one fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    names = [n for n in modules() if not n.endswith("__main__")]
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_FIRST, *names],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout

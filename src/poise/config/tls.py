@@ -31,7 +31,7 @@ from poise.config.model import (
 )
 from poise.config.values import describe_type, parse_duration
 from poise.tls.certs import CertInfo, read_pem_certificate
-from poise.tls.contexts import check_ca_bundle, check_ciphers, check_pair
+from poise.tls.checks import check_ca_bundle, check_ciphers, check_pair
 from poise.tls.tickets import lib_error, read_key_files
 
 __all__ = ["check_sni_names", "listener_tls", "redirect_https", "upstream_tls"]

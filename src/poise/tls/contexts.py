@@ -40,7 +40,8 @@ from poise.config.model import (
     UpstreamTlsConfig,
 )
 from poise.tls import tickets
-from poise.tls.certs import CertInfo, read_pem_certificate
+from poise.tls.certs import CertInfo
+from poise.tls.checks import check_ca_bundle, check_ciphers, check_pair, reason_of
 
 __all__ = [
     "ALPN",
@@ -62,63 +63,6 @@ log = logging.getLogger("poise.tls")
 
 ALPN = ["http/1.1"]
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason from an OSError or ssl.SSLError, for config problems and logs."""
-    if isinstance(exc, ssl.SSLError):
-        # set_ciphers raises an SSLError without the reason attribute
-        reason = getattr(exc, "reason", None) or ""
-        text = str(exc)
-        if reason == "KEY_VALUES_MISMATCH":
-            return "the certificate and the key do not match"
-        if reason in ("PEM_LIB", "NO_START_LINE", "BAD_BASE64_DECODE") or "PEM lib" in text:
-            return "not a PEM certificate and key"
-        if reason == "NO_CIPHER_MATCH" or "No cipher can be selected" in text:
-            return "no cipher matches"
-        return reason.lower().replace("_", " ") if reason else text
-    if isinstance(exc, OSError) and exc.strerror:
-        name = f" {exc.filename}" if exc.filename else ""
-        return f"cannot read{name}: {exc.strerror}"
-    return str(exc)
-
-
-def check_pair(cert: str, key: str) -> CertInfo:
-    """Load a certificate chain and its key as a server would; ``ValueError`` with a plain
-    reason when a file is unreadable, not PEM, or the key does not belong to the cert."""
-    try:
-        pem = Path(cert).read_bytes()
-    except OSError as exc:
-        raise ValueError(_reason(exc)) from None
-    info = read_pem_certificate(pem)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and not exc.filename:
-            exc.filename = key  # load_cert_chain does not say which file it could not read
-        raise ValueError(_reason(exc)) from None
-    return info
-
-
-def check_ca_bundle(path: str) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        ctx.load_verify_locations(cafile=path)
-    except OSError as exc:
-        if not isinstance(exc, ssl.SSLError) and not exc.filename:
-            exc.filename = path
-        raise ValueError(_reason(exc)) from None
-    if not ctx.get_ca_certs():
-        raise ValueError(f"no CA certificate in {path}")
-
-
-def check_ciphers(ciphers: str) -> str:
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
-    except ssl.SSLError as exc:
-        raise ValueError(f"{_reason(exc)}: {ciphers!r}") from None
-    return ciphers
 
 
 # -- listeners ---------------------------------------------------------------------------
@@ -310,7 +254,7 @@ class ListenerTls:
                     log.warning("listener %s: %s expired on %s", self.name, cert.cert, when)
         except (ValueError, OSError) as exc:
             self.reload_failures += 1
-            self.last_error = _reason(exc)
+            self.last_error = reason_of(exc)
             log.error(
                 "listener %s: certificate reload failed (%s); still serving the previous "
                 "certificates",
