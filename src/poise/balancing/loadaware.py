@@ -144,11 +144,10 @@ class TwoChoices(Policy):
     and take the better (``better``); if both are passed over, new pairs are drawn from the
     rest (``_Pairs``), so no backend is favoured for its position."""
 
-    __slots__ = ("_backends", "_bits", "_load", "_rng")
+    __slots__ = ("_backends", "_bits", "_load")
 
     def __init__(self, backends: Sequence[Backend], rng: random.Random, load: Load) -> None:
         self._backends = tuple(backends)
-        self._rng = rng
         self._bits = rng.getrandbits
         self._load = load
 

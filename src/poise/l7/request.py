@@ -173,8 +173,12 @@ def settle(ex: Exchange, *, ok: bool) -> None:
     if load is not None and ex.backend is not None:
         adm = ex.admission
         ex.load = ex.admission = None
-        now = time.monotonic() if load.latency else 0.0  # (the clock only for peak EWMA)
-        release(load, adm, ex.backend.index, ok=ok, latency=now - ex.sent_at, now=now)
+        if load.latency:  # (the clock only for peak EWMA)
+            now = time.monotonic()
+            latency = now - ex.sent_at
+        else:
+            now = latency = 0.0
+        release(load, adm, ex.backend.index, ok=ok, latency=latency, now=now)
 
 
 def with_host(head: bytes, backend: Backend) -> bytes:
