@@ -45,12 +45,15 @@ async def test_seed_config_rotates_over_all_backends(five: list[HttpBackend]) ->
 
 
 async def test_dead_backend_skipped_then_back_after_recovery(five: list[HttpBackend]) -> None:
-    doc = seed([b.url for b in five], interval="100ms")
+    # The seed format's probe timeout is its interval (at most 1 s) and one failed probe marks
+    # a backend down, so the interval must outlast a stall of this 2-core box: with 100 ms,
+    # a stall of the shared loop (backends and proxy run in one) once marked all five down.
+    doc = seed([b.url for b in five], interval="500ms")
     async with running(doc) as (server, url), httpx.AsyncClient() as client:
         victim = five[2]
         await victim.stop()
         checker = server.membership.checkers[0]
-        await eventually(lambda: not checker.states[2].up)
+        await eventually(lambda: [s.up for s in checker.states] == [True, True, False, True, True])
         bodies = {(await client.get(url)).text for _ in range(20)}
         assert bodies == {"b0\n", "b1\n", "b3\n", "b4\n"}
 
