@@ -47,6 +47,7 @@ HOT = [
     "src/poise/health/passive.py",
     "src/poise/health/status.py",
     "src/poise/accesslog.py",
+    "src/poise/l4/relay.py",
     *(
         f"src/poise/balancing/{name}.py"
         for name in (
@@ -92,7 +93,11 @@ def _compiler_works() -> bool:
 def _extensions() -> list[Any]:
     if not _wanted() or not _compiler_works():
         return []
-    native = [Extension("poise.l7._scan", ["src/poise/l7/_scan.c"], extra_compile_args=["-O2"])]
+    native = [
+        Extension("poise.l7._scan", ["src/poise/l7/_scan.c"], extra_compile_args=["-O2"]),
+        # the TLS ticket key callback: libssl is looked up at run time (dlopen), not linked
+        Extension("poise.tls._tickets", ["src/poise/tls/_tickets.c"], extra_compile_args=["-O2"]),
+    ]
     try:
         from mypyc.build import mypycify
     except ImportError:

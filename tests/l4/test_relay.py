@@ -91,8 +91,9 @@ class FakeTask:
     def done(self) -> bool:
         return False
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:  # typed like Task.cancel: the compiled relay checks it
         self.cancelled = True
+        return True
 
 
 class NoSpawn:

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import os
-import shutil
-import subprocess
-import sysconfig
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parents[2] / "src" / "poise" / "l7" / "_scan.c"
+from tests.native import SRC, compile_extension
+
+SOURCE = SRC / "l7" / "_scan.c"
 
 REQUESTS = [
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -74,20 +70,4 @@ def build_native(directory: Path) -> ModuleType | None:
 
 
 def compile_scanner(directory: Path, flags: list[str]) -> ModuleType | None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        return None
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    target = directory / f"_scan{suffix}"
-    subprocess.run(
-        [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Werror", *flags,
-         f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(target)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    if flags:
-        return None  # (a sanitizer build is loaded by its own process)
-    spec = importlib.util.spec_from_file_location("_scan", target)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compile_extension(SOURCE, directory, flags)

@@ -1,9 +1,13 @@
 """Session ticket keys (poise.tls.tickets): the libssl layout assumption, rotation on a fake
-clock, and resumption against a listener's real front context over 127.0.0.1 sockets."""
+clock, and resumption against a listener's real front context over 127.0.0.1 sockets.
+
+Every test runs with each ticket key callback: the C one (src/poise/tls/_tickets.c, built
+here when the install did not build it) and its pure-Python twin (ctypes)."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import hmac
 import os
@@ -11,17 +15,46 @@ import socket
 import ssl
 import threading
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import pytest
 
 from poise.config.model import CertificateConfig, ListenerTlsConfig
 from poise.tls import tickets
 from poise.tls.contexts import ListenerTls
+from tests.native import SRC, compile_extension
 from tests.tls.certgen import CA, Pair, serial_of
 from tests.tls.helpers import client_context
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> ModuleType | None:
+    """The C callback: the installed one when ``pip install .`` built it, else compiled from
+    its source; None without a C compiler."""
+    if tickets._native is not None:
+        return cast(ModuleType, tickets._native)
+    return compile_extension(SRC / "tls" / "_tickets.c", tmp_path_factory.mktemp("tk"), [])
+
+
+@pytest.fixture(autouse=True, params=["C", "ctypes"])
+def callback(
+    request: pytest.FixtureRequest, built: ModuleType | None, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Which ticket key callback the listeners of this test get."""
+    if request.param == "C":
+        if built is None:
+            pytest.skip("no C compiler: the ctypes callback only")
+        lib = tickets.libssl()
+        if lib is not None and not lib.evp:
+            pytest.skip("OpenSSL 1.1.1: the ctypes callback only")
+        monkeypatch.setattr(tickets, "_native", built)
+        assert tickets.native_error() is None, tickets.native_error()
+    else:
+        monkeypatch.setattr(tickets, "_native", None)
+    return str(request.param)
 
 
 class Clock:
@@ -232,7 +265,7 @@ def handshake(
 
 @pytest.mark.parametrize("version", VERSIONS, ids=["1.2", "1.3"])
 def test_a_listener_resumes_until_its_key_is_two_periods_old(
-    tmp_path: Path, version: ssl.TLSVersion
+    tmp_path: Path, version: ssl.TLSVersion, callback: str
 ) -> None:
     clock = Clock()
     ca = CA(tmp_path)
@@ -241,6 +274,7 @@ def test_a_listener_resumes_until_its_key_is_two_periods_old(
         secrets=tickets.TicketSecrets(3600, clock=clock),
     )  # fmt: skip
     assert listener.ticket_mode == "shared"
+    assert listener.ticket_callback == callback
     session, reused, _, _ = handshake(listener, version)
     assert not reused
     _, reused, server_reused, _ = handshake(listener, version, session)
@@ -361,3 +395,46 @@ def test_session_resumption_off(tmp_path: Path, version: ssl.TLSVersion) -> None
     session, _, _, _ = handshake(listener, version)
     _, reused, server_reused, _ = handshake(listener, version, session)
     assert not reused and not server_reused
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["1.2", "1.3"])
+def test_a_failing_key_lookup_is_logged_and_costs_only_the_resumption(
+    tmp_path: Path, version: ssl.TLSVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = CA(tmp_path)
+    listener = ListenerTls("web", listener_cfg(ca.issue("a", ["a.test"])))
+    assert listener.tickets is not None
+    session, _, _, _ = handshake(listener, version)
+
+    def broken(name: bytes) -> Any:
+        raise RuntimeError("no keys today")
+
+    listener.tickets.find = broken  # type: ignore[method-assign]
+    with caplog.at_level("ERROR", logger="poise.tls"):
+        result = handshake(listener, version, session)
+    assert not result[1] and not result[2]
+    assert "TLS ticket key callback failed" in caplog.text
+    assert "no keys today" in caplog.text
+
+
+@pytest.mark.parametrize("callback", ["C"], indirect=True)
+def test_a_listeners_c_callback_slot_is_freed_with_its_context(
+    tmp_path: Path, callback: str, built: ModuleType | None
+) -> None:
+    """The C callback tells listeners apart by slot; a slot is given back only when OpenSSL
+    frees the context (no connection can call it any more), and then it is reused."""
+    assert callback == "C" and built is not None
+    gc.collect()
+    before = built.in_use()
+    ca = CA(tmp_path)
+    pair = ca.issue("a", ["a.test"])
+    listener = ListenerTls("web", listener_cfg(pair))
+    assert listener.ticket_callback == "C" and built.in_use() == before + 1
+    session, _, _, _ = handshake(listener, ssl.TLSVersion.TLSv1_3)
+    assert handshake(listener, ssl.TLSVersion.TLSv1_3, session)[1]
+    del listener
+    gc.collect()
+    assert built.in_use() == before
+    again = ListenerTls("web", listener_cfg(pair))  # another listener: its own keys
+    assert again.ticket_callback == "C" and built.in_use() == before + 1
+    assert not handshake(again, ssl.TLSVersion.TLSv1_3, session)[1]

@@ -222,6 +222,14 @@ class ListenerTls:
         self.tickets = keys
         return "files" if files else "shared"
 
+    @property
+    def ticket_callback(self) -> str | None:
+        """Which ticket key callback the listener has: "C" (``tls/_tickets.c``), "ctypes"
+        (its pure-Python twin), or None (OpenSSL's own keys, or no tickets)."""
+        if self.tickets is None:
+            return None
+        return "C" if self._ticket_callback == "C" else "ctypes"
+
     def count_session(self, transport: asyncio.BaseTransport) -> None:
         """Count a completed handshake as full or resumed (once per connection)."""
         ssl_object = transport.get_extra_info("ssl_object")
@@ -311,6 +319,7 @@ class ListenerTls:
                 "full": self.full_handshakes,
                 "resumed": self.resumed,
                 "tickets": self.ticket_mode,
+                "ticket_callback": self.ticket_callback,
                 "tickets_issued": self.tickets.issued if self.tickets is not None else 0,
                 "tickets_unknown": self.tickets.unknown if self.tickets is not None else 0,
             },

@@ -22,7 +22,9 @@ in libssl (the library ``_ssl`` itself is linked with) through ``ctypes``:
   libssl lacks a function, poise keeps OpenSSL's own per-process keys (resumption within a
   worker) and says so in a warning and in the listener's statistics (``tickets: "process"``).
 * ``install``: a ticket key callback (``SSL_CTX_set_tlsext_ticket_key_evp_cb``) on the front
-  context. For a new ticket it gives the current key's name, a random IV, AES-256-CBC with the
+  context: the C one of ``_tickets.c`` when it was built (a compiled install, OpenSSL 3),
+  else its twin here, a ctypes callback. Both ask ``TicketKeys`` for the key on every call.
+  For a new ticket it gives the current key's name, a random IV, AES-256-CBC with the
   key's AES half and HMAC-SHA256 with its HMAC half (the format OpenSSL's own keys use); for
   a ticket presented by a client it finds the key by name, or answers "unknown" (a full
   handshake follows). Every accepted ticket is renewed: the resumed connection gets a
@@ -58,6 +60,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+try:
+    from poise.tls import _tickets as _native_module
+except ImportError:  # the pure-Python build (or no compiler at install time)
+    _native: Any = None
+else:
+    _native = _native_module
 
 __all__ = [
     "KEY_FILE_SIZE",
@@ -301,6 +310,10 @@ class _Lib:
             f = lib.EVP_sha256
             f.restype, f.argtypes = _P, []
         self.cipher = lib.EVP_aes_256_cbc()
+        if self.evp:  # fetched once: the legacy pointer makes every init look the cipher up
+            f = lib.EVP_CIPHER_fetch
+            f.restype, f.argtypes = _P, [_P, ctypes.c_char_p, ctypes.c_char_p]
+            self.cipher = f(None, b"AES-256-CBC", None) or self.cipher
         self._params: dict[bytes, ctypes.Array[_Param]] = {}  # by HMAC key, see mac_init
         self.offset = object.__basicsize__  # PySSLContext: PyObject_HEAD, then SSL_CTX *ctx
         self._check()
@@ -397,10 +410,44 @@ def disable_session_cache(ctx: ssl.SSLContext) -> bool:
     return True
 
 
-def install(ctx: ssl.SSLContext, keys: TicketKeys) -> Callable[..., int] | None:
+def _report(exc: BaseException | None) -> None:
+    log.error("TLS ticket key callback failed", exc_info=exc)
+
+
+def native_error() -> str | None:
+    """None when new listeners get the C ticket callback (``_tickets.c``), else why not."""
+    if _native is None:
+        return "not built"
+    lib = libssl()
+    if lib is None:
+        return _lib_error
+    if not lib.evp:
+        return "OpenSSL 1.1.1: the ctypes callback"
+    import _ssl
+
+    answer = _native.setup(getattr(_ssl, "__file__", None), _report)
+    return None if answer is True else str(answer)
+
+
+def install(ctx: ssl.SSLContext, keys: TicketKeys) -> object | None:
     """Make ``keys`` encrypt and decrypt the tickets of connections started from ``ctx``.
-    Returns the callback (the caller keeps it alive as long as ``ctx``), or None when libssl
-    cannot be reached (OpenSSL's per-process keys stay)."""
+    Returns what the caller keeps alive as long as ``ctx`` (the ctypes callback, or
+    ``"C"`` for the C callback, whose slot lives as long as the ``SSL_CTX``), or None when
+    libssl cannot be reached (OpenSSL's per-process keys stay).
+
+    The C callback (``_tickets.c``) is used when it was built and a slot is free; its twin
+    is ``_ctypes_install``, same answers, about 12 µs more per ticket."""
+    ptr = ctx_pointer(ctx)
+    if ptr is None:
+        return None
+    if native_error() is None and _native.install(ptr, keys):
+        return "C"
+    return _ctypes_install(ctx, keys)
+
+
+def _ctypes_install(ctx: ssl.SSLContext, keys: TicketKeys) -> Callable[..., int] | None:
+    """The pure-Python twin of the C callback: a ctypes callback, returned for the caller to
+    keep alive as long as ``ctx``."""
     lib, ptr = libssl(), ctx_pointer(ctx)
     if lib is None or ptr is None:
         return None
@@ -438,8 +485,10 @@ def install(ctx: ssl.SSLContext, keys: TicketKeys) -> Callable[..., int] | None:
             # fresh one every other connection of a returning client was a full handshake
             return 2
         except Exception:
+            # a broken key lookup costs the ticket (a full handshake, or no new ticket),
+            # not the connection
             log.exception("TLS ticket key callback failed")
-            return -1
+            return 0
 
     cb = _EVP_CB(callback)
     if lib.evp:

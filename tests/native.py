@@ -1,0 +1,37 @@
+"""Build one of poise's C modules from its source for a test, without setup.py: the twins'
+tests run the C side even in the development install, which is pure Python."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "poise"
+
+
+def compile_extension(source: Path, directory: Path, flags: list[str]) -> ModuleType | None:
+    """Compile ``source`` (warnings are errors) into ``directory`` and load it; None without
+    a C compiler, or with ``flags`` (a sanitizer build is loaded by its own process)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return None
+    name = source.stem
+    target = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    subprocess.run(
+        [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Werror", *flags,
+         f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    if flags:
+        return None
+    spec = importlib.util.spec_from_file_location(name, target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
