@@ -42,6 +42,7 @@ from poise.config.model import (
 from poise.tls import tickets
 from poise.tls.certs import CertInfo
 from poise.tls.checks import check_ca_bundle, check_ciphers, check_pair, reason_of
+from poise.tls.sslobject import DirectObject
 
 __all__ = [
     "ALPN",
@@ -70,6 +71,7 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 def server_context(cfg: ListenerTlsConfig, cert: CertificateConfig | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = DirectObject  # records straight to _ssl (tls/sslobject.py)
     ctx.minimum_version = VERSIONS[cfg.min_version]
     ctx.maximum_version = VERSIONS[cfg.max_version]
     if cfg.ciphers:
@@ -399,6 +401,7 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
     # create_default_context: CERT_REQUIRED, check_hostname, the system store unless a CA
     # bundle is given (then only that bundle is trusted).
     ctx = ssl.create_default_context(cafile=cfg.ca)
+    ctx.sslobject_class = DirectObject
     if not cfg.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
