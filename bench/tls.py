@@ -11,7 +11,12 @@ are recorded). Scenarios:
 
 * ``keepalive``: ``wrk -t1 -c64`` over 64 long-lived TLS connections (bulk encryption + proxying).
 * ``handshake``: the same with ``Connection: close``, so every request is a new TCP connection
-  and a full TLS handshake (wrk does not resume sessions): requests/s = handshakes/s.
+  and a TLS handshake: requests/s = handshakes/s. wrk offers each new connection the session
+  of its last one, so these are resumptions wherever the proxy issues tickets (all three do).
+* ``full``: ``handshake`` with session resumption off in each proxy (poise
+  ``session_resumption: false``; nginx ``ssl_session_tickets off`` and ``ssl_session_cache
+  off``; HAProxy ``no-tls-tickets`` and ``tune.ssl.cachesize 0``): a full handshake per
+  request, certificate signature included.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ SYSTEMS = ("poise", "nginx", "haproxy")
 ALL_SYSTEMS = ("poise", "poise-base", "nginx", "haproxy")  # poise-base: --base-src's tree
 SCENARIOS = {
     "keepalive": "64 keep-alive TLS connections",
-    "handshake": "64 connections, Connection: close (one full handshake per request)",
+    "handshake": "64 connections, Connection: close (a handshake per request, resumed)",
+    "full": "64 connections, Connection: close, resumption off (a full handshake per request)",
 }
+NEW_CONNECTIONS = ("handshake", "full")
 
 
 def make_certificate(tmp: Path) -> tuple[Path, Path]:
@@ -53,11 +60,14 @@ def make_certificate(tmp: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def poise_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path) -> Path:
+def poise_conf(
+    tmp: Path, port: int, backends: list[int], cert: Path, key: Path, *, resume: bool
+) -> Path:
     conf = tmp / "poise-tls.json"
     conf.write_text(json.dumps({
         "listeners": [{"name": "bench", "listen": f"{base.LOOPBACK}:{port}", "upstream": "bench",
-                       "tls": {"cert": str(cert), "key": str(key)}}],
+                       "tls": {"cert": str(cert), "key": str(key),
+                               "session_resumption": resume}}],
         "upstreams": {"bench": {
             "backends": [f"http://{base.LOOPBACK}:{b}" for b in backends],
             "health_check": {"interval": "2s"},
@@ -68,7 +78,9 @@ def poise_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path)
     return conf
 
 
-def nginx_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path) -> Path:
+def nginx_conf(
+    tmp: Path, port: int, backends: list[int], cert: Path, key: Path, *, resume: bool
+) -> Path:
     main, http_common = base._nginx_parts(tmp, "nginx")
     servers = "".join(f"        server {base.LOOPBACK}:{b};\n" for b in backends)
     conf = tmp / "nginx-tls.conf"
@@ -81,7 +93,8 @@ def nginx_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path)
         f"        ssl_certificate {cert};\n"
         f"        ssl_certificate_key {key};\n"
         "        ssl_protocols TLSv1.2 TLSv1.3;\n"
-        "        location / {\n"
+        + ("" if resume else "        ssl_session_tickets off;\n        ssl_session_cache off;\n")
+        + "        location / {\n"
         "            proxy_pass http://u;\n"
         "            proxy_http_version 1.1;\n"
         '            proxy_set_header Connection "";\n'
@@ -94,7 +107,9 @@ def nginx_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path)
     return conf
 
 
-def haproxy_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Path) -> Path:
+def haproxy_conf(
+    tmp: Path, port: int, backends: list[int], cert: Path, key: Path, *, resume: bool
+) -> Path:
     pem = tmp / "bench.pem"  # HAProxy takes the certificate and its key in one file
     pem.write_text(cert.read_text() + key.read_text())
     servers = "".join(
@@ -102,30 +117,34 @@ def haproxy_conf(tmp: Path, port: int, backends: list[int], cert: Path, key: Pat
     )
     conf = tmp / "haproxy-tls.cfg"
     conf.write_text(
-        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        "global\n    nbthread 1\n    maxconn 4096\n"
+        + ("" if resume else "    tune.ssl.cachesize 0\n")
+        + "\n"
         "defaults\n    mode http\n    timeout connect 3s\n"
         "    timeout client 60s\n    timeout server 60s\n    option forwardfor\n"
         "    http-reuse always\n\n"
-        f"frontend fe\n    bind {base.LOOPBACK}:{port} ssl crt {pem}\n"
+        f"frontend fe\n    bind {base.LOOPBACK}:{port} ssl crt {pem}"
+        + ("" if resume else " no-tls-tickets")
+        + "\n"
         "    default_backend be\n\n"
         "backend be\n    balance roundrobin\n    option httpchk HEAD /\n" + servers
     )
     return conf
 
 
-def start(env: base.Env, system: str, cert: Path, key: Path, logname: str) -> Any:
+def start(env: base.Env, system: str, cert: Path, key: Path, logname: str, *, resume: bool) -> Any:
     port, backends, tmp = env.front_port, env.backend_ports, env.tmp
     if system in ("poise", "poise-base"):
-        conf = poise_conf(tmp, port, backends, cert, key)
+        conf = poise_conf(tmp, port, backends, cert, key, resume=resume)
         penv = dict(os.environ)
         src = base.BASE_SRC[0] if system == "poise-base" else str(base.REPO / "src")
         penv["PYTHONPATH"] = src + (os.pathsep + penv["PYTHONPATH"] if "PYTHONPATH" in penv else "")
         argv = [sys.executable, "-m", "poise", "run", "-c", str(conf)]
         return env.procs.start(logname, argv, base.CPU_PROXY, cwd=base.REPO, env=penv)
     if system == "haproxy":
-        conf = haproxy_conf(tmp, port, backends, cert, key)
+        conf = haproxy_conf(tmp, port, backends, cert, key, resume=resume)
         return env.procs.start(logname, ["haproxy", "-db", "-f", str(conf)], base.CPU_PROXY)
-    conf = nginx_conf(tmp, port, backends, cert, key)
+    conf = nginx_conf(tmp, port, backends, cert, key, resume=resume)
     return env.procs.start(logname, base.nginx_argv(tmp, conf, "nginx"), base.CPU_PROXY)
 
 
@@ -153,7 +172,7 @@ def https_probe(port: int) -> dict[str, Any] | None:
 
 def run_wrk(env: base.Env, scenario: str, seconds: float) -> tuple[base.WrkResult, str]:
     argv = ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency"]
-    if scenario == "handshake":
+    if scenario in NEW_CONNECTIONS:
         argv += ["-H", "Connection: close"]
     argv.append(f"https://{base.LOOPBACK}:{env.front_port}/")
     if env.procs.pin:
@@ -175,7 +194,7 @@ def measure(
     negotiated = None
     try:
         base.wait_port_free(env.front_port)
-        proc = start(env, system, cert, key, logname)
+        proc = start(env, system, cert, key, logname, resume=scenario != "full")
         deadline = time.monotonic() + base.START_DEADLINE
         base.wait_accepting(env.front_port, proc, deadline)
         while (negotiated := https_probe(env.front_port)) is None or not negotiated["ok"]:
