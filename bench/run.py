@@ -794,6 +794,7 @@ def median_of(ms: list[Measurement]) -> Measurement:
         if (v := med([m.latency_ms.get(k) for m in ok])) is not None
     }  # fmt: skip
     row.cpu_us_per_req = med([m.cpu_us_per_req for m in ok])
+    row.cpu_utilisation = med([m.cpu_utilisation for m in ok])
     row.peak_rss_kib = max((m.peak_rss_kib or 0) for m in ok)
     row.rss_growth_kib = max((m.rss_growth_kib or 0) for m in ok)
     row.errors = sum(m.errors or 0 for m in ms)

@@ -211,6 +211,7 @@ def measure(
         ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
         m.cpu_s = ticks / base.CLK_TCK
         m.cpu_us_per_req = m.cpu_s * 1e6 / w.requests if w.requests else None
+        m.cpu_utilisation = m.cpu_s / w.duration_s if w.duration_s else None
         m.peak_rss_kib = base.status_kib(list(after), "VmHWM")
         m.rss_growth_kib = m.peak_rss_kib - m.rss_before_kib
         m.rps, m.requests, m.duration_s = w.rps, w.requests, w.duration_s
@@ -241,15 +242,15 @@ def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
         ref = by["nginx"].rps if "nginx" in by else None
         ref_cpu = by["nginx"].cpu_us_per_req if "nginx" in by else None
         out += [f"### {scenario}: {title}", "",
-                "| system | rps | ×nginx | p50 | p99 | CPU-µs/req | CPU ×nginx | peak RSS MiB "  # noqa: RUF001
-                "| errors |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                "| system | rps | ×nginx | p50 | p99 | CPU-µs/req | CPU ×nginx | core used "  # noqa: RUF001
+                "| peak RSS MiB | errors |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for system in ALL_SYSTEMS:
             if system not in {r.system for r in rows}:
                 continue
             r = by.get(system)
             if r is None or r.rps is None:
-                out.append(f"| {system} | FAILED | — | — | — | — | — | — | — |")
+                out.append(f"| {system} | FAILED | — | — | — | — | — | — | — | — |")
                 continue
             ratio = base._fmt(r.rps / ref if ref else None, ".2f")
             cpu = r.cpu_us_per_req
@@ -258,7 +259,7 @@ def table(rows: list[base.Measurement], negotiated: dict[str, Any]) -> str:
             out.append(
                 f"| {system} | {r.rps:,.0f} | {ratio} | {base._ms_fmt(r.latency_ms.get('50'))} "
                 f"| {base._ms_fmt(r.latency_ms.get('99'))} | {base._fmt(r.cpu_us_per_req, '.1f')} "
-                f"| {cpu_ratio} | {rss} | {r.errors} |"
+                f"| {cpu_ratio} | {base._fmt(r.cpu_utilisation, '.2f')} | {rss} | {r.errors} |"
             )
         out.append("")
     out.append("Negotiated (one probe per system): " + "; ".join(
