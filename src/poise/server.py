@@ -27,7 +27,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-from poise import messages
+from poise import looptune, messages
 from poise.admin.api import AdminApi
 from poise.config.model import Config
 from poise.dataplane import Snapshot, snapshot
@@ -239,6 +239,7 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        looptune.lighten(loop)  # uvloop's per-connection record, cheaper (looptune.py)
         membership = self.membership
         ctx = self.ctx = Context(
             self.config, membership.table, loop, upstream_tls_=membership.upstream_tls
