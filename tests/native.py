@@ -35,3 +35,28 @@ def compile_extension(source: Path, directory: Path, flags: list[str]) -> Module
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+            "-g", "-O1"]  # fmt: skip
+
+
+def sanitizer_runtime(cc: str, name: str = "libasan.so") -> str | None:
+    """The compiler's sanitizer runtime library (to preload into a Python process), or None."""
+    found = subprocess.run(
+        [cc, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    return found if found and os.path.isabs(found) and os.path.exists(found) else None
+
+
+def sanitizer_env() -> dict[str, str]:
+    """The environment of a process that loads a sanitized module (``LD_PRELOAD`` is added by
+    the caller): reports stop it with an exit code; Python's own allocations are not looked
+    at for leaks; every object its own ``malloc`` block, so the sanitizer sees its bounds
+    (Python's small-object allocator would hide a read past an end inside its arena)."""
+    return {
+        **os.environ,
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
+        "PYTHONMALLOC": "malloc",
+    }

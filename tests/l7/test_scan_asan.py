@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from tests.l7.scanrig import compile_scanner
+from tests.native import SANITIZE, sanitizer_env, sanitizer_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,13 +45,6 @@ print("scanned", len(corpus), "answered", answered)
 """
 
 
-def _runtime(cc: str, name: str) -> str | None:
-    found = subprocess.run(
-        [cc, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout.strip()
-    return found if found and os.path.isabs(found) and os.path.exists(found) else None
-
-
 @pytest.mark.timeout(300)
 def test_the_scanner_is_clean_under_address_and_undefined_behaviour_sanitizers(
     tmp_path: Path,
@@ -58,23 +52,12 @@ def test_the_scanner_is_clean_under_address_and_undefined_behaviour_sanitizers(
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         pytest.skip("no C compiler")
-    asan = _runtime(cc, "libasan.so")
+    asan = sanitizer_runtime(cc)
     if asan is None:
         pytest.skip("the compiler has no AddressSanitizer runtime")
-    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-             "-g", "-O1"]  # fmt: skip
-    compile_scanner(tmp_path, flags)
+    compile_scanner(tmp_path, SANITIZE)
     built = next(tmp_path.glob("_scan*.so"))
-    env = {
-        **os.environ,
-        "LD_PRELOAD": asan,
-        # Python's own allocations are not the scanner's: leaks are not looked for
-        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
-        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
-    }
-    # every bytes object its own malloc() block, so the sanitizer sees its bounds (Python's
-    # small-object allocator would hide a read past the end inside its arena)
-    env["PYTHONMALLOC"] = "malloc"
+    env = {**sanitizer_env(), "LD_PRELOAD": asan}
     run = subprocess.run(
         [sys.executable, "-c", DRIVER, str(built), str(ROOT)],
         env=env, capture_output=True, text=True, timeout=240, check=False,
