@@ -97,6 +97,8 @@ def _extensions() -> list[Any]:
         Extension("poise.l7._scan", ["src/poise/l7/_scan.c"], extra_compile_args=["-O2"]),
         # the TLS ticket key callback: libssl is looked up at run time (dlopen), not linked
         Extension("poise.tls._tickets", ["src/poise/tls/_tickets.c"], extra_compile_args=["-O2"]),
+        # the L4 relay's byte pump (its twin: the relay's protocols in l4/relay.py)
+        Extension("poise.l4._pump", ["src/poise/l4/_pump.c"], extra_compile_args=["-O2"]),
     ]
     try:
         from mypyc.build import mypycify

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROXY_TESTS = [
     "tests/l7",
     "tests/l4",
+    "tests/integration/test_l4.py",
     "tests/tls/test_tickets.py",
     "tests/blackbox",
     "tests/test_pool.py",
@@ -52,7 +53,7 @@ def test_the_compiled_hot_path_passes_the_proxy_tests(tmp_path: Path) -> None:
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     src = tmp_path / "src"
     for module in ("l7/client", "l7/reader", "l7/upstream", "l7/context", "l7/request", "l7/_scan",
-                   "l4/relay", "tls/_tickets"):  # fmt: skip
+                   "l4/relay", "l4/_pump", "tls/_tickets"):  # fmt: skip
         assert list((src / "poise").glob(f"{module}.*.so")), f"{module} was not compiled"
     env["PYTHONPATH"] = str(src)
     which = subprocess.run(

@@ -1,4 +1,6 @@
-"""Helpers for the L4 integration tests: a TCP listener config, a client, dead ports."""
+"""Helpers for the L4 integration tests: a TCP listener config, a client, dead ports, and
+the ``engine`` fixture that runs each test with the C pump (l4/_pump.c) and with its
+pure-Python twin (the relay's protocols)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,41 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
+from poise.l4 import listener as l4listener
 from poise.server import Server
 from tests.integration.support import running
+from tests.native import SRC, compile_extension
+
+_BUILT: list[Any] = []
+
+
+def pump_module(directory: Any) -> Any:
+    """The C pump: the installed one when ``pip install .`` built it, else compiled from
+    its source (once per session); None without a C compiler."""
+    if l4listener.PUMP is not None:
+        return l4listener.PUMP
+    if not _BUILT:
+        _BUILT.append(compile_extension(SRC / "l4" / "_pump.c", directory, []))
+    return _BUILT[0]
+
+
+@pytest.fixture(params=["C", "python"])
+def engine(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """Which relays the L4 listeners of this test use: the C pump or the protocols."""
+    if request.param == "C":
+        module = pump_module(tmp_path_factory.mktemp("pump"))
+        if module is None:
+            pytest.skip("no C compiler: the protocols only")
+        monkeypatch.setattr(l4listener, "PUMP", module)
+    else:
+        monkeypatch.setattr(l4listener, "PUMP", None)
+    return str(request.param)
 
 
 def tcp_doc(

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from poise.testing import TcpEcho
-from tests.integration.l4support import (
+from tests.integration.l4support import (  # engine: a fixture, used by pytestmark
     blackhole,
     connect,
     dead_port,
@@ -22,7 +22,7 @@ from tests.integration.l4support import (
 from tests.integration.support import eventually, running
 
 CHUNK = 1 << 20
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("engine")]
 
 
 def pattern(i: int) -> bytes:
@@ -30,8 +30,9 @@ def pattern(i: int) -> bytes:
 
 
 def buffered(server: object) -> int:
-    """Bytes poise holds in its transports' write buffers right now."""
-    total = 0
+    """Bytes poise holds in its transports' write buffers (or its pump's) right now."""
+    pump = server.l4.pump  # type: ignore[attr-defined]
+    total = pump.buffered() if pump is not None else 0
     for listener in server.l4.listeners.values():  # type: ignore[attr-defined]
         for relay in listener.relays:
             for end in (relay.front, relay.back):
@@ -108,6 +109,27 @@ async def test_a_client_that_stops_reading_pauses_the_backend_not_poise_memory()
         assert n == written
         assert digest.hexdigest() == expected.hexdigest()
         writer.close()
+
+
+async def test_a_connected_relay_is_handed_to_the_pump_when_there_is_one(engine: str) -> None:
+    async with TcpEcho() as echo, running_tcp(tcp_doc([echo.address])) as (server, addr):
+        reader, writer = await connect(addr)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        pump = server.l4.pump
+        if engine == "C":
+            assert len(pump) == 1 and len(server.l4.pumped) == 1
+        else:
+            assert pump is None and not server.l4.pumped
+        writer.write(b"pong")
+        assert await reader.readexactly(4) == b"pong"
+        stats = server.statistics()["l4"]["listeners"]["t"]
+        assert stats["bytes_in"] == stats["bytes_out"] == 8  # counted while relaying
+        writer.write_eof()
+        assert await reader.read() == b""
+        writer.close()
+        await eventually(lambda: server.statistics()["l4"]["listeners"]["t"]["active"] == 0)
+        assert not server.l4.pumped and (pump is None or len(pump) == 0)
 
 
 async def test_client_half_close_reaches_the_backend_while_data_flows_back() -> None:

@@ -11,7 +11,7 @@ import pytest
 from poise.config import ConfigError, parse_config
 from poise.l4.proxy_protocol import encode_v1, encode_v2
 from poise.testing import HttpBackend, TcpEcho
-from tests.integration.l4support import (
+from tests.integration.l4support import (  # engine: a fixture, used by pytestmark
     connect,
     dead_port,
     read_end,
@@ -21,7 +21,7 @@ from tests.integration.l4support import (
 )
 from tests.integration.support import eventually, running
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("engine")]
 
 
 async def test_round_robin_spreads_connections() -> None:

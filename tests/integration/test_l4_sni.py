@@ -25,7 +25,7 @@ from tests.integration.support import eventually
 from tests.tls.certgen import CA, Pair, serial_of
 from tests.tls.helpers import server_context
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("engine")]
 
 A_NAME = "a.example.test"
 B_WILDCARD = "*.b.example.test"

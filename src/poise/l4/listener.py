@@ -26,6 +26,13 @@ Timeouts without timers: every ``TICK`` the sweep compares each relay with its d
 ``connect_timeout``, cancelling the connect task, which goes on to the next backend) or, while
 relaying, the bytes it has moved with the count at the previous sweep (``idle_timeout``). The
 hot path never reads a clock.
+
+Once connected, a relay's two sockets go to the L4's C pump (``l4/_pump.c``) when it was
+built: ``hand_over`` duplicates both descriptors into it and closes the transports, and
+the pump moves the bytes with no Python call per message, until both directions have ended
+or a socket fails (``pump_ended``). A relay is handed over only with nothing buffered in
+either transport and no end-of-stream seen yet; otherwise, and without the pump, the
+relay's two protocols move the bytes (``l4/relay.py``, the pump's pure-Python twin).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -47,6 +55,13 @@ from poise.models import Backend
 from poise.netreasons import describe_error
 from poise.routing import Group, RoutingTable
 from poise.selection import release, select, take
+
+try:
+    import poise.l4._pump as _pump_module
+except ImportError:  # the pure-Python build (or no compiler at install time)
+    PUMP: Any = None
+else:
+    PUMP = _pump_module
 
 log = logging.getLogger("poise.l4")
 
@@ -329,6 +344,7 @@ class TcpListener:
         expired: list[Relay] = []
         for relay in self.relays:
             if relay.phase is Phase.RELAYING:
+                relay.sync()
                 back = relay.back
                 moved = relay.front.count + (back.count if back is not None else 0)
                 if moved != relay.seen:
@@ -353,6 +369,7 @@ class TcpListener:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = self.stats.as_dict()
         for relay in self.relays:  # live relays' bytes, so long connections show progress
+            relay.sync()
             out["bytes_in"] += relay.front.count
             if relay.back is not None:
                 out["bytes_out"] += relay.back.count
@@ -387,6 +404,8 @@ class L4:
         self.ready = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.pump: Any = None  # the C pump while run() runs (PUMP.Pump), or None
+        self.pumped: dict[int, Relay] = {}  # by pump id
         # passive health ejected a backend (group, index): the server re-routes around it
         self.on_ejected: Callable[[str, int], None] = lambda group, index: None
 
@@ -411,8 +430,11 @@ class L4:
 
     async def run(self) -> None:
         """The sweep and every connect task; cancelling it cancels them all."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self.now = self.clock()
+        if PUMP is not None and self.listeners:
+            self.pump = PUMP.Pump(self._pump_ended)
+            loop.add_reader(self.pump.fileno(), self.pump.run)
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self.ready.set()
@@ -425,6 +447,48 @@ class L4:
             finally:
                 self._tg = None
                 self.stopped = True
+                if self.pump is not None:
+                    loop.remove_reader(self.pump.fileno())
+
+    # -- the C pump (l4/_pump.c) ---------------------------------------------------------
+
+    def hand_over(self, relay: Relay) -> None:
+        """Give a just connected relay's sockets to the pump (see the module docstring)."""
+        pump, back = self.pump, relay.back
+        if pump is None or back is None:
+            return
+        front = relay.front
+        ft, bt = front.transport, back.transport
+        if front.eof or back.eof or ft.get_write_buffer_size() or bt.get_write_buffer_size():
+            return  # bytes or an end still to pass on: the protocols carry on
+        fs, bs = ft.get_extra_info("socket"), bt.get_extra_info("socket")
+        if fs is None or bs is None:
+            return
+        client = os.dup(fs.fileno())  # the same open sockets (and their O_NONBLOCK)
+        backend = os.dup(bs.fileno())
+        try:
+            pid = pump.add(client, backend)
+        except OSError:
+            os.close(client)
+            os.close(backend)
+            return
+        relay.pump_id, relay.pump_base = pid, (front.count, back.count)
+        self.pumped[pid] = relay
+        front.out = back.out = None
+        ft.abort()  # closes the transports' descriptors; the pump's keep the connections
+        bt.abort()
+
+    def pump_counts(self, pid: int) -> tuple[int, int] | None:
+        return None if self.pump is None else self.pump.counts(pid)
+
+    def pump_close(self, pid: int, *, reset: bool) -> tuple[int, int] | None:
+        self.pumped.pop(pid, None)
+        return None if self.pump is None else self.pump.close(pid, reset)
+
+    def _pump_ended(self, pid: int, failed: int, client_bytes: int, backend_bytes: int) -> None:
+        relay = self.pumped.pop(pid, None)
+        if relay is not None:
+            relay.pump_ended(failed, client_bytes, backend_bytes)
 
     def active(self) -> int:
         """Open relays and closed ones still flushing: what a drain waits for."""
@@ -450,6 +514,7 @@ class L4:
             used.add(listener.cfg.upstream)
             used.update(route.upstream for route in listener.cfg.sni)
             for relay in listener.relays:
+                relay.sync()
                 back = relay.back
                 if back is not None:
                     bid = back.backend.id

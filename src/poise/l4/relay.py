@@ -27,6 +27,11 @@ Before the backend is connected the client's bytes (and, from a trusted peer, it
 header; on a listener with SNI routes, its TLS ClientHello, ``l4.sni``) are held in
 ``pending``, up to ``HOLD_LIMIT`` before client reading pauses. The
 listener (``l4.listener``) chooses backends and connects; this module only moves bytes.
+
+In a compiled install the listener then hands the connected pair to its C pump
+(``l4/_pump.c``: ``L4.hand_over``), which moves the bytes with the same backpressure,
+half-close and reset rules; the relay keeps only its bookkeeping (``pump_id``, the counts,
+``pump_ended``). This module's protocols are the pump's pure-Python twin.
 """
 
 from __future__ import annotations
@@ -159,6 +164,8 @@ class Relay:
         "local",
         "pending",
         "phase",
+        "pump_base",
+        "pump_id",
         "seen",
         "task",
         "tried",
@@ -184,6 +191,8 @@ class Relay:
         self.seen = 0  # bytes moved as of the last sweep, and when that changed:
         self.last = 0.0  # the idle timeout reads these, never the hot path
         self.connect_time = 0.0
+        self.pump_id = 0  # relayed by the L4's C pump (l4/_pump.c) under this id; 0: not
+        self.pump_base = (0, 0)  # the sides' byte counts when it was handed over
 
     @property
     def closed(self) -> bool:
@@ -219,6 +228,29 @@ class Relay:
             transport.write_eof()
         front.transport.resume_reading()
         self.listener.connected(self, back.backend)
+        self.listener.hub.hand_over(self)
+
+    def sync(self) -> None:
+        """A pumped relay's byte counts brought up to date (the sweep, statistics)."""
+        if self.pump_id:
+            counts = self.listener.hub.pump_counts(self.pump_id)
+            if counts is not None:
+                self.pumped(*counts)
+
+    def pumped(self, client_bytes: int, backend_bytes: int) -> None:
+        assert self.back is not None
+        self.front.count = self.pump_base[0] + client_bytes
+        self.back.count = self.pump_base[1] + backend_bytes
+
+    def pump_ended(self, failed: int, client_bytes: int, backend_bytes: int) -> None:
+        """The pump ended this relay: cleanly (``failed`` -1), or after an error on the
+        client's (0) or the backend's (1) socket, both then closed with a reset."""
+        self.pumped(client_bytes, backend_bytes)
+        self.pump_id = 0
+        if failed == 1:
+            self.listener.stats.backend_resets += 1
+        self.phase = Phase.CLOSED
+        self.listener.finished(self)
 
     def half_closed(self, end: End) -> None:
         if self.phase is Phase.HEADER:
@@ -236,8 +268,8 @@ class Relay:
             end.out.write_eof()
 
     def lost(self, end: End, exc: Exception | None) -> None:
-        if self.phase is Phase.CLOSED:
-            return
+        if self.phase is Phase.CLOSED or self.pump_id:
+            return  # (a pumped relay's transports were closed when the pump took over)
         if exc is not None and end is self.back:
             self.listener.stats.backend_resets += 1
         self.close(reset=exc is not None)
@@ -263,6 +295,13 @@ class Relay:
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
+        if self.pump_id:  # at once: only timeouts and the end of a drain close a pumped relay
+            counts = self.listener.hub.pump_close(self.pump_id, reset=reset)
+            self.pump_id = 0
+            if counts is not None:
+                self.pumped(*counts)
+            self.listener.finished(self)
+            return
         front, back = self.front, self.back
         front.out = None
         if self.task is not None and not self.task.done():
