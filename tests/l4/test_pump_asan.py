@@ -98,6 +98,13 @@ for _ in range(50):
 for pid, c, b in pairs[::2]:
     assert pump.close(pid, rng.random() < 0.5) is not None
     assert pump.counts(pid) is None
+# an ended pair's id never finds the pair that takes its slot next
+old = pairs[0][0]
+new, c2, b2 = pair()
+assert new & 0xffffffff == old & 0xffffffff and new != old, (old, new)
+assert pump.counts(old) is None and pump.counts(new) == (0, 0)
+assert pump.close(old, False) is None and len(pump) == 21
+pairs.append((new, c2, b2))
 for pid, c, b in pairs:
     c.close(); b.close()
 spin(lambda: len(pump) == 0)

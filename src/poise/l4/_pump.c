@@ -47,8 +47,8 @@ typedef struct {
     int epfd;
     PyObject *on_end;
     pair_t **pairs;     /* by slot; NULL: free */
+    uint32_t *uses;     /* by slot: pairs it has held, for ids (find) */
     Py_ssize_t size, live;
-    long long next_id;
 } Pump;
 
 static char scratch[SCRATCH];
@@ -233,6 +233,11 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
             return PyErr_NoMemory();
         memset(pairs + p->size, 0, (size_t)(grown - p->size) * sizeof(pair_t *));
         p->pairs = pairs;
+        uint32_t *uses = realloc(p->uses, (size_t)grown * sizeof(uint32_t));
+        if (uses == NULL)
+            return PyErr_NoMemory();
+        memset(uses + p->size, 0, (size_t)(grown - p->size) * sizeof(uint32_t));
+        p->uses = uses;
         p->size = grown;
     }
     pair_t *r = calloc(1, sizeof(pair_t));
@@ -240,7 +245,10 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
         return PyErr_NoMemory();
     r->fd[0] = a;
     r->fd[1] = b;
-    r->id = p->next_id++;
+    p->uses[slot] = (p->uses[slot] + 1) & 0x7fffffffu; /* 1 .. 2^31 - 1, then again */
+    if (p->uses[slot] == 0)
+        p->uses[slot] = 1;
+    r->id = ((long long)p->uses[slot] << 32) | (long long)slot;
     for (int s = 0; s < 2; s++) {
         struct epoll_event ev = {.events = EPOLLIN,
                                  .data.u64 = ((uint64_t)slot << 1) | (uint64_t)s};
@@ -259,11 +267,13 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     return PyLong_FromLongLong(r->id);
 }
 
+/* An id is its slot (low 32 bits) and that slot's use count (above): found at once, and an
+ * id of a pair that ended never finds the slot's next pair. */
 static Py_ssize_t find(Pump *p, long long id) {
-    for (Py_ssize_t i = 0; i < p->size; i++)
-        if (p->pairs[i] != NULL && p->pairs[i]->id == id)
-            return i;
-    return -1;
+    Py_ssize_t slot = (Py_ssize_t)(id & 0xffffffffLL);
+    if (id <= 0 || slot >= p->size || p->pairs[slot] == NULL || p->pairs[slot]->id != id)
+        return -1;
+    return slot;
 }
 
 static PyObject *Pump_counts(Pump *p, PyObject *arg) {
@@ -325,7 +335,6 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     Py_INCREF(on_end);
     p->on_end = on_end;
-    p->next_id = 1;
     return (PyObject *)p;
 }
 
@@ -337,6 +346,7 @@ static void Pump_dealloc(Pump *p) {
             free(r);
         }
     free(p->pairs);
+    free(p->uses);
     if (p->epfd >= 0)
         close(p->epfd);
     Py_XDECREF(p->on_end);
