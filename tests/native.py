@@ -8,9 +8,12 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "poise"
 
@@ -60,3 +63,27 @@ def sanitizer_env() -> dict[str, str]:
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
         "PYTHONMALLOC": "malloc",
     }
+
+
+def run_sanitized(source: Path, directory: Path, driver: str) -> str:
+    """Build ``source`` with AddressSanitizer and UBSan into ``directory`` and run ``driver``
+    (Python code; ``sys.argv[1]`` is the built module's path, ``sys.argv[2]`` the
+    repository) in a process with the sanitizer runtime preloaded. Fails the test on any
+    report or a non-zero exit; skips it without a compiler or runtime. Returns its output."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler")
+    asan = sanitizer_runtime(cc)
+    if asan is None:
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    compile_extension(source, directory, SANITIZE)
+    built = next(directory.glob(f"{source.stem}*.so"))
+    run = subprocess.run(
+        [sys.executable, "-c", driver, str(built), str(SRC.parents[1])],
+        env={**sanitizer_env(), "LD_PRELOAD": asan}, capture_output=True, text=True,
+        timeout=240, check=False, cwd=directory,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "ERROR: AddressSanitizer" not in run.stderr
+    assert "runtime error" not in run.stderr
+    return run.stdout

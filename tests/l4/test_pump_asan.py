@@ -9,15 +9,11 @@ out-of-bounds access, use after free or undefined behaviour stops it with a repo
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.native import SANITIZE, SRC, compile_extension, sanitizer_env, sanitizer_runtime
+from tests.native import SRC, run_sanitized
 
 DRIVER = """
 import hashlib, importlib.util, random, select, socket, struct, sys
@@ -116,20 +112,5 @@ print("ok", len(ended))
 def test_the_pump_is_clean_under_address_and_undefined_behaviour_sanitizers(
     tmp_path: Path,
 ) -> None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        pytest.skip("no C compiler")
-    asan = sanitizer_runtime(cc)
-    if asan is None:
-        pytest.skip("the compiler has no AddressSanitizer runtime")
-    compile_extension(SRC / "l4" / "_pump.c", tmp_path, SANITIZE)
-    built = next(tmp_path.glob("_pump*.so"))
-    run = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(built)],
-        env={**sanitizer_env(), "LD_PRELOAD": asan}, capture_output=True, text=True,
-        timeout=240, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "ERROR: AddressSanitizer" not in run.stderr
-    assert "runtime error" not in run.stderr
-    assert run.stdout.startswith("ok "), run.stdout + run.stderr[-2000:]
+    out = run_sanitized(SRC / "l4" / "_pump.c", tmp_path, DRIVER)
+    assert out.startswith("ok "), out

@@ -10,17 +10,11 @@ undefined behaviour stops that process with the sanitizer's report, which fails 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tests.l7.scanrig import compile_scanner
-from tests.native import SANITIZE, sanitizer_env, sanitizer_runtime
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.l7.scanrig import SOURCE
+from tests.native import run_sanitized
 
 DRIVER = """
 import importlib.util, random, sys
@@ -49,20 +43,5 @@ print("scanned", len(corpus), "answered", answered)
 def test_the_scanner_is_clean_under_address_and_undefined_behaviour_sanitizers(
     tmp_path: Path,
 ) -> None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        pytest.skip("no C compiler")
-    asan = sanitizer_runtime(cc)
-    if asan is None:
-        pytest.skip("the compiler has no AddressSanitizer runtime")
-    compile_scanner(tmp_path, SANITIZE)
-    built = next(tmp_path.glob("_scan*.so"))
-    env = {**sanitizer_env(), "LD_PRELOAD": asan}
-    run = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(built), str(ROOT)],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "ERROR: AddressSanitizer" not in run.stderr
-    assert "runtime error" not in run.stderr
-    assert run.stdout.startswith("scanned "), run.stdout
+    out = run_sanitized(SOURCE, tmp_path, DRIVER)
+    assert out.startswith("scanned "), out

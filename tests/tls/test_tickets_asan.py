@@ -10,17 +10,11 @@ use after free, a slot freed too early as a wrong key; either stops or fails tha
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.native import SANITIZE, SRC, compile_extension, sanitizer_env, sanitizer_runtime
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.native import SRC, run_sanitized
 
 DRIVER = """
 import gc, importlib.util, ssl, sys, tempfile
@@ -98,20 +92,5 @@ print("resumed", resumed)
 def test_the_ticket_callback_is_clean_under_address_and_undefined_behaviour_sanitizers(
     tmp_path: Path,
 ) -> None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        pytest.skip("no C compiler")
-    asan = sanitizer_runtime(cc)
-    if asan is None:
-        pytest.skip("the compiler has no AddressSanitizer runtime")
-    compile_extension(SRC / "tls" / "_tickets.c", tmp_path, SANITIZE)
-    built = next(tmp_path.glob("_tickets*.so"))
-    run = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(built), str(ROOT)],
-        env={**sanitizer_env(), "LD_PRELOAD": asan}, capture_output=True, text=True,
-        timeout=240, check=False, cwd=tmp_path,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "ERROR: AddressSanitizer" not in run.stderr
-    assert "runtime error" not in run.stderr
-    assert run.stdout.strip() == "resumed 300", run.stdout + run.stderr[-2000:]
+    out = run_sanitized(SRC / "tls" / "_tickets.c", tmp_path, DRIVER)
+    assert out.strip() == "resumed 300", out
