@@ -48,6 +48,8 @@ HOT = [
     "src/poise/health/status.py",
     "src/poise/accesslog.py",
     "src/poise/l4/relay.py",
+    "src/poise/tls/transport.py",
+    "src/poise/tls/gate.py",
     *(
         f"src/poise/balancing/{name}.py"
         for name in (
@@ -99,6 +101,8 @@ def _extensions() -> list[Any]:
         Extension("poise.tls._tickets", ["src/poise/tls/_tickets.c"], extra_compile_args=["-O2"]),
         # the L4 relay's byte pump (its twin: the relay's protocols in l4/relay.py)
         Extension("poise.l4._pump", ["src/poise/l4/_pump.c"], extra_compile_args=["-O2"]),
+        # HTTPS listeners' TLS record engine (its twin: engine.PyEngine), libssl as above
+        Extension("poise.tls._engine", ["src/poise/tls/_engine.c"], extra_compile_args=["-O2"]),
     ]
     try:
         from mypyc.build import mypycify

@@ -11,6 +11,10 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, settings
 
+from tests.tls.helpers import tls_engine  # the C record engine and its twin, per test
+
+__all__ = ["tls_engine"]
+
 if TYPE_CHECKING:
     from poise.testing.etcd import EtcdServer
 

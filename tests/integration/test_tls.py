@@ -17,6 +17,9 @@ from tests.integration.support import exchange, running
 from tests.tls.certgen import CA, Pair
 from tests.tls.helpers import TlsClient, client_context, get, visit
 
+# every test runs with the C record engine and with its twin (tests/tls/helpers.py)
+pytestmark = pytest.mark.usefixtures("tls_engine")
+
 
 def https_doc(backend: str, tls: dict[str, Any], **top: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {

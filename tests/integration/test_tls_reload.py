@@ -17,6 +17,9 @@ from tests.integration.support import running
 from tests.tls.certgen import CA, Pair
 from tests.tls.helpers import TlsClient, client_context, get
 
+# every test runs with the C record engine and with its twin (tests/tls/helpers.py)
+pytestmark = pytest.mark.usefixtures("tls_engine")
+
 
 def install(src: Pair, cert: Path, key: Path) -> None:
     """Replace the served files the way deploy tools do: write aside, then rename."""

@@ -1,4 +1,6 @@
-"""Client-side helpers for the TLS tests: a keep-alive HTTPS client over asyncio streams."""
+"""Helpers for the TLS tests: a keep-alive HTTPS client over asyncio streams, and the
+``tls_engine`` fixture that runs a test with the C record engine (tls/_engine.c) and with
+its pure-Python twin (engine.PyEngine)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,45 @@ import contextlib
 import json
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
+
+from poise.tls import engine as engines
+from tests.native import SRC, compile_extension
 from tests.tls.certgen import CA, Pair, serial_of
+
+_BUILT: list[Any] = []
+
+
+def engine_module(directory: Any) -> Any:
+    """The C engine: the installed one when ``pip install .`` built it, else compiled from
+    its source (once per session); None without a C compiler."""
+    if engines._native is not None:
+        return engines._native
+    if not _BUILT:
+        _BUILT.append(compile_extension(SRC / "tls" / "_engine.c", directory, []))
+    return _BUILT[0]
+
+
+@pytest.fixture(params=["C", "python"])
+def tls_engine(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """Which record engine the HTTPS listeners of this test use."""
+    if request.param == "C":
+        module = engine_module(tmp_path_factory.mktemp("engine"))
+        if module is None:
+            pytest.skip("no C compiler: the twin only")
+        monkeypatch.setattr(engines, "_native", module)
+        monkeypatch.setattr(engines, "_checked", False)
+        monkeypatch.setattr(engines, "_native_error", None)
+        assert engines.native_error() is None, engines.native_error()
+    else:
+        monkeypatch.setattr(engines, "use_native", False)
+    return str(request.param)
 
 
 def client_context(ca: CA | None = None, cert: Pair | None = None) -> ssl.SSLContext:

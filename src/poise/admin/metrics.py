@@ -186,7 +186,9 @@ def _backends(out: _Out, server: Server, dp: dict[str, Any]) -> None:
 def _tls(out: _Out, server: Server, dp: dict[str, Any]) -> None:
     """TLS listeners: handshakes, reloads, certificate expiry."""
     counted: dict[str, dict[str, int]] = dp.get("tls", {})  # summed over the workers
-    out.family("poise_tls_handshakes_total", "counter", "TLS ClientHellos received.")
+    out.family(
+        "poise_tls_handshakes_total", "counter", "TLS handshakes begun (connections handed to TLS)."
+    )
     for name, tls in server.tls.items():
         c = counted.get(name, tls.counters())
         out.sample("poise_tls_handshakes_total", c["handshakes"], listener=name)

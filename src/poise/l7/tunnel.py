@@ -6,9 +6,10 @@ Only the backend's 101 turns an HTTP exchange into a tunnel (RFC 9110 §15.2.2):
 the client's bytes after its upgrade request are held, unparsed, and a refused upgrade goes
 back to HTTP parsing. Once switched, both transports are handed to a pair of ``_End``
 protocols (``transport.set_protocol``) that copy bytes across with backpressure (a full
-write buffer on one side pauses reading on the other), pass a half-close on as a half-close,
-and close both sides when either goes away or the tunnel has been silent for its idle
-timeout (checked by the context's timer sweep).
+write buffer on one side pauses reading on the other), pass a half-close on as a half-close
+(where the other side cannot be half-closed, a TLS connection to a backend, the tunnel
+ends), and close both sides when either goes away or the tunnel has been silent for its
+idle timeout (checked by the context's timer sweep).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class _End(asyncio.Protocol):
             return False
         if self.peer.transport.can_write_eof():
             self.peer.transport.write_eof()
-        return True  # keep our sending side open: the other direction may still flow
+            return True  # keep our sending side open: the other direction may still flow
+        # the other side cannot be half-closed (TLS to a backend): the tunnel ends
+        self.tunnel.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.close()

@@ -3,12 +3,14 @@ reloaded on change) and connections to backends.
 
 Theory of operation
 -------------------
-A listener's socket is given one *front* context whose ``sni_callback`` runs during every
-ClientHello (RFC 6066 §3), with or without a server name, and switches the connection to the
-context of the matching certificate (``ssl_object.context = ...``; OpenSSL's
-``SSL_set_SSL_CTX``). Matching: the exact name first, then a wildcard for the name minus its
-first label (``*.example.com`` covers ``a.example.com``, not ``example.com`` nor
-``a.b.example.com``: RFC 6125 §6.4.3), else the default certificate.
+A listener's socket is given one *front* context, which has the default certificate. With
+several certificates (or once certificates were reloaded) its ``sni_callback`` runs during
+every ClientHello (RFC 6066 §3), with or without a server name, and switches the connection
+to the context of the matching certificate (``ssl_object.context = ...``; OpenSSL's
+``SSL_set_SSL_CTX``), unless that is the default one the front context has already.
+Matching: the exact name first, then a wildcard for the name minus its first label
+(``*.example.com`` covers ``a.example.com``, not ``example.com`` nor ``a.b.example.com``:
+RFC 6125 §6.4.3), else the default certificate.
 
 The certificates live in a ``CertSet``: an immutable value, rebuilt from the files and
 swapped by one assignment on reload. Connections already established keep the context they
@@ -169,7 +171,12 @@ class ListenerTls:
         self.cfg = cfg
         self.certs = build_cert_set(cfg)
         self.context = server_context(cfg, cfg.certificates[0])
-        self.context.sni_callback = self._sni
+        # The front context has the default certificate until a reload: a connection for it
+        # needs no switch (SSL_set_SSL_CTX copies the certificate's state: ~4 µs), and with
+        # a single certificate no callback at all until a reload may change it.
+        self.front_default: ssl.SSLContext | None = self.certs.default
+        if len(cfg.certificates) > 1:
+            self.context.sni_callback = self._sni
         # session resumption (tls/tickets.py): the front context's tickets and cache are the
         # ones OpenSSL uses, also after the SNI callback switched a connection's context
         self.secrets: tickets.TicketSecrets | None = None
@@ -182,7 +189,7 @@ class ListenerTls:
         self._seen = _signature(self.paths)
         self.reloads = 0
         self.reload_failures = 0
-        self.handshakes = 0  # ClientHellos seen (each runs the SNI callback once)
+        self.handshakes = 0  # connections handed to TLS (``gate``): handshakes begun
         self.plain_http = 0  # plain HTTP requests answered 400 (``gate``)
         self.version_alerts = 0  # ClientHellos without an accepted version (``gate``)
         self.last_error: str | None = None
@@ -241,8 +248,15 @@ class ListenerTls:
             self.full_handshakes += 1
 
     def _sni(self, ssl_object: Any, server_name: str | None, _front: ssl.SSLContext) -> None:
-        self.handshakes += 1
-        ssl_object.context = self.certs.select(server_name)
+        ctx = self.certs.select(server_name)
+        if ctx is not self.front_default:
+            ssl_object.context = ctx
+
+    def _front_outdated(self) -> None:
+        """New certificates: the front context's may be the old default, so every
+        connection is switched to its certificate's context from now on."""
+        self.front_default = None
+        self.context.sni_callback = self._sni
 
     def reload(self, *, force: bool = False) -> str:
         """Load the certificate files again when they changed (always with ``force``).
@@ -273,6 +287,7 @@ class ListenerTls:
             )
             return f"failed: {self.last_error}"
         self.certs = certs  # one assignment: the next handshake sees the new set
+        self._front_outdated()
         if self.tickets is not None and keys:
             self.tickets.set_files(keys)
         self.reloads += 1
@@ -294,6 +309,7 @@ class ListenerTls:
         so a failure changes nothing). Only what ``reloadable`` allows may differ."""
         self.cfg = cfg
         self.certs = certs
+        self._front_outdated()
         self.paths = _paths(cfg)
         self._seen = _signature(self.paths)
 

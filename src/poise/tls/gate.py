@@ -13,35 +13,38 @@ which reads the first bytes and decides:
   a reset caused by request bytes still unread.
 * A TLS ClientHello (read by ``clienthello``) that offers no version in the listener's
   ``min_version``..``max_version``: a fatal ``protocol_version`` alert (70), then close.
-  This is what OpenSSL answers too, but asyncio's and uvloop's TLS transports never send
-  it: when a handshake fails they abort the connection without flushing what OpenSSL left in
-  their outgoing buffer (``SSLProtocol._on_handshake_complete`` -> ``_fatal_error`` ->
-  ``transport._force_close``), so such a client saw only a bare close.
-* Anything else goes to TLS: the connection's protocol becomes the event loop's own
-  ``SSLProtocol`` around the application's protocol (what ``create_server(ssl=...)`` sets
-  up) and the bytes read so far are fed to it. OpenSSL decides from there, as before (bytes
-  that are not TLS, or a broken ClientHello, fail the handshake).
+  This is what OpenSSL answers too (and poise's TLS transport sends OpenSSL's alerts), but
+  answering here costs no handshake state at all.
+* Anything else goes to TLS: the connection's protocol becomes poise's TLS transport
+  (``tls/transport.py``) around the application's protocol, and the bytes read so far are
+  its first input. OpenSSL decides from there (bytes that are not TLS, or a broken
+  ClientHello, fail the handshake, and the client gets OpenSSL's alert).
 
 With the default range (TLS 1.2 and 1.3) the gate does not wait for the whole ClientHello:
 a ClientHello whose ``legacy_version`` is TLS 1.2, which every client able to speak 1.2 or
 1.3 sends, goes to TLS after its first 11 bytes. Otherwise the gate waits for the whole
 ClientHello (the server cannot answer before it anyway), at most ``clienthello``'s limit.
-The handshake timeout covers the gate's time too: the TLS layer gets what is left of it.
+One timer covers the gate and the handshake: the TLS transport cancels it once the
+handshake is complete.
 """
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
+import logging
+import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from poise.tls.clienthello import read_server_name
+from poise.tls.transport import TlsTransport
 
 if TYPE_CHECKING:
     from poise.tls.contexts import ListenerTls
 
 __all__ = ["PLAIN_HTTP", "TlsGate", "protocol_version_alert"]
+
+log = logging.getLogger("poise.tls")
 
 PLAIN_HTTP = "The plain HTTP request was sent to HTTPS port"
 WIRE = {"1.2": 0x0303, "1.3": 0x0304}
@@ -58,46 +61,9 @@ def protocol_version_alert(record_version: bytes) -> bytes:
     return b"\x15" + record_version + b"\x00\x02\x02" + bytes((_PROTOCOL_VERSION,))
 
 
-_PROTOCOLS: dict[type, Any] = {}  # _ssl_protocol's answers by the loop's class
-
-
-def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
-    """The loop's own TLS protocol class: uvloop's with uvloop, else asyncio's."""
-    found = _PROTOCOLS.get(type(loop))
-    if found is not None:
-        return found
-    try:
-        import uvloop
-        from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]  # not in its stubs
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        found = asyncio.sslproto.SSLProtocol
-    else:
-        found = SSLProtocol if isinstance(loop, uvloop.Loop) else asyncio.sslproto.SSLProtocol
-    _PROTOCOLS[type(loop)] = found
-    return found
-
-
-def _retrieve(waiter: asyncio.Future[None]) -> None:
-    # a failed handshake is already handled (the connection is closed): only read it
-    if not waiter.cancelled():
-        waiter.exception()
-
-
-class TlsGate(asyncio.Protocol):
-    """One connection to an HTTPS listener until it is handed to TLS (or refused)."""
-
-    __slots__ = (
-        "app",
-        "buf",
-        "deadline",
-        "loop",
-        "plain_reply",
-        "refused",
-        "timeout",
-        "timer",
-        "tls",
-        "transport",
-    )
+class TlsGate:
+    """One connection to an HTTPS listener until it is handed to TLS (or refused). An
+    asyncio protocol (compiled with the hot path: no base class, the loop needs none)."""
 
     def __init__(
         self,
@@ -114,13 +80,11 @@ class TlsGate(asyncio.Protocol):
         self.refused = False
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.loop = loop = asyncio.get_running_loop()
-        self.deadline = loop.time() + self.timeout
-        self.timer = loop.call_at(self.deadline, self._expire)
+        self.timer = loop.call_later(self.timeout, self._expire)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -168,30 +132,20 @@ class TlsGate(asyncio.Protocol):
     def _start_tls(self) -> None:
         transport = self.transport
         assert transport is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        loop = self.loop
-        waiter: asyncio.Future[None] = loop.create_future()
-        waiter.add_done_callback(_retrieve)
-        left = max(self.deadline - loop.time(), 0.001)
-        proto = _ssl_protocol(loop)(
-            loop, self.app(), self.tls.context, waiter, server_side=True,
-            ssl_handshake_timeout=left,
-        )  # fmt: skip
-        transport.pause_reading()
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
-        data = memoryview(self.buf)
-        self.buf = b""
-        while data and not transport.is_closing():
-            into = proto.get_buffer(len(data))
-            n = min(len(into), len(data))
-            into[:n] = data[:n]
-            proto.buffer_updated(n)
-            data = data[n:]
-        if not transport.is_closing():
-            transport.resume_reading()
+        # the handshake's deadline stays this timer: the TLS transport cancels it once up
+        timer, self.timer = self.timer, None
+        data, self.buf = self.buf, b""
+        self.tls.handshakes += 1
+        try:
+            tls = TlsTransport(self.loop, transport, self.app(), self.tls.context, timer)
+        except (ssl.SSLError, ValueError, TypeError, RuntimeError) as exc:
+            log.error("TLS could not start on a connection: %s", exc)
+            if timer is not None:
+                timer.cancel()
+            transport.abort()
+            return
+        transport.set_protocol(cast(asyncio.BaseProtocol, tls))  # (duck-typed, like uvloop's)
+        tls.data_received(data)
 
     def _refuse_version(self, record_version: bytes) -> None:
         self.refused = True

@@ -17,8 +17,10 @@ except that ``read`` has no default length, which every transport passes. Everyt
 (handshake, shutdown, certificates, session) is ``ssl.SSLObject``'s.
 
 Contexts opt in with ``context.sslobject_class = DirectObject`` (``contexts.py`` does, for
-listeners and backends): ``SSLContext.wrap_bio``, which the transports call, then makes
-these.
+listeners and backends): ``SSLContext.wrap_bio``, which the loop's TLS transports call,
+then makes these. That is the path of connections to backends. Connections to HTTPS
+listeners go through poise's own transport (``tls/transport.py``), whose engine works on
+the ``_SSLSocket`` directly (``tls/engine.py``).
 """
 
 from __future__ import annotations
