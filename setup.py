@@ -49,6 +49,7 @@ HOT = [
     "src/poise/accesslog.py",
     "src/poise/l4/relay.py",
     "src/poise/tls/transport.py",
+    "src/poise/tls/engine.py",
     "src/poise/tls/gate.py",
     *(
         f"src/poise/balancing/{name}.py"

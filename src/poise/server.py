@@ -322,6 +322,7 @@ class Server:
                 # (partials, not lambdas: one Python frame less per connection)
                 factory = functools.partial(
                     TlsGate,
+                    ctx,
                     tls,
                     functools.partial(ClientConnection, ctx, name, tls),
                     ctx.client_header_timeout,

@@ -207,6 +207,30 @@ async def test_bad_handshakes_do_not_hurt_the_listener(pki: dict[str, Any]) -> N
             assert reply.status == 200
 
 
+async def test_a_handshake_that_stalls_after_the_client_hello_is_cut_off(
+    pki: dict[str, Any],
+) -> None:
+    async with HttpBackend("b1", echo_handler) as backend:
+        doc = https_doc(backend.url, sni_tls(pki), timeouts={"client_header": "1s"})
+        async with running(doc) as (server, _):
+            assert server.ctx is not None
+            url = url_of(server, "web")
+            # a whole ClientHello, then silence: TLS has started, the handshake never ends
+            client = client_context(pki["ca"]).wrap_bio(
+                ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="a.example.test"
+            )
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.do_handshake()
+            started = asyncio.get_running_loop().time()
+            raw = await exchange(url.replace("https://", "http://"), outgoing.read(), timeout=8)
+            assert raw[:1] == b"\x16"  # the server's flight came, then the close
+            assert asyncio.get_running_loop().time() - started < 6
+            assert not server.ctx.handshaking
+            # a completed handshake leaves no deadline behind either
+            reply, _ = await get(url, client_context(pki["ca"]), "a.example.test")
+            assert reply.status == 200 and not server.ctx.handshaking
+
+
 async def test_redirect_listener(pki: dict[str, Any]) -> None:
     async with HttpBackend("b1", echo_handler) as backend:
         doc = https_doc(backend.url, sni_tls(pki))

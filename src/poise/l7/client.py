@@ -56,6 +56,7 @@ from poise.l7.request import (
 from poise.l7.response import send_out
 from poise.l7.tunnel import Tunnel
 from poise.l7.upstream import UpstreamConnection
+from poise.tls.transport import TlsTransport
 
 if TYPE_CHECKING:
     from poise.failures import AttemptFailure
@@ -136,8 +137,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tls is None:
             self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
         else:
-            self.tls.count_session(transport)
-            self.tls_fields = self.tls.subject_field(transport)
+            tls = self.tls
+            tls.count_session(transport)
+            if tls.subject_header:
+                self.tls_fields = tls.subject_field(transport)
             self.forwarded = (
                 b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"
                 + self.tls_fields
@@ -319,6 +322,17 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             assert self.transport is not None
             send_out(self.transport, out)
+
+    def forward_last(self, out: list[bytes | memoryview]) -> None:
+        """The end of the last response on this connection (it closes after it): over TLS
+        the close_notify goes in the same write (one send, one wake-up of the client less)."""
+        if not self.closed:
+            transport = self.transport
+            assert transport is not None
+            if self.tls is not None and isinstance(transport, TlsTransport):
+                transport.write_last(out)
+            else:
+                send_out(transport, out)
 
     def response_complete(self, ex: Exchange) -> None:
         """The whole response of ``ex`` has been written to the transport."""

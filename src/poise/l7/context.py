@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from poise.l7.memo import RequestMemo
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
+    from poise.tls.gate import TlsGate
 
 log = logging.getLogger("poise.proxy")
 
@@ -144,6 +145,7 @@ class Context:
         "first_heads",
         "forwarded",
         "generation",
+        "handshaking",
         "header_kinds",
         "idempotency_keys",
         "inflight",
@@ -189,6 +191,8 @@ class Context:
         self.table = table  # replaced whole, by one assignment, on every change
         self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.clients: set[ClientConnection] = set()
+        # HTTPS connections before their handshake is done (tls/gate.py): their deadline
+        self.handshaking: set[TlsGate] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
         self.latency = Histogram()  # from the request's first byte to the response's last
@@ -355,6 +359,7 @@ class Context:
             expired += [t for t in self.tunnels if t.deadline < now]
             for conn in expired:
                 conn.on_timeout()
+            self._expire_handshakes(now)
             for group in self.table.groups.values():
                 if group.admission is not None and group.admission.waiting:
                     group.admission.expire(now)
@@ -363,6 +368,11 @@ class Context:
                         pool.expire(now)
         finally:
             self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def _expire_handshakes(self, now: float) -> None:
+        """HTTPS connections whose handshake did not finish in time (tls/gate.py)."""
+        for gate in [g for g in self.handshaking if g.deadline < now]:
+            gate.on_timeout()
 
     def is_trusted(self, peer: str) -> bool:
         """Whether ``peer`` is a proxy whose X-Forwarded-* headers are believed."""

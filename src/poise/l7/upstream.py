@@ -260,7 +260,10 @@ class UpstreamConnection(asyncio.Protocol):
             if counting:
                 stray = self._count(data, out)
         if out:
-            client.forward(out)
+            if self.complete and not ex.keep_alive:
+                client.forward_last(out)  # the connection closes after it
+            else:
+                client.forward(out)
         if self.complete:
             self._release(ex, client, reusable=self.keep and not stray)
             return

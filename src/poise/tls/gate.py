@@ -24,8 +24,9 @@ With the default range (TLS 1.2 and 1.3) the gate does not wait for the whole Cl
 a ClientHello whose ``legacy_version`` is TLS 1.2, which every client able to speak 1.2 or
 1.3 sends, goes to TLS after its first 11 bytes. Otherwise the gate waits for the whole
 ClientHello (the server cannot answer before it anyway), at most ``clienthello``'s limit.
-One timer covers the gate and the handshake: the TLS transport cancels it once the
-handshake is complete.
+One deadline covers the gate and the handshake, kept in the context's ``handshaking`` set
+and checked by its sweep (``Context._tick``, every ``TICK``): the TLS transport takes the
+gate off it once the handshake is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from poise.tls.clienthello import read_server_name
 from poise.tls.transport import TlsTransport
 
 if TYPE_CHECKING:
+    from poise.l7.context import Context
     from poise.tls.contexts import ListenerTls
 
 __all__ = ["PLAIN_HTTP", "TlsGate", "protocol_version_alert"]
@@ -67,11 +69,13 @@ class TlsGate:
 
     def __init__(
         self,
+        ctx: Context,
         tls: ListenerTls,
         app: Callable[[], asyncio.BaseProtocol],
         timeout: float,
         plain_reply: Callable[[], bytes],
     ) -> None:
+        self.ctx = ctx
         self.tls = tls
         self.app = app  # makes the protocol that serves the connection once TLS is up
         self.timeout = timeout  # for the handshake, the gate's time included
@@ -79,12 +83,15 @@ class TlsGate:
         self.buf = b""
         self.refused = False
         self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.loop = loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.timeout, self._expire)
+        # the handshake's deadline: the context's sweep (every TICK) calls on_timeout, which
+        # costs a set entry per connection instead of one of the loop's timers
+        ctx = self.ctx
+        self.deadline = ctx.clock() + self.timeout
+        ctx.handshaking.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -108,9 +115,12 @@ class TlsGate:
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.cancel()
+
+    def cancel(self) -> None:
+        """No deadline any more: the handshake is complete, or the connection gone (the TLS
+        transport calls it after the hand-over)."""
+        self.ctx.handshaking.discard(self)
 
     def _versions_ok(self, buf: bytes) -> bool | None:
         """Whether the ClientHello offers a version the listener accepts (True also when it
@@ -119,8 +129,8 @@ class TlsGate:
         if len(buf) < 11:
             return None
         both = lo <= _TLS12 and hi >= _TLS13
-        in_first_record = int.from_bytes(buf[3:5], "big") >= 6 and buf[5] == _CLIENT_HELLO
-        if both and in_first_record and int.from_bytes(buf[9:11], "big") >= _TLS12:
+        in_first_record = (buf[3] << 8 | buf[4]) >= 6 and buf[5] == _CLIENT_HELLO
+        if both and in_first_record and (buf[9] << 8 | buf[10]) >= _TLS12:
             return True  # a TLS 1.2 or 1.3 client: no need to wait for the rest
         found = read_server_name(buf)
         if found.state == "more":
@@ -132,16 +142,14 @@ class TlsGate:
     def _start_tls(self) -> None:
         transport = self.transport
         assert transport is not None
-        # the handshake's deadline stays this timer: the TLS transport cancels it once up
-        timer, self.timer = self.timer, None
         data, self.buf = self.buf, b""
         self.tls.handshakes += 1
         try:
-            tls = TlsTransport(self.loop, transport, self.app(), self.tls.context, timer)
+            # the handshake's deadline stays this gate's: the TLS transport cancels it once up
+            tls = TlsTransport(self.ctx.loop, transport, self.app(), self.tls.context, self)
         except (ssl.SSLError, ValueError, TypeError, RuntimeError) as exc:
             log.error("TLS could not start on a connection: %s", exc)
-            if timer is not None:
-                timer.cancel()
+            self.cancel()
             transport.abort()
             return
         transport.set_protocol(cast(asyncio.BaseProtocol, tls))  # (duck-typed, like uvloop's)
@@ -165,8 +173,8 @@ class TlsGate:
         else:
             transport.close()
 
-    def _expire(self) -> None:
-        self.timer = None
+    def on_timeout(self) -> None:
+        self.cancel()
         if self.transport is not None:
             if self.refused:
                 self.transport.close()

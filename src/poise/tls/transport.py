@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
 from poise.tls import engine as engines
 
@@ -62,6 +62,12 @@ OPEN = 1
 CLOSED = 2
 
 
+class Deadline(Protocol):
+    """The handshake's deadline (``TlsGate``): taken away once the handshake is done."""
+
+    def cancel(self) -> None: ...
+
+
 class TlsTransport:
     """One TLS connection to an HTTPS listener (see the module docstring)."""
 
@@ -71,13 +77,13 @@ class TlsTransport:
         tcp: Any,
         app: Any,
         context: ssl.SSLContext,
-        timer: asyncio.TimerHandle | None,
+        timer: Deadline | None,
     ) -> None:
         self.loop = loop
         self.tcp = tcp  # the TCP transport (uvloop's, or asyncio's)
         self.app = app  # the HTTP protocol: connection_made once the handshake is done
         self.context = context
-        self.timer = timer  # the handshake deadline (the gate's): cancelled once up
+        self.timer = timer  # the handshake deadline (the gate): cancelled once up
         self.engine: engines.Engine = engines.make(context)
         self.state = HANDSHAKE
         self.app_made = False
@@ -160,6 +166,22 @@ class TlsTransport:
         self.tickets_held = False
         if out:
             self.tcp.write(out)
+
+    def write_last(self, pieces: list[bytes | memoryview]) -> None:
+        """``writelines(pieces)`` and close_notify in one write: the HTTP side's last bytes
+        before it closes (``close`` then only closes the socket)."""
+        if self.state != OPEN or self.write_closed:
+            return
+        engine = self.engine
+        try:
+            out = engine.writelines(pieces)
+        except ssl.SSLError as exc:
+            self._failed(exc)
+            return
+        self.write_closed = True
+        self.tickets_held = False
+        engine.shutdown()
+        self.tcp.writelines((out, engine.take()))
 
     def close(self) -> None:
         if self.state == CLOSED:
