@@ -99,11 +99,21 @@ def _extensions() -> list[Any]:
     native = [
         Extension("poise.l7._scan", ["src/poise/l7/_scan.c"], extra_compile_args=["-O2"]),
         # the TLS ticket key callback: libssl is looked up at run time (dlopen), not linked
-        Extension("poise.tls._tickets", ["src/poise/tls/_tickets.c"], extra_compile_args=["-O2"]),
+        Extension(
+            "poise.tls._tickets",
+            ["src/poise/tls/_tickets.c"],
+            depends=["src/poise/tls/_libssl.h"],
+            extra_compile_args=["-O2"],
+        ),
         # the L4 relay's byte pump (its twin: the relay's protocols in l4/relay.py)
         Extension("poise.l4._pump", ["src/poise/l4/_pump.c"], extra_compile_args=["-O2"]),
         # HTTPS listeners' TLS record engine (its twin: engine.PyEngine), libssl as above
-        Extension("poise.tls._engine", ["src/poise/tls/_engine.c"], extra_compile_args=["-O2"]),
+        Extension(
+            "poise.tls._engine",
+            ["src/poise/tls/_engine.c"],
+            depends=["src/poise/tls/_libssl.h"],
+            extra_compile_args=["-O2"],
+        ),
     ]
     try:
         from mypyc.build import mypycify

@@ -12,6 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,25 @@ def compile_extension(source: Path, directory: Path, flags: list[str]) -> Module
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_ONCE: dict[Path, ModuleType | None] = {}
+
+
+def c_or_twin(request: pytest.FixtureRequest, source: Path, installed: ModuleType | None) -> Any:
+    """For a fixture with params ["C", "python"]: the C module to run the test with (the
+    installed one when ``pip install .`` built it, else ``source`` compiled once per
+    session; the test is skipped without a C compiler), or None for the twin."""
+    if request.param != "C":
+        return None
+    if installed is not None:
+        return installed
+    if source not in _ONCE:
+        directory = request.getfixturevalue("tmp_path_factory").mktemp(source.stem)
+        _ONCE[source] = compile_extension(source, directory, [])
+    if _ONCE[source] is None:
+        pytest.skip("no C compiler: the twin only")
+    return _ONCE[source]
 
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",

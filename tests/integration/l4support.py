@@ -15,35 +15,16 @@ import pytest
 from poise.l4 import listener as l4listener
 from poise.server import Server
 from tests.integration.support import running
-from tests.native import SRC, compile_extension
+from tests.native import SRC, c_or_twin
 
-_BUILT: list[Any] = []
-
-
-def pump_module(directory: Any) -> Any:
-    """The C pump: the installed one when ``pip install .`` built it, else compiled from
-    its source (once per session); None without a C compiler."""
-    if l4listener.PUMP is not None:
-        return l4listener.PUMP
-    if not _BUILT:
-        _BUILT.append(compile_extension(SRC / "l4" / "_pump.c", directory, []))
-    return _BUILT[0]
+PUMP_INSTALLED = l4listener.PUMP  # the pump of a compiled install (None in development)
 
 
 @pytest.fixture(params=["C", "python"])
-def engine(
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> str:
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which relays the L4 listeners of this test use: the C pump or the protocols."""
-    if request.param == "C":
-        module = pump_module(tmp_path_factory.mktemp("pump"))
-        if module is None:
-            pytest.skip("no C compiler: the protocols only")
-        monkeypatch.setattr(l4listener, "PUMP", module)
-    else:
-        monkeypatch.setattr(l4listener, "PUMP", None)
+    module = c_or_twin(request, SRC / "l4" / "_pump.c", PUMP_INSTALLED)
+    monkeypatch.setattr(l4listener, "PUMP", module)
     return str(request.param)
 
 

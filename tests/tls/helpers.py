@@ -14,34 +14,22 @@ from typing import Any
 import pytest
 
 from poise.tls import engine as engines
-from tests.native import SRC, compile_extension
+from tests.native import SRC, c_or_twin
 from tests.tls.certgen import CA, Pair, serial_of
 
-_BUILT: list[Any] = []
+ENGINE_INSTALLED = engines._native  # the C engine of a compiled install (None in development)
 
 
-def engine_module(directory: Any) -> Any:
-    """The C engine: the installed one when ``pip install .`` built it, else compiled from
-    its source (once per session); None without a C compiler."""
-    if engines._native is not None:
-        return engines._native
-    if not _BUILT:
-        _BUILT.append(compile_extension(SRC / "tls" / "_engine.c", directory, []))
-    return _BUILT[0]
+def engine_module(request: pytest.FixtureRequest) -> Any:
+    """The C engine for a test (see ``tests/native.py``); skips without a C compiler."""
+    return c_or_twin(request, SRC / "tls" / "_engine.c", ENGINE_INSTALLED)
 
 
 @pytest.fixture(params=["C", "python"])
-def tls_engine(
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> str:
+def tls_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which record engine the HTTPS listeners of this test use."""
     if request.param == "C":
-        module = engine_module(tmp_path_factory.mktemp("engine"))
-        if module is None:
-            pytest.skip("no C compiler: the twin only")
-        monkeypatch.setattr(engines, "_native", module)
+        monkeypatch.setattr(engines, "_native", engine_module(request))
         monkeypatch.setattr(engines, "_checked", False)
         monkeypatch.setattr(engines, "_native_error", None)
         assert engines.native_error() is None, engines.native_error()

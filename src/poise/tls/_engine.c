@@ -28,7 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <dlfcn.h>
+#include "_libssl.h"
 #include <string.h>
 
 #define SSL_ERROR_SSL 1
@@ -355,13 +355,8 @@ static PyObject *setup(PyObject *self, PyObject *args) {
         return NULL;
     if (ossl.ready)
         Py_RETURN_TRUE;
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (lib == NULL)
-        return PyUnicode_FromString(dlerror());
-#define FIND(field, symbol)                                                                  \
-    *(void **)&ossl.field = dlsym(lib, symbol);                                              \
-    if (ossl.field == NULL)                                                                  \
-        return PyUnicode_FromFormat("%s not found", symbol);
+    LIBSSL_OPEN(lib, path)
+#define FIND(field, symbol) LIBSSL_FIND(lib, ossl.field, symbol)
     FIND(do_handshake, "SSL_do_handshake")
     FIND(read, "SSL_read")
     FIND(write, "SSL_write")

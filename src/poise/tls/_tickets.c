@@ -21,7 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <dlfcn.h>
+#include "_libssl.h"
 #include <string.h>
 
 #define SLOTS 64
@@ -253,13 +253,8 @@ static PyObject *setup(PyObject *self, PyObject *args) {
     Py_XSETREF(on_error, report == Py_None ? NULL : report);
     if (ossl.ready)
         Py_RETURN_TRUE;
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (lib == NULL)
-        return PyUnicode_FromString(dlerror());
-#define FIND(field, symbol)                                                                  \
-    *(void **)&ossl.field = dlsym(lib, symbol);                                              \
-    if (ossl.field == NULL)                                                                  \
-        return PyUnicode_FromFormat("%s not found", symbol);
+    LIBSSL_OPEN(lib, path)
+#define FIND(field, symbol) LIBSSL_FIND(lib, ossl.field, symbol)
     FIND(set_cb, "SSL_CTX_set_tlsext_ticket_key_evp_cb")
     FIND(encrypt_init, "EVP_EncryptInit_ex")
     FIND(decrypt_init, "EVP_DecryptInit_ex")

@@ -144,28 +144,11 @@ class TlsTransport:
     # -- the HTTP side's transport ---------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.state != OPEN or self.write_closed or not data:
-            return
-        try:
-            out = self.engine.write(data)  # (with the tickets held, if any)
-        except ssl.SSLError as exc:
-            self._failed(exc)
-            return
-        self.tickets_held = False
-        if out:
-            self.tcp.write(out)
+        if data:
+            self._encrypt(data, False)
 
     def writelines(self, pieces: Any) -> None:
-        if self.state != OPEN or self.write_closed:
-            return
-        try:
-            out = self.engine.writelines(pieces)
-        except ssl.SSLError as exc:
-            self._failed(exc)
-            return
-        self.tickets_held = False
-        if out:
-            self.tcp.write(out)
+        self._encrypt(pieces, True)
 
     def write_last(self, pieces: list[bytes | memoryview]) -> None:
         """``writelines(pieces)`` and close_notify in one write: the HTTP side's last bytes
@@ -325,6 +308,21 @@ class TlsTransport:
             self.app.data_received(self.held.pop(0))
         if self.eof_held and not self.paused and self.state == OPEN:
             self._eof()
+
+    def _encrypt(self, data: Any, many: bool) -> None:
+        """Encrypt ``data`` (``pieces`` when ``many``) and send the records, with the
+        tickets held, if any."""
+        if self.state != OPEN or self.write_closed:
+            return
+        engine = self.engine
+        try:
+            out = engine.writelines(data) if many else engine.write(data)
+        except ssl.SSLError as exc:
+            self._failed(exc)
+            return
+        self.tickets_held = False
+        if out:
+            self.tcp.write(out)
 
     def _send_close_notify(self) -> None:
         if self.write_closed or not self.app_made:
