@@ -379,7 +379,33 @@ async def test_a_tcp_end_without_close_notify_is_eof_received(tmp_path: Path) ->
     _, tls, _, app, _ = open_transport(tmp_path, ssl.TLSVersion.TLSv1_3, App(keep_open=True))
     assert tls.eof_received() is True  # kept open: the HTTP side answers first
     assert app.events[-1] == ("eof", None)
-    assert tls.eof_received() is None  # reported once
+    assert tls.eof_received() is True  # reported once, and still kept open
+    assert [k for k, _ in app.events].count("eof") == 1
+    tls.close()
+    assert tls.eof_received() is None
+
+
+async def test_a_tcp_end_after_close_notify_keeps_the_half_close(tmp_path: Path) -> None:
+    # a client that sends its request, close_notify and FIN still gets its response
+    client, tls, tcp, app, _ = open_transport(tmp_path, ssl.TLSVersion.TLSv1_3, App(True))
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.obj.unwrap()
+    tls.data_received(client.out())
+    assert app.events[-1] == ("eof", None)
+    assert tls.eof_received() is True and not tcp.closed
+    tls.write(b"answer")
+    assert client.feed(tcp.take()) == b"answer"
+
+
+async def test_a_tcp_end_while_paused_waits_for_the_held_data(tmp_path: Path) -> None:
+    client, tls, _, app, _ = open_transport(tmp_path, ssl.TLSVersion.TLSv1_3, App(True))
+    tls.pause_reading()
+    tls.data_received(_app_bytes(client, b"held"))
+    assert tls.eof_received() is True
+    assert app.events[-1] == ("data", b"GET / HTTP/1.1\r\n\r\n")
+    tls.resume_reading()
+    await asyncio.sleep(0)
+    assert app.events[-2:] == [("data", b"held"), ("eof", None)]
 
 
 async def test_paused_reading_holds_plaintext_and_eof_until_resumed(tmp_path: Path) -> None:

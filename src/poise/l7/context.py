@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from poise.accesslog import AccessLog
 from poise.config.model import Config
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from poise.l7.memo import RequestMemo
     from poise.l7.tunnel import Tunnel
     from poise.l7.upstream import UpstreamConnection
-    from poise.tls.gate import TlsGate
 
 log = logging.getLogger("poise.proxy")
 
@@ -127,6 +126,15 @@ class Histogram:
         self.count += 1
 
 
+class Expiring(Protocol):
+    """A connection the sweep ends once its ``deadline`` has passed (``on_timeout``):
+    ``tls/gate.py``'s HTTPS connections before their handshake is done."""
+
+    deadline: float
+
+    def on_timeout(self) -> None: ...
+
+
 class Context:
     __slots__ = (
         "_ticker",
@@ -192,7 +200,7 @@ class Context:
         self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.clients: set[ClientConnection] = set()
         # HTTPS connections before their handshake is done (tls/gate.py): their deadline
-        self.handshaking: set[TlsGate] = set()
+        self.handshaking: set[Expiring] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
         self.latency = Histogram()  # from the request's first byte to the response's last

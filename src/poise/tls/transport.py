@@ -119,9 +119,14 @@ class TlsTransport:
             self.state = CLOSED
             self._cancel_timer()
             return None  # the TCP transport closes itself
-        if state == OPEN and not self.eof_seen:
-            self._eof()
-            return self.state == OPEN  # a half-close the HTTP side kept open
+        if state == OPEN:
+            if not self.eof_seen:
+                if self.paused or self.held:
+                    self.eof_held = True  # reported after what is held (resume_reading)
+                    return True
+                self._eof()
+            # True: a half-close the HTTP side kept open (after close_notify too): it closes
+            return self.state == OPEN
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
