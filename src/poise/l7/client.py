@@ -329,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             transport = self.transport
             assert transport is not None
-            if self.tls is not None and isinstance(transport, TlsTransport):
+            if isinstance(transport, TlsTransport):
                 transport.write_last(out)
             else:
                 send_out(transport, out)

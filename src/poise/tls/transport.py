@@ -158,18 +158,7 @@ class TlsTransport:
     def write_last(self, pieces: list[bytes | memoryview]) -> None:
         """``writelines(pieces)`` and close_notify in one write: the HTTP side's last bytes
         before it closes (``close`` then only closes the socket)."""
-        if self.state != OPEN or self.write_closed:
-            return
-        engine = self.engine
-        try:
-            out = engine.writelines(pieces)
-        except ssl.SSLError as exc:
-            self._failed(exc)
-            return
-        self.write_closed = True
-        self.tickets_held = False
-        engine.shutdown()
-        self.tcp.writelines((out, engine.take()))
+        self._encrypt(pieces, True, last=True)
 
     def close(self) -> None:
         if self.state == CLOSED:
@@ -314,9 +303,9 @@ class TlsTransport:
         if self.eof_held and not self.paused and self.state == OPEN:
             self._eof()
 
-    def _encrypt(self, data: Any, many: bool) -> None:
+    def _encrypt(self, data: Any, many: bool, last: bool = False) -> None:
         """Encrypt ``data`` (``pieces`` when ``many``) and send the records, with the
-        tickets held, if any."""
+        tickets held, if any; with ``last``, close_notify in the same write."""
         if self.state != OPEN or self.write_closed:
             return
         engine = self.engine
@@ -326,7 +315,11 @@ class TlsTransport:
             self._failed(exc)
             return
         self.tickets_held = False
-        if out:
+        if last:
+            self.write_closed = True
+            engine.shutdown()
+            self.tcp.writelines((out, engine.take()))
+        elif out:
             self.tcp.write(out)
 
     def _send_close_notify(self) -> None:
