@@ -107,6 +107,8 @@ def _extensions() -> list[Any]:
         ),
         # the L4 relay's byte pump (its twin: the relay's protocols in l4/relay.py)
         Extension("poise.l4._pump", ["src/poise/l4/_pump.c"], extra_compile_args=["-O2"]),
+        # plain listeners' client connections (its twin: the event loop's transports)
+        Extension("poise.wire._hub", ["src/poise/wire/_hub.c"], extra_compile_args=["-O2"]),
         # HTTPS listeners' TLS record engine (its twin: engine.PyEngine), libssl as above
         Extension(
             "poise.tls._engine",

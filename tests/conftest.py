@@ -12,8 +12,9 @@ import uvloop
 from hypothesis import HealthCheck, settings
 
 from tests.tls.helpers import tls_engine  # the C record engine and its twin, per test
+from tests.wire.helpers import wire_hub  # the C hub and its twin (the loop's server), per test
 
-__all__ = ["tls_engine"]
+__all__ = ["tls_engine", "wire_hub"]
 
 if TYPE_CHECKING:
     from poise.testing.etcd import EtcdServer

@@ -24,6 +24,7 @@ PROXY_TESTS = [
     "tests/tls/test_tickets.py",
     "tests/tls/test_engine.py",
     "tests/integration/test_tls.py",
+    "tests/wire",
     "tests/blackbox",
     "tests/test_pool.py",
     "tests/test_routing.py",
@@ -56,7 +57,7 @@ def test_the_compiled_hot_path_passes_the_proxy_tests(tmp_path: Path) -> None:
     src = tmp_path / "src"
     for module in ("l7/client", "l7/reader", "l7/upstream", "l7/context", "l7/request", "l7/_scan",
                    "l4/relay", "l4/_pump", "tls/_tickets", "tls/_engine", "tls/transport",
-                   "tls/gate"):  # fmt: skip
+                   "tls/gate", "wire/_hub"):  # fmt: skip
         assert list((src / "poise").glob(f"{module}.*.so")), f"{module} was not compiled"
     env["PYTHONPATH"] = str(src)
     which = subprocess.run(

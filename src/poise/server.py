@@ -27,7 +27,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-from poise import looptune, messages
+from poise import looptune, messages, wire
 from poise.admin.api import AdminApi
 from poise.config.model import Config
 from poise.dataplane import Snapshot, snapshot
@@ -88,7 +88,7 @@ class Server:
         self.registry_address: tuple[str, int] | None = None
         self.admin: AdminApi | None = None
         self.admin_address: tuple[str, int] | None = None
-        self.listeners: list[asyncio.Server] = []
+        self.listeners: list[asyncio.Server | wire.HubServer] = []
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name -> bound address
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
@@ -303,6 +303,7 @@ class Server:
             await self.registry_api.close()
         if self.registry is not None:
             await self.registry.close()
+        wire.shutdown(asyncio.get_running_loop())  # (connections left: closed by now)
         for group in ctx.table.groups.values():
             for pool in group.pools:
                 pool.close_all()
@@ -330,28 +331,28 @@ class Server:
                 )
             else:
                 factory = functools.partial(ClientConnection, ctx, name, None)
+            # HTTP listeners' client sockets are served by poise's own C hub where it is
+            # built (wire/__init__.py), under the TLS transport too; TCP listeners' by the
+            # loop (the L4 pump takes their sockets once connected).
+            own = lc.tcp is None
             try:
                 if self.role == "worker":  # sockets from the control process, bound already
                     # (the same backlog: serving listens again, which would shorten the
                     # accept queue a replacement worker shares to asyncio's default 100)
                     servers = [
-                        await loop.create_server(
-                            factory,
-                            sock=sock,
-                            backlog=BACKLOG,
-                            start_serving=False,
-                        )
+                        await wire.create_server(loop, factory, sock=sock, backlog=BACKLOG, own=own)
                         for sock in self.sockets[name]
                     ]
                 else:
                     servers = [
-                        await loop.create_server(
+                        await wire.create_server(
+                            loop,
                             factory,
                             host=lc.host or None,
                             port=lc.port,
                             reuse_address=True,
                             backlog=BACKLOG,
-                            start_serving=False,
+                            own=own,
                         )
                     ]
             except OSError:

@@ -15,7 +15,7 @@ from poise.errors import ConfigError
 from poise.testing import HttpBackend, ScriptedBackend
 from tests.integration.support import full, running
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("wire_hub")]
 
 
 def doc(backends: list[str], access: Any) -> dict[str, Any]:

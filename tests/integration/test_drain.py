@@ -22,7 +22,7 @@ from poise.testing import HttpBackend, RecordedRequest, Response
 from tests.integration.load import Hammer, read_response
 from tests.integration.support import eventually, full, until_started
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("wire_hub")]
 
 GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 # Under load, a connection idle when the drain begins gets its next request within moments;

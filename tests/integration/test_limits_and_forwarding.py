@@ -12,6 +12,9 @@ import pytest
 from poise.testing import HttpBackend, ScriptedBackend
 from tests.integration.support import address, exchange, full, running
 
+# every case with the C hub and with the loop's own server (tests/wire/helpers.py)
+pytestmark = pytest.mark.usefixtures("wire_hub")
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 

@@ -15,6 +15,9 @@ import pytest
 from poise.testing import HttpBackend, RecordedRequest, Response, ScriptedBackend, echo_handler
 from tests.integration.support import address, eventually, exchange, full, running, seed
 
+# every case with the C hub and with the loop's own server (tests/wire/helpers.py)
+pytestmark = pytest.mark.usefixtures("wire_hub")
+
 
 @pytest.fixture
 async def five() -> AsyncIterator[list[HttpBackend]]:

@@ -10,9 +10,13 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from poise.testing import HttpBackend, RecordedRequest, Response
 from tests.integration.support import address, full, running
+
+# every case with the C hub and with the loop's own server (tests/wire/helpers.py)
+pytestmark = pytest.mark.usefixtures("wire_hub")
 
 
 async def test_slowloris_connections_closed_while_normal_clients_are_served() -> None:

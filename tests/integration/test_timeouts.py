@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from poise.testing import HttpBackend
 from tests.integration.support import address, full, running
+
+# every case with the C hub and with the loop's own server (tests/wire/helpers.py)
+pytestmark = pytest.mark.usefixtures("wire_hub")
 
 
 async def test_slow_request_head_gets_408_and_close() -> None:

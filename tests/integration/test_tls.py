@@ -18,7 +18,7 @@ from tests.tls.certgen import CA, Pair
 from tests.tls.helpers import TlsClient, client_context, get, visit
 
 # every test runs with the C record engine and with its twin (tests/tls/helpers.py)
-pytestmark = pytest.mark.usefixtures("tls_engine")
+pytestmark = pytest.mark.usefixtures("tls_engine", "wire_hub")
 
 
 def https_doc(backend: str, tls: dict[str, Any], **top: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from tests.tls.certgen import CA, Pair
 from tests.tls.helpers import TlsClient, client_context, get
 
 # every test runs with the C record engine and with its twin (tests/tls/helpers.py)
-pytestmark = pytest.mark.usefixtures("tls_engine")
+pytestmark = pytest.mark.usefixtures("tls_engine", "wire_hub")
 
 
 def install(src: Pair, cert: Path, key: Path) -> None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from poise.testing import HttpBackend, RecordedRequest, Response
 from tests.integration.support import address, exchange, full, running
+
+# every case with the C hub and with the loop's own server (tests/wire/helpers.py)
+pytestmark = pytest.mark.usefixtures("wire_hub")
 
 HANDSHAKE = (
     b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
