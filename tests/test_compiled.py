@@ -38,6 +38,7 @@ PROXY_TESTS = [
     "tests/integration/test_upgrade.py",
     "tests/integration/test_access_log.py",
     "tests/integration/test_slow_peers.py",
+    "tests/integration/test_workers.py",  # worker processes: the installed build, so the hub
 ]
 
 
