@@ -285,6 +285,32 @@ async def test_close_with_nothing_waiting() -> None:
         assert protocol.lost_with is None
 
 
+# C only: write_last is the hub's (the twin's transports have none; poise writes and closes)
+@pytest.mark.parametrize("wire_hub", ["C"], indirect=True)
+@pytest.mark.parametrize("size", [3, BIG])
+async def test_write_last_sends_the_pieces_then_the_end(wire_hub: str, size: int) -> None:
+    """write_last(pieces) is writelines then close: everything arrives, then EOF (the FIN in
+    the last segment), connection_lost once from the loop; what follows is dropped."""
+    data = payload(size, seed=4)
+    third = size // 3
+    pieces = [data[:third], bytearray(data[third : 2 * third]), memoryview(data)[2 * third :]]
+    async with serving() as served:
+        client, protocol = await served.pair(rcvbuf=SMALL_RCVBUF)
+        transport = protocol.transport
+        transport.write_last(pieces)
+        assert transport.is_closing()
+        assert "lost" not in protocol.events()  # not from inside write_last()
+        transport.write(b"dropped")
+        transport.write_last([b"dropped"])
+        transport.close()
+        received, how = await read_to_end(client)
+        assert how == "eof"
+        assert len(received) == size and digest(received) == digest(data)
+        await until(lambda: protocol.lost, "connection_lost")
+        assert protocol.lost_with is None
+        assert protocol.events().count("lost") == 1
+
+
 async def test_abort_drops_what_waits_and_calls_connection_lost_from_the_loop(
     wire_hub: str,
 ) -> None:

@@ -299,6 +299,14 @@ async def main():
     assert await recv_exactly(s, len(expected)) == expected
     s.close()
 
+    # write_last: many pieces, part kept, then the end
+    s, p = await pair(P, rcvbuf=16384)
+    p.t.write_last(pieces)
+    p.t.write_last(pieces)  # closing: dropped
+    assert await recv_exactly(s, len(b"".join(pieces))) == b"".join(pieces)
+    assert await loop.sock_recv(s, 10) == b""
+    s.close()
+
     # write_eof, then the client still talks; the client's half-close kept open
     s, p = await pair(P, rcvbuf=16384)
     p.t.write(big[:3 << 20])

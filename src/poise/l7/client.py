@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from poise import failures
 from poise.balancing import keys
@@ -81,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         "drain_at",
         "forwarded",
         "held",
+        "last_write",
         "listener",
         "paused",
         "peer",
@@ -115,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = False
         self.send_deadline = _INF
         self.held: list[bytes] = []  # client bytes after it, not parsed until that answer
+        self.last_write = False  # the transport ends with write_last (the hub's Conn)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class ClientConnection(asyncio.Protocol):
                 + self.tls_fields
             )  # fmt: skip
         transport.set_write_buffer_limits(high=256 * 1024)
+        self.last_write = hasattr(transport, "write_last")
         self.deadline = ctx.clock() + ctx.client_header_timeout
         if ctx.draining:
             # accepted as the drain began: its client has sent, or is sending, a request
@@ -331,6 +334,10 @@ class ClientConnection(asyncio.Protocol):
             assert transport is not None
             if isinstance(transport, TlsTransport):
                 transport.write_last(out)
+            elif self.last_write:
+                # the hub's Conn (wire/_hub.c) writes them and closes: the FIN goes in the
+                # same segment as the response's end (one packet less per connection)
+                cast(Any, transport).write_last(out)
             else:
                 send_out(transport, out)
 

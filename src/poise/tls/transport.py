@@ -80,7 +80,10 @@ class TlsTransport:
         timer: Deadline | None,
     ) -> None:
         self.loop = loop
-        self.tcp = tcp  # the TCP transport (uvloop's, or asyncio's)
+        self.tcp = tcp  # the TCP transport (the hub's Conn, uvloop's, or asyncio's)
+        # the hub's Conn (wire/_hub.c) ends with write_last: the last records and the FIN in
+        # one segment
+        self.tcp_last = hasattr(tcp, "write_last")
         self.app = app  # the HTTP protocol: connection_made once the handshake is done
         self.context = context
         self.timer = timer  # the handshake deadline (the gate): cancelled once up
@@ -318,7 +321,10 @@ class TlsTransport:
         if last:
             self.write_closed = True
             engine.shutdown()
-            self.tcp.writelines((out, engine.take()))
+            if self.tcp_last:  # (the socket closes after them: close() has nothing left)
+                self.tcp.write_last((out, engine.take()))
+            else:
+                self.tcp.writelines((out, engine.take()))
         elif out:
             self.tcp.write(out)
 

@@ -24,6 +24,14 @@ The pure-Python twin is the event loop's own server: ``create_server`` binds thr
 C module or with ``use_native`` off, serves with it as before. Both pass the same tests
 (``tests/wire``, and the listener tests run with each).
 
+One call a ``Conn`` has beyond ``asyncio.Transport``: ``write_last(pieces)``, the
+connection's last bytes and then ``close()``. They are sent with ``MSG_MORE`` so that the
+kernel holds them for the FIN the close adds at once: the response's end and the FIN leave
+in one segment (nginx and the loop's transports send two), which spares a packet and a
+wake-up of the client per connection. ``ClientConnection.forward_last`` (a response after
+which the connection closes) and the TLS transport's ``write_last`` use it when their
+transport has it.
+
 HTTPS listeners use it too: their TLS transport (``tls/transport.py``) sits on a ``Conn``
 as it sat on the loop's transport. TCP listeners do not (the L4 pump takes their sockets).
 

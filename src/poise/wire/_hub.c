@@ -71,6 +71,7 @@ typedef struct {
     unsigned eof_wanted : 1;  /* write_eof(): SHUT_WR once the buffer is sent */
     unsigned eof_sent : 1;
     unsigned paused : 1;      /* pause_writing() was called, resume_writing() not yet */
+    unsigned last : 1;        /* in write_last(): sends say MSG_MORE (the FIN follows) */
     socklen_t addrlen;
     struct sockaddr_storage addr;
 } Conn;
@@ -302,7 +303,7 @@ static int check_writable(Conn *c) {
 static int send_or_keep(Conn *c, const char *data, size_t n) {
     if (c->len == 0) {
         while (n) {
-            ssize_t sent = send(c->fd, data, n, MSG_NOSIGNAL);
+            ssize_t sent = send(c->fd, data, n, MSG_NOSIGNAL | (c->last ? MSG_MORE : 0));
             if (sent < 0) {
                 if (errno == EINTR)
                     continue;
@@ -358,7 +359,7 @@ static PyObject *Conn_writelines(Conn *c, PyObject *list) {
     if (seq == NULL)
         return NULL;
     if (PyList_CheckExact(seq) && PyList_GET_SIZE(seq) > MAX_IOV) {
-        /* more than one writev: pause_writing (Python) may run between them and change it */
+        /* more than one sendmsg: pause_writing (Python) may run between them and change it */
         Py_SETREF(seq, PyList_AsTuple(seq));
         if (seq == NULL)
             return NULL;
@@ -386,10 +387,12 @@ static PyObject *Conn_writelines(Conn *c, PyObject *list) {
         }
         if (r == 0 && c->fd >= 0 && !c->closing && total) {
             int first = 0;
-            if (c->len == 0) { /* nothing waits: one writev, the rest kept */
+            if (c->len == 0) { /* nothing waits: one sendmsg, the rest kept */
                 ssize_t sent;
+                struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)k};
+                int flags = MSG_NOSIGNAL | (c->last && i + k == count ? MSG_MORE : 0);
                 do
-                    sent = writev(c->fd, iov, k);
+                    sent = sendmsg(c->fd, &msg, flags);
                 while (sent < 0 && errno == EINTR);
                 if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
                     fail(c, errno);
@@ -420,6 +423,23 @@ static PyObject *Conn_writelines(Conn *c, PyObject *list) {
     if (r < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+static PyObject *Conn_close(Conn *c, PyObject *Py_UNUSED(ignored));
+
+/* writelines(pieces), then close(): the connection's last bytes. They are sent with
+ * MSG_MORE, so the kernel holds them for the FIN that close() adds at once: response and
+ * FIN in one segment (one packet, and one wake-up of the client, less per connection). */
+static PyObject *Conn_write_last(Conn *c, PyObject *pieces) {
+    if (c->fd < 0 || c->closing)
+        Py_RETURN_NONE;
+    c->last = 1;
+    PyObject *r = Conn_writelines(c, pieces);
+    c->last = 0;
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    return Conn_close(c, NULL);
 }
 
 static PyObject *Conn_write_eof(Conn *c, PyObject *Py_UNUSED(ignored)) {
@@ -724,6 +744,7 @@ static void Conn_dealloc(Conn *c) {
 static PyMethodDef Conn_methods[] = {
     {"write", (PyCFunction)Conn_write, METH_O, NULL},
     {"writelines", (PyCFunction)Conn_writelines, METH_O, NULL},
+    {"write_last", (PyCFunction)Conn_write_last, METH_O, NULL},
     {"write_eof", (PyCFunction)Conn_write_eof, METH_NOARGS, NULL},
     {"can_write_eof", (PyCFunction)Conn_can_write_eof, METH_NOARGS, NULL},
     {"close", (PyCFunction)Conn_close, METH_NOARGS, NULL},
@@ -823,7 +844,7 @@ static void accept_one(Hub *h, Py_ssize_t index) {
     c->high = 64 * 1024;
     c->low = 16 * 1024;
     c->reading = 1;
-    c->peer_eof = c->closing = c->eof_wanted = c->eof_sent = c->paused = 0;
+    c->peer_eof = c->closing = c->eof_wanted = c->eof_sent = c->paused = c->last = 0;
     c->addrlen = addrlen;
     memcpy(&c->addr, &addr, addrlen <= sizeof(addr) ? addrlen : sizeof(addr));
     Py_ssize_t slot = h->free[--h->nfree];
