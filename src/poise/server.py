@@ -224,6 +224,7 @@ class Server:
         if cfg.listen is not None:
             self.registry_api = RegistryApi(self.registry.store, cfg)
             self.registry_address = host, port = await self.registry_api.start(*cfg.listen)
+            self.registry.api_bound(host, port)
             shown = f"[{host}]" if ":" in host else host
             log.info("registry API on http://%s:%d (store: %s)", shown, port, cfg.store)
         services = {ucfg.service for ucfg in self.config.upstreams.values() if ucfg.service}

@@ -48,15 +48,16 @@ async def test_etcd_store(check: Check, etcd: EtcdServer) -> None:
     from poise.registry.etcd import EtcdStore
 
     prefix = f"/poise-test/{uuid4().hex[:8]}"  # a fresh, empty store for each check
+    clock = FakeClock(1_000_000.0)  # instance TTLs are held by the node, on its clock
 
     async def make() -> Store:
-        return EtcdStore(etcd.url, prefix=prefix)
+        return EtcdStore(etcd.url, prefix=prefix, node="conformance", clock=clock)
 
     async def reopen(store: Store) -> Store:  # a poise restart: etcd keeps everything
         await store.close()
         return await make()
 
-    try:  # leases expire on etcd's clock: real time, a short TTL
-        await run_check(StoreKit(make, clock=None, reopen=reopen, ttl=2.0), check)
+    try:
+        await run_check(StoreKit(make, clock=clock, reopen=reopen, ttl=2.0), check)
     finally:
         etcd.clear()  # leases left by this check must not expire during the next one

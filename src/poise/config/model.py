@@ -298,6 +298,13 @@ class RegistryConfig:
     durable: bool = False  # sqlite: fsync every change (survives power loss, not just kill -9)
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)  # etcd
     prefix: str = "/poise"  # etcd: key prefix, so several registries can share one etcd
+    # etcd: this poise node's name (stable across restarts: a restart keeps its instances);
+    # None = "<hostname>:<registry API port>"
+    node: str | None = None
+    # etcd: the URL other nodes reach this node's registry API at (forwarded heartbeats);
+    # None = the API's own address (the host name when it listens on every address)
+    advertise: str | None = None
+    node_ttl: float = 10.0  # etcd: the node's lease; its instances outlive its death this long
     listen: tuple[str, int] | None = ("127.0.0.1", 8500)  # the registry API; None = off
     # bearer token for writes (register, heartbeat, deregister); None = writes are open
     token: str | None = None

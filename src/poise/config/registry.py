@@ -4,6 +4,7 @@ Same conventions as ``load``: every problem reported with its dotted path."""
 from __future__ import annotations
 
 import os
+import re
 
 from poise.config.checks import (
     Checker,
@@ -23,12 +24,16 @@ REGISTRY_KEYS = (
     "durable",
     "endpoints",
     "prefix",
+    "node",
+    "advertise",
+    "node_ttl",
     "listen",
     "token",
     "read_token",
     "history",
 )
 STORES = ("memory", "sqlite", "etcd")
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def _listen(value: object) -> tuple[str, int] | None:
@@ -73,6 +78,29 @@ def _prefix(value: object) -> str:
     return text
 
 
+def _node(value: object) -> str:
+    text = check_str(value)
+    if not _NODE.fullmatch(text):
+        raise ValueError(
+            f"expected a node name (letters, digits, '.', '_', ':', '-'; 1-128), got {text!r}"
+        )
+    return text
+
+
+def _advertise(value: object) -> str:
+    text = check_str(value)
+    if not text.startswith(("http://", "https://")) or len(text) < 10:
+        raise ValueError(f"expected the http:// URL of this node's registry API, got {text!r}")
+    return text.rstrip("/")
+
+
+def _node_ttl(value: object) -> float:
+    seconds = positive_duration(value)
+    if not 2.0 <= seconds <= 3600.0:
+        raise ValueError(f"must be between 2s (etcd's shortest lease) and 1h, got {value!r}")
+    return seconds
+
+
 def registry(c: Checker, value: object, path: str) -> RegistryConfig:
     if value is None:
         return RegistryConfig()
@@ -83,7 +111,7 @@ def registry(c: Checker, value: object, path: str) -> RegistryConfig:
     store = c.field(obj, "store", path, choice(*STORES), d.store)
     if "path" in obj and store != "sqlite":
         c.error(key_path(path, "path"), f"only for store 'sqlite' (store is {store!r})")
-    for key in ("endpoints", "prefix"):
+    for key in ("endpoints", "prefix", "node", "advertise", "node_ttl"):
         if key in obj and store != "etcd":
             c.error(key_path(path, key), f"only for store 'etcd' (store is {store!r})")
     listen = d.listen
@@ -95,6 +123,9 @@ def registry(c: Checker, value: object, path: str) -> RegistryConfig:
         durable=c.field(obj, "durable", path, check_bool, d.durable),
         endpoints=c.field(obj, "endpoints", path, _endpoints, d.endpoints),
         prefix=c.field(obj, "prefix", path, _prefix, d.prefix),
+        node=c.field(obj, "node", path, _node, d.node),
+        advertise=c.field(obj, "advertise", path, _advertise, d.advertise),
+        node_ttl=c.field(obj, "node_ttl", path, _node_ttl, d.node_ttl),
         listen=listen,
         token=c.field(obj, "token", path, _token, d.token),
         read_token=c.field(obj, "read_token", path, check_bool, d.read_token),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from json.encoder import encode_basestring_ascii as _q
 from typing import Any
 from urllib.parse import unquote
@@ -48,6 +48,7 @@ from poise.httpd import (
 from poise.registry.memory import MemoryStore
 from poise.registry.model import (
     STATUSES,
+    Instance,
     check_instance_id,
     check_service,
     check_status,
@@ -72,13 +73,22 @@ class RegistryApi:
         router.add("DELETE", "/v1/services/{service}/instances/{instance}", self.deregister)
         router.add("PUT", "/v1/services/{service}/instances/{instance}/heartbeat", self.heartbeat)
         router.add("GET", "/v1/watch", self.watch)
+        if hasattr(store, "receive_beats"):  # a store shared by nodes: heartbeats forwarded
+            router.add("POST", "/v1/internal/heartbeats", self.forwarded_heartbeats)
         router.add("GET", "/v1/health", self.health)
         router.add("GET", "/openapi.json", self.openapi)
         # the local stores never need a current task: their calls may start eagerly, and
         # their plain heartbeats take a synchronous shortcut (no router, no coroutine)
         local = isinstance(store, MemoryStore)
+        # stores that can answer a plain heartbeat synchronously (memory, SQLite, etcd's
+        # TTLs held in this node) take it before routing
+        beat = getattr(store, "beat", None)
+        self._beat: Callable[[str, str], Instance] | None = beat
         self.http = HttpServer(
-            router, name="registry", eager=local, fast=self.fast_heartbeat if local else None
+            router,
+            name="registry",
+            eager=local,
+            fast=self.fast_heartbeat if beat is not None else None,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -115,10 +125,9 @@ class RegistryApi:
         instance = instance_b.decode("latin-1")
         if "%" in service or "%" in instance:
             service, instance = unquote(service), unquote(instance)
-        store = self.store
-        assert isinstance(store, MemoryStore)
+        assert self._beat is not None
         try:
-            got = store.beat(service, instance)
+            got = self._beat(service, instance)
         except NotRegistered:
             return None
         ttl = "null" if got.ttl is None else repr(got.ttl)
@@ -174,6 +183,22 @@ class RegistryApi:
         data = {"service": service, "id": instance, "status": stored.status,
                 "ttl": stored.ttl, "revision": stored.revision}  # fmt: skip
         return Reply(data=data, headers=_index(stored.revision))
+
+    async def forwarded_heartbeats(self, request: Request) -> Reply:
+        """Heartbeats another poise node received for instances whose TTL this node holds
+        (``{"from": node, "beats": [[service, id], ...]}``): the ones not held here are
+        answered back as refused."""
+        self._auth(request, write=True)
+        body = request.json()
+        beats = body.get("beats") if isinstance(body, dict) else None
+        if not isinstance(beats, list) or not all(
+            isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b)
+            for b in beats
+        ):
+            raise HttpError(400, 'body: expected {"beats": [[service, id], ...]}')
+        receive = self.store.receive_beats  # type: ignore[attr-defined]
+        refused = receive((s, i) for s, i in beats)
+        return Reply(data={"renewed": len(beats) - len(refused), "refused": refused})
 
     async def deregister(self, request: Request, service: str, instance: str) -> Reply:
         self._auth(request, write=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 
@@ -46,8 +47,25 @@ def open_store(cfg: RegistryConfig) -> Store:
         return SQLiteStore(cfg.path, history=cfg.history, durable=cfg.durable)
     from poise.registry import etcd  # type: ignore[attr-defined,unused-ignore]
 
-    store: Store = etcd.EtcdStore(cfg.endpoints, prefix=cfg.prefix)
+    node = cfg.node
+    if node is None and cfg.listen is not None and cfg.listen[1]:
+        node = f"{socket.gethostname()}:{cfg.listen[1]}"  # stable: a restart adopts its own
+    store: Store = etcd.EtcdStore(
+        cfg.endpoints,
+        prefix=cfg.prefix,
+        node=node,
+        advertise=cfg.advertise,
+        token=cfg.token,
+        node_ttl=cfg.node_ttl,
+    )
     return store
+
+
+def advertise_url(host: str, port: int) -> str:
+    """The URL other poise nodes reach a registry API bound to ``host``:``port`` at."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class RegistryService:
@@ -60,6 +78,13 @@ class RegistryService:
         self.last_error = ""
         self.changes = 0  # reports of changed instances
         self.listed_at = 0.0  # time.time() of the last successful listing
+
+    def api_bound(self, host: str, port: int) -> None:
+        """The registry API listens at ``host``:``port``: a store shared by several nodes (etcd)
+        tells the others that address, unless ``registry.advertise`` named one."""
+        store = self.store
+        if getattr(store, "advertise", "") is None:
+            store.advertise = advertise_url(host, port)  # type: ignore[attr-defined]
 
     async def snapshot(self, services: Iterable[str]) -> dict[str, tuple[Instance, ...]]:
         """List ``services`` now (at start-up, before serving); remembered as reported."""
