@@ -256,6 +256,24 @@ def main() -> int:
         return 2
     started = dt.datetime.now(dt.UTC)
     info = machine_info()
+    if args.store == "etcd":  # several poise nodes on an etcd cluster: registry_cluster.py
+        import registry_cluster
+
+        with workspace() as (tmp, procs):
+            result = registry_cluster.run(tmp, procs, args)
+        head = (
+            f"# poise registry benchmark on etcd — {started:%Y-%m-%d %H:%M:%S} UTC\n\n"
+            f"{info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}; commit "
+            f"{info['git_commit'] or 'none'}; load average {info['loadavg_start']} at start. "
+            f"poise nodes on cpu{CPU_PROXY}, wrk and backends on cpu{CPU_LOAD}, etcd unpinned."
+        )
+        md = registry_cluster.markdown(head, result)
+        print(md)
+        payload = {"started_utc": started.isoformat(), "args": vars(args), "machine": info,
+                   "results": result}  # fmt: skip
+        name = f"registry-etcd-{started:%Y%m%dT%H%M%SZ}.json"
+        save_results(args.out, name, payload, "registry-etcd-latest.md", md)
+        return 0
     result: dict[str, Any] = {}
     with workspace() as (tmp, procs), contextlib.ExitStack() as stack:
         cpu = int(CPU_LOAD) if procs.pin else None

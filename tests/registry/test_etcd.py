@@ -59,9 +59,14 @@ async def test_two_clients_see_each_others_registrations_at_once(etcd: EtcdServe
             delays.append(time.perf_counter() - t0)
             assert (event.kind, event.instance) == ("put", stored)
             assert (await next_event(own)).instance == stored  # the writer sees it too
-        # and both list the same instances at the same revision
-        listed_a, listed_b = await a.instances("users"), await b.instances("users")
-        assert listed_a == listed_b and len(listed_a[0]) == 20
+        # and both list the same instances at the same revision (each from its mirror: the
+        # other's last write reaches it one watch event later)
+        listed_a = await a.instances("users")
+        deadline = time.monotonic() + 10
+        while (listed_b := await b.instances("users")) != listed_a:
+            assert time.monotonic() < deadline, f"b lists {listed_b}, a {listed_a}"
+            await asyncio.sleep(0.005)
+        assert len(listed_a[0]) == 20
     finally:
         await events_a.aclose()
         await events_b.aclose()

@@ -86,14 +86,8 @@ from dataclasses import dataclass, replace
 
 from poise.errors import Compacted, NotRegistered, RegistryError, StoreUnavailable
 from poise.registry.etcdhttp import KV, NOT_FOUND, EtcdError, EtcdGateway, translate
+from poise.registry.etcdwire import WireClient, WireError
 from poise.registry.model import DELETE, PUT, Event, Instance, check_status
-
-try:
-    import httpx
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "EtcdStore talks to etcd over HTTP with httpx: pip install 'poise[etcd]'"
-    ) from exc
 
 __all__ = ["EtcdStore"]
 
@@ -215,7 +209,7 @@ class EtcdStore:
         # heartbeats waiting to be forwarded, by owning node
         self._forward: dict[str, set[Key]] = {}
         self._forwarding: dict[str, asyncio.Task[None]] = {}
-        self._peers: httpx.AsyncClient | None = None
+        self._peers = WireClient(limit=16)  # to other nodes' registry APIs
         self._closed = False
         self.last_revision = 0
         self.heartbeats = 0
@@ -356,7 +350,7 @@ class EtcdStore:
                     return False
             if applied:
                 self._owned.pop(key, None)
-                await self.gateway.call("/v3/kv/deleterange", {"key": _b64(tomb)})
+                await self._write("/v3/kv/deleterange", {"key": _b64(tomb)})
                 return True
         raise StoreUnavailable(f"etcd: {path} changed {RETRIES} times while deregistering")
 
@@ -443,8 +437,7 @@ class EtcdStore:
         self._forwarding.clear()
         self._live = False
         self._wake()
-        if self._peers is not None:
-            await self._peers.aclose()
+        await self._peers.close()
         await self.gateway.close()
 
     def statistics(self) -> dict[str, object]:
@@ -667,7 +660,7 @@ class EtcdStore:
         value = _b64(json.dumps({"node": self.node, "api": self.advertise}))
         put = {"key": _b64(f"{self._nodes_prefix}{self.node}"), "value": value,
                "lease": str(lease)}  # fmt: skip
-        await self.gateway.call("/v3/kv/put", put)
+        await self._write("/v3/kv/put", put)
         self._lease = lease
         self.sessions += 1
 
@@ -811,7 +804,7 @@ class EtcdStore:
                     if target is None or target.api is None:
                         raise OSError(f"node {node} is gone")
                     refused = await self._post_beats(target.api, keys)
-                except (OSError, httpx.HTTPError, ValueError) as exc:
+                except (OSError, WireError, TimeoutError, ValueError) as exc:
                     log.warning("heartbeats for node %s could not be forwarded (%s): taking "
                                 "over %d instance(s)", node, exc, len(keys))  # fmt: skip
                     await self._take_over([k for k in keys if self._owner(k) == node])
@@ -829,18 +822,14 @@ class EtcdStore:
                 self._forwarding[node] = loop.create_task(self._send_beats(node))
 
     async def _post_beats(self, api: str, keys: list[Key]) -> list[Key]:
-        if self._peers is None:
-            self._peers = httpx.AsyncClient(timeout=FORWARD_TIMEOUT)
         headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
-        response = await self._peers.post(
-            f"{api}/v1/internal/heartbeats",
-            json={"from": self.node, "beats": [list(k) for k in keys]},
-            headers=headers,
-        )
-        if response.status_code != 200:
-            raise ValueError(f"HTTP {response.status_code}: {response.text[:200]}")
-        refused = response.json().get("refused", [])
-        return [(str(s), str(i)) for s, i in refused]
+        body = {"from": self.node, "beats": [list(k) for k in keys]}
+        async with asyncio.timeout(FORWARD_TIMEOUT):
+            response = await self._peers.post(api, "/v1/internal/heartbeats", body, headers=headers)
+        data = response.json()
+        if response.status != 200 or not isinstance(data, dict):
+            raise ValueError(f"HTTP {response.status}: {response.body[:200]!r}")
+        return [(str(s), str(i)) for s, i in data.get("refused", [])]
 
     async def _know_node(self, name: str) -> None:
         """Make sure the mirror knows node ``name`` when etcd does (the mirror may not have
@@ -968,6 +957,12 @@ class EtcdStore:
         if count_only:
             body["count_only"] = True
         return await self.gateway.call("/v3/kv/range", body)
+
+    async def _write(self, path: str, body: KV) -> None:
+        """An unguarded write (a node key, a tombstone's removal): this store's reads wait
+        for the mirror to pass it, as for every write of its own."""
+        data = await self.gateway.call(path, body)
+        self._last_write = max(self._last_write, self._revision_of(data))
 
     async def _read(self, key: Key) -> _Entry | None:
         kvs = (await self._range(self._path(key))).get("kvs", ())

@@ -22,9 +22,10 @@ exceeded, an HTTP 5xx, no etcd answer at all) is retried as above; any other ref
 ``RegistryError``, or with ``raw_errors`` an ``EtcdError`` carrying etcd's code, for callers
 that expect some (a lease that ran out: ``NOT_FOUND``).
 
-**Connections.** Unary calls share one bounded keep-alive pool (``CONNECTIONS``); every watch
-holds a connection of its own. The TLS context (the CA bundle) is loaded once, and only when
-an endpoint is https.
+**Connections** (``poise.registry.etcdwire``, a lean HTTP/1.1 client: httpx cost more per
+call than etcd's own commit). Unary calls share one bounded keep-alive pool
+(``CONNECTIONS``); every watch holds a connection of its own. The TLS context (the CA
+bundle) is loaded once, and only when an endpoint is https.
 """
 
 from __future__ import annotations
@@ -32,19 +33,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from poise.errors import RegistryError, StoreUnavailable
-
-try:
-    import httpx
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "EtcdStore talks to etcd over HTTP with httpx: pip install 'poise[etcd]'"
-    ) from exc
+from poise.registry.etcdwire import WireClient, WireError
 
 __all__ = ["KV", "NOT_FOUND", "EtcdError", "EtcdGateway", "translate"]
 
@@ -108,10 +102,9 @@ class EtcdGateway:
         self.timeout = timeout
         self.attempt_timeout = min(attempt_timeout, timeout)
         self._probe_body = probe
-        self._clients: dict[bool, httpx.AsyncClient] = {}  # by "for watch streams"
-        # loading the CA bundle costs 50-180 ms per client: only when TLS is used, and once
-        self._tls: ssl.SSLContext | None = None
-        self._uses_tls = any(e.startswith("https:") for e in self.endpoints)
+        # keep-alive connections for unary calls (bounded), one of its own per watch; the CA
+        # bundle is loaded only when an endpoint is https, and once
+        self._wire = WireClient(limit=CONNECTIONS, headers=_REQUIRE_LEADER)
         self._current = 0
         self._closed = False
         self.requests = 0
@@ -143,25 +136,25 @@ class EtcdGateway:
         """A watch (``body``: its create request) on a member that answers: yields each
         response's ``result``; ends when the stream drops (etcd went away, a broken line) or
         etcd ends it with an error ("no leader": the next stream goes to the next member)."""
-        response = await self._open_watch(body)
+        endpoint, lines = await self._open_watch(body)
         self.watches += 1
         try:
-            async for line in response.aiter_lines():
+            async for line in lines:
                 if not line.strip():
                     continue
                 data = json.loads(line)
                 result = data.get("result")
                 if result is None:  # an error ("no leader"): try the next member
                     error, _ = _error_of(200, data)
-                    self.last_error = f"{response.url}: {error.message}"
+                    self.last_error = f"{endpoint}: {error.message}"
                     self._current = (self._current + 1) % len(self.endpoints)
                     break
                 yield result
-        except (httpx.TransportError, ValueError):
+        except (WireError, ValueError):
             pass  # dropped (etcd went away, or a broken line)
         finally:
             self.watches -= 1
-            await response.aclose()
+            await lines.aclose()
 
     async def close(self) -> None:
         self._closed = True
@@ -169,26 +162,7 @@ class EtcdGateway:
         if probe is not None:
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.aclose()
-
-    def _http(self, streams: bool = False) -> httpx.AsyncClient:
-        """Unary calls share a bounded keep-alive pool (a burst of heartbeats queues rather
-        than opening thousands of sockets); every watch holds a connection of its own."""
-        if self._closed:
-            raise StoreUnavailable("etcd store is closed")
-        client = self._clients.get(streams)
-        if client is None:
-            if streams:
-                limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-            else:
-                limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=None)
-            if self._uses_tls and self._tls is None:
-                self._tls = ssl.create_default_context()
-            verify: ssl.SSLContext | bool = self._tls or False  # False: plain http, no TLS
-            client = self._clients[streams] = httpx.AsyncClient(limits=limits, verify=verify)
-        return client
+        await self._wire.close()
 
     async def _failover(self, attempt: Callable[[str, float], Awaitable[T]]) -> T:
         """Run ``attempt(endpoint, seconds left)`` on the current member; on ``_Retry`` move
@@ -269,45 +243,40 @@ class EtcdGateway:
         self, endpoint: str, path: str, body: KV, left: float, *, raw_errors: bool = False
     ) -> KV:
         """One unary request to one member (``_Retry`` when another may do better)."""
+        if self._closed:
+            raise StoreUnavailable("etcd store is closed")
         try:
-            response = await self._http().post(
-                endpoint + path, json=body, timeout=left, headers=_REQUIRE_LEADER
-            )
-        except httpx.TransportError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        if response.status_code == 200 and isinstance(data, dict) and "error" not in data:
+            async with asyncio.timeout(left):
+                response = await self._wire.post(endpoint, path, body)
+        except WireError as exc:
+            raise _Retry(str(exc)) from exc
+        except TimeoutError as exc:
+            raise _Retry(f"no answer within {left:.1f}s") from exc
+        data = response.json()
+        if response.status == 200 and isinstance(data, dict) and "error" not in data:
             return data
-        error, retry = _error_of(response.status_code, data)
+        error, retry = _error_of(response.status, data)
         if retry:
             raise _Retry(error.message)
         if raw_errors:
             raise error
         raise translate(error) from error
 
-    async def _open_watch(self, body: KV) -> httpx.Response:
-        async def attempt(endpoint: str, left: float) -> httpx.Response:
-            client = self._http(streams=True)
-            timeout = httpx.Timeout(left, read=None)  # a quiet watch is not a dead one
-            request = client.build_request(
-                "POST", endpoint + "/v3/watch", json=body, timeout=timeout, headers=_REQUIRE_LEADER
-            )
+    async def _open_watch(self, body: KV) -> tuple[str, AsyncGenerator[bytes, None]]:
+        async def attempt(endpoint: str, left: float) -> tuple[str, AsyncGenerator[bytes, None]]:
+            if self._closed:
+                raise StoreUnavailable("etcd store is closed")
             try:
-                response = await client.send(request, stream=True)
-                if response.status_code == 200:
-                    return response
-                try:
-                    data = json.loads(await response.aread())
-                except ValueError:
-                    data = None
-                finally:
-                    await response.aclose()
-            except httpx.TransportError as exc:
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-            error, retry = _error_of(response.status_code, data)
+                async with asyncio.timeout(left):  # (a quiet watch is not a dead one: only
+                    # the connection and the response head have a deadline)
+                    response, lines = await self._wire.open_stream(endpoint, "/v3/watch", body)
+            except WireError as exc:
+                raise _Retry(str(exc)) from exc
+            except TimeoutError as exc:
+                raise _Retry(f"no answer within {left:.1f}s") from exc
+            if response.status == 200:
+                return endpoint, lines
+            error, retry = _error_of(response.status, response.json())
             if retry:
                 raise _Retry(error.message)
             raise translate(error) from error
