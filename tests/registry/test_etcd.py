@@ -382,3 +382,32 @@ async def test_once_etcd_is_known_down_calls_fail_at_once(own_etcd: EtcdServer) 
         assert [i.id for i in (await store.instances("users"))[0]] == ["a", "held"]
     finally:
         await store.close()
+
+
+async def test_a_listing_at_a_revision_holds_every_change_up_to_it(etcd: EtcdServer) -> None:
+    """A change made between a store's first listing and its watch opening: the watch's first
+    answer already carries etcd's newer revision, but the mirror may only claim a revision
+    once the events up to it have come (else the follow loop would miss the change)."""
+    prefix = f"/poise-test/{uuid4().hex[:8]}"
+    a, b = EtcdStore(etcd.url, prefix=prefix), EtcdStore(etcd.url, prefix=prefix)
+    gate = asyncio.Event()
+    real = b.gateway.stream
+
+    async def gated(body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        await gate.wait()
+        async for result in real(body):
+            yield result
+
+    b.gateway.stream = gated  # type: ignore[method-assign]
+    try:
+        rev = await b.revision()  # listed; its watch waits at the gate
+        x = await a.register(inst("x", 8001))
+        gate.set()
+        got = await b.wait(rev, 10.0)
+        listed, at = await b.instances("users")
+        assert got >= x.revision and at >= x.revision
+        assert listed == (x,), f"listed at {at} without the change made at {x.revision}"
+    finally:
+        await a.close()
+        await b.close()
+        etcd.clear()

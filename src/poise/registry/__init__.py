@@ -1,7 +1,8 @@
 """The service registry: instances register, heartbeat within a TTL and deregister; poise
 routes to what is alive. ``Store`` is the storage protocol (memory, SQLite, etcd).
 
-``EtcdStore`` is imported on first use: it needs httpx (``pip install 'poise[etcd]'``)."""
+``EtcdStore`` is imported on first use (``poise.registry.etcd``): a poise node's view of a
+registry shared through etcd."""
 
 from typing import TYPE_CHECKING, Any
 

@@ -523,12 +523,16 @@ class EtcdStore:
         failures = 0
         while not self._closed:
             try:
-                async for header, raw in self._changes(self._root, rev + 1):
+                async for _, raw in self._changes(self._root, rev + 1, self._set_live):
+                    failures = 0
+                    if not raw:
+                        continue
+                    # (not the response's header revision: a watch's first answer carries
+                    # etcd's current revision before the events up to it have come)
                     self._apply(raw)
-                    rev = max(rev, header)
+                    rev = max(rev, int(raw[-1]["kv"]["mod_revision"]))
                     self._mirror_rev = rev
                     self._wake()
-                    failures = 0
             except (Compacted, RegistryError) as exc:
                 if self._live:  # (the gateway logs an outage itself, once)
                     log.debug("etcd mirror out of sync (%s): listing again", exc)
@@ -543,6 +547,14 @@ class EtcdStore:
                     continue
                 await self._check_owned()
                 break
+
+    def _set_live(self, live: bool) -> None:
+        """The mirror's watch is open (True) or dropped (False: until it is open again,
+        reads go to etcd, and fail at once if it is down, rather than answer from a copy
+        that may be falling behind)."""
+        if live != self._live:
+            self._live = live
+            self._wake()
 
     def _apply(self, raw: list[KV]) -> None:
         tombs = {
@@ -1027,10 +1039,13 @@ class EtcdStore:
         except EtcdError as exc:
             raise translate(exc) from exc
 
-    async def _changes(self, key: str, start: int) -> AsyncGenerator[tuple[int, list[KV]], None]:
+    async def _changes(
+        self, key: str, start: int, live: Callable[[bool], None] | None = None
+    ) -> AsyncGenerator[tuple[int, list[KV]], None]:
         """Watch ``key``'s range (``key`` is a prefix ending in '/') from revision ``start``:
         yields (header revision, raw events) per response, forever; reopens a dropped stream
-        after the last yielded revision; ``Compacted`` when ``start`` is no longer kept."""
+        after the last yielded revision; ``Compacted`` when ``start`` is no longer kept.
+        ``live(False)`` is called when a stream drops, ``live(True)`` when one is open."""
         create = {"key": _b64(key), "range_end": _b64(_range_end(key))}
         delay = 0.05
         while True:
@@ -1038,6 +1053,8 @@ class EtcdStore:
             async with contextlib.aclosing(self.gateway.stream(body)) as results:
                 try:
                     async for result in results:
+                        if live is not None:
+                            live(True)
                         if int(result.get("compact_revision", 0)):
                             compacted = int(result["compact_revision"])
                             raise Compacted(start - 1, compacted - 1)
@@ -1052,6 +1069,8 @@ class EtcdStore:
                         yield max(header, start - 1), events
                 except ValueError:
                     pass  # a broken answer: reopen below
+            if live is not None:
+                live(False)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
