@@ -282,3 +282,27 @@ async def test_forwarded_heartbeats_need_the_token(etcd: EtcdServer) -> None:
             headers={"Authorization": f"Bearer {TOKEN}"},
         )  # fmt: skip
         assert r.status_code == 400 and "beats" in r.json()["error"]
+
+
+async def test_metrics_count_heartbeats_held_forwarded_and_written(etcd: EtcdServer) -> None:
+    from poise.admin import metrics
+    from poise.registry.service import RegistryService
+
+    async with cluster(etcd, 2) as (a, b):
+        await a.store.register(inst("x", 8001, ttl=30.0))
+        await until("b's mirror has x", lambda: ("users", "x") in b.store._mirror)
+        assert await b.beat("x") == 200
+        await until("a received it", lambda: a.store.received == 1)
+        texts = []
+        for node in (a, b):
+            out = metrics._Out()
+            cfg = RegistryConfig(store="etcd", endpoints=(etcd.url,))
+            metrics._registry(out, RegistryService(cfg, store=node.store))
+            texts.append(out.text())
+        for line in ("poise_registry_held_instances 1", "poise_registry_store_writes_total 1",
+                     'poise_registry_forwarded_heartbeats_total{direction="received"} 1'):
+            assert line + "\n" in texts[0], texts[0]  # fmt: skip
+        for line in ('poise_registry_heartbeats_total{store="etcd"} 1',
+                     "poise_registry_held_instances 0",
+                     'poise_registry_forwarded_heartbeats_total{direction="sent"} 1'):
+            assert line + "\n" in texts[1], texts[1]  # fmt: skip

@@ -226,6 +226,30 @@ def _registry(out: _Out, reg: RegistryService) -> None:
     out.sample("poise_registry_reachable", int(reg.reachable), store=reg.store.name)
     out.family("poise_registry_revision", "gauge", "The registry revision last listed.")
     out.sample("poise_registry_revision", reg.revision)
+    stats = reg.store.statistics()
+    out.family("poise_registry_heartbeats_total", "counter", "Heartbeats this node answered.")
+    out.sample("poise_registry_heartbeats_total", _num(stats.get("heartbeats")),
+               store=reg.store.name)  # fmt: skip
+    if "owned" in stats:  # a store shared by nodes (etcd)
+        out.family("poise_registry_held_instances", "gauge",
+                   "Instances whose TTL this node holds.")  # fmt: skip
+        out.sample("poise_registry_held_instances", _num(stats.get("owned")))
+        out.family("poise_registry_forwarded_heartbeats_total", "counter",
+                   "Heartbeats forwarded to the node holding the TTL (sent), or from others "
+                   "(received).")  # fmt: skip
+        for direction, key in (("sent", "forwarded"), ("received", "received")):
+            out.sample("poise_registry_forwarded_heartbeats_total", _num(stats.get(key)),
+                       direction=direction)  # fmt: skip
+        out.family("poise_registry_takeovers_total", "counter",
+                   "Instances taken over from a node that could not be reached.")  # fmt: skip
+        out.sample("poise_registry_takeovers_total", _num(stats.get("takeovers")))
+        out.family("poise_registry_store_writes_total", "counter",
+                   "Changes this node wrote to the shared store.")  # fmt: skip
+        out.sample("poise_registry_store_writes_total", _num(stats.get("writes")))
+
+
+def _num(value: object) -> float:
+    return value if isinstance(value, int | float) else 0
 
 
 _L4_ERRORS = {
