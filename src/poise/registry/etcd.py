@@ -88,6 +88,7 @@ from poise.errors import Compacted, NotRegistered, RegistryError, StoreUnavailab
 from poise.registry.etcdhttp import KV, NOT_FOUND, EtcdError, EtcdGateway, translate
 from poise.registry.etcdwire import WireClient, WireError
 from poise.registry.model import DELETE, PUT, Event, Instance, check_status
+from poise.registry.store import ChangeSignal
 
 __all__ = ["EtcdStore"]
 
@@ -195,7 +196,7 @@ class EtcdStore:
         self._nodes: dict[str, _Node] = {}
         self._mirror_rev = 0
         self._live = False  # the mirror is in sync with etcd's watch
-        self._changed: asyncio.Future[None] | None = None
+        self._signal = ChangeSignal()
         self._started: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -390,8 +391,7 @@ class EtcdStore:
             left = deadline - loop.time()
             if last > after or left <= 0:
                 return last
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._next_change()), left)
+            await self._signal.wait(left)
         # the mirror is not in sync: ask etcd (which fails at once while it is known down)
         return await self._wait_on_etcd(after, max(deadline - loop.time(), 0.0), service)
 
@@ -634,8 +634,7 @@ class EtcdStore:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._next_change()), left)
+            await self._signal.wait(left)
         return self._live
 
     def _last_change(self, service: str | None) -> int:
@@ -643,15 +642,8 @@ class EtcdStore:
             return self._mirror_rev
         return self._service_rev.get(service, 0)
 
-    def _next_change(self) -> asyncio.Future[None]:
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
     def _wake(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
+        self._signal.wake()
 
     async def _lease_id(self) -> int:
         """This node's lease, taken (with its node key) on first need."""
@@ -742,18 +734,8 @@ class EtcdStore:
     async def _adopt(self, keys: list[Key]) -> None:
         """Keys this node's earlier run held: move them to this run's lease, fresh deadlines."""
         lease = await self._lease_id()
-        items = []
-        for key in keys:
-            seen = self._mirror.get(key)
-            if seen is None or seen.node != self.node or seen.lease == lease:
-                continue
-            items.append((key, seen.instance.revision,
-                          [self._put_op(key, seen.instance, lease)]))  # fmt: skip
-        for key, applied in await self._txn_many(items):
-            seen = self._mirror.get(key)
-            if applied is not None and seen is not None:
-                self._hold(key, replace(seen.instance, revision=applied), lease)
-                self.adopted += 1
+        ours = await self._move_here(keys, lambda e: e.node == self.node and e.lease != lease)
+        self.adopted += ours
         if self.adopted:
             log.info("etcd: node %s took back %d instance(s) it held before a restart",
                      self.node, self.adopted)  # fmt: skip
@@ -856,18 +838,27 @@ class EtcdStore:
         return None if seen is None else seen.node
 
     async def _take_over(self, keys: list[Key]) -> None:
+        """Instances of a node that cannot be reached: hold them here."""
+        self.takeovers += await self._move_here(keys, lambda e: e.node != self.node)
+
+    async def _move_here(self, keys: list[Key], which: Callable[[_Entry], bool]) -> int:
+        """Move the keys the mirror shows as ``which`` to this node's lease (guarded by their
+        revision: one changed meanwhile stays as it is); how many moved."""
         lease = await self._lease_id()
         items = []
         for key in keys:
             seen = self._mirror.get(key)
-            if seen is not None and seen.node != self.node:
-                items.append((key, seen.instance.revision,
-                              [self._put_op(key, seen.instance, lease)]))  # fmt: skip
+            if seen is not None and which(seen):
+                items.append(
+                    (key, seen.instance.revision, [self._put_op(key, seen.instance, lease)])
+                )
+        moved = 0
         for key, applied in await self._txn_many(items):
             seen = self._mirror.get(key)
             if applied is not None and seen is not None:
                 self._hold(key, replace(seen.instance, revision=applied), lease)
-                self.takeovers += 1
+                moved += 1
+        return moved
 
     async def _claim(self, key: Key) -> Instance:
         """A heartbeat ``beat()`` could not decide: read the key; renew it where it is held,

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from poise.errors import Compacted, NotRegistered
 from poise.registry.model import DELETE, PUT, Event, Instance, check_status
+from poise.registry.store import ChangeSignal
 
 HISTORY = 10_000  # events kept for watchers that resume
 
@@ -39,7 +40,7 @@ class MemoryStore:
         self._events: deque[Event] = deque(maxlen=history)
         self._revision = 0
         self._compacted = 0  # events up to this revision are no longer in the log
-        self._changed: asyncio.Future[None] | None = None
+        self._signal = ChangeSignal()
         self.heartbeats = 0
         self.expired = 0
 
@@ -95,9 +96,7 @@ class MemoryStore:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            try:
-                await asyncio.wait_for(asyncio.shield(self._next_change()), left)
-            except TimeoutError:
+            if not await self._signal.wait(left):
                 break
         return self._last_change(service)
 
@@ -107,7 +106,7 @@ class MemoryStore:
                 raise Compacted(after, self._compacted)
             pending = self._since(after)
             if not pending:
-                await asyncio.shield(self._next_change())
+                await asyncio.shield(self._signal.next())
                 continue
             for event in pending:
                 yield event
@@ -195,15 +194,8 @@ class MemoryStore:
     def _last_change(self, service: str | None) -> int:
         return self._revision if service is None else self._service_rev.get(service, 0)
 
-    def _next_change(self) -> asyncio.Future[None]:
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
     def _wake(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
+        self._signal.wake()
 
     # persistence hooks (SQLiteStore): called before memory changes; raising aborts the change
 

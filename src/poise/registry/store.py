@@ -23,6 +23,7 @@ Contract (checked for each store by ``poise.testing.check_store``):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
@@ -55,3 +56,33 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     def statistics(self) -> dict[str, object]: ...
+
+
+class ChangeSignal:
+    """How a store wakes its waiters (blocking queries, watches): one future, resolved and
+    replaced on every change, so a change wakes every waiter once with no per-waiter
+    bookkeeping."""
+
+    __slots__ = ("_changed",)
+
+    def __init__(self) -> None:
+        self._changed: asyncio.Future[None] | None = None
+
+    def next(self) -> asyncio.Future[None]:
+        """The future the next change resolves (shield it: it is shared)."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    async def wait(self, timeout: float) -> bool:
+        """Until the next change (True) or ``timeout`` seconds (False)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.next()), max(timeout, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    def wake(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
