@@ -299,10 +299,15 @@ async def test_metrics_count_heartbeats_held_forwarded_and_written(etcd: EtcdSer
             cfg = RegistryConfig(store="etcd", endpoints=(etcd.url,))
             metrics._registry(out, RegistryService(cfg, store=node.store))
             texts.append(out.text())
-        for line in ("poise_registry_held_instances 1", "poise_registry_store_writes_total 1",
-                     'poise_registry_forwarded_heartbeats_total{direction="received"} 1'):
+        for line in (
+            "poise_registry_held_instances 1",
+            "poise_registry_store_writes_total 1",
+            'poise_registry_forwarded_heartbeats_total{direction="received"} 1',
+        ):
             assert line + "\n" in texts[0], texts[0]  # fmt: skip
-        for line in ('poise_registry_heartbeats_total{store="etcd"} 1',
-                     "poise_registry_held_instances 0",
-                     'poise_registry_forwarded_heartbeats_total{direction="sent"} 1'):
+        for line in (
+            'poise_registry_heartbeats_total{store="etcd"} 1',
+            "poise_registry_held_instances 0",
+            'poise_registry_forwarded_heartbeats_total{direction="sent"} 1',
+        ):
             assert line + "\n" in texts[1], texts[1]  # fmt: skip
