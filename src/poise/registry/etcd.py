@@ -206,7 +206,9 @@ class EtcdStore:
         self._owned: dict[Key, _Owned] = {}
         self._orphans: set[Key] = set()  # held, but deleted in etcd without a deregistration
         self._checking: asyncio.Task[None] | None = None
-        self._last_write = 0
+        # the newest revision of this prefix this store has written or acted on: reads wait
+        # for the mirror to reach it (read-your-writes, and a listing after a wait)
+        self._must_see = 0
         # heartbeats waiting to be forwarded, by owning node
         self._forward: dict[str, set[Key]] = {}
         self._forwarding: dict[str, asyncio.Task[None]] = {}
@@ -626,11 +628,11 @@ class EtcdStore:
         own last write (read-your-writes), waiting a little for that."""
         if not self._live or self.gateway.down_since is not None:
             return False  # known down: reads fail at once, as every call then does
-        if self._mirror_rev >= self._last_write:
+        if self._mirror_rev >= self._must_see:
             return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CATCH_UP
-        while self._live and self._mirror_rev < self._last_write:
+        while self._live and self._mirror_rev < self._must_see:
             left = deadline - loop.time()
             if left <= 0:
                 return False
@@ -753,7 +755,7 @@ class EtcdStore:
 
     def _hold(self, key: Key, instance: Instance, lease: int) -> None:
         self._owned[key] = _Owned(instance, lease, self.clock() + (instance.ttl or 0.0))
-        self._last_write = max(self._last_write, instance.revision)
+        self._must_see = max(self._must_see, instance.revision)
 
     def _renew(self, key: Key, seen: _Entry) -> bool:
         """Renew ``seen``'s TTL where it is held, without waiting: here, or by forwarding to
@@ -965,11 +967,16 @@ class EtcdStore:
         """An unguarded write (a node key, a tombstone's removal): this store's reads wait
         for the mirror to pass it, as for every write of its own."""
         data = await self.gateway.call(path, body)
-        self._last_write = max(self._last_write, self._revision_of(data))
+        self._must_see = max(self._must_see, self._revision_of(data))
 
     async def _read(self, key: Key) -> _Entry | None:
         kvs = (await self._range(self._path(key))).get("kvs", ())
-        return self._decode(kvs[0]) if kvs else None
+        if not kvs:
+            return None
+        entry = self._decode(kvs[0])
+        # acted on from here (an answer lost, our own write found): our reads include it
+        self._must_see = max(self._must_see, entry.instance.revision)
+        return entry
 
     async def _txn(self, key: Key, mod: int | None, ops: list[KV]) -> tuple[int, _Entry | None]:
         """Apply ``ops`` if the key's ``mod_revision`` is still ``mod`` (None: absent).
@@ -982,7 +989,7 @@ class EtcdStore:
         rev = self._revision_of(data)
         if data.get("succeeded"):
             self.writes += 1
-            self._last_write = max(self._last_write, rev)
+            self._must_see = max(self._must_see, rev)
             return rev, None
         responses = data.get("responses") or [{}]
         kvs = responses[0].get("response_range", {}).get("kvs", ())
@@ -1003,7 +1010,7 @@ class EtcdStore:
                 rev = self._revision_of(data)
                 if data.get("succeeded"):
                     self.writes += 1
-                    self._last_write = max(self._last_write, rev)
+                    self._must_see = max(self._must_see, rev)
                     out.extend((key, rev) for key, _, _ in chunk)
                     continue
             for key, mod, key_ops in chunk:
@@ -1081,7 +1088,9 @@ class EtcdStore:
                 async for header, events in changes:
                     latest = header
                     if events:
-                        return max(int(e["kv"].get("mod_revision", 0)) for e in events)
+                        last = max(int(e["kv"].get("mod_revision", 0)) for e in events)
+                        self._must_see = max(self._must_see, last)  # a listing includes it
+                        return last
         except TimeoutError:
             pass
         except Compacted:

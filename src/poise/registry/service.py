@@ -32,6 +32,7 @@ log = logging.getLogger("poise.registry")
 
 EXPIRE_TICK = 0.25  # seconds between TTL sweeps (local stores)
 WAIT = 30.0  # seconds per blocking wait (then it simply waits again)
+LAG = 0.005  # seconds before listing again when a listing was older than the wake-up
 BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between tries while the store is unreachable
 
 OnChange = Callable[[str, tuple[Instance, ...]], None]
@@ -103,13 +104,19 @@ class RegistryService:
             try:
                 rev = await self.store.wait(self.revision, WAIT)
                 if rev != self.revision or not self.reachable:
+                    listed = rev
                     for service in followed:
-                        instances, _ = await self.store.instances(service)
+                        instances, at = await self.store.instances(service)
+                        # a listing may be older than what woke us (etcd: a node's copy
+                        # one event behind): wait next from the oldest, so nothing is missed
+                        listed = min(listed, at)
                         if instances != self.reported.get(service):
                             self.reported[service] = instances
                             self.changes += 1
                             on_change(service, instances)
-                    self.revision = rev
+                    self.revision = listed
+                    if listed < rev:
+                        await asyncio.sleep(LAG)  # let the listing catch up, then list again
                     self.listed_at = time.time()
                 if not self.reachable:
                     log.warning("registry store %s reachable again; caught up at revision %d",
