@@ -677,19 +677,22 @@ class EtcdStore:
             await asyncio.sleep(self.node_ttl / 3)
             lease = self._lease
             try:
-                data = await self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
-                if int(data.get("result", {}).get("TTL", 0)) <= 0:
+                if not await self._lease_alive(lease):
                     await self._renew_session(lease)
             except RegistryError as exc:
                 log.debug("etcd session keepalive failed: %s", exc)
+
+    async def _lease_alive(self, lease: int) -> bool:
+        """Keep ``lease`` alive; False when etcd no longer has it (it ran out)."""
+        data = await self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
+        return int(data.get("result", {}).get("TTL", 0)) > 0
 
     async def _check_session(self) -> None:
         """Instances this node holds were deleted without a deregistration: if its lease ran
         out, take a new one and write them back; if not, they were deleted by hand."""
         try:
             lease = self._lease
-            data = await self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
-            if lease and int(data.get("result", {}).get("TTL", 0)) <= 0:
+            if lease and not await self._lease_alive(lease):
                 await self._renew_session(lease)
             else:
                 for key in self._orphans:
@@ -738,9 +741,9 @@ class EtcdStore:
         lease = await self._lease_id()
         ours = await self._move_here(keys, lambda e: e.node == self.node and e.lease != lease)
         self.adopted += ours
-        if self.adopted:
+        if ours:
             log.info("etcd: node %s took back %d instance(s) it held before a restart",
-                     self.node, self.adopted)  # fmt: skip
+                     self.node, ours)  # fmt: skip
 
     async def _check_owned(self) -> None:
         """After the mirror was rebuilt: drop what is no longer ours."""
