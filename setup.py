@@ -51,6 +51,9 @@ HOT = [
     "src/poise/tls/transport.py",
     "src/poise/tls/engine.py",
     "src/poise/tls/gate.py",
+    # HTTP/2 streams are client connections to the request path (H2Stream subclasses
+    # ClientConnection, so it must be compiled with it)
+    "src/poise/h2/front.py",
     *(
         f"src/poise/balancing/{name}.py"
         for name in (

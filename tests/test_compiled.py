@@ -25,6 +25,7 @@ PROXY_TESTS = [
     "tests/tls/test_engine.py",
     "tests/integration/test_tls.py",
     "tests/wire",
+    "tests/h2",
     "tests/blackbox",
     "tests/test_pool.py",
     "tests/test_routing.py",

@@ -68,6 +68,8 @@ def check(old: Config, new: Config, bound: dict[str, tuple[str, int]] | None = N
             problems.append(f"listeners.{name}: changing redirect_https needs a restart")
         if a.protocol != b.protocol or a.tcp != b.tcp:
             problems.append(f"listeners.{name}: changing a TCP listener needs a restart")
+        if a.http2 != b.http2:
+            problems.append(f"listeners.{name}.http2: changing HTTP/2 settings needs a restart")
         if (a.tls is None) != (b.tls is None):
             problems.append(f"listeners.{name}: turning TLS on or off needs a restart")
         elif a.tls is not None and b.tls is not None and not reloadable(a.tls, b.tls):

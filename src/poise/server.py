@@ -32,6 +32,7 @@ from poise.admin.api import AdminApi
 from poise.config.model import Config
 from poise.dataplane import Snapshot, snapshot
 from poise.errors import ConfigError, RegistryError
+from poise.h2 import factory as http2_factory
 from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context
@@ -321,14 +322,21 @@ class Server:
             elif tls is not None:
                 # TLS starts in the gate, after a look at the first bytes (tls/gate.py); a
                 # client must finish its handshake as fast as its request head
-                # (partials, not lambdas: one Python frame less per connection)
+                # (partials, not lambdas: one Python frame less per connection); with
+                # HTTP/2 on, ALPN chooses the protocol once it is done (h2/__init__.py)
+                app = http2_factory(ctx, name, tls, lc.http2) if lc.http2 is not None else None
                 factory = functools.partial(
                     TlsGate,
                     ctx,
                     tls,
-                    functools.partial(ClientConnection, ctx, name, tls),
+                    app or functools.partial(ClientConnection, ctx, name, tls),
                     ctx.client_header_timeout,
                     functools.partial(_plain_http_reply, ctx),
+                )
+            elif lc.http2 is not None:
+                # h2c with prior knowledge beside HTTP/1.1: the first bytes decide
+                factory = http2_factory(ctx, name, None, lc.http2) or functools.partial(
+                    ClientConnection, ctx, name, None
                 )
             else:
                 factory = functools.partial(ClientConnection, ctx, name, None)
@@ -377,13 +385,17 @@ class Server:
         self.l4.draining = True  # TCP relays have no idle moment: they get the whole drain time
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeouts.drain
-        while (ctx.clients or self.l4.active()) and loop.time() < deadline:
+        while (ctx.clients or ctx.sessions or self.l4.active()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
             ctx.close_idle_clients(ctx.clock())
-        if ctx.clients:
-            log.warning("drain timeout: closing %d connections", len(ctx.clients))
+        if ctx.clients or ctx.sessions:
+            log.warning(
+                "drain timeout: closing %d connections", len(ctx.clients) + len(ctx.sessions)
+            )
             for c in list(ctx.clients):
                 c.close()
+            for session in list(ctx.sessions):
+                session.close()
         if self.l4.active():
             log.warning("drain timeout: closing %d TCP connections", self.l4.close_all())
         # Upgraded connections (WebSockets) have no end of their own to wait for.

@@ -96,9 +96,10 @@ def pki_serial(pair: Pair) -> int:
 async def test_https_sets_forwarded_proto_and_alpn(pki: dict[str, Any]) -> None:
     async with HttpBackend("b1", echo_handler) as backend:
         doc = https_doc(backend.url, sni_tls(pki), proxy={"forwarded": True})
+        doc["listeners"][0]["http2"] = False  # (on by default: tests/h2 for HTTP/2)
         async with running(doc) as (server, _):
             ctx = client_context(pki["ca"])
-            ctx.set_alpn_protocols(["h2", "http/1.1"])  # poise speaks HTTP/1.1 only
+            ctx.set_alpn_protocols(["h2", "http/1.1"])  # this listener offers http/1.1 only
             client = await TlsClient.connect(url_of(server, "web"), ctx, "a.example.test")
             try:
                 assert client.alpn == "http/1.1"

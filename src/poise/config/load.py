@@ -56,6 +56,7 @@ from poise.config.model import (
     BackendConfig,
     Config,
     HealthCheckConfig,
+    Http2Config,
     LimitsConfig,
     ListenerConfig,
     LogConfig,
@@ -109,7 +110,15 @@ _LISTENER_KEYS = (
     "upstream",
     "tls",
     "redirect_https",
+    "http2",
     *TCP_LISTENER_KEYS,
+)
+_HTTP2_KEYS = (
+    "enabled",
+    "max_concurrent_streams",
+    "initial_window_size",
+    "max_frame_size",
+    "max_header_list_size",
 )
 _ROUTE_KEYS = ("host", "path", "upstream")
 _UPSTREAM_KEYS = (
@@ -586,8 +595,9 @@ def _listeners(
         tcp = tcp_listener(c, obj, lpath, known) if protocol == "tcp" else None
         tls = redirect = None
         routes: tuple[RouteConfig, ...] = ()
+        http2: Http2Config | None = None
         if tcp is not None:
-            for key in ("tls", "redirect_https"):
+            for key in ("tls", "redirect_https", "http2"):
                 if key in obj:
                     c.error(key_path(lpath, key), "applies only to HTTP listeners, not 'tcp'")
         elif protocol == "http":
@@ -596,18 +606,50 @@ def _listeners(
                 redirect = redirect_https(
                     c, obj["redirect_https"], key_path(lpath, "redirect_https")
                 )
-                for key in ("routes", "upstream", "tls"):
+                for key in ("routes", "upstream", "tls", "http2"):
                     if key in obj:
                         c.error(key_path(lpath, key), "a redirect_https listener only redirects")
             else:
                 routes = _listener_routes(c, obj, lpath, known)
+                http2 = _http2(c, obj.get("http2"), key_path(lpath, "http2"), tls is not None)
+                if http2 is not None and tls is not None:
+                    tls = dataclasses.replace(tls, alpn=("h2", "http/1.1"))
         if address is not None and protocol is not None and (tcp or protocol == "http"):
             listener = ListenerConfig(
-                name, address[0], address[1], routes, tls, redirect, protocol, tcp
+                name, address[0], address[1], routes, tls, redirect, protocol, tcp, http2
             )
             result.append((i, listener))
     _check_bind_conflicts(c, result, path)
     return tuple(listener for _, listener in result)
+
+
+def _http2(c: Checker, value: object, path: str, https: bool) -> Http2Config | None:
+    """A listener's ``http2``: true, false, or a mapping of limits (``enabled`` too).
+    Absent: on for HTTPS listeners (offered by ALPN beside http/1.1), off for plain ones
+    (where it means HTTP/2 with prior knowledge, h2c, beside HTTP/1.1 on the same port)."""
+    if value is None:
+        return Http2Config() if https else None
+    if isinstance(value, bool):
+        return Http2Config() if value else None
+    obj = c.mapping(value, path, _HTTP2_KEYS)
+    if obj is None:
+        return None
+    d = Http2Config()
+    enabled = c.field(obj, "enabled", path, check_bool, True)
+    cfg = Http2Config(
+        max_concurrent_streams=c.field(
+            obj, "max_concurrent_streams", path, int_in(1, 10_000), d.max_concurrent_streams
+        ),
+        initial_window_size=c.field(
+            obj, "initial_window_size", path, int_in(1024, 2**31 - 1), d.initial_window_size
+        ),
+        max_frame_size=c.field(obj, "max_frame_size", path, int_in(16384, 2**24 - 1),
+                               d.max_frame_size),
+        max_header_list_size=c.field(
+            obj, "max_header_list_size", path, int_in(1024, 16 * 2**20), d.max_header_list_size
+        ),
+    )  # fmt: skip
+    return cfg if enabled else None
 
 
 def _format_address(host: str, port: int) -> str:

@@ -211,6 +211,18 @@ class ListenerTlsConfig:
     session_resumption: bool = True  # False: no tickets, no session cache (tls/tickets.py)
     session_ticket_rotation: float = 3600.0  # seconds a generated ticket key encrypts
     session_ticket_keys: tuple[str, ...] = ()  # files of 80 random bytes: the first encrypts
+    alpn: tuple[str, ...] = ("http/1.1",)  # offered in order; ("h2", "http/1.1") with HTTP/2
+
+
+@dataclass(frozen=True, slots=True)
+class Http2Config:
+    """HTTP/2 towards clients on a listener (h2/front.py): ALPN ``h2`` on HTTPS listeners,
+    prior-knowledge h2c on plain ones. The limits are what poise announces in SETTINGS."""
+
+    max_concurrent_streams: int = 128  # streams a client may have open at once
+    initial_window_size: int = 256 * 1024  # request body bytes in flight per stream
+    max_frame_size: int = 16384
+    max_header_list_size: int = 65536  # decoded header bytes of one request
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +243,8 @@ class ListenerConfig:
     redirect: RedirectConfig | None = None  # set: no routes; every request -> https://
     protocol: str = "http"  # "http" | "tcp"
     tcp: TcpListenerConfig | None = None  # set exactly when protocol == "tcp"
+    # HTTP/2 served when set: on by default on HTTPS listeners (ALPN), off on plain ones
+    http2: Http2Config | None = None
 
 
 @dataclass(frozen=True, slots=True)

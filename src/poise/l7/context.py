@@ -135,6 +135,21 @@ class Expiring(Protocol):
     def on_timeout(self) -> None: ...
 
 
+class Session(Protocol):
+    """An HTTP/2 client connection (``h2/front.py``'s H2Session): its streams are the
+    request path's clients; the sweep and a drain reach them through this."""
+
+    drain_at: float
+
+    def tick(self, now: float) -> int: ...
+
+    def is_idle(self) -> bool: ...
+
+    def begin_drain(self, until: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Context:
     __slots__ = (
         "_ticker",
@@ -173,6 +188,7 @@ class Context:
         "rng",
         "scan_request",
         "scan_response",
+        "sessions",
         "stats",
         "table",
         "tasks",
@@ -199,6 +215,8 @@ class Context:
         self.table = table  # replaced whole, by one assignment, on every change
         self.tunnels: set[Tunnel] = set()  # upgraded connections (WebSocket and the like)
         self.clients: set[ClientConnection] = set()
+        # HTTP/2 client connections (h2/front.py): their streams are the clients
+        self.sessions: set[Session] = set()
         # HTTPS connections before their handshake is done (tls/gate.py): their deadline
         self.handshaking: set[Expiring] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -363,7 +381,7 @@ class Context:
                     busy = c.queue[0].conn  # only the head of the queue has one
                     if busy is not None and busy.deadline < now:
                         expired.append(busy)
-            self.inflight = inflight
+            self.inflight = inflight + self._tick_sessions(now)
             expired += [t for t in self.tunnels if t.deadline < now]
             for conn in expired:
                 conn.on_timeout()
@@ -376,6 +394,13 @@ class Context:
                         pool.expire(now)
         finally:
             self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def _tick_sessions(self, now: float) -> int:
+        """The HTTP/2 connections' deadlines (h2/front.py); their streams in flight."""
+        inflight = 0
+        for session in list(self.sessions):
+            inflight += session.tick(now)
+        return inflight
 
     def _expire_handshakes(self, now: float) -> None:
         """HTTPS connections whose handshake did not finish in time (tls/gate.py)."""
@@ -417,6 +442,8 @@ class Context:
         for c in self.clients:
             if c.is_idle():
                 c.drain_at = until
+        for session in list(self.sessions):
+            session.begin_drain(until)
 
     def close_idle_clients(self, now: float) -> int:
         """For draining: close every client connection with nothing in flight whose grace
@@ -426,12 +453,17 @@ class Context:
             if c.drain_at <= now and c.is_idle():
                 c.close()
                 n += 1
+        for session in list(self.sessions):
+            if session.drain_at <= now and session.is_idle():
+                session.close()
+                n += 1
         return n
 
     def statistics(self) -> dict[str, Any]:
         return {
             "stats": self.stats.as_dict(),
             "clients": len(self.clients),
+            "http2_connections": len(self.sessions),
             "tunnels": len(self.tunnels),
             "pools": {
                 name: [p.statistics() for p in group.pools]

@@ -46,6 +46,7 @@ class Exchange:
     host = b""
     head = b""
     http10 = False
+    unframed = False  # the client takes the response body unframed (HTTP/2: no re-chunking)
     keep_alive = True
     is_head = False
     chunked = False

@@ -115,11 +115,14 @@ def framing(
 ) -> tuple[int, bytes, bool]:
     """How a response body travels to the client: (mode, the framing field for the head,
     whether the backend ends it by closing). RFC 9112 §7.1: no chunked to an HTTP/1.0
-    client, which then gets the body close-delimited and loses keep-alive."""
+    client, which then gets the body close-delimited and loses keep-alive; an HTTP/2
+    client's stream (``ex.unframed``) gets the bytes as they are."""
     if has_cl or no_body:
         return (BODY_NONE if no_body else BODY_RAW), b"", False
     if te is not None and http.connection_tokens(te)[-1:] != [b"chunked"]:
         raise BadResponse("unsupported transfer coding")
+    if ex.unframed:  # HTTP/2: DATA frames carry it, END_STREAM ends it
+        return BODY_RAW, b"", te is None
     if ex.http10:
         ex.keep_alive = False  # the end of the body is the end of the connection
         return BODY_RAW, b"", te is None

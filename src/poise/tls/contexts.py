@@ -78,7 +78,7 @@ def server_context(cfg: ListenerTlsConfig, cert: CertificateConfig | None) -> ss
     ctx.maximum_version = VERSIONS[cfg.max_version]
     if cfg.ciphers:
         ctx.set_ciphers(cfg.ciphers)
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(list(cfg.alpn))
     if cert is not None:
         ctx.load_cert_chain(cert.cert, cert.key)
     if cfg.client_ca:

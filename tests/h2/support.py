@@ -1,0 +1,185 @@
+"""An HTTP/2 test client over asyncio streams (the ``h2`` package as the client side), for
+what curl and httpx cannot do: streams at will, windows held shut, raw frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+
+@dataclass
+class Reply:
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    reset: int | None = None  # the RST_STREAM code, when the stream was reset
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+class H2Client:
+    """One HTTP/2 connection. ``auto_ack``: give data back to the window as it arrives."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Any, auto_ack: bool
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = conn
+        self.auto_ack = auto_ack
+        self.replies: dict[int, Reply] = {}
+        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.closed = asyncio.Event()
+        self.received = 0  # bytes read from the socket
+        self.window = asyncio.Event()  # set on each WINDOW_UPDATE
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        window: int | None = None,
+        auto_ack: bool = True,
+        server_name: str | None = None,
+    ) -> H2Client:
+        if tls is not None:
+            tls.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls, server_hostname=server_name), 10
+        )
+        if tls is not None:
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        if window is not None:
+            conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+            )
+        conn.initiate_connection()
+        client = cls(reader, writer, conn, auto_ack)
+        client.flush()
+        return client
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def start(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        body: bytes | None = None,
+        end: bool = True,
+        authority: bytes = b"test.local",
+    ) -> int:
+        """Open a stream; its Reply is ``self.replies[sid]``."""
+        sid = self.conn.get_next_available_stream_id()
+        hdrs = [
+            (b":method", method.encode()), (b":path", path.encode()), (b":scheme", b"http"),
+            (b":authority", authority), *(headers or []),
+        ]  # fmt: skip
+        self.replies[sid] = Reply()
+        self.conn.send_headers(sid, hdrs, end_stream=end and body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end)
+        self.flush()
+        return sid
+
+    async def send_body(self, sid: int, data: bytes, *, end: bool = True) -> None:
+        """Send ``data`` on ``sid`` as poise's windows allow."""
+        view = memoryview(data)
+        while True:
+            room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if room <= 0 and view:
+                self.window.clear()
+                await asyncio.wait_for(self.window.wait(), 10)
+                continue
+            piece, view = view[:room], view[room:]
+            self.conn.send_data(sid, bytes(piece), end_stream=end and not view)
+            self.flush()
+            if not view:
+                return
+
+    async def request(
+        self, path: str, timeout: float = 10.0, body: bytes | None = None, **kw: Any
+    ) -> Reply:
+        if body is not None and len(body) > 16384:
+            sid = self.start(path, end=False, **kw)
+            await self.send_body(sid, body)
+        else:
+            sid = self.start(path, body=body, **kw)
+        reply = self.replies[sid]
+        await asyncio.wait_for(reply.done.wait(), timeout)
+        return reply
+
+    def ack(self, sid: int, n: int) -> None:
+        self.conn.acknowledge_received_data(n, sid)
+        self.flush()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                self.received += len(data)
+                for ev in self.conn.receive_data(data):
+                    self._event(ev)
+                self.flush()
+        except (ConnectionError, h2.exceptions.ProtocolError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            for reply in self.replies.values():
+                reply.done.set()
+
+    def _event(self, ev: Any) -> None:
+        if isinstance(ev, h2.events.ResponseReceived):
+            r = self.replies[ev.stream_id]
+            r.headers = list(ev.headers)
+            r.status = int(dict(ev.headers)[b":status"])
+        elif isinstance(ev, h2.events.DataReceived):
+            r = self.replies[ev.stream_id]
+            r.body += ev.data
+            if self.auto_ack:
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded):
+            self.replies[ev.stream_id].done.set()
+        elif isinstance(ev, h2.events.StreamReset):
+            r = self.replies.get(ev.stream_id)
+            if r is not None:
+                r.reset = int(ev.error_code)
+                r.done.set()
+        elif isinstance(ev, h2.events.WindowUpdated):
+            self.window.set()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway = ev
+
+    async def close(self) -> None:
+        self.task.cancel()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
