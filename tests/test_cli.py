@@ -187,7 +187,7 @@ def test_demo_prints_urls_serves_and_exits_on_ctrl_c() -> None:
         assert dash is not None
         assert b"poise dashboard" in get(dash.group(1) + "/", deadline)[1]
         # the printed `poise status` line works as printed, against this demo
-        shown = re.search(r"status:    (poise status --admin \S+ --token \S+)\n", out)
+        shown = re.search(r"status:    (poise status --admin \S+ --token=\S+)\n", out)
         assert shown is not None, out
         command = shlex.split(shown.group(1))
         status = subprocess.run(
@@ -307,3 +307,13 @@ def test_check_reads_backends_files_as_run_does(
     backends.write_text("http://127.0.0.1:5001\nhttp://127.0.0.1:5002\n")
     assert main(["check", "-c", str(config)]) == 0
     assert "2 backend(s)" in capsys.readouterr().out
+
+
+def test_the_status_line_the_demo_prints_takes_a_token_that_begins_with_a_dash() -> None:
+    """The demo's token is URL-safe base64, so 1 run in 64 it begins with "-": printed as
+    ``--token <t>`` argparse took it for an option (a failure the demo test met by chance);
+    ``--token=<t>`` is read whatever the token."""
+    from poise.cli import _parser
+
+    args = _parser().parse_args(["status", "--admin", "127.0.0.1:1", "--token=-x_9"])
+    assert args.token == "-x_9"

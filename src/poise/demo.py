@@ -82,7 +82,9 @@ async def _demo(listen: str) -> int:
             + f"  registry:  {reg}/v1/services  (service 'demo' is routed at /svc)\n"
             f"  dashboard: {adm}/#token={token}\n"
             f"  metrics:   curl -H 'Authorization: Bearer {token}' {adm}/metrics\n"
-            f"  status:    poise status --admin {adm_hostport} --token {token}\n"
+            # (--token=: a URL-safe token may begin with "-", which argparse would take
+            # for an option of its own)
+            f"  status:    poise status --admin {adm_hostport} --token={token}\n"
             "             (this run's admin port and token; a config sets both in its"
             " admin section)\n"
             f"\nTry:  curl http://{shown}:{port}/   (each request goes to the next backend)\n"
