@@ -57,6 +57,39 @@ RESET_BURST: Final = 1000  # client resets taken at once ...
 RESET_RATE: Final = 33.0  # ... and per second after that (nghttp2's defaults)
 
 
+CONTROL_BURST: Final = 1000  # PING and SETTINGS frames from a client taken at once ...
+CONTROL_RATE: Final = 100.0  # ... and per second after that
+
+
+class Bucket:
+    """A token bucket: ``take`` is False once the client has sent more than ``burst``
+    frames of a kind beyond ``rate`` per second."""
+
+    __slots__ = ("burst", "clock", "rate", "t", "tokens")
+
+    def __init__(self, burst: int, rate: float, clock: Any) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self.clock = clock
+        self.tokens = float(burst)
+        self.t = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate) - 1
+        self.t = now
+        return self.tokens >= 0
+
+
+def goaway_frame(code: int, last_id: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 §6.8), for when the engine itself can say nothing more."""
+    return (
+        b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"
+        + (last_id & 0x7FFFFFFF).to_bytes(4, "big")
+        + code.to_bytes(4, "big")
+    )
+
+
 class EngineError(Exception):
     """The client broke HTTP/2 on the connection (or exceeded a limit): it ends."""
 
@@ -114,13 +147,18 @@ def make(kind: str, settings: Settings) -> NativeEngine | PureEngine:
 class NativeEngine:
     """libnghttp2 through ngh2 (its own limits do the work the docstring lists)."""
 
-    __slots__ = ("conn", "ev")
+    __slots__ = ("conn", "control", "dead", "ev", "last")
 
     name = "native"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Any = None) -> None:
+        import time
+
         import ngh2
 
+        self.dead = False  # nghttp2 refused the connection: it says nothing more
+        self.last = b""  # what poise says instead (a GOAWAY)
+        self.control = Bucket(CONTROL_BURST, CONTROL_RATE, clock or time.monotonic)
         self.ev: Any = ngh2
         cfg = ngh2.Configuration(
             auto_window_update=False,
@@ -147,9 +185,12 @@ class NativeEngine:
 
     def feed(self, data: bytes) -> list[Event]:
         ng = self.ev
+        if self.dead:
+            return []
         try:
             self.conn.receive_data(data)
         except ng.DenialOfServiceError as exc:
+            self.dead = True
             raise EngineError(str(exc), ENHANCE_YOUR_CALM) from None
         except ng.NGH2Error as exc:
             raise EngineError(str(exc)) from None
@@ -167,12 +208,22 @@ class NativeEngine:
                 out.append((TRAILERS, e.stream_id, e.headers, True))
             elif t is ng.WindowUpdated:
                 out.append((WINDOW, e.stream_id, 0, False))
+            elif t is ng.PingReceived or t is ng.SettingsReceived:
+                if not self.control.take():
+                    raise EngineError("too many PING or SETTINGS frames", ENHANCE_YOUR_CALM)
             elif t is ng.ConnectionClosed and e.error_code != NO_ERROR:
                 raise EngineError("the connection ended with an error", e.error_code)
         return out
 
     def take(self) -> bytes:
-        return self.conn.data_to_send()
+        if self.dead:
+            last, self.last = self.last, b""
+            return last
+        try:
+            return self.conn.data_to_send()
+        except self.ev.NGH2Error:
+            self.dead = True
+            return b""
 
     @property
     def closing(self) -> bool:
@@ -204,8 +255,13 @@ class NativeEngine:
             self.conn.reset_stream(sid, code)
 
     def goaway(self, code: int, last_id: int) -> None:
-        with contextlib.suppress(self.ev.NGH2Error):
-            self.conn.send_goaway(code, last_stream_id=last_id)
+        if not self.dead:
+            try:
+                self.conn.send_goaway(code, last_stream_id=last_id)
+                return
+            except self.ev.NGH2Error:
+                self.dead = True  # (past a flood, nghttp2 refuses to say more)
+        self.last = goaway_frame(code, last_id)
 
 
 class PureEngine:
@@ -217,10 +273,12 @@ class PureEngine:
     __slots__ = (
         "_block",
         "_buf",
+        "_control",
         "_held",
         "_need",
-        "_t",
-        "_tokens",
+        "_preface",
+        "_resets",
+        "_room",
         "clock",
         "conn",
         "ev",
@@ -251,17 +309,28 @@ class PureEngine:
             normalize_outbound_headers=False,
         )
         self.conn = conn = h2.connection.H2Connection(cfg)
+        codes = h2.settings.SettingCodes
+        announced = {
+            codes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+            codes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+            codes.MAX_FRAME_SIZE: settings.max_frame_size,
+            codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+            codes.ENABLE_PUSH: 0,
+        }
+        # h2 ends the whole connection when a client opens one stream too many; nghttp2
+        # refuses that stream alone (RFC 9113 §5.1.2 allows either). So h2 is told no
+        # limit, the client is told ``max_concurrent_streams`` (the SETTINGS frame is
+        # written here: its other values are the ones h2 holds), and ``_convert`` refuses
+        # the streams over it, as nghttp2 does.
         conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
+            client=False, initial_values={**announced, codes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
         )
         conn.initiate_connection()
+        conn.data_to_send()  # (h2's SETTINGS: replaced by the one below)
+        payload = b"".join(int(k).to_bytes(2, "big") + v.to_bytes(4, "big")
+                           for k, v in announced.items())  # fmt: skip
+        self._preface = len(payload).to_bytes(3, "big") + b"\x04\x00\x00\x00\x00\x00" + payload
+        self._room = 0  # streams this batch may still open (see feed)
         extra = settings.connection_window - 65535
         if extra > 0:
             conn.increment_flow_control_window(extra)
@@ -270,8 +339,8 @@ class PureEngine:
         self._need = 24  # bytes of payload to skip before the next frame header (preface)
         self._block = -1  # CONTINUATIONs seen in the header block now open (-1: none open)
         self.clock = clock if clock is not None else time.monotonic
-        self._tokens = float(RESET_BURST)
-        self._t = self.clock()
+        self._resets = Bucket(RESET_BURST, RESET_RATE, self.clock)
+        self._control = Bucket(CONTROL_BURST, CONTROL_RATE, self.clock)
         self.failed = False
 
     # -- the frame-header walk ---------------------------------------------------------------
@@ -304,12 +373,10 @@ class PureEngine:
                     if flags & 0x4:
                         self._block = -1
             elif kind == 0x3:  # RST_STREAM
-                now = self.clock()
-                self._tokens = min(float(RESET_BURST), self._tokens + (now - self._t) * RESET_RATE)
-                self._t = now
-                self._tokens -= 1
-                if self._tokens < 0:
+                if not self._resets.take():
                     raise EngineError("too many stream resets", ENHANCE_YOUR_CALM)
+            elif (kind == 0x6 or (kind == 0x4 and not flags & 0x1)) and not self._control.take():
+                raise EngineError("too many PING or SETTINGS frames", ENHANCE_YOUR_CALM)
         self._buf = buf[i:] if not self._need else b""
 
     def feed(self, data: bytes) -> list[Event]:
@@ -329,6 +396,15 @@ class PureEngine:
             code = getattr(exc, "error_code", PROTOCOL_ERROR)
             raise EngineError(str(exc), int(code)) from None
         out: list[Event] = []
+        ev = self.ev
+        new = 0
+        for e in events:
+            if type(e) is ev.RequestReceived:
+                new += 1
+        if new:
+            self._room = self.settings.max_concurrent_streams - (
+                self.conn.open_inbound_streams - new
+            )
         for e in events:
             self._convert(e, out)
         return out
@@ -345,6 +421,10 @@ class PureEngine:
                 self.conn.acknowledge_received_data(pad, e.stream_id)
             out.append((DATA, e.stream_id, e.data, e.stream_ended is not None))
         elif t is ev.RequestReceived:
+            if self._room <= 0:  # over max_concurrent_streams: refused (see __init__)
+                self.conn.reset_stream(e.stream_id, REFUSED_STREAM)
+                return
+            self._room -= 1
             size = sum(len(k) + len(v) + 32 for k, v in e.headers)
             if size > self.settings.max_header_list_size:
                 self.failed = True
@@ -365,6 +445,9 @@ class PureEngine:
                 raise EngineError("the client ended the connection", int(e.error_code))
 
     def take(self) -> bytes:
+        if self._preface:
+            first, self._preface = self._preface, b""
+            return first + self.conn.data_to_send()
         return self.conn.data_to_send()
 
     @property

@@ -74,6 +74,7 @@ log = logging.getLogger("poise.proxy")
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 STREAM_HIGH: Final = 256 * 1024  # queued response bytes of a stream: stop reading its backend
 STREAM_LOW: Final = 64 * 1024  # ... and read it again below this
+LINGER: Final = 2.0  # seconds an errored connection reads and drops before closing
 RESET_GRACE: Final = 100  # streams before the premature-reset ratio is judged
 _INF: Final = float("inf")
 CRLF: Final = b"\r\n"
@@ -85,7 +86,8 @@ class H2Stream(ClientConnection):
     or the session gone)."""
 
     __slots__ = (
-        "body_end", "ended", "hdrs", "headed", "owed", "pend", "rst", "session", "sid", "want",
+        "body_end", "ended", "hdrs", "headed", "owed", "pend", "pend_bytes", "rst", "session",
+        "sid", "want",
     )  # fmt: skip
 
     def __init__(self, session: H2Session, sid: int) -> None:
@@ -113,6 +115,7 @@ class H2Stream(ClientConnection):
         self.last_write = False
         self.hdrs: list[tuple[bytes, bytes]] | None = None  # response head not yet submitted
         self.pend: list[bytes | memoryview] = []  # response body not yet submitted
+        self.pend_bytes = 0
         self.want = False  # in the session's list of streams with output to submit
         self.headed = False  # the final response head has come from the backend side
         self.ended = False  # END_STREAM or RST_STREAM submitted
@@ -139,6 +142,15 @@ class H2Stream(ClientConnection):
             out = out[i:]
         if out:
             self.pend += out
+            n = self.pend_bytes
+            for piece in out:
+                n += len(piece)
+            self.pend_bytes = n
+            if n > STREAM_HIGH and not self.write_paused:
+                # (libuv reads a backend up to 32 times in one turn of the loop: the pause
+                # cannot wait for the submit at the end of the turn)
+                self.pause_writing()
+                self.session.blocked.add(self)
         if not self.want:
             self.want = True
             self.session.kick(self)
@@ -164,6 +176,7 @@ class H2Stream(ClientConnection):
             engine.headers(sid, hdrs, False)
         if pend:
             self.pend = []
+            self.pend_bytes = 0
             data = pend[0] if len(pend) == 1 else b"".join(pend)
             engine.data(sid, bytes(data), end)
             self.ended = end
@@ -378,6 +391,7 @@ class H2Session:
         "kicked",
         "kind",
         "last_sid",
+        "lingering",
         "listener",
         "peer",
         "premature",
@@ -413,6 +427,7 @@ class H2Session:
         self.wanting: list[H2Stream] = []  # streams with response output to submit
         self.kicked = False
         self.closed = False
+        self.lingering = False  # closed after an error: reading and dropping (see close)
         self.write_paused = False
         self.read_paused = False
         self.goaway_sent = False
@@ -505,8 +520,9 @@ class H2Session:
         if events:
             self._handle(events)
         if not self.closed and self.engine.closing:
+            self.goaway_sent = True  # (the engine's own GOAWAY, with its error code)
             self._write()
-            self.close()
+            self.close(linger=True)
             return
         self._write()
 
@@ -699,6 +715,11 @@ class H2Session:
     def tick(self, now: float) -> int:
         """Called by the context's sweep: the session's and its streams' deadlines; the
         number of streams in flight."""
+        if self.lingering:
+            if self.deadline < now and self.transport is not None:
+                self.ctx.sessions.discard(self)
+                self.transport.close()
+            return 0
         if self.deadline < now and not self.streams:
             self.close()  # idle for timeouts.client_idle (or no preface in time): GOAWAY
             return 0
@@ -749,20 +770,35 @@ class H2Session:
         with contextlib.suppress(Exception):
             self.engine.goaway(exc.code, self.last_sid)
         self._write()
-        self.close()
+        self.close(linger=True)
 
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            if not self.goaway_sent:
-                self.goaway(NO_ERROR)
-            self.closed = True
-            self.ctx.sessions.discard(self)
-            for stream in list(self.streams.values()):
-                for ex in stream.queue:
-                    _abandon(ex, self.ctx)
-                stream.closed = True
-            self.streams.clear()
-            self.transport.close()
+    def close(self, *, linger: bool = False) -> None:
+        """GOAWAY (unless sent), then the end. ``linger``: after an error the client may
+        still be sending; closing with its bytes unread would reset the connection and
+        could destroy the GOAWAY before the client reads it, so poise half-closes and
+        reads and drops what comes for up to ``LINGER`` seconds first (as on HTTP/1.1)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if not self.goaway_sent:
+            self.goaway(NO_ERROR)
+        self.closed = True
+        for stream in list(self.streams.values()):
+            for ex in stream.queue:
+                _abandon(ex, self.ctx)
+            stream.closed = True
+        self.streams.clear()
+        if linger and transport.can_write_eof():
+            with contextlib.suppress(OSError):
+                transport.write_eof()
+                self.lingering = True
+                self.deadline = self.ctx.clock() + LINGER
+                if self.read_paused:
+                    self.read_paused = False
+                    transport.resume_reading()
+                return
+        self.ctx.sessions.discard(self)
+        transport.close()
 
     def __repr__(self) -> str:
         return f"H2Session({self.peer.decode()}, streams={len(self.streams)})"
