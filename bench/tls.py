@@ -17,6 +17,10 @@ are recorded). Scenarios:
   ``session_resumption: false``; nginx ``ssl_session_tickets off`` and ``ssl_session_cache
   off``; HAProxy ``no-tls-tickets`` and ``tune.ssl.cachesize 0``): a full handshake per
   request, certificate signature included.
+* ``h2``: HTTP/2 clients: ``h2load -c16 -m10`` (Debian's nghttp2-client) over TLS, ALPN
+  ``h2``: 16 connections with 10 streams in flight each, HTTP/1.1 keep-alive backends
+  (poise's HTTPS listeners offer h2 by default; nginx ``listen ... ssl http2``; HAProxy
+  ``alpn h2,http/1.1``). h2load reports no percentiles: the latency column is its mean.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -44,6 +49,7 @@ SCENARIOS = {
     "keepalive": "64 keep-alive TLS connections",
     "handshake": "64 connections, Connection: close (a handshake per request, resumed)",
     "full": "64 connections, Connection: close, resumption off (a full handshake per request)",
+    "h2": "HTTP/2: h2load -c16 -m10 (16 TLS connections, 10 streams in flight on each)",
 }
 NEW_CONNECTIONS = ("handshake", "full")
 
@@ -89,7 +95,7 @@ def nginx_conf(
         "        keepalive_requests 100000;\n"
         "    }\n"
         "    server {\n"
-        f"        listen {base.LOOPBACK}:{port} ssl backlog=4096;\n"
+        f"        listen {base.LOOPBACK}:{port} ssl http2 backlog=4096;\n"
         f"        ssl_certificate {cert};\n"
         f"        ssl_certificate_key {key};\n"
         "        ssl_protocols TLSv1.2 TLSv1.3;\n"
@@ -123,7 +129,7 @@ def haproxy_conf(
         "defaults\n    mode http\n    timeout connect 3s\n"
         "    timeout client 60s\n    timeout server 60s\n    option forwardfor\n"
         "    http-reuse always\n\n"
-        f"frontend fe\n    bind {base.LOOPBACK}:{port} ssl crt {pem}"
+        f"frontend fe\n    bind {base.LOOPBACK}:{port} ssl crt {pem} alpn h2,http/1.1"
         + ("" if resume else " no-tls-tickets")
         + "\n"
         "    default_backend be\n\n"
@@ -170,7 +176,41 @@ def https_probe(port: int) -> dict[str, Any] | None:
     return {"ok": ok, "version": version, "cipher": cipher[0] if cipher else None}
 
 
+def run_h2load(env: base.Env, seconds: float) -> tuple[base.WrkResult, str]:
+    argv = ["h2load", "-c16", "-m10", "-t1", "-D", str(max(1, round(seconds))),
+            f"https://{base.LOOPBACK}:{env.front_port}/"]  # fmt: skip
+    if env.procs.pin:
+        argv = ["taskset", "-c", base.CPU_LOAD, *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    out = done.stdout
+    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+    req = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                    r"(\d+) failed, (\d+) errored, (\d+) timeout", out)  # fmt: skip
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if done.returncode != 0 or not fin or not req or not codes:
+        raise base.BenchError(f"h2load exited {done.returncode}: {(done.stderr or out)[-800:]}")
+    if "Application protocol: h2" not in out:
+        raise base.BenchError("h2load did not negotiate h2:\n" + out[-800:])
+    result = base.WrkResult(
+        rps=float(fin.group(2)),
+        requests=int(req.group(2)),
+        duration_s=float(fin.group(1)),
+        latency_ms={},
+        latency_avg_ms=base._ms(mean.group(1), mean.group(2)) if mean else None,
+        socket_errors={
+            "failed": int(req.group(3)),
+            "errored": int(req.group(4)),
+            "timeout": int(req.group(5)),
+        },
+        non_2xx_3xx=int(codes.group(3)) + int(codes.group(4)),
+    )
+    return result, out
+
+
 def run_wrk(env: base.Env, scenario: str, seconds: float) -> tuple[base.WrkResult, str]:
+    if scenario == "h2":
+        return run_h2load(env, seconds)
     argv = ["wrk", "-t1", "-c64", f"-d{max(1, round(seconds))}s", "--latency"]
     if scenario in NEW_CONNECTIONS:
         argv += ["-H", "Connection: close"]
@@ -290,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.base_src:
             p.error("poise-base needs --base-src")
         base.BASE_SRC[:] = [str(Path(args.base_src).resolve())]
-    for tool in ("wrk", "nginx", "openssl", *(["haproxy"] if "haproxy" in chosen else [])):
+    tools = ["wrk", "nginx", "openssl", *(["haproxy"] if "haproxy" in chosen else [])]
+    if "h2" in scenarios:
+        tools.append("h2load")
+    for tool in tools:
         if not shutil.which(tool):
-            print(f"{tool} is missing: apt-get install -y nginx-light wrk openssl", file=sys.stderr)
+            print(f"{tool} is missing: apt-get install -y nginx-light wrk openssl "
+                  "nghttp2-client", file=sys.stderr)  # fmt: skip
             return 2
     started = dt.datetime.now(dt.UTC)
     info = base.machine_info()
