@@ -54,6 +54,7 @@ HOT = [
     # HTTP/2 streams are client connections to the request path (H2Stream subclasses
     # ClientConnection, so it must be compiled with it)
     "src/poise/h2/front.py",
+    "src/poise/h2/upstream.py",  # (MuxStream subclasses UpstreamConnection)
     *(
         f"src/poise/balancing/{name}.py"
         for name in (

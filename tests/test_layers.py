@@ -65,6 +65,7 @@ TYPE_CYCLES = {
     frozenset(
         {
             "poise.accesslog",
+            "poise.h2.upstream",
             "poise.l7.attempts",
             "poise.l7.client",
             "poise.l7.context",
@@ -82,7 +83,9 @@ TYPE_CYCLES = {
     "response head towards it) and verdicts.py (retry and passive-health decisions) take the "
     "connections, the exchange and the context, typed; at run time none imports the other's "
     "module back (the upstream talks to the client only for lifecycle: forward, complete, "
-    "failed, retry, tunnel, write pause)",
+    "failed, retry, tunnel, write pause); h2/upstream.py's streams are upstream connections "
+    "to that code (MuxStream subclasses UpstreamConnection), which the client's dispatch "
+    "hands HTTP/2 backends' requests, typed both ways",
     frozenset({"poise.l4.listener", "poise.l4.relay"}): "the relay reports back to the "
     "listener that started it, typed",
     frozenset({"poise.admin.api", "poise.admin.metrics", "poise.server"}): "the admin API "

@@ -53,6 +53,8 @@ class Group:
     # keep-alive pool per backend (by index). Pools live in the group, so a backend and its
     # pool always come from the same table, however often membership changes.
     pools: tuple[Pool[Any], ...] = ()
+    # HTTP/2 to the backends (upstream protocol h2 or grpc): dispatch goes to h2/upstream.py
+    mux: bool = False
 
     def with_view(self, view: View) -> Group:
         special = view.sticky_ok is not None or view.ramp is not None or self.admission is not None
@@ -155,6 +157,7 @@ def build_group(
         retry_statuses=frozenset(ucfg.retry.statuses),
         retry_timeout=ucfg.retry.timeout or 0.0,
         pools=pools,
+        mux=ucfg.protocol != "http1",
     )  # fmt: skip
     return group.with_view(status.view(time.monotonic()))
 

@@ -32,7 +32,7 @@ from poise.admin.api import AdminApi
 from poise.config.model import Config
 from poise.dataplane import Snapshot, snapshot
 from poise.errors import ConfigError, RegistryError
-from poise.h2 import factory as http2_factory
+from poise.h2.listen import factory as http2_factory
 from poise.l4 import L4
 from poise.l7.client import ClientConnection
 from poise.l7.context import Context

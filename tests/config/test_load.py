@@ -699,7 +699,7 @@ def test_health_check_fields_are_validated() -> None:
     )
     path = "upstreams.api.health_check"
     assert problems_of(data) == [
-        f"{path}.type: must be one of http, tcp, got 'udp'",
+        f"{path}.type: must be one of http, tcp, grpc, got 'udp'",
         f"{path}.method: not an upper-case HTTP method: 'get' (did you mean 'GET'?)",
         f"{path}.path: must start with '/', got 'healthz'",
         f"{path}.host: invalid host name 'bad host'",

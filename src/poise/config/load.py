@@ -135,6 +135,7 @@ _UPSTREAM_KEYS = (
     "panic_threshold",
     "slow_start",
     "tls",
+    "protocol",
 )
 _BACKEND_KEYS = ("url", "weight", "state")
 _HEALTH_KEYS = (
@@ -156,6 +157,7 @@ _HEALTH_KEYS = (
     "history",
     "send",
     "expect",
+    "service",
 )
 _POOL_KEYS = ("max_idle", "idle_timeout")
 _TIMEOUT_KEYS = (
@@ -346,9 +348,16 @@ def _upstream(c: Checker, name: str, value: object, path: str) -> UpstreamConfig
         backends = _backends(c, obj["backends"], key_path(path, "backends"), tcp=True)
     elif not sources:
         c.error(key_path(path, "backends"), "required but missing (or a service, file or dns)")
-    # an upstream of tcp:// backends is checked by connecting, unless told otherwise
+    protocol = c.field(obj, "protocol", path, choice("http1", "h2", "grpc"), "http1")
+    if protocol != "http1" and any(b.scheme == "tcp" for b in backends):
+        c.error(key_path(path, "protocol"), f"{protocol!r} needs http:// or https:// backends")
+    # an upstream of tcp:// backends is checked by connecting, unless told otherwise; a
+    # gRPC one by grpc.health.v1.Health/Check
     check_type = "tcp" if backends and all(b.scheme == "tcp" for b in backends) else "http"
+    if protocol == "grpc":
+        check_type = "grpc"
     return UpstreamConfig(
+        protocol=protocol,
         service=service,
         file=file,
         dns=dns,
@@ -515,7 +524,7 @@ def _health_check(
     if obj is None:
         return default
     enabled = c.field(obj, "enabled", path, check_bool, default.enabled)
-    kind = c.field(obj, "type", path, choice("http", "tcp"), default.type)
+    kind = c.field(obj, "type", path, choice("http", "tcp", "grpc"), default.type)
     if kind == "tcp":
         for key in ("method", "path", "host", "expected_status", "headers", "body"):
             if key in obj:
@@ -523,7 +532,13 @@ def _health_check(
     else:
         for key in ("send", "expect"):
             if key in obj:
-                c.error(key_path(path, key), "applies only to tcp checks, not to type 'http'")
+                c.error(key_path(path, key), f"applies only to tcp checks, not to type {kind!r}")
+    if kind == "grpc":  # (it asks grpc.health.v1.Health/Check; the path is that)
+        for key in ("method", "path", "expected_status", "body"):
+            if key in obj:
+                c.error(key_path(path, key), "applies only to http checks, not to type 'grpc'")
+    elif "service" in obj:
+        c.error(key_path(path, "service"), f"applies only to grpc checks, not to type {kind!r}")
     method = c.field(obj, "method", path, check_method, default.method)
     url_path = c.field(obj, "path", path, check_url_path, default.path)
     host = c.field(obj, "host", path, check_host_header, None)
@@ -559,6 +574,7 @@ def _health_check(
         history=c.field(obj, "history", path, int_in(1, 1000), default.history),
         send=c.field(obj, "send", path, check_probe_bytes, None),
         expect=c.field(obj, "expect", path, check_probe_bytes, None),
+        service=c.field(obj, "service", path, check_str, ""),
     )
 
 

@@ -25,7 +25,7 @@ class BackendConfig:
 @dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
     enabled: bool = True
-    type: str = "http"  # "http" | "tcp"
+    type: str = "http"  # "http" | "tcp" | "grpc" (grpc.health.v1.Health/Check)
     method: str = "HEAD"
     path: str = "/"
     host: str | None = None  # Host header sent; None = the backend's host[:port]
@@ -43,6 +43,7 @@ class HealthCheckConfig:
     history: int = 10  # probe results kept per backend (for the admin API and dashboard)
     send: bytes | None = None  # tcp: bytes written once connected
     expect: bytes | None = None  # tcp: bytes the backend must answer with (a substring)
+    service: str = ""  # grpc: the service whose health is asked ("": the server's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,10 @@ class UpstreamConfig:
     file: str | None = None  # backends listed in this file, re-read when it changes
     dns: DnsConfig | None = None  # backends from DNS, looked up every ``refresh``
     tls: UpstreamTlsConfig | None = None  # None: defaults, for https:// backends
+    # what poise speaks to the backends: "http1" (HTTP/1.1, pooled keep-alive connections),
+    # "h2" (HTTP/2, multiplexed: h2c to http:// backends, ALPN h2 to https:// ones) or
+    # "grpc" (h2, with gRPC's rules: trailers, grpc-status answers, grpc-timeout, health)
+    protocol: str = "http1"
 
 
 @dataclass(frozen=True, slots=True)

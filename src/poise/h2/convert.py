@@ -38,7 +38,10 @@ _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 class Request:
     """What ``request`` made of a header list."""
 
-    __slots__ = ("authority", "content_length", "fields", "fwd", "method", "target")
+    __slots__ = (
+        "authority", "content_length", "content_type", "fields", "fwd", "grpc_timeout", "method",
+        "target",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.method = b""
@@ -47,6 +50,8 @@ class Request:
         self.fields: list[bytes] = []  # name, b": ", value, CRLF, repeated
         self.content_length: bytes | None = None
         self.fwd: list[tuple[bytes, bytes, bytes]] | None = None  # X-Forwarded-*, Forwarded
+        self.content_type: bytes | None = None  # (gRPC is told by it)
+        self.grpc_timeout: bytes | None = None
 
 
 def request(
@@ -97,6 +102,10 @@ def _regular(
         elif kind == http.PLAIN:
             if name.find(b"_") < 0:  # with "_": dropped, as on HTTP/1.1 (l7/reader.py)
                 fields += (name, b": ", value, CRLF)
+                if name == b"content-type":
+                    req.content_type = value
+                elif name == b"grpc-timeout":
+                    req.grpc_timeout = value
         elif kind == http.HOST:
             if host is not None:
                 raise Reject(400, "Bad Request")

@@ -48,6 +48,8 @@ DATA: Final = 2
 TRAILERS: Final = 3
 RESET: Final = 4
 WINDOW: Final = 5
+RESPONSE: Final = 6  # (client role) a response head: payload the header list
+GOAWAY: Final = 7  # (client role) the server's GOAWAY: payload its last stream id
 
 Event = tuple[int, int, Any, bool]
 Headers = list[tuple[bytes, bytes]]
@@ -138,10 +140,12 @@ def default_engine() -> str | None:
     return have[0] if have else None
 
 
-def make(kind: str, settings: Settings) -> NativeEngine | PureEngine:
+def make(kind: str, settings: Settings, *, client: bool = False) -> NativeEngine | PureEngine:
+    """An engine of ``kind``; ``client``: poise's side of a connection to a backend
+    (h2/upstream.py), which sends requests and gets RESPONSE and GOAWAY events."""
     if kind == "native":
-        return NativeEngine(settings)
-    return PureEngine(settings)
+        return NativeEngine(settings, client=client)
+    return PureEngine(settings, client=client)
 
 
 class NativeEngine:
@@ -151,7 +155,7 @@ class NativeEngine:
 
     name = "native"
 
-    def __init__(self, settings: Settings, clock: Any = None) -> None:
+    def __init__(self, settings: Settings, clock: Any = None, *, client: bool = False) -> None:
         import time
 
         import ngh2
@@ -167,18 +171,19 @@ class NativeEngine:
             stream_reset_rate_limit=(RESET_BURST, int(RESET_RATE)),
             max_inbound_header_list_size=settings.max_header_list_size,
         )
-        self.conn = conn = ngh2.Connection(ngh2.Role.SERVER, cfg)
+        role = ngh2.Role.CLIENT if client else ngh2.Role.SERVER
+        self.conn = conn = ngh2.Connection(role, cfg)
         S = ngh2.Setting
-        conn.initiate_connection(
-            {
-                S.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
-                S.INITIAL_WINDOW_SIZE: settings.initial_window_size,
-                S.MAX_FRAME_SIZE: settings.max_frame_size,
-                S.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
-                S.ENABLE_PUSH: 0,
-                S.NO_RFC7540_PRIORITIES: 1,
-            }
-        )
+        ours = {
+            S.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+            S.MAX_FRAME_SIZE: settings.max_frame_size,
+            S.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+            S.ENABLE_PUSH: 0,
+            S.NO_RFC7540_PRIORITIES: 1,
+        }
+        if not client:
+            ours[S.MAX_CONCURRENT_STREAMS] = settings.max_concurrent_streams
+        conn.initiate_connection(ours)
         extra = settings.connection_window - 65535
         if extra > 0:
             conn.set_local_window_size(settings.connection_window)
@@ -208,6 +213,10 @@ class NativeEngine:
                 out.append((TRAILERS, e.stream_id, e.headers, True))
             elif t is ng.WindowUpdated:
                 out.append((WINDOW, e.stream_id, 0, False))
+            elif t is ng.ResponseReceived:
+                out.append((RESPONSE, e.stream_id, e.headers, e.end_stream))
+            elif t is ng.GoAwayReceived:
+                out.append((GOAWAY, 0, e.last_stream_id, False))
             elif t is ng.PingReceived or t is ng.SettingsReceived:
                 if not self.control.take():
                     raise EngineError("too many PING or SETTINGS frames", ENHANCE_YOUR_CALM)
@@ -232,6 +241,15 @@ class NativeEngine:
 
     def headers(self, sid: int, headers: Headers, end: bool) -> None:
         self.conn.send_response(sid, headers, end_stream=end)
+
+    def request(self, headers: Headers, end: bool) -> int:
+        """(client role) Open a stream with a request; its id."""
+        sid: int = self.conn.send_request(headers, end_stream=end)
+        return sid
+
+    def peer_streams(self) -> int:
+        """(client role) The streams the server lets poise have open at once."""
+        return int(self.conn.remote_settings.get(3, 100))
 
     def data(self, sid: int, data: bytes, end: bool) -> None:
         self.conn.send_data(sid, data, end_stream=end)
@@ -279,6 +297,7 @@ class PureEngine:
         "_preface",
         "_resets",
         "_room",
+        "client",
         "clock",
         "conn",
         "ev",
@@ -288,7 +307,7 @@ class PureEngine:
 
     name = "pure"
 
-    def __init__(self, settings: Settings, clock: Any = None) -> None:
+    def __init__(self, settings: Settings, clock: Any = None, *, client: bool = False) -> None:
         import time
 
         import h2.config
@@ -299,7 +318,7 @@ class PureEngine:
         self.ev: Any = h2.events
         self.settings = settings
         cfg = h2.config.H2Configuration(
-            client_side=False,
+            client_side=client,
             header_encoding=None,
             # the header rules are poise's own (h2/convert.py), as with nghttp2: a bad
             # field refuses its stream, not the connection (h2 would end the connection)
@@ -322,21 +341,27 @@ class PureEngine:
         # limit, the client is told ``max_concurrent_streams`` (the SETTINGS frame is
         # written here: its other values are the ones h2 holds), and ``_convert`` refuses
         # the streams over it, as nghttp2 does.
+        self.client = client
         conn.local_settings = h2.settings.Settings(
-            client=False, initial_values={**announced, codes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
+            client=client, initial_values={**announced, codes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
         )
         conn.initiate_connection()
-        conn.data_to_send()  # (h2's SETTINGS: replaced by the one below)
-        payload = b"".join(int(k).to_bytes(2, "big") + v.to_bytes(4, "big")
-                           for k, v in announced.items())  # fmt: skip
-        self._preface = len(payload).to_bytes(3, "big") + b"\x04\x00\x00\x00\x00\x00" + payload
+        self._preface = b""
+        if client:  # (a client announces no stream limit: its peer opens none)
+            self._preface = conn.data_to_send()
+        else:
+            conn.data_to_send()  # (h2's SETTINGS: replaced by the one below)
+            payload = b"".join(int(k).to_bytes(2, "big") + v.to_bytes(4, "big")
+                               for k, v in announced.items())  # fmt: skip
+            self._preface = len(payload).to_bytes(3, "big") + b"\x04\x00\x00\x00\x00\x00" + payload
         self._room = 0  # streams this batch may still open (see feed)
         extra = settings.connection_window - 65535
         if extra > 0:
             conn.increment_flow_control_window(extra)
         self._held: dict[int, list[Any]] = {}  # sid -> [bytearray of data, end, trailers]
         self._buf = b""  # a frame header split across reads
-        self._need = 24  # bytes of payload to skip before the next frame header (preface)
+        # bytes to skip before the next frame header (a client's preface; a server sends none)
+        self._need = 0 if client else 24
         self._block = -1  # CONTINUATIONs seen in the header block now open (-1: none open)
         self.clock = clock if clock is not None else time.monotonic
         self._resets = Bucket(RESET_BURST, RESET_RATE, self.clock)
@@ -401,7 +426,7 @@ class PureEngine:
         for e in events:
             if type(e) is ev.RequestReceived:
                 new += 1
-        if new:
+        if new and not self.client:
             self._room = self.settings.max_concurrent_streams - (
                 self.conn.open_inbound_streams - new
             )
@@ -439,7 +464,12 @@ class PureEngine:
         elif t is ev.WindowUpdated or t is ev.RemoteSettingsChanged:
             self._pump()
             out.append((WINDOW, getattr(e, "stream_id", 0), 0, False))
+        elif t is ev.ResponseReceived:
+            out.append((RESPONSE, e.stream_id, list(e.headers), e.stream_ended is not None))
         elif t is ev.ConnectionTerminated:
+            if self.client:
+                out.append((GOAWAY, 0, int(e.last_stream_id or 0), False))
+                return
             self.failed = True
             if e.error_code:
                 raise EngineError("the client ended the connection", int(e.error_code))
@@ -456,6 +486,14 @@ class PureEngine:
 
     def headers(self, sid: int, headers: Headers, end: bool) -> None:
         self.conn.send_headers(sid, headers, end_stream=end)
+
+    def request(self, headers: Headers, end: bool) -> int:
+        sid: int = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=end)
+        return sid
+
+    def peer_streams(self) -> int:
+        return int(self.conn.remote_settings.max_concurrent_streams or 100)
 
     def data(self, sid: int, data: bytes, end: bool) -> None:
         held = self._held.get(sid)

@@ -43,7 +43,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from poise import failures
+from poise import failures, grpc
 from poise.h2 import convert
 from poise.h2.engine import (
     DATA,
@@ -78,6 +78,23 @@ LINGER: Final = 2.0  # seconds an errored connection reads and drops before clos
 RESET_GRACE: Final = 100  # streams before the premature-reset ratio is judged
 _INF: Final = float("inf")
 CRLF: Final = b"\r\n"
+# poise's own error answers to gRPC requests, as grpc-status (gRPC's own mapping of HTTP
+# statuses, doc/http-grpc-status-mapping.md in grpc/grpc; a timeout is DEADLINE_EXCEEDED,
+# a limit RESOURCE_EXHAUSTED)
+GRPC_CODES: Final = {
+    400: grpc.CODES["INTERNAL"],
+    404: grpc.CODES["UNIMPLEMENTED"],
+    405: grpc.CODES["UNIMPLEMENTED"],
+    408: grpc.CODES["DEADLINE_EXCEEDED"],
+    413: grpc.CODES["RESOURCE_EXHAUSTED"],
+    414: grpc.CODES["RESOURCE_EXHAUSTED"],
+    429: grpc.CODES["RESOURCE_EXHAUSTED"],
+    431: grpc.CODES["RESOURCE_EXHAUSTED"],
+    501: grpc.CODES["UNIMPLEMENTED"],
+    502: grpc.CODES["UNAVAILABLE"],
+    503: grpc.CODES["UNAVAILABLE"],
+    504: grpc.CODES["DEADLINE_EXCEEDED"],
+}
 
 
 class H2Stream(ClientConnection):
@@ -87,7 +104,7 @@ class H2Stream(ClientConnection):
 
     __slots__ = (
         "body_end", "ended", "hdrs", "headed", "owed", "pend", "pend_bytes", "rst", "session",
-        "sid", "want",
+        "sid", "trailers", "want",
     )  # fmt: skip
 
     def __init__(self, session: H2Session, sid: int) -> None:
@@ -116,6 +133,7 @@ class H2Stream(ClientConnection):
         self.hdrs: list[tuple[bytes, bytes]] | None = None  # response head not yet submitted
         self.pend: list[bytes | memoryview] = []  # response body not yet submitted
         self.pend_bytes = 0
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # to end the response with
         self.want = False  # in the session's list of streams with output to submit
         self.headed = False  # the final response head has come from the backend side
         self.ended = False  # END_STREAM or RST_STREAM submitted
@@ -158,6 +176,22 @@ class H2Stream(ClientConnection):
     def forward_last(self, out: list[bytes | memoryview]) -> None:
         self.forward(out)
 
+    # (an HTTP/2 backend's response, h2/upstream.py: as it came, trailers included)
+
+    def relay_head(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self.closed:
+            self.hdrs = [(k, v) for k, v in headers if k not in convert.CONNECTION_SPECIFIC]
+            self.headed = True
+            if not self.want:
+                self.want = True
+                self.session.kick(self)
+
+    def relay_data(self, data: bytes) -> None:
+        self.forward([data])
+
+    def relay_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = [(k, v) for k, v in headers if k[:1] != b":"]
+
     def submit(self, end: bool) -> None:
         """Hand what is held to the engine (``end``: with END_STREAM)."""
         if self.ended:
@@ -167,6 +201,17 @@ class H2Stream(ClientConnection):
         sid = self.sid
         hdrs = self.hdrs
         pend = self.pend
+        if end and self.trailers is not None:  # (a gRPC response: data, then trailers)
+            if hdrs is not None:
+                self.hdrs = None
+                engine.headers(sid, hdrs, False)
+            if pend:
+                self.pend = []
+                self.pend_bytes = 0
+                engine.data(sid, b"".join(pend), False)
+            engine.trailers(sid, self.trailers)
+            self.ended = True
+            return
         if hdrs is not None:
             self.hdrs = None
             if end and not pend:
@@ -235,10 +280,17 @@ class H2Stream(ClientConnection):
         if self.closed:
             return
         end = response.find(b"\r\n\r\n") + 4
-        _, headers = convert.response(response[:end])
-        self.hdrs = headers
         self.headed = True
-        self.pend = [response[end:]]
+        if ex.grpc:
+            # gRPC clients read the outcome from grpc-status, in a trailers-only response
+            code = GRPC_CODES.get(ex.status, grpc.CODES["UNKNOWN"])
+            message = response[end:].decode("utf-8", "replace").strip()
+            self.hdrs = [(k.encode(), v.encode()) for k, v in grpc.trailers_only(code, message)]
+            self.pend = []
+        else:
+            _, headers = convert.response(response[:end])
+            self.hdrs = headers
+            self.pend = [response[end:]]
         self.submit(True)
         self.session.kick(None)
         self.finish(ex)
@@ -610,6 +662,12 @@ class H2Session:
             if not end:
                 stream.reset(NO_ERROR)  # the body is not wanted
             return
+        if req.content_type is not None and grpc.is_grpc(req.content_type.decode("latin-1")):
+            ex.grpc = True
+            if req.grpc_timeout is not None:
+                left = grpc.parse_timeout(req.grpc_timeout.decode("latin-1"))
+                if left is not None:  # the request's deadline, over all its tries
+                    ex.until = ex.t0 + left
         method = req.method
         ex.method = method
         ex.is_head = method == b"HEAD"
@@ -694,10 +752,9 @@ class H2Session:
             return
         stream.closed = True
         sid = stream.sid
-        ex = stream.queue[0] if stream.queue else None
-        if ex is not None and not ex.request_done and stream.ended:
-            # answered before the request ended: the rest is not wanted (RFC 9113 §8.1)
-            stream.reset(NO_ERROR)
+        # (answered before the request ended: the rest of its body, if the client sends it,
+        # is taken and dropped, as for any stream poise is done with. RFC 9113 §8.1 allows
+        # RST_STREAM NO_ERROR here, but gRPC clients take that for a failed call.)
         stream.queue = []
         self.streams.pop(sid, None)
         self.blocked.discard(stream)

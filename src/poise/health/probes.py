@@ -25,6 +25,7 @@ import time
 
 import httptools
 
+from poise import grpc
 from poise.config.model import HealthCheckConfig
 from poise.health.state import ProbeResult
 from poise.models import Backend
@@ -55,6 +56,8 @@ async def probe(
         async with asyncio.timeout(hc.timeout):
             if hc.type == "http":
                 ok, reason = await _http(backend, hc, tls)
+            elif hc.type == "grpc":
+                ok, reason = await _grpc(backend, hc, tls)
             else:
                 ok, reason = await _tcp(backend, hc, tls)
     except TimeoutError:
@@ -193,3 +196,73 @@ class _Response:
     def on_message_complete(self) -> None:
         if self.head_done:
             self.complete = True
+
+
+async def _grpc(backend: Backend, hc: HealthCheckConfig, tls: ClientTls | None) -> tuple[bool, str]:
+    """grpc.health.v1.Health/Check over HTTP/2 (h2c, or TLS with ALPN h2): healthy when
+    the answer is grpc-status 0 with SERVING (gRPC's health checking protocol)."""
+    from poise.h2.engine import (
+        DATA,
+        RESET,
+        RESPONSE,
+        TRAILERS,
+        EngineError,
+        Settings,
+        default_engine,
+        make,
+    )  # fmt: skip
+
+    reader, writer = await _open(backend, hc, tls)
+    try:
+        engine = make(default_engine() or "pure", Settings(), client=True)
+        scheme = b"https" if tls is not None else b"http"
+        headers = [
+            (b":method", b"POST"), (b":scheme", scheme),
+            (b":authority", (hc.host or backend.authority).encode("latin-1")),
+            (b":path", grpc.HEALTH_PATH.encode()), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"), (b"user-agent", b"poise-health"),
+        ]  # fmt: skip
+        sid = engine.request(headers, False)
+        engine.data(sid, grpc.health_request(hc.service), True)
+        writer.write(engine.take())
+        body = b""
+        status: bytes | None = None
+        while True:
+            data = await reader.read(_READ_SIZE)
+            if not data:
+                return False, "closed before the answer"
+            try:
+                events = engine.feed(data)
+            except EngineError as exc:
+                return False, f"HTTP/2: {exc}"
+            writer.write(engine.take())
+            for kind, got, payload, end in events:
+                if got != sid:
+                    continue
+                if kind == RESET:
+                    return False, f"stream reset ({payload})"
+                if kind == DATA:
+                    body += payload
+                    engine.consumed(sid, len(payload))
+                elif kind in (RESPONSE, TRAILERS):
+                    for name, value in payload:
+                        if name == b":status" and value != b"200":
+                            return False, f"status {value.decode()}"
+                        if name == b"grpc-status":
+                            status = value
+                if end or kind == TRAILERS:
+                    return _health_verdict(status, body)
+    finally:
+        writer.close()
+
+
+def _health_verdict(status: bytes | None, body: bytes) -> tuple[bool, str]:
+    if status != b"0":
+        return False, f"grpc-status {status.decode() if status else 'missing'}"
+    serving = grpc.parse_health_response(body)
+    if serving is None:
+        return False, "not a HealthCheckResponse"
+    if serving != grpc.SERVING:
+        names = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+        return False, names.get(serving, f"status {serving}")
+    return True, "SERVING"

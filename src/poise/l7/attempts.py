@@ -128,6 +128,11 @@ async def connect(client: ClientConnection, ex: Exchange, backend: Backend) -> N
     client.attach(ex, conn)
 
 
+def connect_failed(client: ClientConnection, ex: Exchange, backend: Backend, exc: OSError) -> None:
+    """A connect made for ``ex`` failed (h2/upstream.py's, which ``ex`` waited for)."""
+    _connect_failed(client, ex, backend, exc, cut=False)
+
+
 def _connect_failed(
     client: ClientConnection, ex: Exchange, backend: Backend, exc: OSError, *, cut: bool
 ) -> None:
@@ -195,6 +200,9 @@ def upstream_failed(
         # processed, so the request goes again on a fresh connection (not a retry: no
         # backend failed; it still counts in the backend's load).
         ex.stale_retries += 1
+        if ex.group is not None and ex.group.mux:  # HTTP/2 backends: another stream
+            client.mux_again(ex, ex.backend)
+            return
         client.ctx.spawn(connect(client, ex, ex.backend))
         return
     ctx = client.ctx

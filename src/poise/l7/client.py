@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from poise import failures
 from poise.balancing import keys
+from poise.h2.upstream import mux_dispatch
 from poise.l7 import attempts, http
 from poise.l7.reader import (
     CLOSED,
@@ -61,6 +62,7 @@ from poise.tls.transport import TlsTransport
 if TYPE_CHECKING:
     from poise.failures import AttemptFailure
     from poise.l7.context import Context
+    from poise.models import Backend
     from poise.routing import Group
     from poise.tls.contexts import ListenerTls
     from poise.upstream.pool import Pool
@@ -238,7 +240,9 @@ class ClientConnection(asyncio.Protocol):
         ex.group = group
         self.dispatch(ex, group)
 
-    def dispatch(self, ex: Exchange, group: Group) -> None:
+    # Each branch is a way a request reaches its backend (the common case inlined: a call
+    # per branch would run per request on the compiled hot path; issue #19 allows it).
+    def dispatch(self, ex: Exchange, group: Group) -> None:  # noqa: PLR0912
         """Send ``ex`` to the next usable backend it has not tried yet. ``group`` is read from
         the current routing table (health may have changed since the first attempt)."""
         up = group.up
@@ -281,6 +285,9 @@ class ClientConnection(asyncio.Protocol):
                 adm.active += 1
                 ex.admission = adm
         pool: Pool[UpstreamConnection] = group.pools[backend.index]
+        if group.mux:  # HTTP/2 to the backends: a stream on a multiplexed connection
+            mux_dispatch(self, ex, backend, pool)
+            return
         idle = pool.idle
         conn = idle.pop() if idle else None  # Pool.take, inlined
         while conn is not None and conn.closed:
@@ -297,6 +304,12 @@ class ClientConnection(asyncio.Protocol):
         conn.start(ex, self, None)
         if self.write_paused:
             conn.pause_reading()
+
+    def mux_again(self, ex: Exchange, backend: Backend) -> None:
+        """``ex`` goes to ``backend`` again on another HTTP/2 stream (h2/upstream.py): its
+        stream was refused, so nothing was processed."""
+        assert ex.group is not None
+        mux_dispatch(self, ex, backend, ex.group.pools[backend.index])
 
     def attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.conn = conn

@@ -295,7 +295,12 @@ class Context:
         tls = self.upstream_tls
         for name in list(tls):
             ucfg, before = config.upstreams.get(name), old.upstreams.get(name)
-            if ucfg is None or before is None or ucfg.tls != before.tls:
+            if (
+                ucfg is None
+                or before is None
+                or ucfg.tls != before.tls
+                or ucfg.protocol != before.protocol
+            ):
                 del tls[name]
         missing = {n: u for n, u in config.upstreams.items() if n not in tls}
         tls.update(upstream_tls(missing))

@@ -47,6 +47,7 @@ class Exchange:
     head = b""
     http10 = False
     unframed = False  # the client takes the response body unframed (HTTP/2: no re-chunking)
+    grpc = False  # a gRPC request (HTTP/2, content-type application/grpc): gRPC error answers
     keep_alive = True
     is_head = False
     chunked = False

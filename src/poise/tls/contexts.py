@@ -413,7 +413,7 @@ class ClientTls:
         return self.server_name or backend_host
 
 
-def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
+def client_context(cfg: UpstreamTlsConfig, alpn: list[str] | None = None) -> ssl.SSLContext:
     # create_default_context: CERT_REQUIRED, check_hostname, the system store unless a CA
     # bundle is given (then only that bundle is trusted).
     ctx = ssl.create_default_context(cafile=cfg.ca)
@@ -424,7 +424,7 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
     ctx.minimum_version = VERSIONS[cfg.min_version]
     if cfg.ciphers:
         ctx.set_ciphers(cfg.ciphers)
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(ALPN if alpn is None else alpn)
     if cfg.cert and cfg.key:
         ctx.load_cert_chain(cfg.cert, cfg.key)
     return ctx
@@ -432,7 +432,9 @@ def client_context(cfg: UpstreamTlsConfig) -> ssl.SSLContext:
 
 def group_tls(ucfg: UpstreamConfig) -> ClientTls:
     cfg = ucfg.tls or UpstreamTlsConfig()
-    return ClientTls(client_context(cfg), cfg.server_name)
+    # HTTP/2 backends (protocol h2 or grpc) are asked for h2 by ALPN (h2/upstream.py)
+    alpn = None if ucfg.protocol == "http1" else ["h2"]
+    return ClientTls(client_context(cfg, alpn), cfg.server_name)
 
 
 def upstream_tls(upstreams: Mapping[str, UpstreamConfig]) -> dict[str, ClientTls]:

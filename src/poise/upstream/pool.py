@@ -10,7 +10,7 @@ the backend, and the cold tail expires by ``idle_timeout``.
 from __future__ import annotations
 
 import contextlib
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class Poolable(Protocol):
@@ -31,6 +31,7 @@ class Pool(Generic[C]):
         "idle_timeout",
         "label",
         "max_idle",
+        "mux",
         "open",
         "responses",
         "reuses",
@@ -47,6 +48,9 @@ class Pool(Generic[C]):
         # responses from this backend by status class (index 1-5: 1xx..5xx), for metrics;
         # the pool is the one per-backend object that survives membership changes
         self.responses = [0] * 6
+        # HTTP/2 backends (upstream protocol h2 or grpc): the multiplexed connections, each
+        # carrying many requests at once (h2/upstream.py), instead of ``idle``
+        self.mux: list[Any] = []
 
     def take(self) -> C | None:
         idle = self.idle
@@ -85,6 +89,9 @@ class Pool(Generic[C]):
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+        mux, self.mux = self.mux, []
+        for m in mux:
+            m.close()
 
     def statistics(self) -> dict[str, int]:
         return {
