@@ -139,8 +139,9 @@ def _combined(ex: Exchange, client: bytes, now: float) -> str:
     referer = _field(fields, b"referer")
     agent = _field(fields, b"user-agent")
     who = (ex.client_ip or client).decode("latin-1")
+    version = "HTTP/2.0" if ex.unframed else "HTTP/1.1"  # (HTTP/1.0 is forwarded as 1.1)
     return (
-        f'{who} - - [{stamp}] "{request} HTTP/1.1" {ex.status} '
+        f'{who} - - [{stamp}] "{request} {version}" {ex.status} '
         f'{"-" if ex.body_out is None else ex.body_out} "{referer}" "{agent}"'
     )
 

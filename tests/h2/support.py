@@ -12,6 +12,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 
 
@@ -41,6 +42,7 @@ class H2Client:
         self.conn = conn
         self.auto_ack = auto_ack
         self.replies: dict[int, Reply] = {}
+        self.trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = asyncio.Event()
         self.received = 0  # bytes read from the socket
@@ -166,6 +168,8 @@ class H2Client:
             r.body += ev.data
             if self.auto_ack:
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.TrailersReceived):
+            self.trailers[ev.stream_id] = list(ev.headers)
         elif isinstance(ev, h2.events.StreamEnded):
             self.replies[ev.stream_id].done.set()
         elif isinstance(ev, h2.events.StreamReset):
@@ -183,3 +187,116 @@ class H2Client:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+@dataclass
+class Answer:
+    """What ``H2Server``'s handler answers."""
+
+    status: int = 200
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: list[bytes] = field(default_factory=list)  # sent as DATA frames, one each
+    trailers: list[tuple[bytes, bytes]] | None = None
+    refuse: bool = False  # RST_STREAM REFUSED_STREAM instead of answering
+
+
+@dataclass
+class Seen:
+    """One request as ``H2Server`` got it."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    connection: int
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class H2Server:
+    """A small HTTP/2 backend (h2c, or TLS with ALPN h2) over the ``h2`` package: records
+    what it gets and answers what ``handler`` says. ``goaway_after``: send GOAWAY naming
+    the last stream taken once this many requests came on a connection."""
+
+    def __init__(self, handler: Any = None, *, tls: ssl.SSLContext | None = None,
+                 goaway_after: int = 0) -> None:  # fmt: skip
+        self.handler = handler or (lambda seen: Answer(body=[seen.body or b"ok"]))
+        self.tls = tls
+        self.goaway_after = goaway_after
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> H2Server:
+        if self.tls is not None:
+            self.tls.set_alpn_protocols(["h2"])
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        number = self.connections
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        partial: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
+        taken = 0
+        try:
+            while data := await reader.read(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        partial[ev.stream_id] = (list(ev.headers), bytearray())
+                        if ev.stream_ended is None:
+                            continue
+                    elif isinstance(ev, h2.events.DataReceived):
+                        partial[ev.stream_id][1].extend(ev.data)
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        if ev.stream_ended is None:
+                            continue
+                    else:
+                        continue
+                    headers, body = partial.pop(ev.stream_id)
+                    seen = Seen(headers, bytes(body), number)
+                    self.seen.append(seen)
+                    taken += 1
+                    self._answer(conn, ev.stream_id, self.handler(seen))
+                    if self.goaway_after and taken == self.goaway_after:
+                        conn.close_connection(0, last_stream_id=ev.stream_id)
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    @staticmethod
+    def _answer(conn: Any, sid: int, a: Answer) -> None:
+        if a.refuse:
+            conn.reset_stream(sid, 7)
+            return
+        head = [(b":status", str(a.status).encode()), *a.headers]
+        if not a.body and a.trailers is None:
+            conn.send_headers(sid, head, end_stream=True)
+            return
+        conn.send_headers(sid, head)
+        for i, piece in enumerate(a.body):
+            last = i == len(a.body) - 1 and a.trailers is None
+            conn.send_data(sid, piece, end_stream=last)
+        if a.trailers is not None:
+            conn.send_headers(sid, a.trailers, end_stream=True)

@@ -24,8 +24,12 @@ CRLF: Final = b"\r\n"
 
 # RFC 9110 §5.6.2 tchar, lower case only (RFC 9113 §8.2.1: upper case is malformed)
 _NAME_RE: Final = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+")
-# a field value: no CR, LF or NUL anywhere, no whitespace at either end (RFC 9113 §8.2.1)
-_BAD_VALUE_RE: Final = re.compile(rb"[\r\n\x00]|^[ \t]|[ \t]$")
+# a field value: no CR, LF or NUL anywhere, no whitespace at either end (RFC 9113 §8.2.1),
+# and, since it goes on in HTTP/1.1, no other control character but HTAB (RFC 9110 §5.5:
+# what an HTTP/1.1 parser such as llhttp refuses is never forwarded)
+_BAD_VALUE_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
+# a request target on the HTTP/1.1 request line: visible ASCII, no space (RFC 9112 §3.2)
+_TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+")
 _METHOD_RE: Final = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -142,7 +146,7 @@ def _line(req: Request, pseudo: dict[bytes, bytes], host: bytes | None, max_targ
         raise Reject(414, "URI Too Long")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise Reject(400, "Bad Request")
-    if not path.isascii() or path.find(b"\\") >= 0 or path.find(b"#") >= 0:
+    if _TARGET_RE.fullmatch(path) is None or path.find(b"\\") >= 0 or path.find(b"#") >= 0:
         raise Reject(400, "Bad Request")  # as on HTTP/1.1: docs/http-rules.md
     authority = pseudo.get(b":authority")
     if authority is None:

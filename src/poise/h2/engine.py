@@ -78,9 +78,13 @@ class Bucket:
 
     def take(self) -> bool:
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate) - 1
+        tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
         self.t = now
-        return self.tokens >= 0
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1
+        return True
 
 
 def goaway_frame(code: int, last_id: int) -> bytes:
@@ -248,8 +252,12 @@ class NativeEngine:
         return sid
 
     def peer_streams(self) -> int:
-        """(client role) The streams the server lets poise have open at once."""
-        return int(self.conn.remote_settings.get(3, 100))
+        """(client role) The streams the server lets poise have open at once (0 once the
+        connection is ending)."""
+        try:
+            return int(self.conn.remote_settings.get(3, 100))
+        except self.ev.NGH2Error:
+            return 0
 
     def data(self, sid: int, data: bytes, end: bool) -> None:
         self.conn.send_data(sid, data, end_stream=end)

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("poise.proxy")
 
 MAX_STREAMS: Final = 100  # requests at once on one backend connection, at most
+REFUSED_TRIES: Final = 3  # a request refused unprocessed goes again this often, at most
 HIGH: Final = 256 * 1024  # request body bytes queued towards a backend: pause the client
 BACKEND: Final = Settings(initial_window_size=256 * 1024, connection_window=4 * 1024 * 1024)
 CONNECTING: Final = 0
@@ -334,9 +335,20 @@ class MuxStream(UpstreamConnection):
         self._let_go()
         if ex is None or client is None:
             return
-        if code == REFUSED_STREAM and not ex.response_started:
-            # not processed: as a stale keep-alive connection's request, it goes again
-            client.upstream_failed(ex, failures.RESET, True)
+        if (
+            code == REFUSED_STREAM
+            and not ex.response_started
+            and ex.stale_retries < REFUSED_TRIES
+            and (not ex.has_body or (ex.request_done and ex.kept is not None))
+            and not client.closed
+        ):
+            # Not processed (refused, or above the backend's GOAWAY): it goes again on
+            # another stream whatever its method, with its body if poise kept it whole
+            # (retry.max_body), as a stale keep-alive connection's request does.
+            ex.stale_retries += 1
+            ex.conn = None
+            ex.pending = tuple(ex.kept) if ex.kept else ()
+            client.mux_again(ex, self.backend)
             return
         client.upstream_failed(ex, failures.BROKEN if self.status else failures.RESET, False)
 
