@@ -198,6 +198,7 @@ class Answer:
     body: list[bytes] = field(default_factory=list)  # sent as DATA frames, one each
     trailers: list[tuple[bytes, bytes]] | None = None
     refuse: bool = False  # RST_STREAM REFUSED_STREAM instead of answering
+    delay: float = 0.0  # seconds before the answer
 
 
 @dataclass
@@ -218,10 +219,13 @@ class H2Server:
     the last stream taken once this many requests came on a connection."""
 
     def __init__(self, handler: Any = None, *, tls: ssl.SSLContext | None = None,
-                 goaway_after: int = 0) -> None:  # fmt: skip
+                 goaway_after: int = 0, max_streams: int | None = None) -> None:  # fmt: skip
         self.handler = handler or (lambda seen: Answer(body=[seen.body or b"ok"]))
         self.tls = tls
         self.goaway_after = goaway_after
+        self.max_streams = max_streams  # announced in SETTINGS
+        self.open_now = 0  # streams being answered, over all connections
+        self.most_open: dict[int, int] = {}  # by connection: the most streams open at once
         self.seen: list[Seen] = []
         self.connections = 0
         self.writers: set[asyncio.StreamWriter] = set()
@@ -253,8 +257,14 @@ class H2Server:
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
+        if self.max_streams is not None:
+            conn.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams},
+            )
         conn.initiate_connection()
         writer.write(conn.data_to_send())
+        in_flight: set[int] = set()
         partial: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
         taken = 0
         try:
@@ -275,7 +285,17 @@ class H2Server:
                     seen = Seen(headers, bytes(body), number)
                     self.seen.append(seen)
                     taken += 1
-                    self._answer(conn, ev.stream_id, self.handler(seen))
+                    answer = self.handler(seen)
+                    in_flight.add(ev.stream_id)
+                    self.most_open[number] = max(self.most_open.get(number, 0), len(in_flight))
+                    if answer.delay:
+                        asyncio.get_running_loop().call_later(
+                            answer.delay, self._later, conn, writer, ev.stream_id, answer,
+                            in_flight,
+                        )  # fmt: skip
+                    else:
+                        in_flight.discard(ev.stream_id)
+                        self._answer(conn, ev.stream_id, answer)
                     if self.goaway_after and taken == self.goaway_after:
                         conn.close_connection(0, last_stream_id=ev.stream_id)
                 writer.write(conn.data_to_send())
@@ -284,6 +304,14 @@ class H2Server:
         finally:
             self.writers.discard(writer)
             writer.close()
+
+    def _later(self, conn: Any, writer: asyncio.StreamWriter, sid: int, a: Answer,
+               in_flight: set[int]) -> None:  # fmt: skip
+        in_flight.discard(sid)
+        if writer.is_closing():
+            return
+        self._answer(conn, sid, a)
+        writer.write(conn.data_to_send())
 
     @staticmethod
     def _answer(conn: Any, sid: int, a: Answer) -> None:

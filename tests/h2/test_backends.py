@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.h2.support import Answer, H2Client, H2Server, Seen
-from tests.integration.support import address, exchange, running
+from tests.integration.support import address, eventually, exchange, running
 from tests.tls.certgen import CA
 
 pytestmark = pytest.mark.usefixtures("h2_engine")
@@ -80,6 +80,36 @@ async def test_many_requests_share_one_backend_connection() -> None:
     assert all(r.status == 200 for r in replies)
     assert len(backend.seen) == 40
     assert {s.connection for s in backend.seen} == {backend.seen[0].connection}  # one
+
+
+async def test_a_full_connection_makes_a_new_one_and_the_backends_limit_holds() -> None:
+    """The backend allows 5 streams per connection: 5 requests held there fill the first
+    connection; the next 5 go on a second; none exceeds 5 (h2 would refuse the sixth)."""
+
+    def handler(seen: Seen) -> Answer:
+        return Answer(body=[b"ok"], delay=0.5)
+
+    async with (
+        H2Server(handler, max_streams=5) as backend,
+        running(doc([backend.url])) as (server, _),
+    ):
+        client = await H2Client.connect(*server.addresses["web"])
+        try:
+            first = [client.start(f"/a/{i}") for i in range(5)]
+            await eventually(lambda: len(backend.seen) == 5)
+            second = [client.start(f"/b/{i}") for i in range(5)]
+            for sid in first + second:
+                await asyncio.wait_for(client.replies[sid].done.wait(), 10)
+            early = [client.start(f"/c/{i}") for i in range(12)]  # on a connection still new
+            for sid in early:
+                await asyncio.wait_for(client.replies[sid].done.wait(), 10)
+        finally:
+            await client.close()
+        assert all(r.status == 200 for r in client.replies.values())
+    used = {s.connection for s in backend.seen if s.header(b":path").startswith(b"/a/")}
+    used_b = {s.connection for s in backend.seen if s.header(b":path").startswith(b"/b/")}
+    assert used.isdisjoint(used_b)  # the second five went on another connection
+    assert max(backend.most_open.values()) <= 5
 
 
 async def test_trailers_reach_http2_clients() -> None:

@@ -183,11 +183,19 @@ class MuxStream(UpstreamConnection):
                 end = ex.request_done
         elif ex.request_done:
             end = True
+        try:
+            self.sid = mux.engine.request(headers, not ex.has_body and ex.request_done)
+        except Exception:
+            mux.goaway = 0
+            self.closed = True
+            self.ex = self.client = None
+            ex.conn = None
+            ex.pending = body or ()
+            client.mux_again(ex, self.backend)
+            return
         if not ex.has_body and ex.request_done:
-            self.sid = mux.engine.request(headers, True)
             self.ended = True
         else:
-            self.sid = mux.engine.request(headers, False)
             if data or end:
                 mux.engine.data(self.sid, data, end)
             self.ended = end
@@ -418,6 +426,7 @@ class H2Backend:
         "idle_since",
         "kicked",
         "pool",
+        "ready",
         "scheme",
         "state",
         "streams",
@@ -444,17 +453,22 @@ class H2Backend:
         self.goaway = 2**31  # no stream above this id may be opened (the backend's GOAWAY)
         self.kicked = False
         self.idle_since = 0.0
+        self.ready = asyncio.Event()  # the backend's first SETTINGS came
+
+    def limit(self) -> int:
+        """Streams this connection may carry at once: MAX_STREAMS, or fewer once the
+        backend's SETTINGS say so (until they came: MAX_STREAMS requests wait for them)."""
+        if self.ready.is_set():
+            return min(MAX_STREAMS, self.engine.peer_streams())
+        return MAX_STREAMS
 
     def room(self) -> bool:
         if self.state == CLOSED or self.goaway < 2**31:
             return False
-        limit = MAX_STREAMS
-        if self.state == OPEN:
-            limit = min(limit, self.engine.peer_streams())
-        return len(self.streams) + len(self.waiting) < limit
+        return len(self.streams) + len(self.waiting) < self.limit()
 
     def take(self, client: ClientConnection, ex: Exchange) -> None:
-        if self.state == OPEN:
+        if self.ready.is_set() and len(self.streams) < self.limit():
             self._start(client, ex)
         else:
             self.waiting.append((client, ex))
@@ -465,27 +479,36 @@ class H2Backend:
         self.pool.reuses += 1
         client.attach(ex, MuxStream(self, ex, client))
 
+    def _start_waiting(self) -> None:
+        """Requests that wait for this connection, as far as its limit allows (the rest
+        wait for streams to end, as nghttp2 queues them)."""
+        waiting = self.waiting
+        while waiting and len(self.streams) < self.limit() and self.state == OPEN:
+            client, ex = waiting.pop(0)
+            self._start(client, ex)
+
     async def connect(self) -> None:
         from poise.l7 import attempts
 
         ctx = self.ctx
         backend = self.backend
         t = ctx.tls_for(self.group) if backend.scheme == "https" else None
+        timeout = ctx.config.timeouts.upstream_connect
         try:
-            await asyncio.wait_for(
-                ctx.loop.create_connection(
+            async with asyncio.timeout(timeout):
+                await ctx.loop.create_connection(
                     lambda: cast(asyncio.Protocol, self),
                     backend.host,
                     backend.port,
                     ssl=t.context if t is not None else None,
                     server_hostname=t.name_for(backend.host) if t is not None else None,
-                ),
-                ctx.config.timeouts.upstream_connect,
-            )
-            if t is not None and self.transport is not None:
-                sslobj = self.transport.get_extra_info("ssl_object")
-                if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
-                    raise ConnectionError("the backend did not agree to HTTP/2 (ALPN h2)")
+                )
+                if t is not None and self.transport is not None:
+                    sslobj = self.transport.get_extra_info("ssl_object")
+                    if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+                        raise ConnectionError("the backend did not agree to HTTP/2 (ALPN h2)")
+                # the backend's SETTINGS (its stream limit) come first: within the same time
+                await self.ready.wait()
         except (TimeoutError, OSError) as exc:
             self._close_now()
             waiting, self.waiting = self.waiting, []
@@ -494,9 +517,7 @@ class H2Backend:
                     attempts.connect_failed(client, ex, backend, exc)
             return
         self.pool.connects += 1
-        waiting, self.waiting = self.waiting, []
-        for client, ex in waiting:
-            self._start(client, ex)
+        self._start_waiting()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -515,6 +536,8 @@ class H2Backend:
             self._write()
             self._close_now()
             return
+        if not self.ready.is_set() and self.state == OPEN:
+            self.ready.set()  # (a server's first frame is its SETTINGS: RFC 9113 §3.4)
         streams = self.streams
         for kind, sid, payload, end in events:
             if kind == DATA:
@@ -595,6 +618,8 @@ class H2Backend:
     def stream_done(self, s: MuxStream) -> None:
         self.streams.pop(s.sid, None)
         self.blocked.discard(s)
+        if self.waiting and self.goaway == 2**31:
+            self.ctx.loop.call_soon(self._start_waiting)
         if self.goaway < 2**31 and not self.streams:
             self.kick()
             self.ctx.loop.call_soon(self._close_now)
