@@ -540,25 +540,19 @@ class H2Backend:
             self.ready.set()  # (a server's first frame is its SETTINGS: RFC 9113 §3.4)
         streams = self.streams
         for kind, sid, payload, end in events:
-            if kind == DATA:
-                s = streams.get(sid)
-                if s is not None:
+            s = streams.get(sid) if sid else None
+            if s is not None:
+                if kind == DATA:
                     s.on_data(payload, end)
-                else:
-                    self.engine.consumed(sid, len(payload))
-            elif kind == RESPONSE:
-                s = streams.get(sid)
-                if s is not None:
+                elif kind == RESPONSE:
                     s.on_response(payload, end)
-            elif kind == TRAILERS:
-                s = streams.get(sid)
-                if s is not None:
+                elif kind == TRAILERS:
                     s.on_trailers(payload)
-            elif kind == RESET:
-                s = streams.get(sid)
-                if s is not None:
+                elif kind == RESET:
                     s.on_reset(payload)
-            elif kind == WINDOW:
+            elif kind == DATA:
+                self.engine.consumed(sid, len(payload))  # (a stream poise is done with)
+            if kind == WINDOW:
                 self._unblock()
             elif kind == GOAWAY:
                 self.goaway = payload
