@@ -311,6 +311,32 @@ async def test_what_http1_would_refuse_is_never_forwarded(
         assert [r.target for r in proxied(backend)] == ["/good"]
 
 
+@pytest.mark.parametrize("sent", [b"short", b"x" * 20])
+async def test_a_body_unlike_its_content_length_never_reaches_a_backend(sent: bytes) -> None:
+    """The stream is malformed (RFC 9113 §8.1.1): nghttp2 resets it; h2 ends the
+    connection (PROTOCOL_ERROR). Either way the backend never gets a whole request."""
+    async with HttpBackend("b", echo_handler) as backend, running(doc([backend.url])) as (s, _):
+        client = await H2Client.connect(*addr(s))
+        try:
+            sid = client.start(
+                "/cl", method="POST", headers=[(b"content-length", b"10")], end=False
+            )
+            client.conn.send_data(sid, sent, end_stream=True)
+            client.flush()
+            reply = client.replies[sid]
+            await asyncio.wait_for(reply.done.wait(), 10)
+            ended = client.goaway is not None and client.goaway.error_code == 1
+            assert reply.reset is not None or reply.status == 400 or ended
+        finally:
+            await client.close()
+        other = await H2Client.connect(*addr(s))
+        try:
+            assert (await other.request("/good")).status == 200
+        finally:
+            await other.close()
+        assert [r.target for r in proxied(backend)] == ["/good"]
+
+
 async def test_drain_sends_goaway_and_finishes_the_streams_in_flight() -> None:
     async def slow(request: RecordedRequest) -> Response:
         return Response(body=b"done", delay=0.5)
