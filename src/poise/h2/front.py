@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from poise import failures, grpc
@@ -178,7 +179,7 @@ class H2Stream(ClientConnection):
 
     # (an HTTP/2 backend's response, h2/upstream.py: as it came, trailers included)
 
-    def relay_head(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def relay_head(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         if not self.closed:
             self.hdrs = [(k, v) for k, v in headers if k not in convert.CONNECTION_SPECIFIC]
             self.headed = True
@@ -189,7 +190,7 @@ class H2Stream(ClientConnection):
     def relay_data(self, data: bytes) -> None:
         self.forward([data])
 
-    def relay_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def relay_trailers(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         self.trailers = [(k, v) for k, v in headers if k[:1] != b":"]
 
     def submit(self, end: bool) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from poise import failures
@@ -235,7 +236,7 @@ class MuxStream(UpstreamConnection):
 
     # -- the response (H2Backend calls these) ---------------------------------------------
 
-    def on_response(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def on_response(self, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         ex, client = self.ex, self.client
         if ex is None or client is None:
             return
@@ -274,7 +275,7 @@ class MuxStream(UpstreamConnection):
         ex: Exchange,
         client: ClientConnection,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         end: bool,
     ) -> bytes:
         """An HTTP/1.1 response head for an HTTP/1.1 client."""
@@ -321,7 +322,7 @@ class MuxStream(UpstreamConnection):
         elif not client.write_paused:
             self.deadline = self.ctx.clock() + self.timeout
 
-    def on_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_trailers(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
         ex, client = self.ex, self.client
         if ex is None or client is None:
             return
