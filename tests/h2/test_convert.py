@@ -130,6 +130,9 @@ def test_a_response_head() -> None:
     assert status == 404
     assert headers == [(b":status", b"404"), (b"content-type", b"text/plain"), (b"x-a", b"v"),
                        (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]  # fmt: skip
+    again = convert.response(memoryview(b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\n"))
+    assert again == (200, [(b":status", b"200"), (b"a", b"1")])
+    assert convert.response(b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\n") is again  # remembered
 
 
 NAMES = st.sampled_from([

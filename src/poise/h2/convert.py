@@ -174,10 +174,27 @@ def framing(req: Request, *, body: bool) -> tuple[bytes, bool]:
     return b"", False
 
 
+_SEEN: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+SEEN_MAX: Final = 512  # response heads remembered (a backend's repeat within its Date's second)
+
+
 def response(head: bytes | memoryview) -> tuple[int, list[tuple[bytes, bytes]]]:
     """``HTTP/1.1 <status> ...`` and its fields, ending in an empty line, as poise's
-    HTTP/1.1 side made it: the status and the HTTP/2 header list (``:status`` first)."""
+    HTTP/1.1 side made it: the status and the HTTP/2 header list (``:status`` first).
+    The same head gives the same answer, so recent ones are remembered (the list is shared:
+    callers do not change it)."""
     raw = bytes(head)
+    known = _SEEN.get(raw)
+    if known is not None:
+        return known
+    got = _response(raw)
+    if len(_SEEN) >= SEEN_MAX:
+        _SEEN.clear()
+    _SEEN[raw] = got
+    return got
+
+
+def _response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     lines = raw.split(CRLF)
     status = int(lines[0][9:12])
     out: list[tuple[bytes, bytes]] = [(b":status", lines[0][9:12])]
