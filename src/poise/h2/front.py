@@ -64,7 +64,14 @@ from poise.h2.engine import (
 )
 from poise.l7.client import ClientConnection
 from poise.l7.reader import PAUSE_QUEUE, QUEUE_BODY_LIMIT
-from poise.l7.request import Exchange, Reject, forwarding_fields, settle
+from poise.l7.request import (
+    Exchange,
+    Reject,
+    connection_fields,
+    forwarding_fields,
+    request_ended,
+    settle,
+)
 
 if TYPE_CHECKING:
     from poise.l7.context import Context
@@ -361,17 +368,7 @@ class H2Stream(ClientConnection):
             self.refuse_body(ex, False)
             return
         self.deadline = _INF
-        ex.request_done = True
-        if ex.chunked and not ex.response_done:
-            if ex.kept is not None:
-                ex.kept.append(b"0\r\n\r\n")
-            if ex.conn is not None:
-                ex.conn.send((b"0\r\n\r\n",))
-            else:
-                ex.pending += (b"0\r\n\r\n",)
-        if ex.conn is not None:
-            ex.conn.request_sent()
-        elif ex.response_done and not self.closed:
+        if not request_ended(ex) and ex.response_done and not self.closed:
             self.finish(ex)
 
     def refuse_body(self, ex: Exchange, too_large: bool) -> None:
@@ -501,24 +498,9 @@ class H2Session:
         ctx = self.ctx
         ctx.stats.connections_accepted += 1
         ctx.sessions.add(self)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            host = str(peer[0])
-            self.peer = host.encode("ascii")
-            self.trusted = bool(ctx.trusted) and ctx.is_trusted(host)
-        else:
-            self.peer = b"unknown"
-        if self.tls is None:
-            self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
-        else:
-            tls = self.tls
-            tls.count_session(transport)
-            if tls.subject_header:
-                self.tls_fields = tls.subject_field(transport)
-            self.forwarded = (
-                b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"
-                + self.tls_fields
-            )  # fmt: skip
+        self.peer, self.trusted, self.tls_fields, self.forwarded = connection_fields(
+            ctx, transport, self.tls
+        )
         transport.set_write_buffer_limits(high=256 * 1024)
         self.deadline = ctx.clock() + ctx.client_header_timeout
         if ctx.draining:

@@ -51,6 +51,7 @@ from poise.l7.reader import (
 )
 from poise.l7.request import (
     Exchange,
+    connection_fields,
     field_list,
     settle,
 )
@@ -128,27 +129,9 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.stats.connections_accepted += 1
         ctx.clients.add(self)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            host = str(peer[0])
-            self.peer = host.encode("ascii")
-            # (is_trusted says False at once when no proxy is trusted, the usual case)
-            self.trusted = bool(ctx.trusted) and ctx.is_trusted(host)
-        else:
-            self.peer = b"unknown"
-        # Per connection, once: the X-Forwarded-For/-Proto lines are the same for every request
-        # (and so is a client certificate's subject: the handshake is over by now).
-        if self.tls is None:
-            self.forwarded = b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
-        else:
-            tls = self.tls
-            tls.count_session(transport)
-            if tls.subject_header:
-                self.tls_fields = tls.subject_field(transport)
-            self.forwarded = (
-                b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: https\r\n"
-                + self.tls_fields
-            )  # fmt: skip
+        self.peer, self.trusted, self.tls_fields, self.forwarded = connection_fields(
+            ctx, transport, self.tls
+        )
         transport.set_write_buffer_limits(high=256 * 1024)
         self.last_write = hasattr(transport, "write_last")
         self.deadline = ctx.clock() + ctx.client_header_timeout

@@ -35,6 +35,7 @@ from poise.l7.request import (
     field_list,
     forwarding_fields,
     origin_form,
+    request_ended,
 )
 from poise.l7.scan import RequestScan
 
@@ -542,17 +543,7 @@ class RequestReader:
         if self.in_body:
             self.in_body = False
             client.deadline = _INF
-        ex.request_done = True
-        if ex.chunked and not ex.response_done:
-            if ex.kept is not None:
-                ex.kept.append(b"0\r\n\r\n")
-            if ex.conn is not None:
-                ex.conn.send((b"0\r\n\r\n",))
-            else:
-                ex.pending += (b"0\r\n\r\n",)
-        if ex.conn is not None:
-            ex.conn.request_sent()
-        elif ex.response_done:
+        if not request_ended(ex) and ex.response_done:
             client.finish(ex)
 
 

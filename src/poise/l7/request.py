@@ -8,7 +8,7 @@ exchange lifecycle; everything here is a plain function of its arguments.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from poise.l7 import http
 from poise.selection import release
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from poise.l7.upstream import UpstreamConnection
     from poise.models import Backend
     from poise.routing import Group
+    from poise.tls.contexts import ListenerTls
     from poise.upstream.limits import Admission
 
 CRLF: Final = b"\r\n"
@@ -167,6 +168,47 @@ def origin_form(ex: Exchange, method: bytes, target: bytes) -> bytes:
     if target == b"*" and method == b"OPTIONS":
         return target
     raise Reject(400, "Bad Request")
+
+
+def request_ended(ex: Exchange) -> bool:
+    """The client's request body has ended (HTTP/1.1 or an HTTP/2 stream): the last chunk
+    where it goes chunked, and the response's clock starts when a backend has it. False
+    when no backend connection has it yet (it is held, or answered already)."""
+    ex.request_done = True
+    if ex.chunked and not ex.response_done:
+        if ex.kept is not None:
+            ex.kept.append(b"0\r\n\r\n")
+        if ex.conn is not None:
+            ex.conn.send((b"0\r\n\r\n",))
+        else:
+            ex.pending += (b"0\r\n\r\n",)
+    if ex.conn is not None:
+        ex.conn.request_sent()
+        return True
+    return False
+
+
+def connection_fields(
+    ctx: Context, transport: Any, tls: ListenerTls | None
+) -> tuple[bytes, bool, bytes, bytes]:
+    """Per client connection, once (the handshake is over by now): its address, whether it
+    is a trusted proxy, the verified client-certificate subject's header line, and the
+    X-Forwarded-For/-Proto lines, the same for every request on it."""
+    peer = transport.get_extra_info("peername")
+    if peer:
+        host = str(peer[0])
+        addr = host.encode("ascii")
+        # (is_trusted says False at once when no proxy is trusted, the usual case)
+        trusted = bool(ctx.trusted) and ctx.is_trusted(host)
+    else:
+        addr = b"unknown"
+        trusted = False
+    if tls is None:
+        return addr, trusted, b"", b"X-Forwarded-For: " + addr + b"\r\nX-Forwarded-Proto: http\r\n"
+    tls.count_session(transport)
+    subject = tls.subject_field(transport) if tls.subject_header else b""
+    forwarded = b"X-Forwarded-For: " + addr + b"\r\nX-Forwarded-Proto: https\r\n" + subject
+    return addr, trusted, subject, forwarded
 
 
 def settle(ex: Exchange, *, ok: bool) -> None:
