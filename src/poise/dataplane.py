@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from poise.tls.contexts import ListenerTls
 
 # keys whose values are the state now, not running totals
-GAUGES = frozenset({"active", "clients", "tunnels", "idle", "open", "in_flight", "ejected"})
+GAUGES = frozenset(
+    {"active", "clients", "http2_clients", "tunnels", "idle", "open", "in_flight", "ejected"}
+)
 
 Snapshot = dict[str, Any]
 
@@ -51,16 +53,19 @@ def snapshot(membership: Membership, l4: L4, tls: Mapping[str, ListenerTls]) -> 
     if ctx is None:
         stats: dict[str, int] = {}
         latency: dict[str, Any] = {"counts": [], "sum": 0.0, "count": 0}
-        clients = tunnels = 0
+        clients = tunnels = http2 = 0
     else:
         stats = ctx.stats.as_dict()
         h = ctx.latency
         latency = {"counts": list(h.counts), "sum": h.sum, "count": h.count}
-        clients, tunnels = len(ctx.clients), len(ctx.tunnels)
+        # (an HTTP/2 connection is a client connection too: its streams are not)
+        http2 = len(ctx.sessions)
+        clients, tunnels = len(ctx.clients) + http2, len(ctx.tunnels)
     return {
         "stats": stats,
         "latency": latency,
         "clients": clients,
+        "http2_clients": http2,
         "tunnels": tunnels,
         "backends": backends,
         "l4": l4.statistics(),

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from poise.admin.metrics import render
 from poise.testing import HttpBackend, Response, echo_handler
 from poise.testing.backend import RecordedRequest
 from tests.h2.support import H2Client
@@ -106,6 +107,10 @@ async def test_curl_with_prior_knowledge_on_a_plain_listener(three: list[HttpBac
         got = [r for b in three for r in proxied(b)]
         assert sorted(r.target for r in got) == ["/a/b?q=1", "/one", "/post"]
         assert all(r.version == "1.1" for r in got)
+        text = render(server)
+        assert "\npoise_http2_requests_total 2\n" in text  # (of 3 requests: one HTTP/1.1)
+        assert "\npoise_requests_total 3\n" in text
+        assert "# TYPE poise_http2_connections gauge" in text
 
 
 async def test_curl_negotiates_h2_by_alpn_on_an_https_listener(

@@ -70,6 +70,10 @@ def render(server: Server) -> str:
     out.sample("poise_connections_total", stats.get("connections_accepted", 0))
     out.family("poise_client_connections", "gauge", "Client connections open now.")
     out.sample("poise_client_connections", dp["clients"])
+    out.family("poise_http2_connections", "gauge", "Client connections speaking HTTP/2 open now.")
+    out.sample("poise_http2_connections", dp.get("http2_clients", 0))
+    out.family("poise_http2_requests_total", "counter", "Requests received on HTTP/2 streams.")
+    out.sample("poise_http2_requests_total", stats.get("http2_requests", 0))
     out.family(
         "poise_errors_total",
         "counter",

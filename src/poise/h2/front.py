@@ -497,6 +497,7 @@ class H2Session:
         self.transport = transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         ctx.stats.connections_accepted += 1
+        ctx.stats.http2_connections += 1
         ctx.sessions.add(self)
         self.peer, self.trusted, self.tls_fields, self.forwarded = connection_fields(
             ctx, transport, self.tls
@@ -626,6 +627,7 @@ class H2Session:
         ex.unframed = True
         stream.queue.append(ex)
         ctx.stats.requests += 1
+        ctx.stats.http2_requests += 1
         try:
             req = convert.request(
                 headers, ctx.header_kinds, max_target=ctx.max_target, max_fields=ctx.max_headers

@@ -84,6 +84,8 @@ class Stats:
     tunnels: int = 0
     client_timeouts: int = 0
     redirects: int = 0  # answered by a redirect_https listener
+    http2_connections: int = 0  # client connections that spoke HTTP/2 (h2/front.py)
+    http2_requests: int = 0  # of ``requests``, those on HTTP/2 streams
 
     # bad requests by the status they were answered with (400, 413, 414, 431, 501, 505)
     rejects: dict[int, int] = field(default_factory=dict)
