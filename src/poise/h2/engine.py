@@ -1,5 +1,7 @@
-"""The HTTP/2 framing engine of a client connection: frames and HPACK in, events out;
-responses in, bytes out. No I/O (the connection, h2/front.py, does that).
+"""The HTTP/2 framing engine of a connection: frames and HPACK in, events out; responses
+(or, in the client role, requests) in, bytes out. No I/O: the connection does that
+(h2/front.py towards clients; h2/upstream.py and the gRPC health probe towards backends,
+which use the client role: ``request``, and RESPONSE and GOAWAY events).
 
 Two engines answer the same calls:
 
