@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from poise.grpc import parse_timeout
 from tests.h2.support import Answer, H2Client, H2Server, Seen
 from tests.integration.support import address, eventually, exchange, running
 from tests.tls.certgen import CA
@@ -183,3 +184,36 @@ async def test_an_unreachable_h2_backend_is_a_503() -> None:
     assert reply.startswith(b"HTTP/1.1 503")
     assert reply.endswith(b"No healthy server available\n")
     assert address(front)
+
+
+async def test_an_idle_backend_connection_closes_after_the_pools_idle_timeout() -> None:
+    async with (
+        H2Server() as backend,
+        running(doc([backend.url], pool={"idle_timeout": "1s"})) as (_, url),
+    ):
+        reply = await http1(url, b"GET /i HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert backend.writers  # the HTTP/2 connection is kept for the next request
+        await eventually(lambda: not backend.writers)  # then closed, idle for 1 s
+
+
+async def test_grpc_timeout_goes_on_as_the_time_left() -> None:
+    async with (
+        H2Server() as backend,
+        running(doc([backend.url], protocol="grpc", health_check={"type": "tcp"})) as (s, _),
+    ):
+        client = await H2Client.connect(*s.addresses["web"])
+        try:
+            reply = await client.request(
+                "/svc/Call", method="POST",
+                headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                         (b"grpc-timeout", b"10S")],
+                body=b"\x00\x00\x00\x00\x00",
+            )  # fmt: skip
+        finally:
+            await client.close()
+    assert reply.status == 200
+    sent = backend.seen[0].header(b"grpc-timeout")
+    assert sent is not None and sent != b"10S"
+    left = parse_timeout(sent.decode())
+    assert left is not None and 5 < left <= 10

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from poise import failures
+from poise.grpc import format_timeout
 from poise.h2.engine import (
     CANCEL,
     DATA,
@@ -82,8 +83,12 @@ _DROP: Final = frozenset(
 )  # fmt: skip
 
 
-def request_headers(ex: Exchange, scheme: bytes, grpc: bool) -> list[tuple[bytes, bytes]]:
-    """The HTTP/2 header list of the HTTP/1.1 request head poise built for ``ex``."""
+def request_headers(
+    ex: Exchange, scheme: bytes, grpc: bool, left: float | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 header list of the HTTP/1.1 request head poise built for ``ex``; with
+    ``left`` (seconds), its ``grpc-timeout`` says the time left, not the time the client
+    gave (the deadline does not move later as the call goes through poise)."""
     lines = ex.head.split(b"\r\n")
     method, _, rest = lines[0].partition(b" ")
     target = rest.rpartition(b" ")[0]
@@ -98,6 +103,8 @@ def request_headers(ex: Exchange, scheme: bytes, grpc: bool) -> list[tuple[bytes
         value = value.strip(b" \t")
         if low == b"host":
             authority = value
+        elif low == b"grpc-timeout" and left is not None:
+            out.append((low, format_timeout(left).encode("ascii")))
         elif low not in _DROP:
             out.append((low, value))
     out[2] = (b":authority", authority)
@@ -173,7 +180,8 @@ class MuxStream(UpstreamConnection):
 
     def start(self, ex: Exchange, client: ClientConnection, body: tuple[bytes, ...] | None) -> None:
         mux = self.mux
-        headers = request_headers(ex, mux.scheme, mux.grpc)
+        left = ex.until - self.ctx.clock() if ex.grpc and ex.until else None
+        headers = request_headers(ex, mux.scheme, mux.grpc, left)
         data = b""
         end = False
         if body:
@@ -477,6 +485,7 @@ class H2Backend:
     def _start(self, client: ClientConnection, ex: Exchange) -> None:
         if client.closed or not client.queue or client.queue[0] is not ex:
             return  # (the client went away meanwhile)
+        self.idle_since = 0.0
         self.pool.reuses += 1
         client.attach(ex, MuxStream(self, ex, client))
 
@@ -613,6 +622,8 @@ class H2Backend:
     def stream_done(self, s: MuxStream) -> None:
         self.streams.pop(s.sid, None)
         self.blocked.discard(s)
+        if not self.streams and not self.waiting:
+            self.idle_since = self.ctx.now  # (Pool.expire closes it after pool.idle_timeout)
         if self.waiting and self.goaway == 2**31:
             self.ctx.loop.call_soon(self._start_waiting)
         if self.goaway < 2**31 and not self.streams:

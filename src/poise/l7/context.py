@@ -397,7 +397,7 @@ class Context:
                 if group.admission is not None and group.admission.waiting:
                     group.admission.expire(now)
                 for pool in group.pools:
-                    if pool.idle:
+                    if pool.idle or pool.mux:
                         pool.expire(now)
         finally:
             self._ticker = self.loop.call_later(TICK, self._tick)

@@ -84,6 +84,8 @@ class Pool(Generic[C]):
             stale, self.idle = idle[:n], idle[n:]
             for conn in stale:
                 conn.close()
+        for m in [m for m in self.mux if m.idle_since and m.idle_since < limit]:
+            m.close()  # an HTTP/2 connection without a stream for as long
 
     def close_all(self) -> None:
         idle, self.idle = self.idle, []
