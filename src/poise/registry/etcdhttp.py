@@ -187,9 +187,8 @@ class EtcdGateway:
                         log.warning("etcd member %s failed (%s); trying the others",
                                     endpoint, exc)  # fmt: skip
                 else:
-                    if self._failing:
-                        self._failing = False
-                        log.info("etcd member %s answers again", endpoint)
+                    if self._failing or self.down_since is not None:
+                        self._recovered(endpoint)
                     return answer
                 self._current = (self._current + 1) % len(self.endpoints)
                 self.failovers += 1
@@ -222,7 +221,7 @@ class EtcdGateway:
         """While the store is down: try each member in turn with a cheap read, with a capped
         backoff (``PROBE_BACKOFF``), until one answers; then calls go through again."""
         delay = 0.05
-        while not self._closed:
+        while not self._closed and self.down_since is not None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, PROBE_BACKOFF)
             for _ in self.endpoints:
@@ -235,9 +234,18 @@ class EtcdGateway:
                     self.last_error = f"{endpoint}: {exc}"
                     self._current = (self._current + 1) % len(self.endpoints)
                     continue
-                self.down_since, self._probe, self._failing = None, None, False
-                log.info("etcd member %s answers again", endpoint)
+                self._probe = None
+                self._recovered(endpoint)
                 return
+
+    def _recovered(self, endpoint: str) -> None:
+        """``endpoint`` answered after a failure: the store is up. Said once per outage,
+        by whichever noticed first: a call still retrying (it began before the store was
+        known down) or the probe (which then stops)."""
+        if self._failing or self.down_since is not None:
+            self.down_since = None
+            self._failing = False
+            log.info("etcd member %s answers again", endpoint)
 
     async def _attempt(
         self, endpoint: str, path: str, body: KV, left: float, *, raw_errors: bool = False
