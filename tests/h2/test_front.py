@@ -366,3 +366,48 @@ def _header(head: str, name: str) -> str:
         if k.strip().lower() == name:
             return v.strip()
     raise AssertionError(f"no {name} in {head!r}")
+
+
+async def test_a_request_body_that_stops_gets_a_408_and_a_slow_backend_a_504() -> None:
+    async def slow(request: RecordedRequest) -> Response:
+        return Response(body=b"late", delay=3.0 if request.target == "/slow" else 0)
+
+    timeouts = {"client_body": "1s", "upstream_response": "1s"}
+    async with (
+        HttpBackend("b", slow) as backend,
+        running(doc([backend.url], timeouts=timeouts)) as (s, _),
+    ):
+        client = await H2Client.connect(*addr(s))
+        try:
+            sid = client.start("/upload", method="POST", end=False)
+            client.conn.send_data(sid, b"part of it")
+            client.flush()
+            stalled = client.replies[sid]
+            await asyncio.wait_for(stalled.done.wait(), 10)
+            assert stalled.status == 408, stalled
+            late = await client.request("/slow")
+            assert (late.status, bytes(late.body)) == (504, b"Gateway Timeout\n")
+            assert (await client.request("/after")).status == 200  # the connection goes on
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_a_body_over_the_limit_gets_its_413(declared: bool) -> None:
+    async with (
+        HttpBackend("b", echo_handler) as backend,
+        running(doc([backend.url], limits={"max_body_size": 100})) as (s, _),
+    ):
+        client = await H2Client.connect(*addr(s))
+        try:
+            extra = [(b"content-length", b"1000")] if declared else []
+            sid = client.start("/big", method="POST", headers=extra, end=False)
+            client.conn.send_data(sid, b"x" * 1000)
+            client.flush()
+            reply = client.replies[sid]
+            await asyncio.wait_for(reply.done.wait(), 10)
+            assert (reply.status, bytes(reply.body)) == (413, b"Content Too Large\n")
+            assert (await client.request("/after")).status == 200
+        finally:
+            await client.close()
+        assert [r.target for r in proxied(backend)] == ["/after"]

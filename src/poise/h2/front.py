@@ -316,6 +316,13 @@ class H2Stream(ClientConnection):
         self.session.kick(None)
         self.session.stream_done(self)
 
+    def stop_upload(self) -> None:
+        """The request was answered whole while its body is still coming: the answer goes
+        out first (nghttp2 drops a stream's queued frames once it is reset), then
+        RST_STREAM NO_ERROR tells the client to stop sending (RFC 9113 §8.1)."""
+        self.session._write()
+        self.reset(NO_ERROR)
+
     def reset(self, code: int) -> None:
         """Send RST_STREAM (once)."""
         if not self.rst:
@@ -378,7 +385,7 @@ class H2Stream(ClientConnection):
         if too_large and not ex.response_started:
             _abandon(ex, self.ctx)
             self.answer(ex, 413, "Content Too Large")
-            self.reset(NO_ERROR)
+            self.stop_upload()
             return
         _abandon(ex, self.ctx)
         self.reset(PROTOCOL_ERROR)
@@ -416,7 +423,7 @@ class H2Stream(ClientConnection):
             late = failures.CLIENT_TIMEOUT
             self.ctx.stats.count(late.counter)
             self.answer(ex, late.status, late.message)
-            self.reset(NO_ERROR)
+            self.stop_upload()
             return
         if ex is not None:
             _abandon(ex, self.ctx)
@@ -645,7 +652,7 @@ class H2Session:
             ex.started = True
             stream.answer(ex, exc.status, exc.message)
             if not end:
-                stream.reset(NO_ERROR)  # the body is not wanted
+                stream.stop_upload()  # the body is not wanted
             return
         if req.content_type is not None and grpc.is_grpc(req.content_type.decode("latin-1")):
             ex.grpc = True
