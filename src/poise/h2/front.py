@@ -67,6 +67,7 @@ from poise.l7.reader import PAUSE_QUEUE, QUEUE_BODY_LIMIT
 from poise.l7.request import (
     Exchange,
     Reject,
+    abandon,
     connection_fields,
     forwarding_fields,
     request_ended,
@@ -383,11 +384,11 @@ class H2Stream(ClientConnection):
         Content-Length (the stream is malformed: reset, RFC 9113 §8.1.1)."""
         self.ctx.stats.bad_requests += 1
         if too_large and not ex.response_started:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
             self.answer(ex, 413, "Content Too Large")
             self.stop_upload()
             return
-        _abandon(ex, self.ctx)
+        abandon(ex, self.ctx)
         self.reset(PROTOCOL_ERROR)
         self.session.kick(None)
         self.session.stream_done(self)
@@ -410,7 +411,7 @@ class H2Stream(ClientConnection):
         self.send_deadline = _INF
         self.ctx.stats.client_timeouts += 1
         for ex in self.queue:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
         self.close()
 
     def on_timeout(self) -> None:
@@ -419,14 +420,14 @@ class H2Stream(ClientConnection):
         self.ctx.stats.client_timeouts += 1
         ex = self.queue[0] if self.queue else None
         if ex is not None and not ex.response_started:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
             late = failures.CLIENT_TIMEOUT
             self.ctx.stats.count(late.counter)
             self.answer(ex, late.status, late.message)
             self.stop_upload()
             return
         if ex is not None:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
         self.close()
 
     def __repr__(self) -> str:
@@ -525,7 +526,7 @@ class H2Session:
         self.ctx.sessions.discard(self)
         for stream in list(self.streams.values()):
             for ex in stream.queue:
-                _abandon(ex, self.ctx)
+                abandon(ex, self.ctx)
             stream.closed = True
         self.streams.clear()
         self.blocked.clear()
@@ -694,7 +695,7 @@ class H2Session:
         if not stream.ended:
             self.premature += 1
         for ex in stream.queue:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
         stream.rst = stream.ended = True
         self.stream_done(stream)
 
@@ -834,7 +835,7 @@ class H2Session:
         self.closed = True
         for stream in list(self.streams.values()):
             for ex in stream.queue:
-                _abandon(ex, self.ctx)
+                abandon(ex, self.ctx)
             stream.closed = True
         self.streams.clear()
         if linger and transport.can_write_eof():
@@ -851,16 +852,3 @@ class H2Session:
 
     def __repr__(self) -> str:
         return f"H2Session({self.peer.decode()}, streams={len(self.streams)})"
-
-
-def _abandon(ex: Exchange, ctx: Context) -> None:
-    """As l7/client.py's: ``ex`` gets no (more) response; its backend connection goes."""
-    conn = ex.conn
-    if conn is not None:
-        ex.conn = None
-        conn.abandon()
-    if ex.load is not None:
-        settle(ex, ok=True)
-    if ex.retrying:
-        ex.retrying = False
-        ctx.retries_active -= 1

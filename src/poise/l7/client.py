@@ -51,6 +51,7 @@ from poise.l7.reader import (
 )
 from poise.l7.request import (
     Exchange,
+    abandon,
     connection_fields,
     field_list,
     settle,
@@ -152,7 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.ctx.clients.discard(self)
         for ex in self.queue:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
         self.queue.clear()
         self.reader.state = CLOSED
         self.reader.parser = self.reader.client = None  # (the two would keep each other alive)
@@ -478,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
         if cur is not None and cur in self.queue and cur.started:
             # Its head was fine but its body broke framing mid-way: the upstream has part of
             # a request, so that connection is abandoned.
-            _abandon(cur, self.ctx)
+            abandon(cur, self.ctx)
             if cur.response_started:
                 self.close()
                 return
@@ -520,7 +521,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_deadline = _INF
         self.ctx.stats.client_timeouts += 1
         for ex in self.queue:
-            _abandon(ex, self.ctx)
+            abandon(ex, self.ctx)
         if self.transport is not None and not self.closed:
             self.closed = True
             self.reader.state = CLOSED
@@ -536,7 +537,7 @@ class ClientConnection(asyncio.Protocol):
         answer = False
         if self.reader.in_body and self.queue and not self.queue[-1].response_started:
             # A request body that stopped arriving (slow POST): answer if nothing was sent.
-            _abandon(self.queue[-1], self.ctx)
+            abandon(self.queue[-1], self.ctx)
             answer = len(self.queue) == 1
         elif self.reader.cur is not None and not self.queue:
             answer = True  # a request head that did not arrive in time (slowloris)
@@ -583,18 +584,3 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ClientConnection({self.peer.decode()}, queue={len(self.queue)})"
-
-
-def _abandon(ex: Exchange, ctx: Context) -> None:
-    """``ex`` will get no (more) response: drop its upstream connection, whose state is now
-    unknown, and take it out of the load figures. The client went away or broke the rules,
-    so nothing counts against the backend."""
-    conn = ex.conn
-    if conn is not None:
-        ex.conn = None
-        conn.abandon()
-    if ex.load is not None:
-        settle(ex, ok=True)
-    if ex.retrying:
-        ex.retrying = False
-        ctx.retries_active -= 1

@@ -211,6 +211,21 @@ def connection_fields(
     return addr, trusted, subject, forwarded
 
 
+def abandon(ex: Exchange, ctx: Context) -> None:
+    """``ex`` will get no (more) response: drop its upstream connection, whose state is now
+    unknown, and take it out of the load figures. The client went away or broke the rules,
+    so nothing counts against the backend."""
+    conn = ex.conn
+    if conn is not None:
+        ex.conn = None
+        conn.abandon()
+    if ex.load is not None:
+        settle(ex, ok=True)
+    if ex.retrying:
+        ex.retrying = False
+        ctx.retries_active -= 1
+
+
 def settle(ex: Exchange, *, ok: bool) -> None:
     """Take ``ex`` out of its group's load figures (once), with its latency and outcome."""
     load = ex.load
